@@ -1,0 +1,143 @@
+//! The per-instance durable pull consumer and its startup reconciliation (DESIGN 5, step 3).
+//!
+//! The server's consumer state is a cache, never the truth: the applied sequence `S` comes from
+//! the sink's fence and redb. The consumer is reused only when its state is exactly "delivered =
+//! ack floor = S, nothing pending acknowledgement" and its configuration is ours; in every other
+//! case it is deleted and created again at `S + 1`. Reusing a consumer that holds deliveries a
+//! previous run received but never acknowledged would lose them silently: the server hands out
+//! the *next* events first and redelivers the abandoned ones only after `ack_wait`, and the
+//! first AckAll ack would mark them done.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    consumer::{self, pull, AckPolicy, DeliverPolicy, PullConsumer, ReplayPolicy},
+    context::ConsumerInfoErrorKind,
+    stream::Stream,
+};
+
+use crate::EngineError;
+
+/// Settings of the durable consumer, derived from the configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct ConsumerSpec {
+    /// `jetsync_<instance>`, sanitised.
+    pub name: String,
+    /// `<subject_prefix>.>`: one filter subject, never `filter_subjects` (ignored by 2.9).
+    pub filter: String,
+    pub batch_max: usize,
+    pub ack_wait: Duration,
+}
+
+impl ConsumerSpec {
+    fn config(&self, start_after: u64) -> pull::Config {
+        pull::Config {
+            durable_name: Some(self.name.clone()),
+            description: Some("jetsync applier (managed: recreated at the applied sequence + 1)".into()),
+            deliver_policy: if start_after == 0 {
+                DeliverPolicy::All
+            } else {
+                DeliverPolicy::ByStartSequence {
+                    start_sequence: start_after + 1,
+                }
+            },
+            ack_policy: AckPolicy::All,
+            ack_wait: self.ack_wait,
+            max_deliver: -1,
+            filter_subject: self.filter.clone(),
+            replay_policy: ReplayPolicy::Instant,
+            max_ack_pending: (self.batch_max as i64 * 2).max(1000),
+            // Never set inactive_threshold on a durable: 2.9 deletes idle durables with it.
+            inactive_threshold: Duration::ZERO,
+            ..Default::default()
+        }
+    }
+
+    /// Whether an existing consumer's configuration is the one we would create.
+    fn matches(&self, have: &consumer::Config) -> bool {
+        have.ack_policy == AckPolicy::All
+            && have.filter_subject == self.filter
+            && have.max_deliver <= 0
+            && have.ack_wait == self.ack_wait
+            && have.max_ack_pending >= self.batch_max as i64 * 2
+            && have.inactive_threshold.is_zero()
+            && have.deliver_subject.is_none()
+    }
+}
+
+/// A consumer ready to pull from, and the consumer sequence its next delivery will carry.
+pub(crate) struct Ready {
+    pub consumer: PullConsumer,
+    pub next_consumer_seq: u64,
+    /// Whether the consumer was (re)created rather than reused.
+    pub recreated: bool,
+}
+
+/// Reuses the durable if it is exactly at `applied`, else deletes and recreates it at
+/// `applied + 1`.
+pub(crate) async fn reconcile(
+    stream: &Stream,
+    spec: &ConsumerSpec,
+    applied: u64,
+) -> Result<Ready, EngineError> {
+    match stream.consumer_info(&spec.name).await {
+        Ok(info) => {
+            let exact = info.delivered.stream_sequence == applied
+                && info.ack_floor.stream_sequence == applied
+                && info.num_ack_pending == 0
+                && spec.matches(&info.config);
+            if exact {
+                let consumer: PullConsumer = stream
+                    .get_consumer(&spec.name)
+                    .await
+                    .map_err(|e| EngineError::nats("get consumer", e))?;
+                tracing::debug!(consumer = %spec.name, applied, "reusing durable consumer");
+                return Ok(Ready {
+                    consumer,
+                    next_consumer_seq: info.delivered.consumer_sequence + 1,
+                    recreated: false,
+                });
+            }
+            tracing::info!(
+                consumer = %spec.name,
+                applied,
+                delivered = info.delivered.stream_sequence,
+                ack_floor = info.ack_floor.stream_sequence,
+                ack_pending = info.num_ack_pending,
+                "consumer state differs from the applied sequence; recreating it at applied + 1"
+            );
+            stream
+                .delete_consumer(&spec.name)
+                .await
+                .map_err(|e| EngineError::nats("delete consumer", e))?;
+        }
+        Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
+            tracing::info!(consumer = %spec.name, applied, "creating durable consumer at applied + 1");
+        }
+        Err(e) => return Err(EngineError::nats("consumer info", e)),
+    }
+    let consumer = stream
+        .create_consumer(spec.config(applied))
+        .await
+        .map_err(|e| EngineError::nats("create consumer", e))?;
+    Ok(Ready {
+        consumer,
+        next_consumer_seq: 1,
+        recreated: true,
+    })
+}
+
+/// Deletes the durable (used by `reset`), ignoring "not found".
+pub(crate) async fn delete(stream: &Stream, name: &str) -> Result<bool, EngineError> {
+    match stream.consumer_info(name).await {
+        Ok(_) => {
+            stream
+                .delete_consumer(name)
+                .await
+                .map_err(|e| EngineError::nats("delete consumer", e))?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => Ok(false),
+        Err(e) => Err(EngineError::nats("consumer info", e)),
+    }
+}

@@ -1,0 +1,42 @@
+//! The jetsync applier: applies one sync group (a JetStream stream) to this instance's own
+//! database, every event exactly once, in stream order, resuming after crashes and downtime.
+//!
+//! Embed it in a service with any [`Sink`] (the built-in [`SqliteSink`] and [`RedbSink`], or
+//! your own), or run the `jetsync-applier` binary.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use jetsync_applier::{Engine, RedbOptions, RedbSink};
+//!
+//! let config = jetsync::Config::load(Some("jetsync.toml".as_ref()))?;
+//! let sink = RedbSink::open(RedbOptions { path: "data/replica.redb".into(), audit: false })?;
+//! let replica = sink.replica();
+//! let engine = Engine::new(config, sink);
+//! tokio::spawn(engine.run(async { let _ = tokio::signal::ctrl_c().await; }));
+//! let row = replica.get("products", "A-1")?;
+//! # let _ = row; Ok(()) }
+//! ```
+
+mod backoff;
+mod consumer;
+mod decode;
+mod digest;
+mod engine;
+mod error;
+mod offsets;
+mod shutdown;
+mod sink;
+mod sinks;
+mod stats;
+
+
+
+pub use digest::{row_hash, DigestBuilder};
+pub use engine::{run, Engine};
+pub use error::EngineError;
+pub use offsets::{read_checkpoint, Checkpoint, Offsets, OffsetsError};
+pub use sink::{Change, Sink, SinkError, TableDigest};
+pub use sinks::redb::{read_audit, RedbOptions, RedbSink, Replica, ReplicaError};
+pub use sinks::sqlite::{SqliteOptions, SqliteSink};
+pub use sinks::{AnySink, build_sink};
+pub use stats::{Stats, StatsSnapshot};

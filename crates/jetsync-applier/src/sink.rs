@@ -1,0 +1,116 @@
+//! The `Sink` trait: where applied events end up.
+//!
+//! A sink is built from configuration (config → build → run) and then only ever sees whole
+//! batches. The engine guarantees that batches arrive in stream order, one at a time, and that
+//! `last_seq` only grows; the sink guarantees that a batch is applied atomically together with
+//! its *fence* (the highest stream sequence whose effects are in the sink) wherever its storage
+//! allows. That fence is what makes a hard kill harmless: on restart the engine resumes after the
+//! fence, whatever the redb checkpoint says.
+
+use std::future::Future;
+
+use jetsync::Row;
+
+/// What happened to one row, decoded from one stream message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    /// The stream sequence of the event.
+    pub seq: u64,
+    /// The table (already validated as a jetsync table name).
+    pub table: String,
+    /// The decoded row key (the subject's key token, decoded).
+    pub key: String,
+    /// Upsert with the full new row, or delete.
+    pub op: jetsync::Change,
+}
+
+/// Row count and order-independent hash of one table, as reported by `digest`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TableDigest {
+    /// Table name.
+    pub table: String,
+    /// Number of rows.
+    pub rows: u64,
+    /// Order-independent hash of all rows, 16 lowercase hex digits (see `digest.rs`).
+    pub hash: String,
+}
+
+/// Why a sink could not apply a batch.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SinkError {
+    /// The storage is temporarily unavailable (busy, locked, connection lost, I/O hiccup):
+    /// nothing was applied; the engine retries the same batch with backoff.
+    #[error("sink temporarily unavailable: {reason}")]
+    Unavailable {
+        /// What went wrong.
+        reason: String,
+    },
+    /// The change at `index` of the batch is permanently rejected (constraint or type error,
+    /// a key that does not match the row): nothing of the batch was applied. The engine routes
+    /// that event to the poison path and retries the rest.
+    #[error("sink rejected the event at seq {seq} ({table}/{key}): {reason}")]
+    Rejected {
+        /// Position of the rejected change in the batch.
+        index: usize,
+        /// Its stream sequence.
+        seq: u64,
+        /// Its table.
+        table: String,
+        /// Its key.
+        key: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// The sink cannot work at all (cannot open the file, schema it cannot use): an operator
+    /// must act.
+    #[error("sink failed: {reason}")]
+    Fatal {
+        /// What went wrong and what to do.
+        reason: String,
+    },
+}
+
+impl SinkError {
+    /// Whether retrying the same batch later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, SinkError::Unavailable { .. })
+    }
+}
+
+/// A destination for applied events.
+///
+/// Implementations: the SQLite sink (the binary's default), the embedded redb replica, and any
+/// service's own code (an in-memory cache, its own ORM) when it embeds the engine.
+pub trait Sink: Send {
+    /// The highest stream sequence of sync group `group` whose effects are in this sink, if the
+    /// sink records one (the fence). `None` means "never applied anything" or "keeps no fence";
+    /// the engine then trusts its redb checkpoint.
+    fn fence(&mut self, group: &str) -> impl Future<Output = Result<Option<u64>, SinkError>> + Send;
+
+    /// Whether the sink holds no synced rows at all (used to decide on a snapshot bootstrap).
+    fn is_empty(&mut self) -> impl Future<Output = Result<bool, SinkError>> + Send;
+
+    /// Applies `changes` in order and records `last_seq` as the fence of `group`, atomically
+    /// where the storage allows. `last_seq` is at least the seq of the last change; it can be
+    /// higher when the batch ended with events that were skipped.
+    ///
+    /// Upserts replace the whole row (columns the event does not carry become NULL); deletes of
+    /// absent rows are no-ops. On any error nothing of the batch may remain applied.
+    fn apply(
+        &mut self,
+        group: &str,
+        changes: &[Change],
+        last_seq: u64,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send;
+
+    /// Sets the fence of `group` to `seq` without touching rows (`reset --to-seq`).
+    fn set_fence(
+        &mut self,
+        group: &str,
+        seq: u64,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send;
+
+    /// Row count and order-independent hash of every synced table, sorted by table name.
+    fn digest(&mut self) -> impl Future<Output = Result<Vec<TableDigest>, SinkError>> + Send;
+}

@@ -1,0 +1,79 @@
+//! The built-in sinks, and building the configured one (config → build → run).
+
+pub mod redb;
+pub mod sqlite;
+
+use jetsync::{Config, SinkKind};
+
+use crate::{Change, RedbOptions, RedbSink, Sink, SinkError, SqliteOptions, SqliteSink, TableDigest};
+
+/// The sink the binary builds from `[sink]`: one of the built-in kinds.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum AnySink {
+    /// `kind = "sqlite"`.
+    Sqlite(SqliteSink),
+    /// `kind = "redb"`.
+    Redb(RedbSink),
+}
+
+/// Builds the sink `config.sink` describes.
+pub fn build_sink(config: &Config) -> Result<AnySink, SinkError> {
+    let path = config.sink_path();
+    match config.sink.kind {
+        SinkKind::Sqlite => {
+            let mut options = SqliteOptions::new(path.expect("sqlite sink always has a path"));
+            options.default_key_column = jetsync::DEFAULT_KEY_COLUMN.to_owned();
+            options.key_columns = config
+                .tables
+                .iter()
+                .map(|(table, t)| (table.clone(), t.key.clone()))
+                .collect();
+            Ok(AnySink::Sqlite(SqliteSink::open(options)?))
+        }
+        SinkKind::Redb => Ok(AnySink::Redb(RedbSink::open(RedbOptions {
+            path: path.expect("redb sink always has a path"),
+            audit: config.sink.audit,
+        })?)),
+        SinkKind::Postgres => Err(SinkError::Fatal {
+            reason: "sink.kind = \"postgres\" is not available in this build yet; use \"sqlite\" or \"redb\"".into(),
+        }),
+    }
+}
+
+impl Sink for AnySink {
+    async fn fence(&mut self, group: &str) -> Result<Option<u64>, SinkError> {
+        match self {
+            AnySink::Sqlite(s) => s.fence(group).await,
+            AnySink::Redb(s) => s.fence(group).await,
+        }
+    }
+
+    async fn is_empty(&mut self) -> Result<bool, SinkError> {
+        match self {
+            AnySink::Sqlite(s) => s.is_empty().await,
+            AnySink::Redb(s) => s.is_empty().await,
+        }
+    }
+
+    async fn apply(&mut self, group: &str, changes: &[Change], last_seq: u64) -> Result<(), SinkError> {
+        match self {
+            AnySink::Sqlite(s) => s.apply(group, changes, last_seq).await,
+            AnySink::Redb(s) => s.apply(group, changes, last_seq).await,
+        }
+    }
+
+    async fn set_fence(&mut self, group: &str, seq: u64) -> Result<(), SinkError> {
+        match self {
+            AnySink::Sqlite(s) => s.set_fence(group, seq).await,
+            AnySink::Redb(s) => s.set_fence(group, seq).await,
+        }
+    }
+
+    async fn digest(&mut self) -> Result<Vec<TableDigest>, SinkError> {
+        match self {
+            AnySink::Sqlite(s) => s.digest().await,
+            AnySink::Redb(s) => s.digest().await,
+        }
+    }
+}

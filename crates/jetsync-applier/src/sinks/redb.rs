@@ -1,0 +1,623 @@
+//! The embedded redb replica sink: rows in a redb file that the service reads in-process through
+//! a [`Replica`] handle.
+//!
+//! For services that embed the applier engine: instead of a SQLite file read through a driver,
+//! the synced rows live in a redb file owned by the same process, and the service reads them
+//! with [`Replica::get`], [`Replica::scan`] and waits for its own writes with
+//! [`Replica::wait_for`] (read-your-writes: publish, take `Published.seq`, wait for it).
+//!
+//! # Layout
+//!
+//! - `jetsync_rows`: `(table, key) → row`, the row encoded with jetsync's postcard codec (the
+//!   wire codec, so there is one row encoding in the project, not two). Keys sort by table, then
+//!   key, so a table is one contiguous range.
+//! - `jetsync_offsets`: `group → seq`, the fence (DESIGN section 5).
+//! - `jetsync_audit` (only with [`RedbOptions::audit`]): `seq → how many times that sequence was
+//!   applied`. Crash tests read it with [`read_audit`] to prove exactly-once: every count is 1.
+//!
+//! # Crash windows
+//!
+//! A batch is one redb write transaction with [`Durability::Immediate`] holding the rows, the
+//! fence and the audit counts, committed once.
+//! - Killed before the commit: nothing of the batch is visible, on disk or to readers; the fence
+//!   still names the previous batch, so the engine replays this one.
+//! - Killed after the commit returned: rows, fence and audit moved together; the engine resumes
+//!   after the fence whatever its own redb checkpoint says.
+//! - Killed during the commit: redb's "1PC+C" commit (checksummed tree, then a flip of the
+//!   primary header) leaves the file at the last complete commit, i.e. one of the two cases
+//!   above. Reopening repairs the file if needed.
+//!
+//! The in-process fence seen by replicas is published only after the commit returned, so a
+//! [`Replica`] never reports a sequence whose rows it cannot read.
+//!
+//! # Locking
+//!
+//! redb's default `ExclusiveWriter` mode locks the whole file: a second open, from this process
+//! or another, read-only included, fails. [`RedbSink::open`] says so in its error. Replicas hold
+//! the database too, so the file stays locked until the sink and every replica are dropped.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use jetsync::codec::{self, Format};
+use jetsync::{Event, Row};
+use redb::{
+    Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    StorageError, TableDefinition, TableError,
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+
+use crate::{Change, DigestBuilder, Sink, SinkError, TableDigest};
+
+/// Synced rows: `(table, key) → encoded row`.
+const ROWS: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinition::new("jetsync_rows");
+/// The fence: `group → last applied stream sequence`.
+const OFFSETS: TableDefinition<'_, &str, u64> = TableDefinition::new("jetsync_offsets");
+/// Exactly-once audit: `seq → times applied`.
+const AUDIT: TableDefinition<'_, u64, u64> = TableDefinition::new("jetsync_audit");
+
+/// How to open a [`RedbSink`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedbOptions {
+    /// The redb file; its parent directory is created if missing.
+    pub path: PathBuf,
+    /// Count how many times every stream sequence was applied (table `jetsync_audit`), in the
+    /// same transaction as the rows. For crash tests; costs one extra table write per change.
+    #[serde(default)]
+    pub audit: bool,
+}
+
+impl RedbOptions {
+    /// Options for the file at `path`, without the audit table.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        RedbOptions {
+            path: path.into(),
+            audit: false,
+        }
+    }
+}
+
+/// The embedded redb replica sink (see the module docs).
+pub struct RedbSink {
+    db: Arc<Database>,
+    path: PathBuf,
+    audit: bool,
+    /// The committed fence of every group, mirrored in memory so that the value published to
+    /// replicas can be computed without a read transaction.
+    fences: BTreeMap<String, u64>,
+    /// The applied fence as replicas see it: the highest fence over all groups (with one group
+    /// per sink, the embedded case, exactly that group's fence). Updated after each commit.
+    applied: watch::Sender<u64>,
+}
+
+impl fmt::Debug for RedbSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedbSink")
+            .field("path", &self.path)
+            .field("audit", &self.audit)
+            .field("fences", &self.fences)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedbSink {
+    /// Opens (or creates) the redb file at `options.path`, creating its parent directory and the
+    /// sink's tables.
+    ///
+    /// Fails with [`SinkError::Fatal`] naming the path and the cause, in particular when the
+    /// file is already open (another applier for the same instance, or a leftover handle).
+    pub fn open(options: RedbOptions) -> Result<RedbSink, SinkError> {
+        let RedbOptions { path, audit } = options;
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| SinkError::Fatal {
+                reason: format!(
+                    "cannot create directory {} for the redb replica: {e}",
+                    parent.display()
+                ),
+            })?;
+        }
+        let db = Database::create(&path).map_err(|e| open_error(&path, e))?;
+
+        // Create the tables up front (one small durable commit) so that readers never have to
+        // tell "no table yet" from "empty", and load the fences.
+        let fatal = |e: redb::Error| SinkError::Fatal {
+            reason: format!("cannot initialise redb replica {}: {e}", path.display()),
+        };
+        let txn = db.begin_write().map_err(|e| fatal(e.into()))?;
+        let mut fences = BTreeMap::new();
+        {
+            txn.open_table(ROWS).map_err(|e| fatal(e.into()))?;
+            if audit {
+                txn.open_table(AUDIT).map_err(|e| fatal(e.into()))?;
+            }
+            let offsets = txn.open_table(OFFSETS).map_err(|e| fatal(e.into()))?;
+            for entry in offsets.iter().map_err(|e| fatal(e.into()))? {
+                let (group, seq) = entry.map_err(|e| fatal(e.into()))?;
+                fences.insert(group.value().to_owned(), seq.value());
+            }
+        }
+        txn.commit().map_err(|e| fatal(e.into()))?;
+
+        let initial = fences.values().copied().max().unwrap_or(0);
+        let (applied, _) = watch::channel(initial);
+        tracing::debug!(path = %path.display(), audit, fence = initial, "opened redb replica");
+        Ok(RedbSink {
+            db: Arc::new(db),
+            path,
+            audit,
+            fences,
+            applied,
+        })
+    }
+
+    /// A read handle on the rows, cheap to clone and usable from any task or thread.
+    pub fn replica(&self) -> Replica {
+        Replica {
+            db: Arc::clone(&self.db),
+            applied: self.applied.subscribe(),
+        }
+    }
+
+    /// The redb file this sink writes.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// How many times every sequence was applied (empty unless opened with `audit`).
+    pub fn audit_counts(&self) -> Result<BTreeMap<u64, u64>, SinkError> {
+        read_audit_from(&self.db)
+    }
+
+    fn fence_blocking(&self, group: &str) -> Result<Option<u64>, SinkError> {
+        let txn = self.db.begin_read().map_err(|e| sink_error("read the fence", e))?;
+        let offsets = txn
+            .open_table(OFFSETS)
+            .map_err(|e| sink_error("read the fence", e))?;
+        let seq = offsets
+            .get(group)
+            .map_err(|e| sink_error("read the fence", e))?;
+        Ok(seq.map(|s| s.value()))
+    }
+
+    fn is_empty_blocking(&self) -> Result<bool, SinkError> {
+        let txn = self.db.begin_read().map_err(|e| sink_error("count rows", e))?;
+        let rows = txn
+            .open_table(ROWS)
+            .map_err(|e| sink_error("count rows", e))?;
+        rows.is_empty().map_err(|e| sink_error("count rows", e))
+    }
+
+    fn apply_blocking(
+        &mut self,
+        group: &str,
+        changes: &[Change],
+        last_seq: u64,
+    ) -> Result<(), SinkError> {
+        const WHAT: &str = "apply a batch";
+        let mut txn = self.db.begin_write().map_err(|e| sink_error(WHAT, e))?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(|e| sink_error(WHAT, e))?;
+        {
+            // One open_table per table per transaction, however many changes.
+            let mut rows = txn.open_table(ROWS).map_err(|e| sink_error(WHAT, e))?;
+            for (index, change) in changes.iter().enumerate() {
+                let key = (change.table.as_str(), change.key.as_str());
+                let written = match &change.op {
+                    jetsync::Change::Upsert(row) => {
+                        let encoded =
+                            encode_row(row).map_err(|reason| rejected(index, change, reason))?;
+                        rows.insert(key, encoded.as_slice()).map(drop)
+                    }
+                    jetsync::Change::Delete => rows.remove(key).map(drop),
+                };
+                written.map_err(|e| match e {
+                    StorageError::ValueTooLarge(len) => rejected(
+                        index,
+                        change,
+                        format!("the encoded row ({len} bytes) exceeds redb's value size limit"),
+                    ),
+                    other => sink_error(WHAT, other),
+                })?;
+            }
+
+            let mut offsets = txn.open_table(OFFSETS).map_err(|e| sink_error(WHAT, e))?;
+            offsets
+                .insert(group, last_seq)
+                .map_err(|e| sink_error(WHAT, e))?;
+
+            if self.audit {
+                let mut audit = txn.open_table(AUDIT).map_err(|e| sink_error(WHAT, e))?;
+                for change in changes {
+                    let count = audit
+                        .get(change.seq)
+                        .map_err(|e| sink_error(WHAT, e))?
+                        .map_or(0, |c| c.value());
+                    audit
+                        .insert(change.seq, count + 1)
+                        .map_err(|e| sink_error(WHAT, e))?;
+                }
+            }
+        }
+        // Crash window: before this returns nothing of the batch is visible or durable; after
+        // it, rows, fence and audit are all on disk (see the module docs).
+        txn.commit().map_err(|e| sink_error(WHAT, e))?;
+        self.committed_fence(group, last_seq);
+        Ok(())
+    }
+
+    fn set_fence_blocking(&mut self, group: &str, seq: u64) -> Result<(), SinkError> {
+        const WHAT: &str = "set the fence";
+        let mut txn = self.db.begin_write().map_err(|e| sink_error(WHAT, e))?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(|e| sink_error(WHAT, e))?;
+        {
+            let mut offsets = txn.open_table(OFFSETS).map_err(|e| sink_error(WHAT, e))?;
+            offsets.insert(group, seq).map_err(|e| sink_error(WHAT, e))?;
+        }
+        txn.commit().map_err(|e| sink_error(WHAT, e))?;
+        self.committed_fence(group, seq);
+        Ok(())
+    }
+
+    /// Records a committed fence and tells the replicas (only ever after the commit).
+    fn committed_fence(&mut self, group: &str, seq: u64) {
+        match self.fences.get_mut(group) {
+            Some(fence) => *fence = seq,
+            None => {
+                self.fences.insert(group.to_owned(), seq);
+            }
+        }
+        let applied = self.fences.values().copied().max().unwrap_or(0);
+        self.applied.send_if_modified(|current| {
+            let changed = *current != applied;
+            *current = applied;
+            changed
+        });
+    }
+
+    fn digest_blocking(&self) -> Result<Vec<TableDigest>, SinkError> {
+        const WHAT: &str = "compute the digest";
+        let txn = self.db.begin_read().map_err(|e| sink_error(WHAT, e))?;
+        let rows = txn.open_table(ROWS).map_err(|e| sink_error(WHAT, e))?;
+        // Keys sort by (table, key), so each table is one run and tables come out sorted.
+        let mut digests = Vec::new();
+        let mut current: Option<(String, DigestBuilder)> = None;
+        for entry in rows.iter().map_err(|e| sink_error(WHAT, e))? {
+            let (key, value) = entry.map_err(|e| sink_error(WHAT, e))?;
+            let (table, row_key) = key.value();
+            let row = decode_row(value.value()).map_err(|reason| SinkError::Fatal {
+                reason: format!(
+                    "row {table}/{row_key} in redb replica {} cannot be decoded: {reason}",
+                    self.path.display()
+                ),
+            })?;
+            match &mut current {
+                Some((name, builder)) if name == table => builder.add(table, &row),
+                _ => {
+                    if let Some((name, builder)) = current.take() {
+                        digests.push(builder.finish(&name));
+                    }
+                    let mut builder = DigestBuilder::default();
+                    builder.add(table, &row);
+                    current = Some((table.to_owned(), builder));
+                }
+            }
+        }
+        if let Some((name, builder)) = current {
+            digests.push(builder.finish(&name));
+        }
+        Ok(digests)
+    }
+}
+
+impl Sink for RedbSink {
+    async fn fence(&mut self, group: &str) -> Result<Option<u64>, SinkError> {
+        self.fence_blocking(group)
+    }
+
+    async fn is_empty(&mut self) -> Result<bool, SinkError> {
+        self.is_empty_blocking()
+    }
+
+    async fn apply(
+        &mut self,
+        group: &str,
+        changes: &[Change],
+        last_seq: u64,
+    ) -> Result<(), SinkError> {
+        blocking(|| self.apply_blocking(group, changes, last_seq))
+    }
+
+    async fn set_fence(&mut self, group: &str, seq: u64) -> Result<(), SinkError> {
+        blocking(|| self.set_fence_blocking(group, seq))
+    }
+
+    async fn digest(&mut self) -> Result<Vec<TableDigest>, SinkError> {
+        blocking(|| self.digest_blocking())
+    }
+}
+
+/// Read access to the rows of a [`RedbSink`], for the service that embeds the applier.
+///
+/// Cheap to clone (an `Arc` and a watch receiver); every read is its own redb read transaction,
+/// so it sees the state of the last committed batch and never a half-applied one.
+#[derive(Clone)]
+pub struct Replica {
+    db: Arc<Database>,
+    applied: watch::Receiver<u64>,
+}
+
+impl fmt::Debug for Replica {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Replica")
+            .field("applied_seq", &self.applied_seq())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a [`Replica`] read or wait failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplicaError {
+    /// redb could not be read (I/O error, corrupted file).
+    #[error("cannot read the redb replica: {reason}")]
+    Storage {
+        /// What went wrong.
+        reason: String,
+    },
+    /// A stored row cannot be decoded (the file was written by an incompatible version).
+    #[error("row {table}/{key} in the redb replica cannot be decoded: {reason}")]
+    Decode {
+        /// The row's table.
+        table: String,
+        /// The row's key.
+        key: String,
+        /// Why decoding failed.
+        reason: String,
+    },
+    /// A row does not deserialize into the requested type ([`Replica::get_as`]).
+    #[error("row {table}/{key} does not fit the requested type: {reason}")]
+    Deserialize {
+        /// The row's table.
+        table: String,
+        /// The row's key.
+        key: String,
+        /// Why deserializing failed.
+        reason: String,
+    },
+    /// [`Replica::wait_for`] gave up: the replica had applied only up to `applied`.
+    #[error(
+        "timed out waiting for the replica to apply seq {seq} (applied so far: {applied}); \
+         is the applier running and keeping up?"
+    )]
+    Timeout {
+        /// The sequence waited for.
+        seq: u64,
+        /// The applied fence when the wait gave up.
+        applied: u64,
+    },
+    /// The sink was dropped (the applier stopped) before it applied `seq`.
+    #[error("the applier stopped before the replica applied seq {seq} (applied: {applied})")]
+    Closed {
+        /// The sequence waited for.
+        seq: u64,
+        /// The last applied fence.
+        applied: u64,
+    },
+}
+
+impl Replica {
+    /// The row `table`/`key`, or `None` if it does not exist (never written, or deleted).
+    pub fn get(&self, table: &str, key: &str) -> Result<Option<Row>, ReplicaError> {
+        let txn = self.db.begin_read().map_err(replica_error)?;
+        let rows = txn.open_table(ROWS).map_err(replica_error)?;
+        let Some(value) = rows.get((table, key)).map_err(replica_error)? else {
+            return Ok(None);
+        };
+        decode_row(value.value())
+            .map(Some)
+            .map_err(|reason| ReplicaError::Decode {
+                table: table.to_owned(),
+                key: key.to_owned(),
+                reason,
+            })
+    }
+
+    /// The row `table`/`key` deserialized into `T` (the same mapping the client uses to
+    /// publish typed rows), or `None` if it does not exist.
+    pub fn get_as<T: DeserializeOwned>(
+        &self,
+        table: &str,
+        key: &str,
+    ) -> Result<Option<T>, ReplicaError> {
+        let Some(row) = self.get(table, key)? else {
+            return Ok(None);
+        };
+        jetsync::from_row(&row)
+            .map(Some)
+            .map_err(|e| ReplicaError::Deserialize {
+                table: table.to_owned(),
+                key: key.to_owned(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Every row of `table` with its key, in key order (byte order of the keys).
+    pub fn scan(&self, table: &str) -> Result<Vec<(String, Row)>, ReplicaError> {
+        let txn = self.db.begin_read().map_err(replica_error)?;
+        let rows = txn.open_table(ROWS).map_err(replica_error)?;
+        let mut out = Vec::new();
+        // "" is the smallest key, so the table's rows start at (table, "") and run until the
+        // first key of another table.
+        for entry in rows.range((table, "")..).map_err(replica_error)? {
+            let (stored, value) = entry.map_err(replica_error)?;
+            let (t, key) = stored.value();
+            if t != table {
+                break;
+            }
+            let row = decode_row(value.value()).map_err(|reason| ReplicaError::Decode {
+                table: table.to_owned(),
+                key: key.to_owned(),
+                reason,
+            })?;
+            out.push((key.to_owned(), row));
+        }
+        Ok(out)
+    }
+
+    /// The highest stream sequence whose effects are readable through this replica.
+    pub fn applied_seq(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    /// Resolves once the replica has applied stream sequence `seq` (read-your-writes: publish,
+    /// take `Published.seq`, wait for it, then read), or fails with
+    /// [`ReplicaError::Timeout`] after `timeout`.
+    pub async fn wait_for(&self, seq: u64, timeout: Duration) -> Result<(), ReplicaError> {
+        let mut applied = self.applied.clone();
+        let waited = tokio::time::timeout(timeout, async {
+            // Checks the current value first, so an already applied seq resolves at once.
+            applied.wait_for(|fence| *fence >= seq).await.map(drop)
+        })
+        .await;
+        let fence = *applied.borrow();
+        match waited {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_closed)) => Err(ReplicaError::Closed {
+                seq,
+                applied: fence,
+            }),
+            Err(_elapsed) => Err(ReplicaError::Timeout {
+                seq,
+                applied: fence,
+            }),
+        }
+    }
+}
+
+/// Reads the audit counts (`seq → times applied`) of the redb file at `path`, for tests.
+///
+/// Opens the file itself, so it fails while a sink (or replica) still holds it; a file left by
+/// a killed process is repaired on open. Empty if the file was never opened with `audit`.
+pub fn read_audit(path: &Path) -> Result<BTreeMap<u64, u64>, SinkError> {
+    if !path.exists() {
+        return Err(SinkError::Fatal {
+            reason: format!("no redb replica at {}", path.display()),
+        });
+    }
+    let db = Database::open(path).map_err(|e| open_error(path, e))?;
+    read_audit_from(&db)
+}
+
+fn read_audit_from(db: &Database) -> Result<BTreeMap<u64, u64>, SinkError> {
+    const WHAT: &str = "read the audit table";
+    let txn = db.begin_read().map_err(|e| sink_error(WHAT, e))?;
+    let audit = match txn.open_table(AUDIT) {
+        Ok(table) => table,
+        Err(TableError::TableDoesNotExist(_)) => return Ok(BTreeMap::new()),
+        Err(e) => return Err(sink_error(WHAT, e)),
+    };
+    let mut counts = BTreeMap::new();
+    for entry in audit.iter().map_err(|e| sink_error(WHAT, e))? {
+        let (seq, count) = entry.map_err(|e| sink_error(WHAT, e))?;
+        counts.insert(seq.value(), count.value());
+    }
+    Ok(counts)
+}
+
+/// Runs a blocking redb call (a commit waits for an fsync) without stalling the other tasks of a
+/// multi-threaded runtime. On a current-thread runtime it runs inline: the call is short, and
+/// the alternative (`spawn_blocking`) would mean copying the batch.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+/// Encodes `row` with jetsync's postcard codec, as the body of an upsert event
+/// (origin "", ts 0, schema 1), so the project has one row encoding, not two.
+///
+/// The codec takes an owned [`jetsync::Event`], hence the clone of the row; a row-level codec
+/// function would save it.
+fn encode_row(row: &Row) -> Result<Vec<u8>, String> {
+    let event = Event {
+        change: jetsync::Change::Upsert(row.clone()),
+        origin: String::new(),
+        ts_ms: 0,
+        schema: Event::DEFAULT_SCHEMA,
+    };
+    codec::encode(&event, Format::Postcard1).map_err(|e| e.to_string())
+}
+
+/// Decodes a row written by [`encode_row`].
+fn decode_row(bytes: &[u8]) -> Result<Row, String> {
+    match codec::decode(bytes, Format::Postcard1) {
+        Ok(Event {
+            change: jetsync::Change::Upsert(row),
+            ..
+        }) => Ok(row),
+        Ok(_) => Err("the stored value is a delete, not a row".to_owned()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn open_error(path: &Path, err: DatabaseError) -> SinkError {
+    let reason = match err {
+        DatabaseError::DatabaseAlreadyOpen => format!(
+            "cannot open redb replica {}: the file is locked by another process or handle \
+             (is another applier running for this instance?)",
+            path.display()
+        ),
+        DatabaseError::UpgradeRequired(version) => format!(
+            "cannot open redb replica {}: it uses redb file format {version}, which this build \
+             cannot read; upgrade the file or resync into a new one",
+            path.display()
+        ),
+        other => format!("cannot open redb replica {}: {other}", path.display()),
+    };
+    SinkError::Fatal { reason }
+}
+
+/// Classifies a redb error met while doing `what`: I/O errors are worth a retry, everything
+/// else (corruption, a file of another shape, an earlier I/O error that poisoned the handle)
+/// needs an operator.
+fn sink_error(what: &str, err: impl Into<redb::Error>) -> SinkError {
+    match err.into() {
+        redb::Error::Io(e) => SinkError::Unavailable {
+            reason: format!("redb replica: cannot {what}: {e}"),
+        },
+        redb::Error::PreviousIo => SinkError::Fatal {
+            reason: format!(
+                "redb replica: cannot {what}: an earlier I/O error left the file handle \
+                 unusable; restart the applier to reopen it"
+            ),
+        },
+        other => SinkError::Fatal {
+            reason: format!("redb replica: cannot {what}: {other}"),
+        },
+    }
+}
+
+fn rejected(index: usize, change: &Change, reason: String) -> SinkError {
+    SinkError::Rejected {
+        index,
+        seq: change.seq,
+        table: change.table.clone(),
+        key: change.key.clone(),
+        reason,
+    }
+}
+
+fn replica_error(err: impl Into<redb::Error>) -> ReplicaError {
+    ReplicaError::Storage {
+        reason: err.into().to_string(),
+    }
+}

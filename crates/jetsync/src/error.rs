@@ -1,0 +1,108 @@
+//! The client crate's error type.
+
+use std::time::Duration;
+
+use crate::{
+    codec::{DecodeError, EncodeError},
+    config::ConfigError,
+    connect::ConnectError,
+    record::RecordError,
+    subject::SubjectError,
+};
+
+/// Everything a jetsync client call can fail with.
+///
+/// Variants are named for what the caller can do about them: retry ([`Error::is_retryable`]),
+/// re-read and retry a compare-and-set ([`Error::Conflict`]), fix the input, or fix the setup.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration is invalid or could not be loaded.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Connecting to NATS failed.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// A table name, key or subject is not valid.
+    #[error(transparent)]
+    Subject(#[from] SubjectError),
+    /// A value could not be turned into a row, or a row into the requested type.
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    /// An event could not be encoded.
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    /// A stored event could not be decoded.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// A compare-and-set write found another last sequence for the row than expected.
+    /// `current_seq` is the row's current last sequence (0 when the row never existed);
+    /// re-read the row and retry with it.
+    #[error("conflict: the row's current last sequence is {current_seq}; re-read it and retry")]
+    Conflict {
+        /// The row subject's current last sequence in the stream.
+        current_seq: u64,
+    },
+    /// The sync group's stream does not exist.
+    #[error("stream {stream} not found: run `jetsync-applier provision` or set stream.provision = true")]
+    StreamNotFound {
+        /// The stream name.
+        stream: String,
+    },
+    /// A stream exists under the sync group's name or subjects with a shape jetsync cannot use.
+    #[error("stream {stream} conflicts with the jetsync configuration: {reason}")]
+    StreamConflict {
+        /// The stream name.
+        stream: String,
+        /// What differs.
+        reason: String,
+    },
+    /// The server did not answer in time. For a publish the outcome is unknown: retry with the
+    /// same message id (`WriteOptions::msg_id`) so it is stored at most once.
+    #[error("{operation} timed out{}; the server may be down or unreachable", .after.map(|d| format!(" after {d:?}")).unwrap_or_default())]
+    Timeout {
+        /// What timed out.
+        operation: &'static str,
+        /// The timeout, when known.
+        after: Option<Duration>,
+    },
+    /// The NATS user lacks the permission for this operation.
+    #[error("permission denied for {operation} on {subject}: check this user's NATS permissions")]
+    PermissionDenied {
+        /// What was attempted.
+        operation: &'static str,
+        /// The subject involved.
+        subject: String,
+    },
+    /// Any other NATS failure.
+    #[error("{operation} failed: {source}")]
+    Nats {
+        /// What was attempted.
+        operation: &'static str,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl Error {
+    pub(crate) fn nats(
+        operation: &'static str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::Nats {
+            operation,
+            source: Box::new(source),
+        }
+    }
+
+    /// Whether the same call may succeed when retried (timeouts, connection trouble). For a
+    /// publish, retry with the same message id.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Timeout { .. } | Error::Nats { .. } => true,
+            Error::Connect(e) => e.is_retryable(),
+            _ => false,
+        }
+    }
+}
