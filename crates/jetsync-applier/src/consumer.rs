@@ -69,8 +69,6 @@ impl ConsumerSpec {
 pub(crate) struct Ready {
     pub consumer: PullConsumer,
     pub next_consumer_seq: u64,
-    /// Whether the consumer was (re)created rather than reused.
-    pub recreated: bool,
 }
 
 /// Reuses the durable if it is exactly at `applied`, else deletes and recreates it at
@@ -90,12 +88,14 @@ pub(crate) async fn reconcile(
                 let consumer: PullConsumer = stream
                     .get_consumer(&spec.name)
                     .await
-                    .map_err(|e| EngineError::nats("get consumer", e))?;
+                    .map_err(|source| EngineError::Nats {
+                        operation: "get consumer",
+                        source,
+                    })?;
                 tracing::debug!(consumer = %spec.name, applied, "reusing durable consumer");
                 return Ok(Ready {
                     consumer,
                     next_consumer_seq: info.delivered.consumer_sequence + 1,
-                    recreated: false,
                 });
             }
             tracing::info!(
@@ -123,21 +123,5 @@ pub(crate) async fn reconcile(
     Ok(Ready {
         consumer,
         next_consumer_seq: 1,
-        recreated: true,
     })
-}
-
-/// Deletes the durable (used by `reset`), ignoring "not found".
-pub(crate) async fn delete(stream: &Stream, name: &str) -> Result<bool, EngineError> {
-    match stream.consumer_info(name).await {
-        Ok(_) => {
-            stream
-                .delete_consumer(name)
-                .await
-                .map_err(|e| EngineError::nats("delete consumer", e))?;
-            Ok(true)
-        }
-        Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => Ok(false),
-        Err(e) => Err(EngineError::nats("consumer info", e)),
-    }
 }

@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use async_nats::jetstream::{self, consumer::pull, AckKind};
+use async_nats::jetstream::{self, AckKind};
 use futures::{FutureExt, StreamExt};
 use jetsync::Config;
 

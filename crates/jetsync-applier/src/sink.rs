@@ -9,8 +9,6 @@
 
 use std::future::Future;
 
-use jetsync::Row;
-
 /// What happened to one row, decoded from one stream message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change {

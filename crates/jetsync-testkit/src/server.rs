@@ -22,6 +22,12 @@ pub(crate) const PORT_ATTEMPTS: u32 = 3;
 /// The log line nats-server writes once it accepts clients (2.9 and later).
 const READY_LINE: &str = "Server is ready";
 
+/// Pause before [`NatsServer::restart`] tries a taken port again.
+const RESTART_BACKOFF: Duration = Duration::from_millis(200);
+
+/// Time a restart attempt needs at least to report its outcome.
+const RESTART_MIN_ATTEMPT: Duration = Duration::from_secs(1);
+
 const TCP_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// A running `nats-server` process with its own temp dir, config file,
@@ -381,13 +387,14 @@ impl NatsServer {
             let readiness = self.spawn()?;
             match self.wait_ready(readiness, deadline) {
                 Err(Error::PortInUse { output_tail, .. }) => {
-                    if Instant::now() >= deadline {
+                    // Leave the next attempt time to report its outcome.
+                    if Instant::now() + RESTART_BACKOFF + RESTART_MIN_ATTEMPT >= deadline {
                         return Err(Error::PortInUse {
                             attempts,
                             output_tail,
                         });
                     }
-                    thread::sleep(POLL_INTERVAL * 10);
+                    thread::sleep(RESTART_BACKOFF);
                 }
                 other => return other,
             }

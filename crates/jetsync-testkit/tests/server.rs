@@ -131,6 +131,7 @@ fn bad_config_reports_output() {
         .start()
         .expect_err("a broken config must not start");
     let text = err.to_string();
+    eprintln!("{text}");
     assert!(matches!(err, Error::Exited { .. }), "{text}");
     assert!(text.contains("output tail"), "{text}");
     assert!(text.contains("nats-server.conf"), "{text}");
@@ -146,6 +147,7 @@ fn restart_on_a_taken_port_fails_then_recovers() {
     server.kill();
     let squatter = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     let err = server.restart().expect_err("the port is taken");
+    eprintln!("{err}");
     assert!(
         matches!(err, Error::PortInUse { .. }),
         "unexpected error: {err}"

@@ -417,7 +417,7 @@ impl ConfigError {
                     expected.join(", ")
                 )
             }
-            kind => kind.to_string(),
+            kind => kind.to_string().trim_end().to_owned(),
         };
         let origin = match &error.metadata {
             Some(md) if md.name == ENV_PROVIDER_NAME && !path.is_empty() => {

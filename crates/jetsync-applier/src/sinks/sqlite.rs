@@ -1005,7 +1005,10 @@ fn for_each_row(
         sql.push_str(" ORDER BY ");
         push_quoted(&mut sql, column);
     }
-    let mut stmt = conn.prepare_cached(&sql)?;
+    // Not `prepare_cached`: SQLite re-expands `*` only when it re-prepares a statement at its
+    // first step, so a cached statement would report the column names from before an
+    // `ALTER TABLE`.
+    let mut stmt = conn.prepare(&sql)?;
     let names: Vec<String> = stmt.column_names().into_iter().map(str::to_owned).collect();
     let mut rows = stmt.query([])?;
     while let Some(row) = rows.next()? {
@@ -1539,9 +1542,12 @@ mod tests {
         .unwrap();
         let rows = sink.read_table("t").unwrap();
         assert_eq!(rows.len(), 2);
-        assert_eq!(rows[0].get(evil), Some(&Value::from("v")));
-        assert_eq!(rows[0].get("id"), Some(&Value::from("k'1")));
-        assert_eq!(rows[1].get("select"), Some(&Value::I64(2)));
+        // Ordered by key: '"' sorts before '\''.
+        assert_eq!(rows[0].get("id"), Some(&Value::from("k\"2")));
+        assert_eq!(rows[0].get("select"), Some(&Value::I64(2)));
+        assert_eq!(rows[1].get("id"), Some(&Value::from("k'1")));
+        assert_eq!(rows[1].get(evil), Some(&Value::from("v")));
+        assert_eq!(rows[1].get("with space"), Some(&Value::I64(1)));
         assert_eq!(run(sink.fence(G)).unwrap(), Some(2));
         apply(&mut sink, &[del(3, "t", "k'1")]).unwrap();
         assert_eq!(sink.read_table("t").unwrap().len(), 1);

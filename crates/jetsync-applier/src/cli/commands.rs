@@ -1,0 +1,439 @@
+//! The subcommands.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use async_nats::jetstream::{
+    self,
+    consumer::{pull, DeliverPolicy},
+};
+use futures::StreamExt;
+use jetsync::{codec, Config, LogFormat};
+use jetsync_applier::{build_sink, read_checkpoint, Engine, Offsets, OffsetsError, Sink};
+use serde::Serialize;
+
+use super::{output::emit, Cli, Command, Failure};
+
+/// Loads the configuration; any problem is a configuration error (exit 2).
+fn load_config(cli: &Cli) -> Result<Config, Failure> {
+    Config::load(cli.global.config.as_deref()).map_err(Failure::usage)
+}
+
+fn init_logging(config: &Config, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        let level = if default_level == "config" {
+            config.log.level.as_str()
+        } else {
+            default_level
+        };
+        tracing_subscriber::EnvFilter::new(level)
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match config.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        _ => builder.try_init(),
+    };
+}
+
+pub(crate) async fn dispatch(cli: Cli) -> Result<(), Failure> {
+    let config = load_config(&cli)?;
+    let json = cli.global.json;
+    match cli.command {
+        Command::Run => {
+            init_logging(&config, "config");
+            run(config).await
+        }
+        Command::Status => {
+            init_logging(&config, "warn");
+            status(&config, json).await
+        }
+        Command::Provision => {
+            init_logging(&config, "warn");
+            provision(&config, json).await
+        }
+        Command::Digest => {
+            init_logging(&config, "warn");
+            digest(&config, json).await
+        }
+        Command::Reset { to_seq } => {
+            init_logging(&config, "warn");
+            reset(&config, to_seq, json).await
+        }
+        Command::Publish {
+            table,
+            key,
+            json: row,
+            delete,
+            msg_id,
+        } => {
+            init_logging(&config, "warn");
+            publish(&config, &table, &key, row.as_deref(), delete, msg_id, json).await
+        }
+        Command::Tail { table, all, count } => {
+            init_logging(&config, "warn");
+            tail(&config, table.as_deref(), all, count, json).await
+        }
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn termination() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the applier");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; finishing the batch in hand"),
+        _ = term.recv() => tracing::info!("SIGTERM received; finishing the batch in hand"),
+    }
+}
+
+async fn run(config: Config) -> Result<(), Failure> {
+    let sink = build_sink(&config).map_err(Failure::runtime)?;
+    Engine::new(config, sink)
+        .run(termination())
+        .await
+        .map_err(Failure::runtime)
+}
+
+async fn connect(config: &Config) -> Result<jetsync::Client, Failure> {
+    jetsync::Client::connect(config)
+        .await
+        .with_context(|| format!("connecting to {}", config.nats.url))
+        .map_err(Failure::runtime)
+}
+
+#[derive(Debug, Serialize)]
+struct ConsumerStatus {
+    name: String,
+    delivered_seq: u64,
+    ack_floor_seq: u64,
+    num_pending: u64,
+    num_ack_pending: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct GroupStatus {
+    stream: String,
+    applied_seq: u64,
+    applied_events: u64,
+    stream_first_seq: Option<u64>,
+    stream_last_seq: Option<u64>,
+    lag: Option<u64>,
+    consumer: Option<ConsumerStatus>,
+    parked: u64,
+    nats_error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Status {
+    instance: String,
+    groups: Vec<GroupStatus>,
+}
+
+async fn status(config: &Config, json: bool) -> Result<(), Failure> {
+    let group = config.stream.name.clone();
+    let checkpoint = match read_checkpoint(&config.redb_path(), &group) {
+        Ok(c) => c,
+        Err(OffsetsError::Missing { .. }) => jetsync_applier::Checkpoint {
+            applied: 0,
+            applied_events: 0,
+        },
+        Err(e) => return Err(Failure::runtime(e)),
+    };
+    let mut g = GroupStatus {
+        stream: group.clone(),
+        applied_seq: checkpoint.applied,
+        applied_events: checkpoint.applied_events,
+        stream_first_seq: None,
+        stream_last_seq: None,
+        lag: None,
+        consumer: None,
+        parked: 0,
+        nats_error: None,
+    };
+    let remote = async {
+        let client = jetsync::Client::connect(config).await?;
+        let js = client.jetstream();
+        let mut stream = js
+            .get_stream(&group)
+            .await
+            .map_err(|e| anyhow!("stream {group}: {e}"))?;
+        let info = stream.info().await?.clone();
+        let consumer = match stream.consumer_info(config.consumer_name()).await {
+            Ok(c) => Some(c),
+            Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => None,
+            Err(e) => return Err(anyhow!("consumer info: {e}")),
+        };
+        Ok::<_, anyhow::Error>((info, consumer))
+    };
+    let outcome = tokio::time::timeout(Duration::from_secs(10), remote).await;
+    let failed = match outcome {
+        Ok(Ok((info, consumer))) => {
+            g.stream_first_seq = Some(info.state.first_sequence);
+            g.stream_last_seq = Some(info.state.last_sequence);
+            let mut lag = info.state.last_sequence.saturating_sub(checkpoint.applied);
+            if let Some(c) = consumer {
+                if c.delivered.stream_sequence == checkpoint.applied
+                    && c.ack_floor.stream_sequence == checkpoint.applied
+                {
+                    // Exact: the consumer counts pending events, compaction included.
+                    lag = c.num_pending;
+                }
+                g.consumer = Some(ConsumerStatus {
+                    name: c.name,
+                    delivered_seq: c.delivered.stream_sequence,
+                    ack_floor_seq: c.ack_floor.stream_sequence,
+                    num_pending: c.num_pending,
+                    num_ack_pending: c.num_ack_pending,
+                });
+            }
+            g.lag = Some(lag);
+            false
+        }
+        Ok(Err(e)) => {
+            g.nats_error = Some(format!("{e:#}"));
+            true
+        }
+        Err(_) => {
+            g.nats_error = Some("timed out after 10 s".into());
+            true
+        }
+    };
+    let status = Status {
+        instance: config.instance.clone(),
+        groups: vec![g],
+    };
+    emit(json, &status, |s| {
+        let mut out = format!("instance {}\n", s.instance);
+        for g in &s.groups {
+            out += &format!(
+                "stream {}: applied seq {} ({} events applied), stream seq {}..{}, lag {}, parked {}\n",
+                g.stream,
+                g.applied_seq,
+                g.applied_events,
+                opt(g.stream_first_seq),
+                opt(g.stream_last_seq),
+                opt(g.lag),
+                g.parked
+            );
+            match &g.consumer {
+                Some(c) => {
+                    out += &format!(
+                        "  consumer {}: delivered {}, ack floor {}, pending {}, awaiting ack {}\n",
+                        c.name, c.delivered_seq, c.ack_floor_seq, c.num_pending, c.num_ack_pending
+                    )
+                }
+                None if g.nats_error.is_none() => out += "  consumer: none (created at the next run)\n",
+                None => {}
+            }
+            if let Some(e) = &g.nats_error {
+                out += &format!("  NATS: {e}\n");
+            }
+        }
+        out.trim_end().to_owned()
+    });
+    if failed {
+        return Err(Failure::runtime(anyhow!("NATS status unavailable")));
+    }
+    Ok(())
+}
+
+fn opt(v: Option<u64>) -> String {
+    v.map_or_else(|| "?".to_owned(), |v| v.to_string())
+}
+
+async fn provision(config: &Config, json: bool) -> Result<(), Failure> {
+    let client = connect(config).await?;
+    let outcome = client.provision().await.map_err(Failure::runtime)?;
+    let result = serde_json::json!({
+        "stream": config.stream.name,
+        "subjects": [jetsync::group_filter(&config.stream.subject_prefix)],
+        "outcome": format!("{outcome:?}").to_lowercase(),
+    });
+    emit(json, &result, |_| {
+        format!(
+            "stream {} ({}.>): {}",
+            config.stream.name,
+            config.stream.subject_prefix,
+            format!("{outcome:?}").to_lowercase()
+        )
+    });
+    Ok(())
+}
+
+async fn digest(config: &Config, json: bool) -> Result<(), Failure> {
+    let mut sink = build_sink(config).map_err(Failure::runtime)?;
+    let applied = sink
+        .fence(&config.stream.name)
+        .await
+        .map_err(Failure::runtime)?
+        .unwrap_or(0);
+    let tables = sink.digest().await.map_err(Failure::runtime)?;
+    let result = serde_json::json!({
+        "instance": config.instance,
+        "applied_seq": applied,
+        "tables": tables,
+    });
+    emit(json, &result, |_| {
+        let mut out = format!("instance {} applied seq {}\n", config.instance, applied);
+        for t in &tables {
+            out += &format!("{:<24} {:>10} rows  {}\n", t.table, t.rows, t.hash);
+        }
+        out.trim_end().to_owned()
+    });
+    Ok(())
+}
+
+async fn reset(config: &Config, to_seq: u64, json: bool) -> Result<(), Failure> {
+    let group = &config.stream.name;
+    // Opening the checkpoint store for writing fails while `run` holds it.
+    let offsets = Offsets::open(&config.redb_path()).map_err(Failure::runtime)?;
+    let mut sink = build_sink(config).map_err(Failure::runtime)?;
+    let before = offsets.applied(group).map_err(Failure::runtime)?;
+    sink.set_fence(group, to_seq).await.map_err(Failure::runtime)?;
+    offsets.set(group, to_seq).map_err(Failure::runtime)?;
+    let result = serde_json::json!({
+        "stream": group,
+        "applied_seq_before": before,
+        "applied_seq": to_seq,
+    });
+    emit(json, &result, |_| {
+        format!("stream {group}: applied seq {before} -> {to_seq}; the next run resumes at {}", to_seq + 1)
+    });
+    Ok(())
+}
+
+async fn publish(
+    config: &Config,
+    table: &str,
+    key: &str,
+    row: Option<&str>,
+    delete: bool,
+    msg_id: Option<String>,
+    json: bool,
+) -> Result<(), Failure> {
+    // Validate the input before connecting, so that bad input is a usage error.
+    let rows_row = match (row, delete) {
+        (Some(text), false) => {
+            let value: serde_json::Value = serde_json::from_str(text)
+                .context("--json is not valid JSON")
+                .map_err(Failure::usage)?;
+            Some(jetsync::row_from_json(value).map_err(Failure::usage)?)
+        }
+        (None, true) => None,
+        _ => return Err(Failure::usage(anyhow!("give either --json ROW or --delete"))),
+    };
+    jetsync::TableName::new(table).map_err(Failure::usage)?;
+    jetsync::encode_key(key).map_err(Failure::usage)?;
+    let client = connect(config).await?;
+    let handle = client.rows(table).map_err(Failure::usage)?;
+    let options = jetsync::WriteOptions {
+        msg_id,
+        expected_seq: None,
+    };
+    let published = match rows_row {
+        Some(r) => handle.upsert_with(key, &r, options).await,
+        None => handle.delete_with(key, options).await,
+    }
+    .map_err(Failure::runtime)?;
+    let result = serde_json::json!({"seq": published.seq, "duplicate": published.duplicate});
+    emit(json, &result, |_| {
+        if published.duplicate {
+            format!("duplicate of seq {}", published.seq)
+        } else {
+            format!("published seq {}", published.seq)
+        }
+    });
+    Ok(())
+}
+
+async fn tail(
+    config: &Config,
+    table: Option<&str>,
+    all: bool,
+    count: Option<u64>,
+    json: bool,
+) -> Result<(), Failure> {
+    let prefix = &config.stream.subject_prefix;
+    let filter = match table {
+        Some(t) => jetsync::table_filter(prefix, &jetsync::TableName::new(t).map_err(Failure::usage)?),
+        None => jetsync::group_filter(prefix),
+    };
+    let client = connect(config).await?;
+    let stream = client
+        .jetstream()
+        .get_stream(&config.stream.name)
+        .await
+        .map_err(|e| Failure::runtime(anyhow!("stream {}: {e}", config.stream.name)))?;
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: filter,
+            deliver_policy: if all { DeliverPolicy::All } else { DeliverPolicy::New },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| Failure::runtime(anyhow!("creating the tail consumer: {e}")))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| Failure::runtime(anyhow!("tail: {e}")))?;
+    let mut seen = 0u64;
+    let stop = tokio::signal::ctrl_c();
+    tokio::pin!(stop);
+    while count.is_none_or(|c| seen < c) {
+        let next = tokio::select! {
+            _ = &mut stop => break,
+            next = messages.next() => next,
+        };
+        let Some(message) = next else { break };
+        let message = message.map_err(|e| Failure::runtime(anyhow!("tail: {e}")))?;
+        let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let subject = message.subject.to_string();
+        let format = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(codec::FORMAT_HEADER))
+            .map(|v| v.as_str().to_owned());
+        let decoded = jetsync::parse_subject(prefix, &subject)
+            .map_err(|e| e.to_string())
+            .and_then(|(t, k)| {
+                codec::decode_message(format.as_deref(), &message.payload)
+                    .map(|ev| (t, k, ev))
+                    .map_err(|e| e.to_string())
+            });
+        let line = match &decoded {
+            Ok((t, k, ev)) => serde_json::json!({
+                "seq": seq,
+                "table": t.as_str(),
+                "key": k,
+                "op": match ev.op() { jetsync::Op::Upsert => "upsert", jetsync::Op::Delete => "delete" },
+                "row": ev.row().map(jetsync::row_to_json),
+                "origin": ev.origin,
+            }),
+            Err(e) => serde_json::json!({"seq": seq, "subject": subject, "error": e}),
+        };
+        if json {
+            println!("{line}");
+        } else {
+            match decoded {
+                Ok((t, k, ev)) => println!(
+                    "{seq:>8} {:<6} {}/{} {}",
+                    match ev.op() { jetsync::Op::Upsert => "upsert", jetsync::Op::Delete => "delete" },
+                    t,
+                    k,
+                    ev.row().map(|r| jetsync::row_to_json(r).to_string()).unwrap_or_default()
+                ),
+                Err(e) => println!("{seq:>8} POISON {subject}: {e}"),
+            }
+        }
+        seen += 1;
+    }
+    Ok(())
+}
