@@ -81,9 +81,11 @@ impl SinkError {
 /// Implementations: the SQLite sink (the binary's default), the embedded redb replica, and any
 /// service's own code (an in-memory cache, its own ORM) when it embeds the engine.
 pub trait Sink: Send {
-    /// The highest stream sequence of sync group `group` whose effects are in this sink, if the
-    /// sink records one (the fence). `None` means "never applied anything" or "keeps no fence";
-    /// the engine then trusts its redb checkpoint.
+    /// The highest stream sequence of sync group `group` whose effects are in this sink (the
+    /// fence). A sink that keeps a fence returns `Some(0)` when it never applied anything, so a
+    /// wiped or replaced database makes the engine start over instead of trusting a redb
+    /// checkpoint that describes data no longer there. `None` means the sink keeps no fence at
+    /// all; the engine then trusts its redb checkpoint.
     fn fence(&mut self, group: &str) -> impl Future<Output = Result<Option<u64>, SinkError>> + Send;
 
     /// Whether the sink holds no synced rows at all (used to decide on a snapshot bootstrap).

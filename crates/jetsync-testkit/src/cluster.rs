@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::binary::version_of;
 use crate::config::ClusterConfig;
-use crate::server::{resolve_binary, Readiness, POLL_INTERVAL, PORT_ATTEMPTS};
+use crate::server::{resolve_binary, POLL_INTERVAL, PORT_ATTEMPTS};
 use crate::{monitor, port, Error, NatsServer, ServerBuilder};
 
 /// Default deadline for a whole cluster (or one restarted node) to become
@@ -146,29 +146,45 @@ impl ClusterBuilder {
             )?);
         }
         // Start every node before waiting: they need each other for quorum.
-        let mut pending: Vec<(usize, Readiness)> = Vec::with_capacity(n);
-        for (i, node) in nodes.iter_mut().enumerate() {
-            pending.push((i, node.spawn()?));
+        let mut states = Vec::with_capacity(n);
+        for node in nodes.iter_mut() {
+            states.push(node.spawn()?);
         }
         // Poll all nodes together so an early exit of any node is noticed
         // at once (on error, dropping `nodes` kills the others).
+        let mut ready = vec![false; n];
         let deadline = Instant::now() + self.node.startup_timeout;
         loop {
-            let mut still_pending = Vec::with_capacity(pending.len());
-            let mut waiting_for = None;
-            for (i, mut readiness) in pending {
-                if let Some(what) = nodes[i].poll_ready(&mut readiness)? {
-                    waiting_for.get_or_insert((i, readiness, what));
-                    still_pending.push((i, readiness));
+            let mut waiting = None;
+            for i in 0..n {
+                if ready[i] {
+                    continue;
+                }
+                match nodes[i].poll_ready(&mut states[i])? {
+                    None => ready[i] = true,
+                    Some(what) => {
+                        waiting.get_or_insert((i, what));
+                    }
                 }
             }
-            let Some((i, readiness, what)) = waiting_for else {
-                return Ok(Cluster { nodes });
+            let (i, what) = match waiting {
+                Some(waiting) => waiting,
+                // Every node knows the meta leader; also wait until the
+                // leader sees every peer as current, so that streams with
+                // n replicas can be placed right away.
+                None => match self_claimed(&nodes, monitor::meta_leader) {
+                    Some(leader)
+                        if monitor::meta_group_complete(nodes[leader].monitor_port(), n) =>
+                    {
+                        return Ok(Cluster { nodes });
+                    }
+                    Some(leader) => (leader, "the meta leader to see every peer as current"),
+                    None => (0, "a node that claims JetStream meta leadership"),
+                },
             };
             if Instant::now() >= deadline {
-                return Err(nodes[i].not_ready(&readiness, what));
+                return Err(nodes[i].not_ready(&states[i], what));
             }
-            pending = still_pending;
             thread::sleep(POLL_INTERVAL);
         }
     }
@@ -236,7 +252,9 @@ impl Cluster {
 
     /// Restarts node `i` on the same ports with the same store (killing it
     /// first if running) and waits until it is ready, knows the meta leader
-    /// and reports healthy, i.e. has rejoined.
+    /// and reports healthy (`/healthz`), i.e. has rejoined. Replicated
+    /// stream data it missed may still be catching up for a moment after
+    /// this returns; poll if a test needs the node's local copy.
     ///
     /// # Errors
     ///
@@ -268,7 +286,7 @@ impl Cluster {
     /// reported. `None` when no node leads it (unknown stream, election in
     /// progress).
     pub fn stream_leader(&self, stream: &str) -> Option<usize> {
-        self.self_claimed(|port| monitor::stream_leader(port, stream))
+        self_claimed(&self.nodes, |port| monitor::stream_leader(port, stream))
     }
 
     /// Polls [`stream_leader`](Self::stream_leader) every 20 ms until it
@@ -289,15 +307,18 @@ impl Cluster {
     /// The index of the node that is the JetStream meta leader (from
     /// `/jsz`), if a running node claims it.
     pub fn meta_leader(&self) -> Option<usize> {
-        self.self_claimed(monitor::meta_leader)
+        self_claimed(&self.nodes, monitor::meta_leader)
     }
+}
 
-    /// The first running node whose monitor endpoint names itself.
-    fn self_claimed(&self, leader_seen_by: impl Fn(u16) -> Option<String>) -> Option<usize> {
-        self.nodes.iter().position(|node| {
-            node.pid().is_some()
-                && node.server_name().is_some()
-                && leader_seen_by(node.monitor_port()).as_deref() == node.server_name()
-        })
-    }
+/// The first running node whose monitor endpoint names itself.
+fn self_claimed(
+    nodes: &[NatsServer],
+    leader_seen_by: impl Fn(u16) -> Option<String>,
+) -> Option<usize> {
+    nodes.iter().position(|node| {
+        node.pid().is_some()
+            && node.server_name().is_some()
+            && leader_seen_by(node.monitor_port()).as_deref() == node.server_name()
+    })
 }

@@ -65,6 +65,26 @@ pub(crate) fn meta_leader(port: u16) -> Option<String> {
     meta_leader_of(&jsz)
 }
 
+/// Whether this node leads the JetStream meta group and sees `size` peers
+/// in total (itself included), all of them current.
+pub(crate) fn meta_group_complete(port: u16, size: usize) -> bool {
+    get_json(port, "/jsz").is_some_and(|jsz| meta_group_complete_of(&jsz, size))
+}
+
+fn meta_group_complete_of(jsz: &Value, size: usize) -> bool {
+    let Some(replicas) = jsz.pointer("/meta_cluster/replicas") else {
+        // A one-node cluster lists no replicas.
+        return size == 1 && meta_leader_of(jsz).is_some();
+    };
+    let current = replicas.as_array().map_or(0, |peers| {
+        peers
+            .iter()
+            .filter(|p| p.get("current").and_then(Value::as_bool) == Some(true))
+            .count()
+    });
+    current + 1 >= size
+}
+
 fn meta_leader_of(jsz: &Value) -> Option<String> {
     non_empty(jsz.pointer("/meta_cluster/leader"))
 }
@@ -116,6 +136,27 @@ mod tests {
         assert_eq!(stream_leader_of(&v, "S1").as_deref(), Some("n2"));
         assert_eq!(stream_leader_of(&v, "OTHER").as_deref(), Some("n3"));
         assert_eq!(stream_leader_of(&v, "NOPE"), None);
+    }
+
+    #[test]
+    fn meta_group_completeness() {
+        let full: Value = serde_json::from_str(
+            r#"{"meta_cluster": {"leader": "n1", "cluster_size": 3, "replicas": [
+                {"name": "n2", "current": true}, {"name": "n3", "current": true}]}}"#,
+        )
+        .unwrap();
+        assert!(meta_group_complete_of(&full, 3));
+        let lagging: Value = serde_json::from_str(
+            r#"{"meta_cluster": {"leader": "n1", "cluster_size": 3, "replicas": [
+                {"name": "n2", "current": true}, {"name": "n3", "current": false}]}}"#,
+        )
+        .unwrap();
+        assert!(!meta_group_complete_of(&lagging, 3));
+        let single: Value =
+            serde_json::from_str(r#"{"meta_cluster": {"leader": "n1", "cluster_size": 1}}"#)
+                .unwrap();
+        assert!(meta_group_complete_of(&single, 1));
+        assert!(!meta_group_complete_of(&single, 3));
     }
 
     #[test]

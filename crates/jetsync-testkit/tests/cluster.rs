@@ -49,7 +49,10 @@ fn local_messages(cluster: &Cluster, i: usize, stream: &str) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r3_stream_survives_leader_kill_and_restart() -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let phase = |what: &str| eprintln!("[{:>6.2}s] {what}", t0.elapsed().as_secs_f64());
     let mut cluster = blocking(|| Cluster::start(3))?;
+    phase("cluster ready");
     assert_eq!(cluster.len(), 3);
     assert!(!cluster.is_empty());
     let urls = cluster.urls();
@@ -80,6 +83,7 @@ async fn r3_stream_survives_leader_kill_and_restart() -> anyhow::Result<()> {
     assert_eq!(cluster.stream_leader("R3"), Some(leader));
     assert_eq!(cluster.stream_leader("NO_SUCH_STREAM"), None);
     let old_pid = cluster.node(leader).pid().unwrap();
+    phase(&format!("stream leader is node {leader}; killing it"));
     blocking(|| cluster.kill(leader));
     assert_eq!(cluster.node(leader).pid(), None);
     assert!(!std::path::Path::new(&format!("/proc/{old_pid}")).exists());
@@ -88,11 +92,13 @@ async fn r3_stream_survives_leader_kill_and_restart() -> anyhow::Result<()> {
     let client = async_nats::connect(cluster.node(survivor).url()).await?;
     let js = jetstream::new(client.clone());
     assert_eq!(publish_until_acked(&js, "r3.b", "two").await?, 2);
+    phase("published through a survivor");
     let new_leader = blocking(|| cluster.wait_stream_leader("R3", DEADLINE))
         .expect("the survivors elect a new stream leader");
     assert_ne!(new_leader, leader);
 
     blocking(|| cluster.restart(leader))?;
+    phase("old leader restarted and healthy");
     assert!(cluster.node_mut(leader).is_running());
     // The restarted node catches up on the message it missed.
     let deadline = Instant::now() + DEADLINE;
@@ -104,11 +110,13 @@ async fn r3_stream_survives_leader_kill_and_restart() -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    phase("old leader caught up");
     let rejoined = async_nats::connect(cluster.node(leader).url()).await?;
     let js = jetstream::new(rejoined);
     assert_eq!(publish_until_acked(&js, "r3.c", "three").await?, 3);
     let mut stream = js.get_stream("R3").await?;
     assert_eq!(stream.info().await?.state.messages, 3);
+    phase("done");
     Ok(())
 }
 

@@ -20,8 +20,10 @@
 //! ```
 //!
 //! `op` is required; `row` is required for an upsert and must be absent (or `null`) for a delete;
-//! `origin` defaults to `""`, `ts_ms` to 0 and `schema` to 1. Unknown top-level fields are ignored,
-//! so a newer publisher may add fields older readers skip (forward compatibility).
+//! `origin`, `ts_ms` and `schema` may be absent or `null` and then default to `""`, 0 and 1. A
+//! field given twice, or a column given twice within `row`, is an error. Unknown top-level fields
+//! are ignored, so a newer publisher may add fields older readers skip (forward compatibility).
+//! Writing, the row's columns come out in column-name order.
 //!
 //! Column values map to and from JSON as follows:
 //!

@@ -41,7 +41,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
 const ENV_PROVIDER_NAME: &str = "environment variable";
 
 /// The whole configuration of one jetsync instance.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Identity of this instance, stable across restarts: it names the durable consumer
@@ -449,6 +449,9 @@ impl Config {
 
     /// The figment [`Config::load`] extracts from, for callers that merge more providers (for
     /// example command-line flags) before calling [`Config::from_figment`].
+    ///
+    /// Do not merge `Serialized::defaults(config)` of a loaded `Config` into it: secrets
+    /// serialize as `<redacted>`, which would replace the real values.
     pub fn figment(path: Option<&Path>) -> Result<Figment, ConfigError> {
         let mut figment = Figment::new();
         if let Some(path) = path {
@@ -948,6 +951,8 @@ fn insert_nested(dict: &mut Dict, path: &[&str], value: Value) {
 }
 
 #[cfg(test)]
+// figment::Jail closures must return figment::Result, whose error type is large.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::Jail;

@@ -164,14 +164,25 @@ pub async fn connect(nats: &NatsConfig, name: &str) -> Result<async_nats::Client
         .map_err(|err| classify(err, server, method))
 }
 
-/// The configured server list, for messages and logs. `nats.url` never holds credentials
-/// (validation rejects them), so it is safe to show.
+/// The configured server list, for messages and logs. Validation rejects credentials in
+/// `nats.url`, but a `NatsConfig` built in code skips it, so any user info is redacted here.
 fn server_label(nats: &NatsConfig) -> String {
-    let servers: Vec<&str> = nats
+    let servers: Vec<String> = nats
         .url
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
+        .map(|entry| match entry.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let scheme = userinfo.split_once("://").map_or("", |(scheme, _)| scheme);
+                if scheme.is_empty() {
+                    format!("<redacted>@{host}")
+                } else {
+                    format!("{scheme}://<redacted>@{host}")
+                }
+            }
+            None => entry.to_owned(),
+        })
         .collect();
     servers.join(",")
 }
@@ -228,8 +239,8 @@ async fn options(
         options = options.add_client_certificate(cert.clone(), key.clone());
     }
     // A CA or client certificate only makes sense over TLS; insisting on it (as nats.go does
-    // for RootCAs) keeps a misconfigured server from downgrading the connection silently.
-    if nats.tls.required || nats.tls.ca_file.is_some() || nats.tls.cert_file.is_some() {
+    // for RootCAs) keeps a server without TLS from silently downgrading the connection.
+    if nats.tls_required() {
         options = options.require_tls(true);
     }
     Ok(options)
@@ -241,22 +252,27 @@ fn event_logger(
     client: String,
 ) -> impl Fn(Event) -> std::future::Ready<()> + Send + Sync + 'static {
     move |event| {
+        let (server, client) = (server.as_str(), client.as_str());
         match &event {
             Event::Disconnected => {
-                tracing::warn!(server = %server, client = %client, "disconnected from NATS; reconnecting")
+                tracing::warn!(server, client, "disconnected from NATS; reconnecting");
             }
-            Event::Connected => {
-                tracing::info!(server = %server, client = %client, "connected to NATS")
+            Event::Connected => tracing::info!(server, client, "connected to NATS"),
+            Event::LameDuckMode => tracing::warn!(
+                server,
+                client,
+                "NATS server entered lame duck mode and will close the connection soon"
+            ),
+            Event::SlowConsumer(sid) => tracing::warn!(
+                server,
+                client,
+                sid = *sid,
+                "NATS slow consumer: the client dropped messages of a subscription"
+            ),
+            Event::ServerError(error) => {
+                tracing::warn!(server, client, %error, "NATS server reported an error");
             }
-            Event::LameDuckMode => {
-                tracing::warn!(server = %server, client = %client, "NATS server entered lame duck mode; it will close the connection soon")
-            }
-            Event::SlowConsumer(sid) => {
-                tracing::warn!(server = %server, client = %client, sid, "NATS slow consumer: messages dropped client-side")
-            }
-            other => {
-                tracing::debug!(server = %server, client = %client, event = %other, "NATS connection event")
-            }
+            other => tracing::debug!(server, client, event = %other, "NATS connection event"),
         }
         std::future::ready(())
     }
@@ -446,6 +462,29 @@ mod tests {
         );
         assert!(matches!(tls, ConnectError::Tls { .. }));
         assert!(!tls.is_retryable());
+    }
+
+    #[test]
+    fn server_label_redacts_user_info() {
+        let nats = NatsConfig {
+            url: "nats://me:pw@a:4222, b:4222,tls://tok@c".into(),
+            ..NatsConfig::default()
+        };
+        assert_eq!(
+            server_label(&nats),
+            "nats://<redacted>@a:4222,b:4222,tls://<redacted>@c"
+        );
+    }
+
+    #[tokio::test]
+    async fn credentials_in_url_are_not_echoed() {
+        let nats = NatsConfig {
+            url: "nats://me:hunter2@127.0.0.1:4222".into(),
+            ..NatsConfig::default()
+        };
+        let err = connect(&nats, "test").await.unwrap_err();
+        assert!(matches!(err, ConnectError::InvalidUrl { .. }), "{err:?}");
+        assert!(!format!("{err} {err:?}").contains("hunter2"), "{err:?}");
     }
 
     #[tokio::test]

@@ -39,25 +39,25 @@ fn init_logging(config: &Config, default_level: &str) {
 
 pub(crate) async fn dispatch(cli: Cli) -> Result<(), Failure> {
     let config = load_config(&cli)?;
-    let json = cli.global.json;
+    let json = cli.command.json();
     match cli.command {
-        Command::Run => {
+        Command::Run { .. } => {
             init_logging(&config, "config");
             run(config).await
         }
-        Command::Status => {
+        Command::Status { .. } => {
             init_logging(&config, "warn");
             status(&config, json).await
         }
-        Command::Provision => {
+        Command::Provision { .. } => {
             init_logging(&config, "warn");
             provision(&config, json).await
         }
-        Command::Digest => {
+        Command::Digest { .. } => {
             init_logging(&config, "warn");
             digest(&config, json).await
         }
-        Command::Reset { to_seq } => {
+        Command::Reset { to_seq, .. } => {
             init_logging(&config, "warn");
             reset(&config, to_seq, json).await
         }
@@ -67,11 +67,14 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<(), Failure> {
             json: row,
             delete,
             msg_id,
+            ..
         } => {
             init_logging(&config, "warn");
             publish(&config, &table, &key, row.as_deref(), delete, msg_id, json).await
         }
-        Command::Tail { table, all, count } => {
+        Command::Tail {
+            table, all, count, ..
+        } => {
             init_logging(&config, "warn");
             tail(&config, table.as_deref(), all, count, json).await
         }

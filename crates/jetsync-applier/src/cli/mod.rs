@@ -25,26 +25,46 @@ pub(crate) struct Global {
     /// Configuration file (TOML); JETSYNC_* environment variables override it.
     #[arg(long, short = 'c', global = true, env = "JETSYNC_CONFIG")]
     pub config: Option<PathBuf>,
+}
+
+/// Output options. `--json` is per command rather than global because `publish` uses
+/// `--json ROW` for the row itself (its machine-readable output is `--json-output`).
+#[derive(Debug, Args, Clone, Copy)]
+pub(crate) struct Output {
     /// Machine-readable JSON output.
-    #[arg(long, global = true)]
+    #[arg(long)]
     pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
     /// Run the applier until SIGINT/SIGTERM (finishes the batch in hand, then exits 0).
-    Run,
+    Run {
+        #[command(flatten)]
+        out: Output,
+    },
     /// Applied sequence, stream position, lag and consumer state (works while `run` runs).
-    Status,
+    Status {
+        #[command(flatten)]
+        out: Output,
+    },
     /// Create or update the sync group's stream.
-    Provision,
+    Provision {
+        #[command(flatten)]
+        out: Output,
+    },
     /// Per-table row count and order-independent hash, plus the applied sequence.
-    Digest,
+    Digest {
+        #[command(flatten)]
+        out: Output,
+    },
     /// Set the applied sequence (the applier must be stopped); the next run resumes at N + 1.
     Reset {
         /// The new applied sequence.
         #[arg(long = "to-seq", value_name = "N")]
         to_seq: u64,
+        #[command(flatten)]
+        out: Output,
     },
     /// Publish one row change.
     Publish {
@@ -63,6 +83,9 @@ pub(crate) enum Command {
         /// Idempotency key (Nats-Msg-Id); generated when absent.
         #[arg(long)]
         msg_id: Option<String>,
+        /// Machine-readable JSON output.
+        #[arg(long)]
+        json_output: bool,
     },
     /// Print events as they arrive.
     Tail {
@@ -75,6 +98,9 @@ pub(crate) enum Command {
         /// Stop after this many events.
         #[arg(long)]
         count: Option<u64>,
+        /// One JSON object per event.
+        #[command(flatten)]
+        out: Output,
     },
 }
 
@@ -83,6 +109,21 @@ pub(crate) enum Command {
 pub(crate) struct Failure {
     pub code: u8,
     pub error: anyhow::Error,
+}
+
+impl Command {
+    /// Whether the command's output is machine-readable.
+    pub(crate) fn json(&self) -> bool {
+        match self {
+            Command::Run { out }
+            | Command::Status { out }
+            | Command::Provision { out }
+            | Command::Digest { out }
+            | Command::Reset { out, .. }
+            | Command::Tail { out, .. } => out.json,
+            Command::Publish { json_output, .. } => *json_output,
+        }
+    }
 }
 
 impl Failure {
@@ -102,7 +143,7 @@ impl Failure {
 
 pub(crate) fn main() -> ExitCode {
     let cli = Cli::parse();
-    let json = cli.global.json;
+    let json = cli.command.json();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -83,7 +83,15 @@ impl SqliteOptions {
     }
 }
 
-/// A sink writing synced tables into one SQLite file (see the [module docs](self)).
+/// A sink writing synced tables into one SQLite file (WAL mode), which the service reads with any
+/// SQLite driver while the applier writes.
+///
+/// Tables are created on first upsert from the row's columns unless they exist; new columns are
+/// added with `ALTER TABLE ADD COLUMN`; an upsert replaces the whole row (columns it lacks become
+/// NULL). Every [`Sink::apply`] is one transaction that also moves the group's fence in table
+/// `jetsync_offsets`: before its COMMIT nothing of the batch is visible and the fence is unchanged,
+/// after it rows and fence moved together, so a crash at any point loses nothing and applies
+/// nothing twice.
 #[derive(Debug)]
 pub struct SqliteSink {
     conn: Connection,
@@ -314,7 +322,9 @@ impl SqliteSink {
 
 impl Sink for SqliteSink {
     async fn fence(&mut self, group: &str) -> Result<Option<u64>, SinkError> {
-        blocking(|| self.read_fence(group))
+        // This sink keeps a fence: "never applied" is Some(0), so an emptied or replaced file is
+        // never mistaken for "trust the redb checkpoint".
+        blocking(|| self.read_fence(group)).map(|f| Some(f.unwrap_or(0)))
     }
 
     async fn is_empty(&mut self) -> Result<bool, SinkError> {
@@ -1009,7 +1019,7 @@ fn for_each_row(
     // first step, so a cached statement would report the column names from before an
     // `ALTER TABLE`.
     let mut stmt = conn.prepare(&sql)?;
-    let names: Vec<String> = stmt.column_names().into_iter().map(str::to_owned).collect();
+    let names: Vec<String> = stmt.column_names().map(str::to_owned).collect();
     let mut rows = stmt.query([])?;
     while let Some(row) = rows.next()? {
         let mut out = Row::new();
@@ -1331,7 +1341,7 @@ mod tests {
         let path = dir.path().join("r.sqlite");
         {
             let mut sink = open_at(&path);
-            assert_eq!(run(sink.fence(G)).unwrap(), None);
+            assert_eq!(run(sink.fence(G)).unwrap(), Some(0));
             run(sink.apply(G, &[up(3, "t", "a", &[("v", Value::I64(1))])], 7)).unwrap();
             assert_eq!(run(sink.fence(G)).unwrap(), Some(7));
             // An empty batch (all events skipped) still moves the fence.
