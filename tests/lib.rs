@@ -1,1 +1,444 @@
-//! e2e support
+//! Helpers for jetsync's end-to-end tests: run the real `jetsync-applier` binary as child
+//! processes against real `nats-server`s (from `jetsync-testkit`), publish through the real
+//! client, and compare instances with a reference model.
+//!
+//! Everything waits for conditions with deadlines, never fixed sleeps, and every child process
+//! is killed when its handle is dropped (panics included).
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use jetsync::{Row, Value};
+
+/// Builds the applier binary once per test process and returns its path.
+///
+/// The e2e package cannot depend on another package's binary, so it asks cargo (which is
+/// already there: tests run under `cargo test`) to build it; this is a no-op when it is fresh.
+pub fn applier_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-q", "-p", "jetsync-applier", "--bin", "jetsync-applier"])
+            .arg("--manifest-path")
+            .arg(&manifest);
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build for jetsync-applier");
+        assert!(status.success(), "building jetsync-applier failed");
+        // target/<profile>/deps/e2e-<hash> → target/<profile>/jetsync-applier
+        let exe = std::env::current_exe().expect("current exe");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary lives in target/<profile>/deps");
+        let bin = profile_dir.join("jetsync-applier");
+        assert!(bin.exists(), "{} missing after build", bin.display());
+        bin
+    })
+}
+
+/// Serialises heavy scenarios inside one test binary: on a 2-core machine, two of them at
+/// once (each with several appliers and a server) would only make both slow and flaky.
+/// Hold the guard for the whole test.
+pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Polls `check` every 25 ms until it returns `Some` or `timeout` passes.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// The sink an instance uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkKind {
+    /// One SQLite file.
+    Sqlite,
+    /// The redb replica, with the per-sequence audit table.
+    RedbAudit,
+}
+
+/// Settings shared by the instances of one test.
+#[derive(Debug, Clone)]
+pub struct Group {
+    /// NATS URL(s), comma-separated.
+    pub url: String,
+    /// Stream name.
+    pub stream: String,
+    /// Subject prefix.
+    pub prefix: String,
+    /// Table → key column.
+    pub tables: BTreeMap<String, String>,
+    /// Extra TOML appended to every instance's config (e.g. `[apply]` settings).
+    pub extra_toml: String,
+}
+
+impl Group {
+    /// A group named `stream` with prefix `prefix` on `url`, one table `items` keyed by `id`.
+    pub fn new(url: impl Into<String>, stream: &str, prefix: &str) -> Group {
+        let mut tables = BTreeMap::new();
+        tables.insert("items".to_owned(), "id".to_owned());
+        Group {
+            url: url.into(),
+            stream: stream.into(),
+            prefix: prefix.into(),
+            tables,
+            extra_toml: String::new(),
+        }
+    }
+
+    /// The client configuration (for publishers) of instance `name`.
+    pub fn config(&self, name: &str, data_dir: &Path) -> jetsync::Config {
+        let mut c = jetsync::Config::default();
+        c.instance = name.into();
+        c.data_dir = data_dir.into();
+        c.nats.url = self.url.clone();
+        c.stream.name = self.stream.clone();
+        c.stream.subject_prefix = self.prefix.clone();
+        c
+    }
+
+    /// A connected client publishing as `origin`.
+    pub async fn client(&self, origin: &str) -> Result<jetsync::Client> {
+        let nats = async_nats::connect(self.url.as_str()).await?;
+        let mut stream = jetsync::StreamConfig::default();
+        stream.name = self.stream.clone();
+        stream.subject_prefix = self.prefix.clone();
+        Ok(jetsync::Client::from_nats(nats, stream, origin)?)
+    }
+}
+
+/// One applier instance: its data dir, config file and (when running) its process.
+pub struct Instance {
+    /// Instance id.
+    pub name: String,
+    /// Its data directory.
+    pub dir: PathBuf,
+    /// Its config file.
+    pub config_path: PathBuf,
+    /// Its sink.
+    pub sink: SinkKind,
+    child: Option<Child>,
+    runs: u32,
+}
+
+impl Instance {
+    /// Writes the config of instance `name` under `root` (not started yet).
+    pub fn new(group: &Group, root: &Path, name: &str, sink: SinkKind) -> Result<Instance> {
+        let dir = root.join(name);
+        fs::create_dir_all(&dir)?;
+        let mut toml = format!(
+            "instance = {name:?}\ndata_dir = {dir:?}\n\n[nats]\nurl = {url:?}\n\n[stream]\nname = {stream:?}\nsubject_prefix = {prefix:?}\n\n",
+            url = group.url,
+            stream = group.stream,
+            prefix = group.prefix,
+        );
+        for (table, key) in &group.tables {
+            toml += &format!("[tables.{table}]\nkey = {key:?}\n\n");
+        }
+        match sink {
+            SinkKind::Sqlite => toml += "[sink]\nkind = \"sqlite\"\n\n",
+            SinkKind::RedbAudit => toml += "[sink]\nkind = \"redb\"\naudit = true\n\n",
+        }
+        toml += &group.extra_toml;
+        let config_path = dir.join("jetsync.toml");
+        fs::write(&config_path, toml)?;
+        Ok(Instance {
+            name: name.into(),
+            dir,
+            config_path,
+            sink,
+            child: None,
+            runs: 0,
+        })
+    }
+
+    /// A command for the applier binary with this instance's config.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(applier_bin());
+        cmd.arg("--config").arg(&self.config_path).args(args);
+        cmd.env_remove("RUST_LOG");
+        cmd
+    }
+
+    /// Runs a one-shot subcommand; returns (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> Result<(i32, String, String)> {
+        let out = self.command(args).output().context("running jetsync-applier")?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// Runs a subcommand that prints JSON and parses it (fails on a non-zero exit).
+    pub fn cli_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let (code, out, err) = self.cli(&all)?;
+        if code != 0 {
+            bail!("jetsync-applier {args:?} exited {code}: {err}");
+        }
+        serde_json::from_str(&out).with_context(|| format!("parsing output of {args:?}: {out}"))
+    }
+
+    /// Starts `jetsync-applier run` in the background (logs to `run-N.log` in its dir).
+    pub fn start(&mut self) -> Result<()> {
+        assert!(self.child.is_none(), "instance {} already running", self.name);
+        self.runs += 1;
+        let log = fs::File::create(self.dir.join(format!("run-{}.log", self.runs)))?;
+        let child = self
+            .command(&["run"])
+            .env("RUST_LOG", "info,async_nats=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning jetsync-applier run")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Whether the `run` process is alive.
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// SIGKILLs the `run` process and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends SIGTERM and waits (up to `timeout`) for the exit code.
+    pub fn stop(&mut self, timeout: Duration) -> Result<i32> {
+        let Some(mut child) = self.child.take() else {
+            bail!("instance {} is not running", self.name);
+        };
+        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.code().unwrap_or(-1));
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("instance {} did not stop within {timeout:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the `run` process to exit by itself; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<i32> {
+        let child = self.child.as_mut().context("not running")?;
+        let code = wait_until("the applier to exit", timeout, || {
+            child.try_wait().ok().flatten().map(|s| s.code().unwrap_or(-1))
+        })?;
+        self.child = None;
+        Ok(code)
+    }
+
+    /// The last run's log text.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join(format!("run-{}.log", self.runs))).unwrap_or_default()
+    }
+
+    /// The SQLite file of a SQLite instance.
+    pub fn sqlite_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.db", self.name))
+    }
+
+    /// The redb replica file of a redb instance.
+    pub fn replica_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.replica.redb", self.name))
+    }
+
+    /// The redb checkpoint file.
+    pub fn checkpoint_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.redb", self.name))
+    }
+
+    /// The applied sequence as the redb checkpoint shows it (readable while running).
+    pub fn applied(&self, stream: &str) -> u64 {
+        jetsync_applier::read_checkpoint(&self.checkpoint_path(), stream)
+            .map(|c| c.applied)
+            .unwrap_or(0)
+    }
+
+    /// Waits until the checkpoint reaches `seq`; fails early if the process died.
+    pub fn wait_applied(&mut self, stream: &str, seq: u64, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let applied = self.applied(stream);
+            if applied >= seq {
+                return Ok(());
+            }
+            if self.child.is_some() && !self.is_running() {
+                bail!("instance {} exited while waiting for seq {seq} (at {applied}):\n{}", self.name, self.log());
+            }
+            if Instant::now() >= deadline {
+                bail!("instance {} reached only seq {applied} of {seq} within {timeout:?}:\n{}", self.name, tail(&self.log(), 40));
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// `digest --json` of this instance.
+    pub fn digest(&self) -> Result<serde_json::Value> {
+        self.cli_json(&["digest"])
+    }
+
+    /// All rows of `table` in the SQLite file, keyed by the key column's text.
+    pub fn sqlite_rows(&self, table: &str, key_column: &str) -> Result<BTreeMap<String, Row>> {
+        sqlite_rows(&self.sqlite_path(), table, key_column)
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Reads all rows of `table` from a SQLite file (read-only), keyed by `key_column` as text.
+pub fn sqlite_rows(path: &Path, table: &str, key_column: &str) -> Result<BTreeMap<String, Row>> {
+    let conn = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let exists: i64 = conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+        [table],
+        |r| r.get(0),
+    )?;
+    let mut out = BTreeMap::new();
+    if exists == 0 {
+        return Ok(out);
+    }
+    let mut stmt = conn.prepare(&format!("SELECT * FROM \"{table}\""))?;
+    let names: Vec<String> = stmt.column_names().map(|s| s.to_string()).collect();
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let mut row = Row::new();
+        for (i, name) in names.iter().enumerate() {
+            let v = match r.get_ref(i)? {
+                rusqlite::types::ValueRef::Null => Value::Null,
+                rusqlite::types::ValueRef::Integer(i) => Value::I64(i),
+                rusqlite::types::ValueRef::Real(f) => Value::F64(f),
+                rusqlite::types::ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+                rusqlite::types::ValueRef::Blob(b) => Value::Bytes(b.to_vec()),
+            };
+            row.insert(name.clone(), v);
+        }
+        let key = match row.get(key_column) {
+            Some(Value::Text(t)) => t.clone(),
+            Some(Value::I64(i)) => i.to_string(),
+            other => bail!("row without a usable key column {key_column}: {other:?}"),
+        };
+        out.insert(key, row);
+    }
+    Ok(out)
+}
+
+/// The expected end state: the last acknowledged event per (table, key), by stream sequence.
+#[derive(Debug, Default, Clone)]
+pub struct Reference {
+    events: BTreeMap<(String, String), (u64, Option<Row>)>,
+    max_seq: u64,
+}
+
+impl Reference {
+    /// Records an acknowledged event (`row = None` for a delete).
+    pub fn record(&mut self, seq: u64, table: &str, key: &str, row: Option<Row>) {
+        self.max_seq = self.max_seq.max(seq);
+        let slot = self.events.entry((table.to_owned(), key.to_owned())).or_insert((0, None));
+        if seq >= slot.0 {
+            *slot = (seq, row);
+        }
+    }
+
+    /// Merges another publisher's reference.
+    pub fn merge(&mut self, other: Reference) {
+        for ((t, k), (seq, row)) in other.events {
+            self.record(seq, &t, &k, row);
+        }
+    }
+
+    /// The highest acknowledged sequence.
+    pub fn max_seq(&self) -> u64 {
+        self.max_seq
+    }
+
+    /// Expected live rows of `table`: key → row.
+    pub fn rows(&self, table: &str) -> BTreeMap<String, Row> {
+        self.events
+            .iter()
+            .filter(|((t, _), _)| t == table)
+            .filter_map(|((_, k), (_, row))| row.clone().map(|r| (k.clone(), r)))
+            .collect()
+    }
+}
+
+/// Asserts that an instance's SQLite rows of `table` equal the reference (columns the
+/// reference rows carry; the key column filled in when the event lacked it).
+pub fn assert_sqlite_matches(instance: &Instance, reference: &Reference, table: &str, key_column: &str) -> Result<()> {
+    let have = instance.sqlite_rows(table, key_column)?;
+    let want = reference.rows(table);
+    let missing: Vec<_> = want.keys().filter(|k| !have.contains_key(*k)).take(5).collect();
+    let extra: Vec<_> = have.keys().filter(|k| !want.contains_key(*k)).take(5).collect();
+    if !missing.is_empty() || !extra.is_empty() {
+        bail!(
+            "instance {}: {} rows, expected {}; missing e.g. {missing:?}, unexpected e.g. {extra:?}",
+            instance.name,
+            have.len(),
+            want.len()
+        );
+    }
+    for (key, want_row) in &want {
+        let have_row = &have[key];
+        for (col, v) in want_row {
+            let got = have_row.get(col).unwrap_or(&Value::Null);
+            if !same_value(v, got) {
+                bail!("instance {} row {key}: column {col} is {got:?}, expected {v:?}", instance.name);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Value equality across SQLite's storage classes (bools are integers there).
+fn same_value(want: &Value, got: &Value) -> bool {
+    match (want, got) {
+        (Value::Bool(b), Value::I64(i)) => i64::from(*b) == *i,
+        (Value::Json(j), Value::Text(t)) => serde_json::from_str::<serde_json::Value>(t).ok().as_ref() == Some(j),
+        (a, b) => a == b,
+    }
+}

@@ -1,1 +1,3 @@
-//! e2e
+//! End-to-end tests: the real `jetsync-applier` binary against real `nats-server` processes.
+
+mod smoke;
