@@ -1,0 +1,1 @@
+//! Runnable jetsync examples live in this package's `[[example]]` targets.

