@@ -21,6 +21,10 @@ check:
 fmt:
     cargo fmt --all
 
+# The demo: private nats-server, three instances, catch-up, equal digests.
+demo:
+    cargo demo
+
 # The quickstart example against a local JetStream server (NATS_URL, default 127.0.0.1:4222).
 quickstart:
     cargo run -p jetsync-examples --example quickstart

@@ -18,9 +18,11 @@ struct Product {
 async fn main() -> anyhow::Result<()> {
     let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
     let nats = async_nats::connect(url.as_str()).await?;
-    let mut stream = StreamConfig::default();
-    stream.name = "QUICKSTART".into();
-    stream.subject_prefix = "quickstart".into();
+    let stream = StreamConfig {
+        name: "QUICKSTART".into(),
+        subject_prefix: "quickstart".into(),
+        ..StreamConfig::default()
+    };
     let client = Client::from_nats(nats, stream, "quickstart-1")?;
     println!("stream: {:?}", client.provision().await?);
 

@@ -109,22 +109,29 @@ impl Group {
 
     /// The client configuration (for publishers) of instance `name`.
     pub fn config(&self, name: &str, data_dir: &Path) -> jetsync::Config {
-        let mut c = jetsync::Config::default();
-        c.instance = name.into();
-        c.data_dir = data_dir.into();
+        let mut c = jetsync::Config {
+            instance: name.into(),
+            data_dir: data_dir.into(),
+            ..jetsync::Config::default()
+        };
         c.nats.url = self.url.clone();
-        c.stream.name = self.stream.clone();
-        c.stream.subject_prefix = self.prefix.clone();
+        c.stream = self.stream_config();
         c
     }
 
     /// A connected client publishing as `origin`.
     pub async fn client(&self, origin: &str) -> Result<jetsync::Client> {
         let nats = async_nats::connect(self.url.as_str()).await?;
-        let mut stream = jetsync::StreamConfig::default();
-        stream.name = self.stream.clone();
-        stream.subject_prefix = self.prefix.clone();
-        Ok(jetsync::Client::from_nats(nats, stream, origin)?)
+        Ok(jetsync::Client::from_nats(nats, self.stream_config(), origin)?)
+    }
+
+    /// The stream settings of this group.
+    pub fn stream_config(&self) -> jetsync::StreamConfig {
+        jetsync::StreamConfig {
+            name: self.stream.clone(),
+            subject_prefix: self.prefix.clone(),
+            ..jetsync::StreamConfig::default()
+        }
     }
 }
 
@@ -441,4 +448,213 @@ fn same_value(want: &Value, got: &Value) -> bool {
         (Value::Json(j), Value::Text(t)) => serde_json::from_str::<serde_json::Value>(t).ok().as_ref() == Some(j),
         (a, b) => a == b,
     }
+}
+
+// ---- Helpers for the convergence, downtime and exit-code scenarios. ----
+
+impl Instance {
+    /// `status --json` of this instance (works while `run` is running).
+    pub fn status(&self) -> Result<serde_json::Value> {
+        self.cli_json(&["status"])
+    }
+
+    /// The redb checkpoint of `stream`: applied sequence and the lifetime applied-events
+    /// counter (readable while `run` is running).
+    pub fn checkpoint(&self, stream: &str) -> Result<jetsync_applier::Checkpoint> {
+        Ok(jetsync_applier::read_checkpoint(
+            &self.checkpoint_path(),
+            stream,
+        )?)
+    }
+
+    /// Runs a subcommand that may not end by itself (e.g. `tail`), killing it after `timeout`.
+    /// Returns (exit code, `None` when it had to be killed; stdout; stderr).
+    pub fn cli_timeout(
+        &self,
+        args: &[&str],
+        timeout: Duration,
+    ) -> Result<(Option<i32>, String, String)> {
+        run_with_timeout(self.command(args), &self.dir, timeout)
+    }
+}
+
+/// Runs the applier binary with exactly `args` (no `--config` added); returns (exit code,
+/// stdout, stderr). For usage and configuration error checks.
+pub fn applier_cli<I, S>(args: I) -> Result<(i32, String, String)>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = Command::new(applier_bin())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("JETSYNC_CONFIG")
+        .stdin(Stdio::null())
+        .output()
+        .context("running jetsync-applier")?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// Runs `cmd` with its output captured in files under `scratch`, killing it after `timeout`.
+/// Returns (exit code, `None` when it had to be killed; stdout; stderr).
+pub fn run_with_timeout(
+    mut cmd: Command,
+    scratch: &Path,
+    timeout: Duration,
+) -> Result<(Option<i32>, String, String)> {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out_path = scratch.join(format!("cmd-{}-{n}.out", std::process::id()));
+    let err_path = scratch.join(format!("cmd-{}-{n}.err", std::process::id()));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&out_path)?)
+        .stderr(fs::File::create(&err_path)?)
+        .spawn()
+        .context("spawning a command")?;
+    let deadline = Instant::now() + timeout;
+    let code = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status.code().unwrap_or(-1));
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = fs::read_to_string(&out_path).unwrap_or_default();
+    let err = fs::read_to_string(&err_path).unwrap_or_default();
+    let _ = fs::remove_file(&out_path);
+    let _ = fs::remove_file(&err_path);
+    Ok((code, out, err))
+}
+
+/// A random row for key `key`: `id` (the key), `n` (i64), `f` (f64), `s` (text, sometimes
+/// non-ASCII) and, half of the time, `b` (bool), so that a later upsert without `b` must
+/// leave that column NULL.
+pub fn random_row(rng: &mut impl rand::Rng, key: &str) -> Row {
+    const ALPHABET: &[char] = &[
+        'a', 'b', 'z', 'Q', '0', '9', ' ', '\'', '"', 'é', 'ß', '€', '漢', '🦀',
+    ];
+    let mut row = Row::new();
+    row.insert("id".into(), Value::Text(key.to_owned()));
+    let n = match rng.gen_range(0..20) {
+        0 => i64::MIN,
+        1 => i64::MAX,
+        _ => rng.gen_range(-1_000_000_000_i64..1_000_000_000),
+    };
+    row.insert("n".into(), Value::I64(n));
+    row.insert("f".into(), Value::F64(rng.gen_range(-1.0e9_f64..1.0e9)));
+    let len = rng.gen_range(0..24);
+    let s: String = (0..len)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())])
+        .collect();
+    row.insert("s".into(), Value::Text(s));
+    if rng.gen_bool(0.5) {
+        row.insert("b".into(), Value::Bool(rng.gen_bool(0.5)));
+    }
+    row
+}
+
+/// [`assert_sqlite_matches`], and also every column of a stored row that its reference row
+/// lacks (other than `key_column`) must be NULL: an upsert carries the row's full new state.
+pub fn assert_sqlite_matches_exactly(
+    instance: &Instance,
+    reference: &Reference,
+    table: &str,
+    key_column: &str,
+) -> Result<()> {
+    assert_sqlite_matches(instance, reference, table, key_column)?;
+    let have = instance.sqlite_rows(table, key_column)?;
+    for (key, want_row) in reference.rows(table) {
+        for (col, got) in &have[&key] {
+            if col != key_column && !want_row.contains_key(col) && *got != Value::Null {
+                bail!("instance {} row {key}: column {col} is {got:?}, expected NULL (absent from the last upsert)", instance.name);
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---- Helpers for the crash, consumer-state and server-restart scenarios. ----
+
+impl Instance {
+    /// Sets `key = value` (`value` is a TOML literal, e.g. `"64"`) in the `[stream]` section of
+    /// this instance's config file; it takes effect at the next start or subcommand.
+    pub fn set_stream_option(&self, key: &str, value: &str) -> Result<()> {
+        let text = fs::read_to_string(&self.config_path)?;
+        let Some(at) = text.find("[stream]\n") else {
+            bail!("{} has no [stream] section", self.config_path.display());
+        };
+        let at = at + "[stream]\n".len();
+        let updated = format!("{}{key} = {value}\n{}", &text[..at], &text[at..]);
+        fs::write(&self.config_path, updated)?;
+        Ok(())
+    }
+
+    /// All rows of `table` in the redb replica of a stopped redb instance, keyed by key.
+    pub fn redb_rows(&self, table: &str) -> Result<BTreeMap<String, Row>> {
+        let sink = jetsync_applier::RedbSink::open(jetsync_applier::RedbOptions::new(self.replica_path()))?;
+        let rows = sink.replica().scan(table)?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// The exactly-once audit of a stopped redb instance (`seq → times applied`).
+    pub fn audit(&self) -> Result<BTreeMap<u64, u64>> {
+        Ok(jetsync_applier::read_audit(&self.replica_path())?)
+    }
+}
+
+/// Asserts that `rows` (key → row, e.g. from [`Instance::redb_rows`]) equal the reference rows of
+/// `table` exactly: same keys, and every row identical.
+pub fn assert_rows_equal(what: &str, rows: &BTreeMap<String, Row>, reference: &Reference, table: &str) -> Result<()> {
+    let want = reference.rows(table);
+    let missing: Vec<_> = want.keys().filter(|k| !rows.contains_key(*k)).take(5).collect();
+    let extra: Vec<_> = rows.keys().filter(|k| !want.contains_key(*k)).take(5).collect();
+    if !missing.is_empty() || !extra.is_empty() {
+        bail!(
+            "{what}: {} rows, expected {}; missing e.g. {missing:?}, unexpected e.g. {extra:?}",
+            rows.len(),
+            want.len()
+        );
+    }
+    for (key, want_row) in &want {
+        if rows[key] != *want_row {
+            bail!("{what}: row {key} is {:?}, expected {want_row:?}", rows[key]);
+        }
+    }
+    Ok(())
+}
+
+/// Asserts that the audit counts are exactly "every sequence of `seqs` applied once": no gap (a
+/// sequence missing), no double (a count above 1), nothing unexpected.
+pub fn assert_applied_exactly_once(
+    what: &str,
+    audit: &BTreeMap<u64, u64>,
+    seqs: impl IntoIterator<Item = u64>,
+) -> Result<()> {
+    let want: std::collections::BTreeSet<u64> = seqs.into_iter().collect();
+    let missing: Vec<u64> = want.iter().copied().filter(|s| !audit.contains_key(s)).collect();
+    let doubled: Vec<(u64, u64)> = audit.iter().filter(|(_, &n)| n != 1).map(|(&s, &n)| (s, n)).collect();
+    let unexpected: Vec<u64> = audit.keys().copied().filter(|s| !want.contains(s)).collect();
+    if !missing.is_empty() || !doubled.is_empty() || !unexpected.is_empty() {
+        bail!(
+            "{what}: {} sequences expected, audit holds {}; {} missing (e.g. {:?}), {} applied more than once (seq, count, e.g. {:?}), {} unexpected (e.g. {:?})",
+            want.len(),
+            audit.len(),
+            missing.len(),
+            &missing[..missing.len().min(10)],
+            doubled.len(),
+            &doubled[..doubled.len().min(10)],
+            unexpected.len(),
+            &unexpected[..unexpected.len().min(10)],
+        );
+    }
+    Ok(())
 }

@@ -148,7 +148,7 @@ impl<S: Sink> Engine<S> {
 
     /// Connects (retrying while the server is unreachable) and provisions the stream if asked.
     async fn connect(
-        &self,
+        &mut self,
         shutdown: &mut Shutdown,
         max_backoff: Duration,
     ) -> Result<Option<jetsync::Client>, EngineError> {

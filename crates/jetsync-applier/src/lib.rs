@@ -40,3 +40,18 @@ pub use sinks::redb::{read_audit, RedbOptions, RedbSink, Replica, ReplicaError};
 pub use sinks::sqlite::{SqliteOptions, SqliteSink};
 pub use sinks::{AnySink, build_sink};
 pub use stats::{Stats, StatsSnapshot};
+
+/// The engine must be spawnable on a multi-threaded runtime with any built-in sink.
+#[cfg(test)]
+mod send_check {
+    fn assert_send<T: Send>(_: &T) {}
+
+    #[test]
+    fn engine_future_is_send() {
+        let config = jetsync::Config::default();
+        let dir = tempfile::tempdir().unwrap();
+        let sink = crate::SqliteSink::open(crate::SqliteOptions::new(dir.path().join("x.db"))).unwrap();
+        let future = crate::Engine::new(config, sink).run(async {});
+        assert_send(&future);
+    }
+}

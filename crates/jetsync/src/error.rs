@@ -44,7 +44,9 @@ pub enum Error {
         current_seq: u64,
     },
     /// The sync group's stream does not exist.
-    #[error("stream {stream} not found: run `jetsync-applier provision` or set stream.provision = true")]
+    #[error(
+        "stream {stream} not found: run `jetsync-applier provision` or set stream.provision = true"
+    )]
     StreamNotFound {
         /// The stream name.
         stream: String,
@@ -65,6 +67,15 @@ pub enum Error {
         operation: &'static str,
         /// The timeout, when known.
         after: Option<Duration>,
+    },
+    /// The event is larger than the server accepts (its `max_payload`, 1 MiB by default).
+    /// Retrying cannot help: keep large values outside the row and store a reference.
+    #[error("the event for {subject} is too large to publish: {reason}")]
+    TooLarge {
+        /// The row's subject.
+        subject: String,
+        /// The sizes involved, as the client reports them.
+        reason: String,
     },
     /// The NATS user lacks the permission for this operation.
     #[error("permission denied for {operation} on {subject}: check this user's NATS permissions")]

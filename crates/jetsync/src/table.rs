@@ -6,6 +6,7 @@ use async_nats::{
     jetstream::{
         self,
         context::{PublishAckFuture, PublishErrorKind},
+        message::StreamMessage,
         stream::DirectGetErrorKind,
     },
     HeaderMap,
@@ -88,7 +89,12 @@ impl<T> fmt::Debug for Table<T> {
 }
 
 impl<T> Table<T> {
-    pub(crate) fn new(client: Client, name: TableName, to_row: ToRow<T>, from_row: FromRow<T>) -> Self {
+    pub(crate) fn new(
+        client: Client,
+        name: TableName,
+        to_row: ToRow<T>,
+        from_row: FromRow<T>,
+    ) -> Self {
         Table {
             client,
             name,
@@ -115,7 +121,12 @@ impl<T> Table<T> {
     }
 
     /// [`Table::upsert`] with explicit options (message id, compare-and-set).
-    pub async fn upsert_with(&self, key: &str, row: &T, options: WriteOptions) -> Result<Published, Error> {
+    pub async fn upsert_with(
+        &self,
+        key: &str,
+        row: &T,
+        options: WriteOptions,
+    ) -> Result<Published, Error> {
         let change = Change::Upsert((self.to_row)(row)?);
         self.send(key, change, &options).await?.resolve().await
     }
@@ -127,7 +138,10 @@ impl<T> Table<T> {
 
     /// [`Table::delete`] with explicit options (message id, compare-and-set).
     pub async fn delete_with(&self, key: &str, options: WriteOptions) -> Result<Published, Error> {
-        self.send(key, Change::Delete, &options).await?.resolve().await
+        self.send(key, Change::Delete, &options)
+            .await?
+            .resolve()
+            .await
     }
 
     /// Creates row `key` only if it has never been written; otherwise [`Error::Conflict`].
@@ -141,7 +155,12 @@ impl<T> Table<T> {
     /// Writes row `key` only if its last event is `expected_seq` (compare-and-set through
     /// `Nats-Expected-Last-Subject-Sequence`); otherwise [`Error::Conflict`] with the current
     /// sequence.
-    pub async fn upsert_if(&self, key: &str, row: &T, expected_seq: u64) -> Result<Published, Error> {
+    pub async fn upsert_if(
+        &self,
+        key: &str,
+        row: &T,
+        expected_seq: u64,
+    ) -> Result<Published, Error> {
         let options = WriteOptions {
             expected_seq: Some(expected_seq),
             ..WriteOptions::default()
@@ -163,25 +182,8 @@ impl<T> Table<T> {
     /// needed). `None` when the row was never written or its latest event is a delete.
     pub async fn get(&self, key: &str) -> Result<Option<Current<T>>, Error> {
         let subject = self.subject(key)?;
-        let inner = self.client.inner();
-        let stream = inner.js.get_stream_no_info(&inner.stream.name).await.map_err(|e| Error::nats("get stream", e))?;
-        let message = match stream.direct_get_last_for_subject(subject).await {
-            Ok(message) => message,
-            Err(e) => {
-                return match e.kind() {
-                    DirectGetErrorKind::NotFound => Ok(None),
-                    DirectGetErrorKind::TimedOut => Err(Error::Timeout {
-                        operation: "get",
-                        after: Some(inner.timeout),
-                    }),
-                    DirectGetErrorKind::ErrorResponse(status, _) if status.as_u16() == 503 => {
-                        Err(Error::StreamNotFound {
-                            stream: inner.stream.name.clone(),
-                        })
-                    }
-                    _ => Err(Error::nats("get", e)),
-                };
-            }
+        let Some(message) = last_message(&self.client, &subject).await? else {
+            return Ok(None);
         };
         let format = message.headers.get(FORMAT_HEADER).map(|v| v.as_str());
         let event = codec::decode_message(format, &message.payload)?;
@@ -225,7 +227,12 @@ impl<T> Table<T> {
     }
 
     /// Encodes and sends one event, returning the pending acknowledgement.
-    async fn send(&self, key: &str, change: Change, options: &WriteOptions) -> Result<Pending, Error> {
+    async fn send(
+        &self,
+        key: &str,
+        change: Change,
+        options: &WriteOptions,
+    ) -> Result<Pending, Error> {
         let inner = self.client.inner();
         let subject = self.subject(key)?;
         let event = match change {
@@ -250,8 +257,39 @@ impl<T> Table<T> {
             .js
             .send_publish(subject.clone(), publish)
             .await
-            .map_err(|e| publish_error(e, inner))?;
-        Ok(Pending { future, subject })
+            .map_err(|e| publish_error(e, inner, &subject))?;
+        Ok(Pending {
+            future,
+            subject,
+            client: self.client.clone(),
+        })
+    }
+}
+
+/// The latest event on `subject` (a direct get), `None` when the subject has none.
+async fn last_message(client: &Client, subject: &str) -> Result<Option<StreamMessage>, Error> {
+    let inner = client.inner();
+    let stream = inner
+        .js
+        .get_stream_no_info(&inner.stream.name)
+        .await
+        .map_err(|e| Error::nats("get stream", e))?;
+    match stream.direct_get_last_for_subject(subject).await {
+        Ok(message) => Ok(Some(message)),
+        Err(e) => match e.kind() {
+            DirectGetErrorKind::NotFound => Ok(None),
+            DirectGetErrorKind::TimedOut => Err(Error::Timeout {
+                operation: "get",
+                after: Some(inner.timeout),
+            }),
+            // No responder: no stream serves direct gets under that name.
+            DirectGetErrorKind::ErrorResponse(status, _) if status.as_u16() == 503 => {
+                Err(Error::StreamNotFound {
+                    stream: inner.stream.name.clone(),
+                })
+            }
+            _ => Err(Error::nats("get", e)),
+        },
     }
 }
 
@@ -259,45 +297,79 @@ impl<T> Table<T> {
 struct Pending {
     future: PublishAckFuture,
     subject: String,
+    /// For the error path only: naming the stream, and reading the row's current sequence
+    /// when the server's conflict error does not carry it.
+    client: Client,
 }
 
 impl Pending {
     async fn resolve(self) -> Result<Published, Error> {
-        match self.future.await {
-            Ok(ack) => Ok(Published {
-                seq: ack.sequence,
-                duplicate: ack.duplicate,
-            }),
-            Err(e) => Err(match e.kind() {
-                PublishErrorKind::WrongLastSequence => Error::Conflict {
-                    current_seq: parse_current_seq(&e.to_string()).unwrap_or_default(),
-                },
-                PublishErrorKind::TimedOut => Error::Timeout {
-                    operation: "publish",
-                    after: None,
-                },
-                PublishErrorKind::StreamNotFound => Error::StreamNotFound {
-                    stream: format!("for subject {}", self.subject),
-                },
-                _ => Error::nats("publish", e),
-            }),
-        }
+        let e = match self.future.await {
+            Ok(ack) => {
+                return Ok(Published {
+                    seq: ack.sequence,
+                    duplicate: ack.duplicate,
+                })
+            }
+            Err(e) => e,
+        };
+        let inner = self.client.inner();
+        Err(match e.kind() {
+            PublishErrorKind::WrongLastSequence => {
+                let current_seq = match server_current_seq(&e) {
+                    Some(seq) => seq,
+                    // The number is part of the error text on 2.9 to 2.12; should a server
+                    // word it otherwise, ask the stream. The row may have moved on since the
+                    // rejection, which a compare-and-set retry handles like any other race.
+                    None => last_message(&self.client, &self.subject)
+                        .await?
+                        .map_or(0, |message| message.sequence),
+                };
+                Error::Conflict { current_seq }
+            }
+            PublishErrorKind::TimedOut => Error::Timeout {
+                operation: "publish",
+                after: Some(inner.timeout),
+            },
+            PublishErrorKind::StreamNotFound => Error::StreamNotFound {
+                stream: inner.stream.name.clone(),
+            },
+            _ => Error::nats("publish", e),
+        })
     }
 }
 
-/// The server's "wrong last sequence: N" error carries the row's current last sequence.
-fn parse_current_seq(message: &str) -> Option<u64> {
-    let tail = &message[message.rfind("wrong last sequence")?..];
-    let digits: String = tail
-        .chars()
-        .skip_while(|c| !c.is_ascii_digit())
-        .take_while(|c| c.is_ascii_digit())
-        .collect();
-    digits.parse().ok()
+/// The row's current last sequence from the server's rejection of a compare-and-set publish.
+fn server_current_seq(e: &jetstream::context::PublishError) -> Option<u64> {
+    use std::error::Error as _;
+    let js_error = e.source()?.downcast_ref::<jetstream::Error>()?;
+    parse_current_seq(&js_error.to_string())
 }
 
-fn publish_error(e: jetstream::context::PublishError, inner: &crate::client::Inner) -> Error {
+/// Reads N from the server's error description "wrong last sequence: N" (async-nats displays it
+/// as "wrong last sequence: N (code 400, error code 10071)"). `None` unless the digits follow
+/// the colon directly, so the status or error code is never mistaken for the sequence.
+fn parse_current_seq(message: &str) -> Option<u64> {
+    const MARKER: &str = "wrong last sequence: ";
+    let tail = &message[message.find(MARKER)? + MARKER.len()..];
+    let end = tail
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(tail.len());
+    tail[..end].parse().ok()
+}
+
+fn publish_error(
+    e: jetstream::context::PublishError,
+    inner: &crate::client::Inner,
+    subject: &str,
+) -> Error {
     match e.kind() {
+        // Checked against the server's max_payload before sending; not worth a retry.
+        PublishErrorKind::MaxPayloadExceeded => Error::TooLarge {
+            subject: subject.to_owned(),
+            reason: std::error::Error::source(&e)
+                .map_or_else(|| e.to_string(), ToString::to_string),
+        },
         PublishErrorKind::TimedOut => Error::Timeout {
             operation: "publish",
             after: Some(inner.timeout),
@@ -335,17 +407,28 @@ impl<T> Pipeline<'_, T> {
     }
 
     /// Queues an upsert with explicit options.
-    pub async fn upsert_with(&mut self, key: &str, row: &T, options: WriteOptions) -> Result<(), Error> {
+    pub async fn upsert_with(
+        &mut self,
+        key: &str,
+        row: &T,
+        options: WriteOptions,
+    ) -> Result<(), Error> {
         let change = Change::Upsert((self.table.to_row)(row)?);
         self.push(key, change, options).await
     }
 
     /// Queues a delete of row `key`.
     pub async fn delete(&mut self, key: &str) -> Result<(), Error> {
-        self.push(key, Change::Delete, WriteOptions::default()).await
+        self.push(key, Change::Delete, WriteOptions::default())
+            .await
     }
 
-    async fn push(&mut self, key: &str, change: Change, options: WriteOptions) -> Result<(), Error> {
+    async fn push(
+        &mut self,
+        key: &str,
+        change: Change,
+        options: WriteOptions,
+    ) -> Result<(), Error> {
         if self.in_flight.len() >= self.window {
             self.settle_oldest().await?;
         }
@@ -377,10 +460,18 @@ mod tests {
 
     #[test]
     fn parses_current_seq_from_server_error() {
+        // As nats-server 2.9.10 and 2.12.8 describe it, displayed by async-nats.
         assert_eq!(
-            parse_current_seq("wrong last sequence: wrong last sequence: 42 (10071)"),
+            parse_current_seq("wrong last sequence: 42 (code 400, error code 10071)"),
             Some(42)
         );
+        assert_eq!(parse_current_seq("wrong last sequence: 0"), Some(0));
         assert_eq!(parse_current_seq("publish failed"), None);
+        // Without the number, neither the status nor the error code is taken for it.
+        assert_eq!(
+            parse_current_seq("wrong last sequence (code 400, error code 10071)"),
+            None
+        );
+        assert_eq!(parse_current_seq("wrong last sequence: (code 400)"), None);
     }
 }
