@@ -585,6 +585,23 @@ pub fn assert_sqlite_matches_exactly(
 // ---- Helpers for the crash, consumer-state and server-restart scenarios. ----
 
 impl Instance {
+    /// [`Instance::start`] with the run's `RUST_LOG` set to `filter` (e.g.
+    /// `"debug,async_nats=debug"`) instead of the default `info,async_nats=warn`.
+    pub fn start_with_log(&mut self, filter: &str) -> Result<()> {
+        assert!(self.child.is_none(), "instance {} already running", self.name);
+        self.runs += 1;
+        let log = fs::File::create(self.dir.join(format!("run-{}.log", self.runs)))?;
+        let child = self
+            .command(&["run"])
+            .env("RUST_LOG", filter)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning jetsync-applier run")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
     /// Sets `key = value` (`value` is a TOML literal, e.g. `"64"`) in the `[stream]` section of
     /// this instance's config file; it takes effect at the next start or subcommand.
     pub fn set_stream_option(&self, key: &str, value: &str) -> Result<()> {
@@ -657,4 +674,86 @@ pub fn assert_applied_exactly_once(
         );
     }
     Ok(())
+}
+
+// ---- Helpers for the HTTP endpoint scenarios. ----
+
+impl Instance {
+    /// Appends `toml` (whole sections, e.g. `"[log]\nformat = \"json\"\n"`) to this instance's
+    /// config file; it takes effect at the next start or subcommand.
+    pub fn append_config(&self, toml: &str) -> Result<()> {
+        let mut text = fs::read_to_string(&self.config_path)?;
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push('\n');
+        text.push_str(toml);
+        fs::write(&self.config_path, text)?;
+        Ok(())
+    }
+
+    /// Enables the HTTP endpoint on a free loopback port (appending an `[http]` section with
+    /// `listen` and the given extra lines, e.g. `"ready_max_lag = 10\n"`); returns its address.
+    pub fn enable_http(&self, extra: &str) -> Result<std::net::SocketAddr> {
+        let port = jetsync_testkit::free_port()?;
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        self.append_config(&format!("[http]\nlisten = \"{addr}\"\n{extra}"))?;
+        Ok(addr)
+    }
+}
+
+/// A response of [`http_get`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpResponse {
+    /// Status code.
+    pub code: u16,
+    /// The `Content-Type` header, when there is one.
+    pub content_type: Option<String>,
+    /// The body as text.
+    pub body: String,
+}
+
+/// A minimal HTTP/1.0 `GET` over a plain TCP connection (the server closes it after the
+/// response), with a 15 s timeout.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<HttpResponse> {
+    use std::io::{Read, Write};
+    let timeout = Duration::from_secs(15);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .with_context(|| format!("reading the response to GET {path}"))?;
+    let text = String::from_utf8(raw).context("the response is not UTF-8")?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no end of headers in the response to GET {path}: {text:?}"))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let code = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("bad status line {status_line:?}"))?;
+    let content_type = lines.find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("content-type")
+            .then(|| value.trim().to_owned())
+    });
+    Ok(HttpResponse {
+        code,
+        content_type,
+        body: body.to_owned(),
+    })
+}
+
+/// Waits until the HTTP endpoint at `addr` answers `/healthz` with 200.
+pub fn wait_http_up(addr: std::net::SocketAddr, timeout: Duration) -> Result<()> {
+    wait_until("the HTTP endpoint to answer /healthz", timeout, || {
+        http_get(addr, "/healthz").ok().filter(|r| r.code == 200)
+    })
+    .map(|_| ())
 }

@@ -140,6 +140,7 @@ async fn converge() -> Result<()> {
     eprintln!("convergence: all applied after {:?}", started.elapsed());
 
     let expected_rows = reference.rows("items").len() as u64;
+    eprintln!("convergence: {expected_rows} live rows expected");
     let mut digests = Vec::new();
     for instance in &instances {
         assert_sqlite_matches_exactly(instance, &reference, "items", "id")?;

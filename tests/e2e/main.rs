@@ -4,3 +4,7 @@ mod smoke;
 mod convergence;
 mod downtime;
 mod exit_codes;
+mod crash;
+mod consumer_state;
+mod server_restart;
+mod http;

@@ -228,6 +228,7 @@ impl<S: Sink> Engine<S> {
             .messages()
             .await
             .map_err(|e| EngineError::nats("start pulling", e))?;
+        let _connected = self.stats.session_started(); // `connected` (readiness) until the session ends
         let batch_wait = Duration::from_millis(self.config.apply.batch_wait_ms);
         let batch_max = state.spec.batch_max;
 
@@ -365,7 +366,7 @@ impl<S: Sink> Engine<S> {
             state.offsets.commit(&state.group, last_seq, changes.len() as u64)?;
             state.applied = last_seq;
             self.stats.set_applied(last_seq);
-            self.stats.add_batch(changes.len() as u64);
+            self.stats.add_batch(&changes, started.elapsed());
             tracing::debug!(
                 first_seq = changes.first().map(|c| c.seq).unwrap_or(last_seq),
                 last_seq,

@@ -23,23 +23,32 @@ mod decode;
 mod digest;
 mod engine;
 mod error;
+mod http;
 mod offsets;
 mod shutdown;
 mod sink;
 mod sinks;
 mod stats;
+mod status;
 
 
 
 pub use digest::{row_hash, DigestBuilder};
 pub use engine::{run, Engine};
 pub use error::EngineError;
+pub use http::{
+    readiness, render_metrics, router, HttpEndpoint, METRICS_CONTENT_TYPE, METRIC_NAMES,
+};
 pub use offsets::{read_checkpoint, Checkpoint, Offsets, OffsetsError};
 pub use sink::{Change, Sink, SinkError, TableDigest};
+pub use sinks::postgres::{PostgresOptions, PostgresSink};
 pub use sinks::redb::{read_audit, RedbOptions, RedbSink, Replica, ReplicaError};
 pub use sinks::sqlite::{SqliteOptions, SqliteSink};
 pub use sinks::{AnySink, build_sink};
-pub use stats::{Stats, StatsSnapshot};
+pub use stats::{
+    BatchDurations, OpKind, Stats, StatsSnapshot, TableOpCount, BATCH_SECONDS_BUCKETS,
+};
+pub use status::{collect_status, ConsumerStatus, GroupStatus, StatusReport, STATUS_NATS_TIMEOUT};
 
 /// The engine must be spawnable on a multi-threaded runtime with any built-in sink.
 #[cfg(test)]

@@ -1,1 +1,252 @@
-fn main() {}
+//! `jetsync-bench`: jetsync against the raw JetStream ceiling, in one run on one private
+//! nats-server (DESIGN 9).
+//!
+//! Phases: publish (client vs raw pipelined publish), replay (engine into redb / SQLite vs a raw
+//! AckAll pull consumer), live (publish-to-applied latency with three appliers at paced rates),
+//! bootstrap (a fresh instance on a compacted stream) and memory (peak RSS of the real
+//! `jetsync-applier` binary replaying a backlog). Writes `target/bench/report.json` and prints a
+//! table with DESIGN 9's targets marked met or missed.
+//!
+//! ```text
+//! just bench quick                      # < 2 min: smaller backlogs, 3 s per live rate
+//! just bench                            # full: 500k replay, 1M memory backlog, 10 s per rate
+//! just bench quick --only live,replay   # some phases only
+//! just bench --no-build                 # use the existing target/release/jetsync-applier
+//! just bench quick --batch-max 5000     # experiment: apply.batch_max of every engine
+//! ```
+//!
+//! The server comes from `NATS_SERVER_BIN`, else `PATH`, else `/usr/sbin/nats-server`.
+
+mod bootstrap;
+mod harness;
+mod live;
+mod memory;
+mod probe;
+mod publish;
+mod replay;
+mod report;
+mod workload;
+
+use std::{
+    collections::BTreeMap,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use jetsync_testkit::NatsServer;
+
+use crate::report::{Machine, Report, Server, Sizes};
+
+const PHASES: [&str; 5] = ["publish", "replay", "live", "bootstrap", "memory"];
+
+#[derive(Debug)]
+struct Args {
+    quick: bool,
+    only: Vec<&'static str>,
+    build: bool,
+}
+
+const USAGE: &str = "usage: jetsync-bench [quick|full] [--only publish,replay,live,bootstrap,memory] \
+                     [--no-build] [--batch-max N (apply.batch_max of the engines; default 1000)]";
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut args = Args {
+        quick: false,
+        only: PHASES.to_vec(),
+        build: true,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "quick" | "--quick" => args.quick = true,
+            "full" | "--full" => args.quick = false,
+            "--no-build" => args.build = false,
+            "--batch-max" => {
+                let n: usize = it
+                    .next()
+                    .context("--batch-max needs a number")?
+                    .parse()
+                    .context("--batch-max needs a number")?;
+                let _ = harness::BATCH_MAX.set(n);
+            }
+            "--only" => {
+                let list = it.next().context("--only needs a list of phases")?;
+                args.only = list
+                    .split(',')
+                    .map(|name| {
+                        PHASES
+                            .iter()
+                            .copied()
+                            .find(|p| *p == name.trim())
+                            .with_context(|| format!("unknown phase `{name}`; {USAGE}"))
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument `{other}`; {USAGE}"),
+        }
+    }
+    Ok(args)
+}
+
+fn sizes(quick: bool) -> Sizes {
+    if quick {
+        Sizes {
+            publish_per_run: 50_000,
+            publish_rounds: 3,
+            replay_backlog: 50_000,
+            live_rates: vec![1_000, 5_000, 20_000],
+            live_seconds_per_rate: 3.0,
+            bootstrap_rows: 20_000,
+            memory_backlog: 100_000,
+            key_space: workload::KEY_SPACE,
+            engine_batch_max: harness::batch_max(),
+        }
+    } else {
+        Sizes {
+            publish_per_run: 200_000,
+            publish_rounds: 3,
+            replay_backlog: 500_000,
+            live_rates: vec![1_000, 5_000, 20_000],
+            live_seconds_per_rate: 10.0,
+            bootstrap_rows: 100_000,
+            memory_backlog: 1_000_000,
+            key_space: workload::KEY_SPACE,
+            engine_batch_max: harness::batch_max(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs the bench; `Ok(false)` when a phase failed (the report says which).
+fn real_main() -> anyhow::Result<bool> {
+    let args = parse_args()?;
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+    let started = Instant::now();
+    let sizes = sizes(args.quick);
+    let wants = |phase: &str| args.only.contains(&phase);
+
+    // Build the applier binary before anything is measured.
+    let mut errors: BTreeMap<&'static str, String> = BTreeMap::new();
+    let applier = if wants("memory") {
+        let path = memory::target_dir().join("release").join("jetsync-applier");
+        if args.build {
+            eprintln!("building jetsync-applier (release) ...");
+            let timeout = Duration::from_secs(if args.quick { 60 } else { 600 });
+            match memory::build_applier(timeout) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    errors.insert("memory", format!("{e:#}"));
+                    None
+                }
+            }
+        } else if path.exists() {
+            Some(memory::Applier { path, fresh: false })
+        } else {
+            errors.insert("memory", format!("--no-build, and there is no {}", path.display()));
+            None
+        }
+    } else {
+        None
+    };
+
+    let server = NatsServer::start().context("starting nats-server")?;
+    eprintln!("nats-server {} at {}", server.version(), server.url());
+    let mut report = Report {
+        server: Server {
+            version: server.version().to_owned(),
+        },
+        publish: None,
+        replay: None,
+        live: None,
+        bootstrap: None,
+        memory: None,
+        mode: if args.quick { "quick" } else { "full" },
+        events: sizes.clone(),
+        machine: Machine::probe(),
+        targets: Vec::new(),
+        errors,
+        elapsed_s: 0.0,
+        phase_s: BTreeMap::new(),
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let bench = harness::Bench::connect(&server.url()).await?;
+        if wants("publish") {
+            eprintln!(
+                "publish: {} events x {} runs per side ...",
+                sizes.publish_per_run, sizes.publish_rounds
+            );
+            let phase = Instant::now();
+            let result = publish::run(&bench, sizes.publish_per_run, sizes.publish_rounds).await;
+            report.publish = report.outcome("publish", phase, result);
+        }
+        if wants("replay") {
+            eprintln!("replay: {} events backlog ...", sizes.replay_backlog);
+            let phase = Instant::now();
+            let result = replay::run(&bench, sizes.replay_backlog).await;
+            report.replay = report.outcome("replay", phase, result);
+        }
+        if wants("live") {
+            eprintln!(
+                "live: {:?} events/s, {} s each ...",
+                sizes.live_rates, sizes.live_seconds_per_rate
+            );
+            let duration = Duration::from_secs_f64(sizes.live_seconds_per_rate);
+            let phase = Instant::now();
+            let result = live::run(&bench, &sizes.live_rates, duration).await;
+            report.live = report.outcome("live", phase, result);
+        }
+        if wants("bootstrap") {
+            eprintln!("bootstrap: {} rows ...", sizes.bootstrap_rows);
+            let phase = Instant::now();
+            let result = bootstrap::run(&bench, sizes.bootstrap_rows).await;
+            report.bootstrap = report.outcome("bootstrap", phase, result);
+        }
+        if let Some(applier) = &applier {
+            eprintln!(
+                "memory: jetsync-applier replaying {} events ...",
+                sizes.memory_backlog
+            );
+            let phase = Instant::now();
+            let result = memory::run(&bench, sizes.memory_backlog, applier).await;
+            report.memory = report.outcome("memory", phase, result);
+        }
+        anyhow::Ok(())
+    })?;
+    // Engines and connections go before the server does.
+    drop(runtime);
+    drop(server);
+
+    report.machine.loadavg_end = report::loadavg();
+    report.elapsed_s = started.elapsed().as_secs_f64();
+    report.evaluate();
+    let dir = memory::target_dir();
+    let path = dir.canonicalize().unwrap_or(dir).join("bench").join("report.json");
+    report.write_json(&path)?;
+    println!("{}", report.table());
+    println!("report: {} ({:.0} s)", path.display(), report.elapsed_s);
+    Ok(report.errors.is_empty())
+}

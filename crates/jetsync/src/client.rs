@@ -10,7 +10,7 @@ use crate::{
     config::{Config, StreamConfig},
     connect, record,
     stream::{self, Provisioned},
-    subject::{self, TableName},
+    subject::TableName,
     Error, Row, Table,
 };
 
@@ -151,7 +151,10 @@ impl ClientBuilder {
 
     /// Validates the settings and builds the client.
     pub fn build(self) -> Result<Client, Error> {
-        subject::validate_prefix(&self.stream.subject_prefix)?;
+        // `Config::load` checks this too, but a stream config built in code arrives here
+        // unchecked, and async-nats would reject a bad name on every call with an error that
+        // looks retryable.
+        self.stream.validate()?;
         let js = jetstream::ContextBuilder::new()
             .timeout(self.timeout)
             // Pipelined writers wait for a free slot instead of failing at the in-flight limit.

@@ -723,7 +723,9 @@ fn parse_server(entry: &str) -> Result<async_nats::ServerAddr, ConfigError> {
 }
 
 impl StreamConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks the stream settings (also used by `ClientBuilder::build` for configs built in
+    /// code), naming the offending `stream.*` key.
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if !is_name(&self.name, 64) {
             return Err(ConfigError::invalid(
                 "stream.name",
@@ -760,6 +762,26 @@ impl StreamConfig {
                     format!("{value} is not a limit: use -1 for unlimited or a positive number"),
                 ));
             }
+        }
+        // The server replaces 0 with its own default (so provisioning would "update" the stream
+        // on every start) and refuses a window longer than the age limit.
+        if self.duplicate_window_ms < 100 {
+            return Err(ConfigError::invalid(
+                "stream.duplicate_window_ms",
+                format!(
+                    "{} ms is too short: use at least 100 ms (default 120000)",
+                    self.duplicate_window_ms
+                ),
+            ));
+        }
+        if self.max_age_ms > 0 && self.duplicate_window_ms > self.max_age_ms {
+            return Err(ConfigError::invalid(
+                "stream.duplicate_window_ms",
+                format!(
+                    "{} ms exceeds stream.max_age_ms ({} ms): the server refuses a duplicate window longer than the age limit",
+                    self.duplicate_window_ms, self.max_age_ms
+                ),
+            ));
         }
         Ok(())
     }
@@ -956,6 +978,22 @@ fn insert_nested(dict: &mut Dict, path: &[&str], value: Value) {
 mod tests {
     use super::*;
     use figment::Jail;
+
+    #[test]
+    fn duplicate_window_is_checked_against_the_server_rules() {
+        let mut c = Config {
+            instance: "i-1".into(),
+            ..Config::default()
+        };
+        assert!(c.validate().is_ok());
+        c.stream.duplicate_window_ms = 0;
+        assert_eq!(c.validate().unwrap_err().key(), Some("stream.duplicate_window_ms"));
+        c.stream.duplicate_window_ms = 120_000;
+        c.stream.max_age_ms = 60_000;
+        assert_eq!(c.validate().unwrap_err().key(), Some("stream.duplicate_window_ms"));
+        c.stream.duplicate_window_ms = 30_000;
+        assert!(c.validate().is_ok());
+    }
 
     fn load_in_jail(jail: &mut Jail, toml: Option<&str>) -> Result<Config, ConfigError> {
         jail.clear_env();

@@ -5,7 +5,7 @@ use std::{collections::VecDeque, fmt, marker::PhantomData};
 use async_nats::{
     jetstream::{
         self,
-        context::{PublishAckFuture, PublishErrorKind},
+        context::{GetStreamErrorKind, PublishAckFuture, PublishErrorKind},
         message::StreamMessage,
         stream::DirectGetErrorKind,
     },
@@ -180,6 +180,11 @@ impl<T> Table<T> {
 
     /// The latest state of row `key` straight from the stream (a direct get; no local database
     /// needed). `None` when the row was never written or its latest event is a delete.
+    ///
+    /// Fails with [`Error::StreamNotFound`] when the stream is missing and with
+    /// [`Error::StreamConflict`] when it has direct gets disabled (`allow_direct = false`).
+    /// 2.9 servers answer neither case, so there it takes the timeout plus a stream info
+    /// request to find out.
     pub async fn get(&self, key: &str) -> Result<Option<Current<T>>, Error> {
         let subject = self.subject(key)?;
         let Some(message) = last_message(&self.client, &subject).await? else {
@@ -274,21 +279,56 @@ async fn last_message(client: &Client, subject: &str) -> Result<Option<StreamMes
         .get_stream_no_info(&inner.stream.name)
         .await
         .map_err(|e| Error::nats("get stream", e))?;
-    match stream.direct_get_last_for_subject(subject).await {
-        Ok(message) => Ok(Some(message)),
+    let e = match stream.direct_get_last_for_subject(subject).await {
+        Ok(message) => return Ok(Some(message)),
+        Err(e) => e,
+    };
+    let timeout = Error::Timeout {
+        operation: "get",
+        after: Some(inner.timeout),
+    };
+    match e.kind() {
+        DirectGetErrorKind::NotFound => Ok(None),
+        // Disconnected: the server is not there to ask why.
+        DirectGetErrorKind::TimedOut
+            if inner.nats.connection_state() != async_nats::connection::State::Connected =>
+        {
+            Err(timeout)
+        }
+        // Nobody answers direct gets for the stream: 2.10+ servers reply "no responders",
+        // 2.9 servers stay silent. Either the stream is missing or it has direct gets turned
+        // off; ask the stream API which, so the caller gets an error it can act on instead of
+        // a timeout to retry forever.
+        DirectGetErrorKind::TimedOut => Err(why_no_direct_get(inner).await.unwrap_or(timeout)),
+        DirectGetErrorKind::ErrorResponse(status, _) if status.as_u16() == 503 => {
+            Err(why_no_direct_get(inner)
+                .await
+                .unwrap_or_else(|| Error::nats("get", e)))
+        }
+        _ => Err(Error::nats("get", e)),
+    }
+}
+
+/// Why the stream does not answer direct gets, if the stream API can tell.
+async fn why_no_direct_get(inner: &crate::client::Inner) -> Option<Error> {
+    let name = &inner.stream.name;
+    match inner.js.get_stream(name).await {
+        Ok(stream) if !stream.cached_info().config.allow_direct => Some(Error::StreamConflict {
+            stream: name.clone(),
+            reason: "direct gets are disabled (allow_direct = false), so rows cannot be read; \
+                     provision the stream to enable them"
+                .to_owned(),
+        }),
+        Ok(_) => None,
         Err(e) => match e.kind() {
-            DirectGetErrorKind::NotFound => Ok(None),
-            DirectGetErrorKind::TimedOut => Err(Error::Timeout {
-                operation: "get",
-                after: Some(inner.timeout),
-            }),
-            // No responder: no stream serves direct gets under that name.
-            DirectGetErrorKind::ErrorResponse(status, _) if status.as_u16() == 503 => {
-                Err(Error::StreamNotFound {
-                    stream: inner.stream.name.clone(),
+            GetStreamErrorKind::JetStream(js_err)
+                if js_err.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Some(Error::StreamNotFound {
+                    stream: name.clone(),
                 })
             }
-            _ => Err(Error::nats("get", e)),
+            _ => None,
         },
     }
 }

@@ -448,8 +448,27 @@ async fn provision_is_idempotent_and_detects_conflicts() -> Result<()> {
     let nats = async_nats::connect(server.url()).await?;
     let js = async_nats::jetstream::new(nats.clone());
 
-    // No stream at all: the server has no responder for the subject.
-    let client = Client::from_nats(nats.clone(), stream_config(), "test-1")?;
+    // A stream name the server would refuse is a configuration error, not a retryable one.
+    for bad in ["", "A.B", "A B", "A*", "A>", &"S".repeat(65)] {
+        let config = StreamConfig {
+            name: bad.to_owned(),
+            ..stream_config()
+        };
+        match Client::from_nats(nats.clone(), config, "test-1") {
+            Err(err @ Error::Config(_)) => {
+                assert!(!err.is_retryable());
+                assert!(err.to_string().contains("stream.name"), "{err}");
+            }
+            other => panic!("stream name {bad:?}: expected a Config error, got {other:?}"),
+        }
+    }
+
+    // No stream at all: the server has no responder for the subject. (2.9 servers do not
+    // answer a direct get for a missing stream; the client then asks the stream API, after the
+    // timeout, which is short here to keep the test fast.)
+    let client = Client::builder(nats.clone(), stream_config(), "test-1")
+        .timeout(Duration::from_secs(2))
+        .build()?;
     let products = client.table::<Product>("products")?;
     match products.upsert("A-1", &product("A-1", 1)).await {
         Err(Error::StreamNotFound { stream }) => assert_eq!(stream, STREAM),
@@ -542,6 +561,42 @@ async fn provision_is_idempotent_and_detects_conflicts() -> Result<()> {
             other => panic!("subjects overlapping {name}: expected StreamConflict, got {other:?}"),
         }
     }
+    Ok(())
+}
+
+/// 7b. A stream made outside jetsync without direct gets: reading rows says why, and
+/// provisioning turns them on (a managed field, updated in place).
+#[tokio::test]
+async fn provision_enables_direct_gets() -> Result<()> {
+    let server = NatsServer::start()?;
+    let nats = async_nats::connect(server.url()).await?;
+    let js = async_nats::jetstream::new(nats.clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: STREAM.into(),
+        subjects: vec!["catalog.>".into()],
+        max_messages_per_subject: 1,
+        ..Default::default()
+    })
+    .await?;
+    let client = Client::builder(nats, stream_config(), "test-1")
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let products = client.table::<Product>("products")?;
+    let published = products.upsert("A-1", &product("A-1", 1)).await?;
+    match products.get("A-1").await {
+        Err(Error::StreamConflict { stream, reason }) => {
+            assert_eq!(stream, STREAM);
+            assert!(reason.contains("allow_direct"), "{reason}");
+        }
+        other => panic!("get without direct gets: expected StreamConflict, got {other:?}"),
+    }
+    assert_eq!(client.provision().await?, Provisioned::Updated);
+    let config = js.get_stream(STREAM).await?.info().await?.config.clone();
+    assert!(config.allow_direct && config.deny_delete && config.deny_purge);
+    assert_eq!(config.duplicate_window, Duration::from_secs(120));
+    let current = products.get("A-1").await?;
+    assert_eq!(current.map(|c| c.seq), Some(published.seq));
+    assert_eq!(client.provision().await?, Provisioned::Unchanged);
     Ok(())
 }
 

@@ -1,16 +1,12 @@
 //! The subcommands.
 
-use std::time::Duration;
-
 use anyhow::{anyhow, Context};
-use async_nats::jetstream::{
-    self,
-    consumer::{pull, DeliverPolicy},
-};
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use futures::StreamExt;
 use jetsync::{codec, Config, LogFormat};
-use jetsync_applier::{build_sink, read_checkpoint, Engine, Offsets, OffsetsError, Sink};
-use serde::Serialize;
+use jetsync_applier::{
+    build_sink, collect_status, Engine, HttpEndpoint, Offsets, Sink, StatusReport,
+};
 
 use super::{output::emit, Cli, Command, Failure};
 
@@ -98,11 +94,19 @@ async fn termination() {
 }
 
 async fn run(config: Config) -> Result<(), Failure> {
-    let sink = build_sink(&config).map_err(Failure::runtime)?;
-    Engine::new(config, sink)
-        .run(termination())
-        .await
-        .map_err(Failure::runtime)
+    let sink = build_sink(&config).await.map_err(Failure::runtime)?;
+    let engine = Engine::new(config.clone(), sink);
+    // Serves until the engine stops (dropping the endpoint stops it).
+    let _http = match config.http.listen {
+        Some(listen) => Some(
+            HttpEndpoint::start(listen, config.clone(), engine.stats())
+                .await
+                .with_context(|| format!("http.listen: cannot listen on {listen}"))
+                .map_err(Failure::runtime)?,
+        ),
+        None => None,
+    };
+    engine.run(termination()).await.map_err(Failure::runtime)
 }
 
 async fn connect(config: &Config) -> Result<jetsync::Client, Failure> {
@@ -112,144 +116,15 @@ async fn connect(config: &Config) -> Result<jetsync::Client, Failure> {
         .map_err(Failure::runtime)
 }
 
-#[derive(Debug, Serialize)]
-struct ConsumerStatus {
-    name: String,
-    delivered_seq: u64,
-    ack_floor_seq: u64,
-    num_pending: u64,
-    num_ack_pending: usize,
-}
-
-#[derive(Debug, Serialize)]
-struct GroupStatus {
-    stream: String,
-    applied_seq: u64,
-    applied_events: u64,
-    stream_first_seq: Option<u64>,
-    stream_last_seq: Option<u64>,
-    lag: Option<u64>,
-    consumer: Option<ConsumerStatus>,
-    parked: u64,
-    nats_error: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
-struct Status {
-    instance: String,
-    groups: Vec<GroupStatus>,
-}
-
+/// `status`: the report [`collect_status`] builds (the same one `/status` serves); exit 1 after
+/// printing it when NATS is unavailable.
 async fn status(config: &Config, json: bool) -> Result<(), Failure> {
-    let group = config.stream.name.clone();
-    let checkpoint = match read_checkpoint(&config.redb_path(), &group) {
-        Ok(c) => c,
-        Err(OffsetsError::Missing { .. }) => jetsync_applier::Checkpoint {
-            applied: 0,
-            applied_events: 0,
-        },
-        Err(e) => return Err(Failure::runtime(e)),
-    };
-    let mut g = GroupStatus {
-        stream: group.clone(),
-        applied_seq: checkpoint.applied,
-        applied_events: checkpoint.applied_events,
-        stream_first_seq: None,
-        stream_last_seq: None,
-        lag: None,
-        consumer: None,
-        parked: 0,
-        nats_error: None,
-    };
-    let remote = async {
-        let client = jetsync::Client::connect(config).await?;
-        let js = client.jetstream();
-        let mut stream = js
-            .get_stream(&group)
-            .await
-            .map_err(|e| anyhow!("stream {group}: {e}"))?;
-        let info = stream.info().await?.clone();
-        let consumer = match stream.consumer_info(config.consumer_name()).await {
-            Ok(c) => Some(c),
-            Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => None,
-            Err(e) => return Err(anyhow!("consumer info: {e}")),
-        };
-        Ok::<_, anyhow::Error>((info, consumer))
-    };
-    let outcome = tokio::time::timeout(Duration::from_secs(10), remote).await;
-    let failed = match outcome {
-        Ok(Ok((info, consumer))) => {
-            g.stream_first_seq = Some(info.state.first_sequence);
-            g.stream_last_seq = Some(info.state.last_sequence);
-            let mut lag = info.state.last_sequence.saturating_sub(checkpoint.applied);
-            if let Some(c) = consumer {
-                if c.delivered.stream_sequence == checkpoint.applied
-                    && c.ack_floor.stream_sequence == checkpoint.applied
-                {
-                    // Exact: the consumer counts pending events, compaction included.
-                    lag = c.num_pending;
-                }
-                g.consumer = Some(ConsumerStatus {
-                    name: c.name,
-                    delivered_seq: c.delivered.stream_sequence,
-                    ack_floor_seq: c.ack_floor.stream_sequence,
-                    num_pending: c.num_pending,
-                    num_ack_pending: c.num_ack_pending,
-                });
-            }
-            g.lag = Some(lag);
-            false
-        }
-        Ok(Err(e)) => {
-            g.nats_error = Some(format!("{e:#}"));
-            true
-        }
-        Err(_) => {
-            g.nats_error = Some("timed out after 10 s".into());
-            true
-        }
-    };
-    let status = Status {
-        instance: config.instance.clone(),
-        groups: vec![g],
-    };
-    emit(json, &status, |s| {
-        let mut out = format!("instance {}\n", s.instance);
-        for g in &s.groups {
-            out += &format!(
-                "stream {}: applied seq {} ({} events applied), stream seq {}..{}, lag {}, parked {}\n",
-                g.stream,
-                g.applied_seq,
-                g.applied_events,
-                opt(g.stream_first_seq),
-                opt(g.stream_last_seq),
-                opt(g.lag),
-                g.parked
-            );
-            match &g.consumer {
-                Some(c) => {
-                    out += &format!(
-                        "  consumer {}: delivered {}, ack floor {}, pending {}, awaiting ack {}\n",
-                        c.name, c.delivered_seq, c.ack_floor_seq, c.num_pending, c.num_ack_pending
-                    )
-                }
-                None if g.nats_error.is_none() => out += "  consumer: none (created at the next run)\n",
-                None => {}
-            }
-            if let Some(e) = &g.nats_error {
-                out += &format!("  NATS: {e}\n");
-            }
-        }
-        out.trim_end().to_owned()
-    });
-    if failed {
+    let report = collect_status(config).await.map_err(Failure::runtime)?;
+    emit(json, &report, StatusReport::to_text);
+    if !report.nats_available() {
         return Err(Failure::runtime(anyhow!("NATS status unavailable")));
     }
     Ok(())
-}
-
-fn opt(v: Option<u64>) -> String {
-    v.map_or_else(|| "?".to_owned(), |v| v.to_string())
 }
 
 async fn provision(config: &Config, json: bool) -> Result<(), Failure> {
@@ -272,7 +147,7 @@ async fn provision(config: &Config, json: bool) -> Result<(), Failure> {
 }
 
 async fn digest(config: &Config, json: bool) -> Result<(), Failure> {
-    let mut sink = build_sink(config).map_err(Failure::runtime)?;
+    let mut sink = build_sink(config).await.map_err(Failure::runtime)?;
     let applied = sink
         .fence(&config.stream.name)
         .await
@@ -298,7 +173,7 @@ async fn reset(config: &Config, to_seq: u64, json: bool) -> Result<(), Failure> 
     let group = &config.stream.name;
     // Opening the checkpoint store for writing fails while `run` holds it.
     let offsets = Offsets::open(&config.redb_path()).map_err(Failure::runtime)?;
-    let mut sink = build_sink(config).map_err(Failure::runtime)?;
+    let mut sink = build_sink(config).await.map_err(Failure::runtime)?;
     let before = offsets.applied(group).map_err(Failure::runtime)?;
     sink.set_fence(group, to_seq).await.map_err(Failure::runtime)?;
     offsets.set(group, to_seq).map_err(Failure::runtime)?;

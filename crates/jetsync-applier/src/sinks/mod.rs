@@ -1,11 +1,15 @@
 //! The built-in sinks, and building the configured one (config → build → run).
 
+pub mod postgres;
 pub mod redb;
 pub mod sqlite;
 
 use jetsync::{Config, SinkKind};
 
-use crate::{Change, RedbOptions, RedbSink, Sink, SinkError, SqliteOptions, SqliteSink, TableDigest};
+use crate::{
+    Change, PostgresOptions, PostgresSink, RedbOptions, RedbSink, Sink, SinkError, SqliteOptions,
+    SqliteSink, TableDigest,
+};
 
 /// The sink the binary builds from `[sink]`: one of the built-in kinds.
 #[derive(Debug)]
@@ -15,10 +19,13 @@ pub enum AnySink {
     Sqlite(SqliteSink),
     /// `kind = "redb"`.
     Redb(RedbSink),
+    /// `kind = "postgres"`.
+    Postgres(PostgresSink),
 }
 
-/// Builds the sink `config.sink` describes.
-pub fn build_sink(config: &Config) -> Result<AnySink, SinkError> {
+/// Builds the sink `config.sink` describes (for Postgres: connects, see
+/// [`PostgresSink::connect`] for its errors).
+pub async fn build_sink(config: &Config) -> Result<AnySink, SinkError> {
     let path = config.sink_path();
     match config.sink.kind {
         SinkKind::Sqlite => {
@@ -35,9 +42,28 @@ pub fn build_sink(config: &Config) -> Result<AnySink, SinkError> {
             path: path.expect("redb sink always has a path"),
             audit: config.sink.audit,
         })?)),
-        SinkKind::Postgres => Err(SinkError::Fatal {
-            reason: "sink.kind = \"postgres\" is not available in this build yet; use \"sqlite\" or \"redb\"".into(),
-        }),
+        SinkKind::Postgres => {
+            let url = config
+                .sink
+                .url
+                .as_ref()
+                .filter(|url| !url.expose().trim().is_empty())
+                .ok_or_else(|| SinkError::Fatal {
+                    reason: "sink.url: required with kind = \"postgres\"".into(),
+                })?;
+            let mut options = PostgresOptions::new(url.expose());
+            if let Some(schema) = &config.sink.schema {
+                options.schema = schema.clone();
+            }
+            options.default_key_column = jetsync::DEFAULT_KEY_COLUMN.to_owned();
+            options.key_columns = config
+                .tables
+                .iter()
+                .map(|(table, t)| (table.clone(), t.key.clone()))
+                .collect();
+            options.unknown_columns = config.sink.unknown_columns;
+            Ok(AnySink::Postgres(PostgresSink::connect(options).await?))
+        }
     }
 }
 
@@ -46,6 +72,7 @@ impl Sink for AnySink {
         match self {
             AnySink::Sqlite(s) => s.fence(group).await,
             AnySink::Redb(s) => s.fence(group).await,
+            AnySink::Postgres(s) => s.fence(group).await,
         }
     }
 
@@ -53,13 +80,20 @@ impl Sink for AnySink {
         match self {
             AnySink::Sqlite(s) => s.is_empty().await,
             AnySink::Redb(s) => s.is_empty().await,
+            AnySink::Postgres(s) => s.is_empty().await,
         }
     }
 
-    async fn apply(&mut self, group: &str, changes: &[Change], last_seq: u64) -> Result<(), SinkError> {
+    async fn apply(
+        &mut self,
+        group: &str,
+        changes: &[Change],
+        last_seq: u64,
+    ) -> Result<(), SinkError> {
         match self {
             AnySink::Sqlite(s) => s.apply(group, changes, last_seq).await,
             AnySink::Redb(s) => s.apply(group, changes, last_seq).await,
+            AnySink::Postgres(s) => s.apply(group, changes, last_seq).await,
         }
     }
 
@@ -67,6 +101,7 @@ impl Sink for AnySink {
         match self {
             AnySink::Sqlite(s) => s.set_fence(group, seq).await,
             AnySink::Redb(s) => s.set_fence(group, seq).await,
+            AnySink::Postgres(s) => s.set_fence(group, seq).await,
         }
     }
 
@@ -74,6 +109,7 @@ impl Sink for AnySink {
         match self {
             AnySink::Sqlite(s) => s.digest().await,
             AnySink::Redb(s) => s.digest().await,
+            AnySink::Postgres(s) => s.digest().await,
         }
     }
 }

@@ -1,0 +1,427 @@
+//! The applier's HTTP endpoint (DESIGN §6 `[http]`), started by `run` when `http.listen` is set:
+//!
+//! - `GET /metrics`: Prometheus metrics in the OpenMetrics text format (which Prometheus
+//!   scrapes natively), from the engine's live [`Stats`]; see [`METRIC_NAMES`].
+//! - `GET /healthz`: `200 ok` while the process runs.
+//! - `GET /readyz`: `200 ready` once a consumer session is running and the lag is at most
+//!   `http.ready_max_lag`; else `503` with a one-line reason.
+//! - `GET /status`: exactly what `jetsync-applier status --json` prints (same collection
+//!   code, [`collect_status`]); `503` with the same body when NATS is unavailable.
+//!
+//! Metrics carry the constant labels `stream` and `instance`. Counters count since the process
+//! started (Prometheus handles the reset at a restart).
+
+use std::{borrow::Cow, fmt, io, net::SocketAddr, sync::Arc};
+
+use axum::{
+    extract::State,
+    http::{header, StatusCode},
+    response::{IntoResponse, Response},
+    routing::get,
+    Router,
+};
+use jetsync::Config;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+    registry::{Registry, Unit},
+};
+
+use crate::{stats::BATCH_SECONDS_BUCKETS, status::collect_status, Stats, StatsSnapshot};
+
+/// Content type of `/metrics`.
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Prefix of every metric name.
+const PREFIX: &str = "jetsync";
+
+/// The metric families `/metrics` exposes (full names; counters get the `_total` suffix on
+/// their samples, the histogram `_bucket`, `_sum` and `_count`).
+pub const METRIC_NAMES: &[&str] = &[
+    "jetsync_applied_seq",
+    "jetsync_stream_last_seq",
+    "jetsync_lag_events",
+    "jetsync_connected",
+    "jetsync_parked_events",
+    "jetsync_events_applied",
+    "jetsync_batches_applied",
+    "jetsync_batch_apply_duration_seconds",
+    "jetsync_consumer_resets",
+    "jetsync_resyncs",
+];
+
+/// Whether an engine with these counters is ready: connected, and at most `max_lag` events
+/// behind. The error is the reason `/readyz` gives.
+pub fn readiness(snapshot: &StatsSnapshot, max_lag: u64) -> Result<(), String> {
+    if !snapshot.connected {
+        return Err(
+            "not consuming the stream yet (connecting to NATS or reconciling the consumer)".into(),
+        );
+    }
+    let lag = snapshot.lag();
+    if lag > max_lag {
+        return Err(format!(
+            "lag {lag} events > http.ready_max_lag {max_lag} (applied seq {}, stream last seq {})",
+            snapshot.applied_seq, snapshot.stream_last_seq
+        ));
+    }
+    Ok(())
+}
+
+/// Renders the metrics of `stats` for the instance and stream of `config`, as `/metrics`
+/// serves them.
+pub fn render_metrics(config: &Config, stats: Arc<Stats>) -> String {
+    let registry = registry(config, stats);
+    encode(&registry).unwrap_or_default()
+}
+
+fn registry(config: &Config, stats: Arc<Stats>) -> Registry {
+    let labels = [
+        (
+            Cow::Borrowed("stream"),
+            Cow::Owned(config.stream.name.clone()),
+        ),
+        (
+            Cow::Borrowed("instance"),
+            Cow::Owned(config.instance.clone()),
+        ),
+    ];
+    let mut registry = Registry::with_prefix_and_labels(PREFIX, labels.into_iter());
+    registry.register_collector(Box::new(StatsCollector(stats)));
+    registry
+}
+
+fn encode(registry: &Registry) -> Result<String, fmt::Error> {
+    let mut body = String::new();
+    prometheus_client::encoding::text::encode(&mut body, registry)?;
+    Ok(body)
+}
+
+/// Encodes the engine's [`Stats`] at each scrape.
+#[derive(Debug)]
+struct StatsCollector(Arc<Stats>);
+
+impl StatsCollector {
+    fn gauge(
+        encoder: &mut DescriptorEncoder<'_>,
+        name: &str,
+        help: &str,
+        value: u64,
+    ) -> fmt::Result {
+        let m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        ConstGauge::new(value).encode(m)
+    }
+
+    fn counter(
+        encoder: &mut DescriptorEncoder<'_>,
+        name: &str,
+        help: &str,
+        value: u64,
+    ) -> fmt::Result {
+        let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        ConstCounter::new(value).encode(m)
+    }
+}
+
+impl Collector for StatsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let s = self.0.snapshot();
+        let e = &mut encoder;
+        Self::gauge(
+            e,
+            "applied_seq",
+            "Last applied stream sequence",
+            s.applied_seq,
+        )?;
+        Self::gauge(
+            e,
+            "stream_last_seq",
+            "Highest stream sequence known to the applier",
+            s.stream_last_seq,
+        )?;
+        Self::gauge(
+            e,
+            "lag_events",
+            "Events waiting to be applied (the consumer's pending count)",
+            s.lag(),
+        )?;
+        Self::gauge(
+            e,
+            "connected",
+            "1 while a consumer session is running, else 0",
+            u64::from(s.connected),
+        )?;
+        Self::gauge(
+            e,
+            "parked_events",
+            "Events parked (poison events and those held behind them)",
+            s.parked,
+        )?;
+
+        let mut m = e.encode_descriptor(
+            "events_applied",
+            "Events applied since the process started, by table and operation",
+            None,
+            MetricType::Counter,
+        )?;
+        for c in self.0.events_by_table_op() {
+            let labels = [("table", c.table.as_str()), ("op", c.op.as_str())];
+            ConstCounter::new(c.events).encode(m.encode_family(&labels)?)?;
+        }
+        Self::counter(
+            e,
+            "batches_applied",
+            "Batches committed since the process started",
+            s.batches,
+        )?;
+
+        let h = self.0.batch_durations();
+        let buckets: Vec<(f64, u64)> = BATCH_SECONDS_BUCKETS
+            .iter()
+            .copied()
+            // The encoder writes f64::MAX as le="+Inf".
+            .chain(std::iter::once(f64::MAX))
+            .zip(h.buckets)
+            .collect();
+        let mut m = e.encode_descriptor(
+            "batch_apply_duration",
+            "Time to apply one batch: sink transaction (with retries) and checkpoint commit",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        m.encode_histogram::<NoLabelSet>(h.sum_seconds, h.count, &buckets, None)?;
+
+        Self::counter(
+            e,
+            "consumer_resets",
+            "Times the durable consumer was recreated (reconnects, lost deliveries)",
+            s.consumer_resets,
+        )?;
+        Self::counter(e, "resyncs", "Snapshot resyncs", s.resyncs)?;
+        Ok(())
+    }
+}
+
+struct Shared {
+    config: Config,
+    stats: Arc<Stats>,
+    registry: Registry,
+}
+
+/// The endpoint's routes, for `config`'s instance and the engine counters `stats`
+/// ([`crate::Engine::stats`]). Services embedding the engine can mount this in their own server.
+pub fn router(config: Config, stats: Arc<Stats>) -> Router {
+    let registry = registry(&config, stats.clone());
+    let shared = Arc::new(Shared {
+        config,
+        stats,
+        registry,
+    });
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
+        .with_state(shared)
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    match encode(&shared.registry) {
+        Ok(body) => ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], body).into_response(),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "encoding the metrics failed\n",
+        )
+            .into_response(),
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, String) {
+    match readiness(&shared.stats.snapshot(), shared.config.http.ready_max_lag) {
+        Ok(()) => (StatusCode::OK, "ready\n".into()),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        ),
+    }
+}
+
+async fn status(State(shared): State<Arc<Shared>>) -> Response {
+    match collect_status(&shared.config).await {
+        Ok(report) => {
+            let code = if report.nats_available() {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            // The same bytes `status --json` prints (pretty JSON and a newline).
+            let body = report.to_json_pretty() + "\n";
+            (code, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}
+
+/// A running HTTP endpoint; dropping it stops serving.
+#[derive(Debug)]
+pub struct HttpEndpoint {
+    local_addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HttpEndpoint {
+    /// Binds `listen` and serves [`router`] on it in a background task.
+    pub async fn start(
+        listen: SocketAddr,
+        config: Config,
+        stats: Arc<Stats>,
+    ) -> io::Result<HttpEndpoint> {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        let local_addr = listener.local_addr()?;
+        let app = router(config, stats);
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "the HTTP endpoint stopped");
+            }
+        });
+        tracing::info!(%local_addr, "HTTP endpoint listening (/metrics, /healthz, /readyz, /status)");
+        Ok(HttpEndpoint { local_addr, task })
+    }
+
+    /// The address it listens on (the real port when `listen` had port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+}
+
+impl Drop for HttpEndpoint {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Change;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn config() -> Config {
+        Config {
+            instance: "i-1".into(),
+            ..Config::default()
+        }
+    }
+
+    async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let code = response[9..12].parse().unwrap();
+        let body = response.split_once("\r\n\r\n").unwrap().1.to_owned();
+        (code, body)
+    }
+
+    #[test]
+    fn readiness_needs_a_session_and_a_small_lag() {
+        let mut s = StatsSnapshot::default();
+        assert!(readiness(&s, 10).unwrap_err().contains("not consuming"));
+        s.connected = true;
+        s.pending = 11;
+        assert!(readiness(&s, 10)
+            .unwrap_err()
+            .contains("lag 11 events > http.ready_max_lag 10"));
+        s.pending = 10;
+        assert!(readiness(&s, 10).is_ok());
+    }
+
+    #[test]
+    fn metrics_text() {
+        let stats = Arc::new(Stats::default());
+        stats.set_applied(5);
+        stats.observe_stream(9, 4);
+        let change = |seq, op| Change {
+            seq,
+            table: "items".into(),
+            key: "k".into(),
+            op,
+        };
+        stats.add_batch(
+            &[
+                change(4, jetsync::Change::Upsert(jetsync::Row::new())),
+                change(5, jetsync::Change::Delete),
+            ],
+            Duration::from_millis(2),
+        );
+        let text = render_metrics(&config(), stats);
+        let l = r#"stream="JETSYNC",instance="i-1""#;
+        for want in [
+            format!("# TYPE jetsync_applied_seq gauge\njetsync_applied_seq{{{l}}} 5\n"),
+            format!("jetsync_stream_last_seq{{{l}}} 9\n"),
+            format!("jetsync_lag_events{{{l}}} 4\n"),
+            format!("jetsync_connected{{{l}}} 0\n"),
+            format!("jetsync_parked_events{{{l}}} 0\n"),
+            "# TYPE jetsync_events_applied counter\n".to_owned(),
+            format!("jetsync_events_applied_total{{{l},table=\"items\",op=\"upsert\"}} 1\n"),
+            format!("jetsync_events_applied_total{{{l},table=\"items\",op=\"delete\"}} 1\n"),
+            format!("jetsync_batches_applied_total{{{l}}} 1\n"),
+            "# TYPE jetsync_batch_apply_duration_seconds histogram\n".to_owned(),
+            format!("jetsync_batch_apply_duration_seconds_count{{{l}}} 1\n"),
+            format!("jetsync_batch_apply_duration_seconds_bucket{{{l},le=\"0.001\"}} 0\n"),
+            format!("jetsync_batch_apply_duration_seconds_bucket{{{l},le=\"0.0025\"}} 1\n"),
+            format!("jetsync_batch_apply_duration_seconds_bucket{{{l},le=\"+Inf\"}} 1\n"),
+            format!("jetsync_consumer_resets_total{{{l}}} 0\n"),
+            format!("jetsync_resyncs_total{{{l}}} 0\n"),
+        ] {
+            assert!(text.contains(&want), "missing {want:?} in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        for name in METRIC_NAMES {
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "{name} missing in\n{text}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn serves_health_readiness_and_metrics() {
+        let stats = Arc::new(Stats::default());
+        let mut config = config();
+        config.http.ready_max_lag = 0;
+        let endpoint = HttpEndpoint::start("127.0.0.1:0".parse().unwrap(), config, stats.clone())
+            .await
+            .unwrap();
+        let addr = endpoint.local_addr();
+        assert_eq!(get(addr, "/healthz").await, (200, "ok\n".into()));
+        let (code, body) = get(addr, "/readyz").await;
+        assert_eq!(code, 503, "{body}");
+        let session = stats.session_started();
+        stats.observe_stream(3, 1);
+        let (code, body) = get(addr, "/readyz").await;
+        assert_eq!(code, 503, "{body}");
+        assert!(body.contains("lag 1 events"), "{body}");
+        stats.set_applied(3);
+        stats.observe_stream(3, 0);
+        assert_eq!(get(addr, "/readyz").await, (200, "ready\n".into()));
+        let (code, body) = get(addr, "/metrics").await;
+        assert_eq!(code, 200);
+        assert!(
+            body.contains("jetsync_connected{stream=\"JETSYNC\",instance=\"i-1\"} 1\n"),
+            "{body}"
+        );
+        drop(session);
+        assert_eq!(get(addr, "/readyz").await.0, 503);
+        assert_eq!(get(addr, "/nope").await.0, 404);
+    }
+}

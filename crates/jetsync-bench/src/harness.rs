@@ -1,0 +1,258 @@
+//! Shared plumbing of the phases: streams, the raw pipelined publisher, in-process engines,
+//! bounded waits and percentiles.
+
+use std::{
+    collections::VecDeque,
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use async_nats::{
+    jetstream::{self, context::PublishAckFuture, message::PublishMessage},
+    HeaderMap,
+};
+use bytes::Bytes;
+use jetsync::{codec::FORMAT_HEADER, Config, StreamConfig};
+use jetsync_applier::{Engine, EngineError, Sink, Stats};
+use tokio::{sync::oneshot, task::JoinHandle};
+
+/// In-flight window of the raw pipelined publisher: the client's default, so both sides of the
+/// publish comparison pipeline equally deep.
+pub(crate) const RAW_WINDOW: usize = jetsync::DEFAULT_PIPELINE_WINDOW;
+
+/// The server and a raw connection to it, shared by every phase.
+pub(crate) struct Bench {
+    pub(crate) url: String,
+    pub(crate) js: jetstream::Context,
+}
+
+impl Bench {
+    pub(crate) async fn connect(url: &str) -> anyhow::Result<Bench> {
+        let nats = async_nats::connect(url)
+            .await
+            .with_context(|| format!("connecting to {url}"))?;
+        Ok(Bench {
+            url: url.to_owned(),
+            js: jetstream::new(nats),
+        })
+    }
+
+    /// A fresh JetStream connection (its own socket), for phases that must not share one.
+    pub(crate) async fn fresh_context(&self) -> anyhow::Result<jetstream::Context> {
+        let nats = async_nats::connect(&self.url)
+            .await
+            .with_context(|| format!("connecting to {}", self.url))?;
+        Ok(jetstream::new(nats))
+    }
+
+    /// Creates the stream of sync group `name`/`prefix` with the product's definition (file
+    /// storage, `history` events per row), replacing any stream of that name.
+    pub(crate) async fn create_stream(
+        &self,
+        name: &str,
+        prefix: &str,
+        history: i64,
+    ) -> anyhow::Result<StreamConfig> {
+        let cfg = StreamConfig {
+            name: name.to_owned(),
+            subject_prefix: prefix.to_owned(),
+            history,
+            provision: false,
+            ..StreamConfig::default()
+        };
+        let _ = self.js.delete_stream(name).await;
+        self.js
+            .create_stream(jetsync::stream_definition(&cfg))
+            .await
+            .with_context(|| format!("creating stream {name}"))?;
+        Ok(cfg)
+    }
+
+    /// Deletes a stream (best effort: phases clean up after themselves to keep the server lean).
+    pub(crate) async fn delete_stream(&self, name: &str) {
+        let _ = self.js.delete_stream(name).await;
+    }
+
+    /// Stream message count and last sequence.
+    pub(crate) async fn stream_state(&self, name: &str) -> anyhow::Result<(u64, u64)> {
+        let mut stream = self.js.get_stream(name).await?;
+        let info = stream.info().await?;
+        Ok((info.state.messages, info.state.last_sequence))
+    }
+}
+
+/// Publishes `messages` (subject, body) pipelined with `window` acknowledgements in flight,
+/// with the headers the client sends (a fresh `Nats-Msg-Id`, `Jetsync-Format: postcard/1`).
+/// Returns the last acknowledged sequence. Every acknowledgement is awaited and checked.
+pub(crate) async fn publish_raw<I>(
+    js: &jetstream::Context,
+    messages: I,
+    window: usize,
+) -> anyhow::Result<u64>
+where
+    I: IntoIterator<Item = anyhow::Result<(String, Bytes)>>,
+{
+    let mut in_flight: VecDeque<PublishAckFuture> = VecDeque::with_capacity(window);
+    let mut last = 0;
+    for message in messages {
+        let (subject, body) = message?;
+        if in_flight.len() >= window {
+            if let Some(pending) = in_flight.pop_front() {
+                last = pending.await.context("raw publish acknowledgement")?.sequence;
+            }
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", nuid::next().to_string().as_str());
+        headers.insert(FORMAT_HEADER, "postcard/1");
+        let publish = PublishMessage::build().payload(body).headers(headers);
+        let pending = js
+            .send_publish(subject, publish)
+            .await
+            .context("raw publish")?;
+        in_flight.push_back(pending);
+    }
+    while let Some(pending) = in_flight.pop_front() {
+        last = pending.await.context("raw publish acknowledgement")?.sequence;
+    }
+    Ok(last)
+}
+
+/// The configuration of an in-process engine for `instance` on `stream`, data under `data_dir`.
+pub(crate) fn engine_config(
+    url: &str,
+    data_dir: &Path,
+    instance: &str,
+    stream: &StreamConfig,
+) -> Config {
+    let mut config = Config {
+        instance: instance.to_owned(),
+        data_dir: data_dir.to_owned(),
+        ..Config::default()
+    };
+    config.nats.url = url.to_owned();
+    config.stream = stream.clone();
+    config.stream.provision = false;
+    if let Some(&batch_max) = BATCH_MAX.get() {
+        config.apply.batch_max = batch_max;
+    }
+    config
+}
+
+/// `--batch-max N`: overrides `apply.batch_max` of every engine the bench runs (experiments).
+pub(crate) static BATCH_MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// The `apply.batch_max` the bench's engines run with.
+pub(crate) fn batch_max() -> usize {
+    BATCH_MAX
+        .get()
+        .copied()
+        .unwrap_or_else(|| jetsync::ApplyConfig::default().batch_max)
+}
+
+/// An engine running in this process.
+pub(crate) struct RunningEngine {
+    pub(crate) stats: Arc<Stats>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), EngineError>>>,
+}
+
+impl RunningEngine {
+    /// Spawns `Engine::new(config, sink).run(..)` on the runtime.
+    pub(crate) fn start<S: Sink + 'static>(config: Config, sink: S) -> RunningEngine {
+        let engine = Engine::new(config, sink);
+        let stats = engine.stats();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(engine.run(async move {
+            let _ = stopped.await;
+        }));
+        RunningEngine {
+            stats,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub(crate) fn applied(&self) -> u64 {
+        self.stats.snapshot().applied_seq
+    }
+
+    /// Whether the engine task ended (an error, since only `stop` ends it normally).
+    pub(crate) fn finished(&self) -> bool {
+        self.task.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Waits until the engine applied `seq`, polling every millisecond; fails after `timeout` or
+    /// if the engine stopped.
+    pub(crate) async fn wait_applied(&mut self, seq: u64, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.applied() >= seq {
+                return Ok(());
+            }
+            if self.finished() {
+                let outcome = self.stop().await;
+                bail!(
+                    "the engine stopped at seq {} before reaching {seq}: {outcome:?}",
+                    self.applied()
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the engine reached only seq {} of {seq} within {timeout:?}",
+                    self.applied()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Asks the engine to stop and waits (at most 30 s) for it.
+    pub(crate) async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let Some(task) = self.task.take() else {
+            return Ok(());
+        };
+        match tokio::time::timeout(Duration::from_secs(30), task).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(anyhow::Error::new(e).context("engine failed")),
+            Ok(Err(join)) => Err(anyhow::Error::new(join).context("engine task panicked")),
+            Err(_) => bail!("the engine did not stop within 30 s"),
+        }
+    }
+}
+
+impl Drop for RunningEngine {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Nearest-rank percentile of sorted values (`q` in 0..=1); 0 for no values.
+pub(crate) fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// The median of a few measurements (the middle one; the upper middle for an even count).
+pub(crate) fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Events per second.
+pub(crate) fn eps(events: u64, elapsed: Duration) -> f64 {
+    events as f64 / elapsed.as_secs_f64().max(1e-9)
+}

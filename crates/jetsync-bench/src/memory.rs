@@ -1,0 +1,275 @@
+//! Memory: peak resident memory of the real `jetsync-applier` binary (SQLite sink, the
+//! binary's default) while it replays a backlog.
+//!
+//! The binary is built with cargo before any measurement starts (so the compiler does not
+//! compete with the measured phases). The phase writes a TOML configuration, spawns
+//! `jetsync-applier --config F run`, samples `/proc/<pid>/status` (VmHWM, the kernel's own peak,
+//! and VmRSS) every 20 ms until the checkpoint in `<data_dir>/<instance>.redb` reaches the last
+//! sequence, then stops it with SIGTERM, as an operator would, and checks it exits cleanly.
+
+use std::{
+    fs,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use serde::Serialize;
+
+use crate::{harness::Bench, replay};
+
+const STREAM: &str = "BENCH_MEM";
+const PREFIX: &str = "benchmem";
+const INSTANCE: &str = "bench-mem";
+
+/// Outcome of the memory phase.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct MemoryReport {
+    pub(crate) backlog: u64,
+    pub(crate) peak_rss_mib: f64,
+    /// The sink the binary ran with.
+    pub(crate) sink: &'static str,
+    /// The binary's own catch-up rate (process start included).
+    pub(crate) replay_eps: f64,
+    /// Whether the binary was rebuilt from the current sources for this run.
+    pub(crate) binary_fresh: bool,
+}
+
+/// The `jetsync-applier` binary, and whether it is fresh.
+#[derive(Debug, Clone)]
+pub(crate) struct Applier {
+    pub(crate) path: PathBuf,
+    pub(crate) fresh: bool,
+}
+
+/// The workspace root (`crates/jetsync-bench/../..`).
+fn workspace_root() -> PathBuf {
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir.join("..").join("..")
+}
+
+/// The cargo target directory (`CARGO_TARGET_DIR`, else `<workspace>/target`).
+pub(crate) fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// Builds `jetsync-applier` in release mode (bounded by `timeout`: other builds may hold the
+/// target directory's lock). When the build does not finish in time but a binary exists, that
+/// binary is used and reported as not fresh.
+pub(crate) fn build_applier(timeout: Duration) -> anyhow::Result<Applier> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let manifest = workspace_root().join("Cargo.toml");
+    let path = target_dir().join("release").join("jetsync-applier");
+    let log_path = std::env::temp_dir().join(format!("jetsync-bench-build-{}.log", std::process::id()));
+    let log = fs::File::create(&log_path)?;
+    let mut child = Command::new(&cargo)
+        .args(["build", "--release", "-p", "jetsync-applier", "--bin", "jetsync-applier"])
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        // Its own process group, so a timed-out build can be stopped with its compilers.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("running {cargo:?} build"))?;
+    let outcome = wait_deadline(&mut child, Instant::now() + timeout)?;
+    let text = fs::read_to_string(&log_path).unwrap_or_default();
+    let _ = fs::remove_file(&log_path);
+    match outcome {
+        Some(status) if status.success() => Ok(Applier { path, fresh: true }),
+        Some(status) => bail!("building jetsync-applier failed ({status}):\n{}", tail(&text, 40)),
+        None => {
+            // Stop the build's process group (cargo and the compilers it started).
+            signal(&format!("-{}", child.id()), "TERM");
+            let _ = wait_deadline(&mut child, Instant::now() + Duration::from_secs(10));
+            let _ = child.kill();
+            let _ = child.wait();
+            if path.exists() {
+                eprintln!(
+                    "warning: building jetsync-applier took over {timeout:?} (another build holds \
+                     the target dir?); using the existing {}",
+                    path.display()
+                );
+                Ok(Applier { path, fresh: false })
+            } else {
+                bail!("building jetsync-applier did not finish within {timeout:?}:\n{}", tail(&text, 40))
+            }
+        }
+    }
+}
+
+pub(crate) async fn run(bench: &Bench, backlog: u64, applier: &Applier) -> anyhow::Result<MemoryReport> {
+    let stream = replay::fill_backlog(bench, STREAM, PREFIX, backlog, 0x5eed_0004).await?;
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let config_path = dir.path().join("jetsync.toml");
+    fs::write(
+        &config_path,
+        format!(
+            "instance = {instance:?}\n\
+             data_dir = {data:?}\n\
+             \n[nats]\nurl = {url:?}\n\
+             \n[stream]\nname = {name:?}\nsubject_prefix = {prefix:?}\nhistory = {history}\nprovision = false\n\
+             \n[sink]\nkind = \"sqlite\"\n\
+             \n[apply]\nbatch_max = {batch_max}\n\
+             \n[log]\nlevel = \"warn\"\n",
+            instance = INSTANCE,
+            data = data.to_string_lossy(),
+            url = bench.url,
+            name = stream.name,
+            prefix = stream.subject_prefix,
+            history = stream.history,
+            batch_max = crate::harness::batch_max(),
+        ),
+    )?;
+    let log_path = dir.path().join("applier.log");
+    let checkpoint = data.join(format!("{INSTANCE}.redb"));
+    let timeout = Duration::from_secs(60 + backlog / 2_000);
+
+    let started = Instant::now();
+    let mut process = Process::spawn(&applier.path, &config_path, &log_path)?;
+    let pid = process.child.id();
+    let deadline = started + timeout;
+    let mut peak_kib = 0u64;
+    let mut tick = 0u64;
+    let replay_eps = loop {
+        if let Some(status) = process.child.try_wait()? {
+            bail!(
+                "jetsync-applier exited early ({status}):\n{}",
+                tail(&fs::read_to_string(&log_path).unwrap_or_default(), 30)
+            );
+        }
+        peak_kib = peak_kib.max(resident_peak_kib(pid));
+        if tick % 5 == 0 {
+            let applied = jetsync_applier::read_checkpoint(&checkpoint, STREAM)
+                .map(|c| c.applied)
+                .unwrap_or(0);
+            if applied >= backlog {
+                break crate::harness::eps(backlog, started.elapsed());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "jetsync-applier applied only seq {applied} of {backlog} within {timeout:?}:\n{}",
+                    tail(&fs::read_to_string(&log_path).unwrap_or_default(), 30)
+                );
+            }
+        }
+        tick += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // VmHWM is the kernel's high-water mark: read it once more just before stopping.
+    peak_kib = peak_kib.max(resident_peak_kib(pid));
+    let status = process.terminate(Duration::from_secs(15))?;
+    if !status.success() {
+        bail!(
+            "jetsync-applier did not exit cleanly on SIGTERM ({status}):\n{}",
+            tail(&fs::read_to_string(&log_path).unwrap_or_default(), 30)
+        );
+    }
+    bench.delete_stream(STREAM).await;
+    Ok(MemoryReport {
+        backlog,
+        peak_rss_mib: peak_kib as f64 / 1024.0,
+        sink: "sqlite",
+        replay_eps,
+        binary_fresh: applier.fresh,
+    })
+}
+
+/// max(VmHWM, VmRSS) of `pid` in KiB (0 when unreadable).
+fn resident_peak_kib(pid: u32) -> u64 {
+    let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return 0;
+    };
+    status
+        .lines()
+        .filter(|l| l.starts_with("VmHWM:") || l.starts_with("VmRSS:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// A spawned applier that is killed (SIGKILL) and reaped if the phase fails before stopping it.
+struct Process {
+    child: Child,
+    done: bool,
+}
+
+impl Process {
+    fn spawn(binary: &Path, config: &Path, log: &Path) -> anyhow::Result<Process> {
+        let log = fs::File::create(log)?;
+        let child = Command::new(binary)
+            .arg("--config")
+            .arg(config)
+            .arg("run")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .env_remove("RUST_LOG")
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        Ok(Process { child, done: false })
+    }
+
+    /// SIGTERM, then wait up to `grace` (SIGKILL after it).
+    fn terminate(&mut self, grace: Duration) -> anyhow::Result<ExitStatus> {
+        signal(&self.child.id().to_string(), "TERM");
+        let status = match wait_deadline(&mut self.child, Instant::now() + grace)? {
+            Some(status) => status,
+            None => {
+                let _ = self.child.kill();
+                let status = self.child.wait()?;
+                self.done = true;
+                bail!("jetsync-applier ignored SIGTERM for {grace:?}; killed it ({status})");
+            }
+        };
+        self.done = true;
+        Ok(status)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `kill -<sig> <target>` (target: a pid, or `-pgid` for a process group).
+fn signal(target: &str, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg("--")
+        .arg(target)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Waits for `child` until `deadline`; `None` if it is still running then.
+fn wait_deadline(child: &mut Child, deadline: Instant) -> anyhow::Result<Option<ExitStatus>> {
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// The last `lines` lines of `text`.
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

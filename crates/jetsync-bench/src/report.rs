@@ -1,0 +1,288 @@
+//! The report: `target/bench/report.json` and the table on the terminal, with DESIGN 9's
+//! targets marked met or missed.
+
+use std::{collections::BTreeMap, fmt::Write as _, path::Path, time::Instant};
+
+use serde::Serialize;
+
+use crate::{
+    bootstrap::BootstrapReport, live::LivePoint, memory::MemoryReport, publish::PublishReport,
+    replay::ReplayReport,
+};
+
+/// The whole report. The first keys are the agreed shape; the rest is context.
+#[derive(Debug, Serialize)]
+pub(crate) struct Report {
+    pub(crate) server: Server,
+    pub(crate) publish: Option<PublishReport>,
+    pub(crate) replay: Option<ReplayReport>,
+    pub(crate) live: Option<Vec<LivePoint>>,
+    pub(crate) bootstrap: Option<BootstrapReport>,
+    pub(crate) memory: Option<MemoryReport>,
+    pub(crate) mode: &'static str,
+    pub(crate) events: Sizes,
+    pub(crate) machine: Machine,
+    pub(crate) targets: Vec<Target>,
+    /// Phases that failed, with the error.
+    pub(crate) errors: BTreeMap<&'static str, String>,
+    pub(crate) elapsed_s: f64,
+    /// Wall time of each phase (setup included), seconds.
+    pub(crate) phase_s: BTreeMap<&'static str, f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct Server {
+    pub(crate) version: String,
+}
+
+/// Workload sizes of this mode.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Sizes {
+    pub(crate) publish_per_run: u64,
+    pub(crate) publish_rounds: usize,
+    pub(crate) replay_backlog: u64,
+    pub(crate) live_rates: Vec<u64>,
+    pub(crate) live_seconds_per_rate: f64,
+    pub(crate) bootstrap_rows: u64,
+    pub(crate) memory_backlog: u64,
+    pub(crate) key_space: u64,
+    /// `apply.batch_max` of the engines and the applier binary.
+    pub(crate) engine_batch_max: usize,
+}
+
+/// Where the numbers came from: on a shared 2-core machine, the load average matters.
+#[derive(Debug, Serialize)]
+pub(crate) struct Machine {
+    pub(crate) cpus: usize,
+    pub(crate) cpu_model: String,
+    pub(crate) kernel: String,
+    pub(crate) loadavg_start: String,
+    pub(crate) loadavg_end: String,
+}
+
+impl Machine {
+    pub(crate) fn probe() -> Machine {
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        let cpu_model = read("/proc/cpuinfo")
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_owned())
+            .unwrap_or_default();
+        Machine {
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpu_model,
+            kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
+            loadavg_start: loadavg(),
+            loadavg_end: String::new(),
+        }
+    }
+}
+
+/// The 1, 5 and 15 minute load averages.
+pub(crate) fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// One DESIGN 9 target.
+#[derive(Debug, Serialize)]
+pub(crate) struct Target {
+    pub(crate) name: String,
+    pub(crate) goal: String,
+    pub(crate) value: Option<f64>,
+    pub(crate) met: Option<bool>,
+}
+
+impl Report {
+    /// Records a phase's wall time and, on failure, its error; returns its result if any.
+    pub(crate) fn outcome<T>(
+        &mut self,
+        phase: &'static str,
+        started: Instant,
+        result: anyhow::Result<T>,
+    ) -> Option<T> {
+        let seconds = started.elapsed().as_secs_f64();
+        self.phase_s.insert(phase, (seconds * 10.0).round() / 10.0);
+        match result {
+            Ok(value) => Some(value),
+            Err(e) => {
+                eprintln!("{phase}: FAILED: {e:#}");
+                self.errors.insert(phase, format!("{e:#}"));
+                None
+            }
+        }
+    }
+
+    /// Evaluates DESIGN 9's targets against the measured figures.
+    pub(crate) fn evaluate(&mut self) {
+        let mut targets = Vec::new();
+        let mut add = |name: String, goal: &str, value: Option<f64>, ok: fn(f64) -> bool| {
+            targets.push(Target {
+                name,
+                goal: goal.to_owned(),
+                value,
+                met: value.map(ok),
+            });
+        };
+        add(
+            "client publish / raw publish".into(),
+            ">= 0.9",
+            self.publish.as_ref().map(|p| p.ratio),
+            |v| v >= 0.9,
+        );
+        add(
+            "replay redb / raw consume".into(),
+            ">= 0.6",
+            self.replay.as_ref().map(|r| r.redb_ratio),
+            |v| v >= 0.6,
+        );
+        add(
+            "replay SQLite / raw consume".into(),
+            ">= 0.35",
+            self.replay.as_ref().map(|r| r.sqlite_ratio),
+            |v| v >= 0.35,
+        );
+        add(
+            "live p99 at 5,000 events/s, 3 appliers (ms)".into(),
+            "<= 5",
+            self.live
+                .as_ref()
+                .and_then(|l| l.iter().find(|p| p.rate == 5000))
+                .map(|p| p.p99_ms),
+            |v| v <= 5.0,
+        );
+        let backlog = self.memory.as_ref().map_or(self.events.memory_backlog, |m| m.backlog);
+        let scope = if backlog == 1_000_000 {
+            String::new()
+        } else {
+            format!(" [{backlog} events, not the 1M of the target]")
+        };
+        add(
+            format!("applier peak RSS replaying a backlog (MiB){scope}"),
+            "< 64",
+            self.memory.as_ref().map(|m| m.peak_rss_mib),
+            |v| v < 64.0,
+        );
+        self.targets = targets;
+    }
+
+    pub(crate) fn write_json(&self, path: &Path) -> anyhow::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(path, serde_json::to_string_pretty(self)? + "\n")?;
+        Ok(())
+    }
+
+    /// The terminal table.
+    pub(crate) fn table(&self) -> String {
+        let mut out = String::new();
+        let w = &mut out;
+        let _ = writeln!(
+            w,
+            "jetsync bench ({} mode) against nats-server {} on {} CPUs ({}), load {} -> {}",
+            self.mode,
+            self.server.version,
+            self.machine.cpus,
+            self.machine.cpu_model,
+            self.machine.loadavg_start,
+            self.machine.loadavg_end
+        );
+        let _ = writeln!(w, "{}", "-".repeat(96));
+        if let Some(p) = &self.publish {
+            let _ = writeln!(
+                w,
+                "publish    raw {:>9} ev/s   client {:>9} ev/s   ratio {:.2}   ({} ev x {} runs each, window {}, body {:.0} B)",
+                int(p.raw_eps), int(p.client_eps), p.ratio, p.events, p.raw_runs.len(), p.window, p.body_bytes
+            );
+            let c = &p.client_cpu_ns;
+            let _ = writeln!(
+                w,
+                "           client-side CPU per event: row clone {:.0} ns, event+encode {:.0} ns, subject {:.0} ns",
+                c.row_clone, c.event_encode, c.subject
+            );
+        }
+        if let Some(r) = &self.replay {
+            let _ = writeln!(
+                w,
+                "replay     raw {:>9} ev/s   redb {:>9} ev/s ({:.2})   sqlite {:>9} ev/s ({:.2})   ({} ev backlog)",
+                int(r.raw_eps), int(r.redb_eps), r.redb_ratio, int(r.sqlite_eps), r.sqlite_ratio, r.events
+            );
+            let _ = writeln!(
+                w,
+                "           engine into a null sink {:>9} ev/s ({:.2});  time in Sink::apply: redb {:.2} of {:.2} s, sqlite {:.2} of {:.2} s ({} batches)",
+                int(r.null_sink_eps), r.null_sink_ratio, r.redb.sink_apply_s, r.redb.total_s,
+                r.sqlite.sink_apply_s, r.sqlite.total_s, r.redb.batches
+            );
+        }
+        if let Some(live) = &self.live {
+            for p in live {
+                let each: Vec<String> = p.per_applier_p99_ms.iter().map(|v| format!("{v:.2}")).collect();
+                let _ = writeln!(
+                    w,
+                    "live       {:>6} ev/s   p50 {:>7.2} ms   p99 {:>7.2} ms   p99.9 {:>7.2} ms   max {:>7.2} ms   (achieved {} ev/s; p99 per applier {})",
+                    p.rate, p.p50_ms, p.p99_ms, p.p999_ms, p.max_ms, int(p.achieved_eps), each.join("/")
+                );
+            }
+        }
+        if let Some(b) = &self.bootstrap {
+            let _ = writeln!(
+                w,
+                "bootstrap  {:>9} rows/s {}   sqlite {:>9} rows/s   ({} rows x {} writes; {})",
+                int(b.rows_per_s), b.sink, int(b.sqlite_rows_per_s), b.rows, b.writes_per_row, b.method
+            );
+        }
+        if let Some(m) = &self.memory {
+            let _ = writeln!(
+                w,
+                "memory     peak RSS {:.1} MiB   jetsync-applier binary, {} sink, {} ev backlog, replayed at {} ev/s{}",
+                m.peak_rss_mib, m.sink, m.backlog, int(m.replay_eps),
+                if m.binary_fresh { "" } else { " (binary NOT rebuilt)" }
+            );
+        }
+        let phases: Vec<String> = self
+            .phase_s
+            .iter()
+            .map(|(phase, s)| format!("{phase} {s:.0} s"))
+            .collect();
+        let _ = writeln!(w, "phases     {}", phases.join(", "));
+        for (phase, error) in &self.errors {
+            let _ = writeln!(w, "{phase:<10} FAILED: {error}");
+        }
+        let _ = writeln!(w, "{}", "-".repeat(96));
+        let _ = writeln!(w, "targets (DESIGN 9):");
+        for t in &self.targets {
+            let verdict = match t.met {
+                Some(true) => "met",
+                Some(false) => "MISSED",
+                None => "not measured",
+            };
+            let value = t.value.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"));
+            let _ = writeln!(w, "  {:<70} {:>8} {:<6} {verdict}", t.name, value, t.goal);
+        }
+        let _ = writeln!(
+            w,
+            "note: a shared, loaded 2-core machine makes these figures noisy; compare ratios from one run."
+        );
+        out
+    }
+}
+
+/// An events/s figure with thousands separators.
+fn int(v: f64) -> String {
+    let n = v.round() as u64;
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
