@@ -15,7 +15,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 const STREAM: &str = "CONV";
 const EVENTS_PER_PUBLISHER: usize = 10_000;
 const KEYS: usize = 1_000;
-const UPSERT_SHARE: f64 = 0.85;
+pub(crate) const UPSERT_SHARE: f64 = 0.85;
 
 /// Publishes `n` random upserts/deletes of table `items` pipelined as `origin`; returns the
 /// reference built from the acknowledgements and the acknowledged sequences.
@@ -95,6 +95,17 @@ async fn converge() -> Result<()> {
     let mut instances = (1..=3)
         .map(|i| Instance::new(&group, root.path(), &format!("c{i}"), SinkKind::Sqlite))
         .collect::<Result<Vec<_>>>()?;
+    // Different batch sizes, so that the instances split the stream into different
+    // transactions and still must end identical.
+    for (instance, apply) in instances[1..].iter().zip([
+        "[apply]\nbatch_max = 7\n",
+        "[apply]\nbatch_max = 100\nbatch_wait_ms = 0\n",
+    ]) {
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&instance.config_path)?;
+        std::io::Write::write_all(&mut file, apply.as_bytes())?;
+    }
     let (code, _, err) = instances[0].cli(&["provision"])?;
     assert_eq!(code, 0, "provision: {err}");
     for instance in &mut instances {

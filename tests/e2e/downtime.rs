@@ -11,7 +11,7 @@ use jetsync_e2e::{
 use jetsync_testkit::NatsServer;
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 
-use crate::convergence::{digest_of, publish_random};
+use crate::convergence::{digest_of, publish_random, UPSERT_SHARE};
 
 const STREAM: &str = "DOWN";
 const PHASE1_EVENTS: usize = 1_000;
@@ -187,5 +187,109 @@ async fn downtime() -> Result<()> {
         );
     }
     eprintln!("downtime: done in {:?}", started.elapsed());
+    Ok(())
+}
+
+#[test]
+fn stopped_instance_catches_up_over_compacted_history() -> Result<()> {
+    let _heavy = heavy();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(compacted())
+}
+
+/// While an instance is down its rows are rewritten many times; the stream keeps only the
+/// latest event per row (history = 1), so its first sequence moves past the instance's
+/// applied sequence + 1. That is no gap (the stream has no limits): the instance applies
+/// exactly the surviving events and ends identical.
+async fn compacted() -> Result<()> {
+    const STREAM: &str = "DOWNC";
+    const KEYS: usize = 300;
+    let server = NatsServer::start()?;
+    let root = tempfile::tempdir()?;
+    let group = Group::new(server.url(), STREAM, "downc");
+    let mut instances = (1..=2)
+        .map(|i| Instance::new(&group, root.path(), &format!("e{i}"), SinkKind::Sqlite))
+        .collect::<Result<Vec<_>>>()?;
+    let (code, _, err) = instances[0].cli(&["provision"])?;
+    assert_eq!(code, 0, "provision: {err}");
+    for instance in &mut instances {
+        instance.start()?;
+    }
+    let seed: u64 = rand::random();
+    eprintln!("downtime (compacted): seed {seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+
+    let (mut reference, _) = publish_random(group.clone(), "e1", 1_000, KEYS, rng.gen()).await?;
+    let phase1_seq = reference.max_seq();
+    for instance in &mut instances {
+        instance.wait_applied(STREAM, phase1_seq, Duration::from_secs(60))?;
+    }
+    let code = instances[1].stop(Duration::from_secs(20))?;
+    assert_eq!(
+        code,
+        0,
+        "instance e2 exit code; log:\n{}",
+        instances[1].log()
+    );
+    let before = instances[1].checkpoint(STREAM)?;
+
+    // 3,000 events rewriting every row several times (each row once first, then at random,
+    // and finally the row of the first of them again): only the last event of each row
+    // survives, and the stream's first sequence moves past the instance's applied seq + 1.
+    let mut keys: Vec<String> = (0..KEYS).map(|k| format!("k{k}")).collect();
+    keys.shuffle(&mut rng);
+    keys.extend((keys.len()..2_999).map(|_| format!("k{}", rng.gen_range(0..KEYS))));
+    keys.push(keys[0].clone());
+    let events: Vec<(String, Option<Row>)> = keys
+        .into_iter()
+        .map(|key| {
+            let row = rng
+                .gen_bool(UPSERT_SHARE)
+                .then(|| random_row(&mut rng, &key));
+            (key, row)
+        })
+        .collect();
+    let surviving = KEYS as u64;
+    reference.merge(publish_events(group.clone(), "e1", events).await?);
+    let last = reference.max_seq();
+    assert_eq!(last, phase1_seq + 3_000);
+    let status = instances[1].status()?;
+    let first = status["groups"][0]["stream_first_seq"]
+        .as_u64()
+        .with_context(|| format!("{status}"))?;
+    assert!(
+        first > phase1_seq + 1,
+        "the stream should have been compacted past seq {}: {status}",
+        phase1_seq + 1
+    );
+
+    instances[1].start()?;
+    for instance in &mut instances {
+        instance.wait_applied(STREAM, last, Duration::from_secs(60))?;
+    }
+    let after = instances[1].checkpoint(STREAM)?;
+    assert_eq!(
+        after.applied_events - before.applied_events,
+        surviving,
+        "instance e2 should have applied exactly the {surviving} surviving events; log:\n{}",
+        instances[1].log()
+    );
+    for instance in &instances {
+        assert_sqlite_matches_exactly(instance, &reference, "items", "id")?;
+    }
+    assert_eq!(digest_of(&instances[1])?, digest_of(&instances[0])?);
+    for instance in &mut instances {
+        let code = instance.stop(Duration::from_secs(20))?;
+        assert_eq!(
+            code,
+            0,
+            "instance {} exit code; log:\n{}",
+            instance.name,
+            instance.log()
+        );
+    }
     Ok(())
 }

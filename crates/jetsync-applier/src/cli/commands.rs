@@ -77,23 +77,31 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<(), Failure> {
     }
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn termination() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the applier");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// A future that completes on SIGINT or SIGTERM. The handlers are installed when this is
+/// called, not when the future is first polled, so a signal that arrives while the applier is
+/// still starting up is not lost to the default action (which would kill the process).
+fn termination() -> impl std::future::Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => tokio::select! {
+                _ = int.recv() => tracing::info!("SIGINT received; finishing the batch in hand"),
+                _ = term.recv() => tracing::info!("SIGTERM received; finishing the batch in hand"),
+            },
+            (term, int) => {
+                let error = term.err().or(int.err()).map(|e| e.to_string()).unwrap_or_default();
+                tracing::warn!(error, "cannot listen for SIGTERM/SIGINT; stop the applier with SIGKILL");
+                std::future::pending::<()>().await;
+            }
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; finishing the batch in hand"),
-        _ = term.recv() => tracing::info!("SIGTERM received; finishing the batch in hand"),
     }
 }
 
 async fn run(config: Config) -> Result<(), Failure> {
+    // First, so that SIGTERM during start-up still means "stop cleanly".
+    let stop = termination();
     let sink = build_sink(&config).await.map_err(Failure::runtime)?;
     let engine = Engine::new(config.clone(), sink);
     // Serves until the engine stops (dropping the endpoint stops it).
@@ -106,7 +114,7 @@ async fn run(config: Config) -> Result<(), Failure> {
         ),
         None => None,
     };
-    engine.run(termination()).await.map_err(Failure::runtime)
+    engine.run(stop).await.map_err(Failure::runtime)
 }
 
 async fn connect(config: &Config) -> Result<jetsync::Client, Failure> {
