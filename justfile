@@ -42,3 +42,13 @@ test-current-server:
 # writes target/bench/report.json.
 bench *ARGS:
     cargo run --release -p jetsync-bench -- {{ARGS}}
+
+# A 3-node JetStream cluster on loopback (nats-config/cluster/n*.conf), in the background;
+# stop it with `just cluster-down`.
+cluster-up:
+    mkdir -p data
+    for n in 1 2 3; do "$NATS_SERVER_BIN" -c nats-config/cluster/n$n.conf -P data/nats-n$n.pid -l data/nats-n$n.log & done
+
+# Stop the cluster started by `just cluster-up`.
+cluster-down:
+    for n in 1 2 3; do [ -f data/nats-n$n.pid ] && kill "$(cat data/nats-n$n.pid)" || true; done

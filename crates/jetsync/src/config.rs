@@ -109,6 +109,12 @@ pub struct NatsConfig {
     /// Client connection name shown by the server (`nats server report connections`); defaults
     /// to a name derived from the program and instance.
     pub name: Option<String>,
+    /// Prefix of this connection's reply subjects (inboxes), instead of `_INBOX`. Give each
+    /// NATS user its own (e.g. `_INBOX_catalog-1` for an applier, `_INBOX_catalog_pub` for a
+    /// publisher) so its permissions can allow subscribing to `<inbox_prefix>.>` only, instead
+    /// of every user's replies under `_INBOX.>`. Subject tokens of `A-Z a-z 0-9 _ - $`,
+    /// separated by `.`, no wildcards, at most 128 characters. Unset: `_INBOX`.
+    pub inbox_prefix: Option<String>,
 }
 
 impl Default for NatsConfig {
@@ -124,6 +130,7 @@ impl Default for NatsConfig {
             connect_timeout_ms: 5000,
             request_timeout_ms: 5000,
             name: None,
+            inbox_prefix: None,
         }
     }
 }
@@ -667,6 +674,10 @@ impl NatsConfig {
                 "must not be empty: remove it to use the default",
             ));
         }
+        if let Some(prefix) = &self.inbox_prefix {
+            validate_inbox_prefix(prefix)
+                .map_err(|reason| ConfigError::invalid("nats.inbox_prefix", reason))?;
+        }
         Ok(())
     }
 
@@ -681,6 +692,31 @@ impl NatsConfig {
                 .split(',')
                 .any(|s| s.trim().to_ascii_lowercase().starts_with("tls://"))
     }
+}
+
+/// Checks `nats.inbox_prefix`: a literal subject (no wildcards, no empty tokens) of at most 128
+/// characters, so `<prefix>.<id>` is a valid reply subject and `<prefix>.>` a valid permission.
+fn validate_inbox_prefix(prefix: &str) -> Result<(), String> {
+    const HINT: &str = "use subject tokens of A-Z a-z 0-9 _ - $ separated by `.`, e.g. \
+                        \"_INBOX_catalog-1\"";
+    if prefix.is_empty() {
+        return Err("must not be empty: remove it to use the default `_INBOX`".to_owned());
+    }
+    if prefix.len() > 128 {
+        return Err(format!(
+            "is {} characters long; at most 128 are allowed",
+            prefix.len()
+        ));
+    }
+    if prefix.split('.').any(|token| {
+        token.is_empty()
+            || !token
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-$".contains(c))
+    }) {
+        return Err(format!("`{prefix}` is not a valid inbox prefix: {HINT}"));
+    }
+    Ok(())
 }
 
 /// Parses one server of `nats.url`. The error never repeats the URL when it carries
@@ -937,7 +973,14 @@ fn is_string_key(path: &[&str]) -> bool {
         ["instance" | "data_dir"]
             | [
                 "nats",
-                "url" | "user" | "password" | "token" | "nkey_seed_file" | "creds_file" | "name"
+                "url"
+                    | "user"
+                    | "password"
+                    | "token"
+                    | "nkey_seed_file"
+                    | "creds_file"
+                    | "name"
+                    | "inbox_prefix"
             ]
             | ["nats", "tls", "ca_file" | "cert_file" | "key_file"]
             | ["stream", "name" | "subject_prefix"]
@@ -987,10 +1030,16 @@ mod tests {
         };
         assert!(c.validate().is_ok());
         c.stream.duplicate_window_ms = 0;
-        assert_eq!(c.validate().unwrap_err().key(), Some("stream.duplicate_window_ms"));
+        assert_eq!(
+            c.validate().unwrap_err().key(),
+            Some("stream.duplicate_window_ms")
+        );
         c.stream.duplicate_window_ms = 120_000;
         c.stream.max_age_ms = 60_000;
-        assert_eq!(c.validate().unwrap_err().key(), Some("stream.duplicate_window_ms"));
+        assert_eq!(
+            c.validate().unwrap_err().key(),
+            Some("stream.duplicate_window_ms")
+        );
         c.stream.duplicate_window_ms = 30_000;
         assert!(c.validate().is_ok());
     }
@@ -1511,6 +1560,34 @@ mod tests {
                     assert!(rendered.contains("<redacted>"), "{rendered}");
                 }
             }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn inbox_prefix() {
+        Jail::expect_with(|jail| {
+            let config =
+                load_in_jail(jail, Some("instance = \"a\"\n")).map_err(|e| e.to_string())?;
+            assert_eq!(config.nats.inbox_prefix, None);
+            for prefix in ["_INBOX_catalog-1", "_INBOX.catalog_pub", "$INBOX.a-b.c_9"] {
+                let toml = format!("instance = \"a\"\n[nats]\ninbox_prefix = \"{prefix}\"\n");
+                let config =
+                    load_in_jail(jail, Some(&toml)).map_err(|e| format!("{prefix}: {e}"))?;
+                assert_eq!(config.nats.inbox_prefix.as_deref(), Some(prefix));
+            }
+            let long = "x".repeat(129);
+            for prefix in [
+                "", "_INBOX.>", "_INBOX.*", "a..b", ".a", "a.", "a b", "a\\tb", &long,
+            ] {
+                let toml = format!("instance = \"a\"\n[nats]\ninbox_prefix = {prefix:?}\n");
+                assert_eq!(invalid_key(jail, &toml), "nats.inbox_prefix", "{prefix:?}");
+            }
+            // From the environment, kept as a string.
+            jail.set_env("JETSYNC_INSTANCE", "a");
+            jail.set_env("JETSYNC_NATS__INBOX_PREFIX", "_INBOX_7");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(config.nats.inbox_prefix.as_deref(), Some("_INBOX_7"));
             Ok(())
         });
     }

@@ -77,7 +77,20 @@ pub enum Error {
         /// The sizes involved, as the client reports them.
         reason: String,
     },
-    /// The NATS user lacks the permission for this operation.
+    /// The NATS user lacks the permission for this operation: the server refused a publish
+    /// (`operation` `"publish"` or `"get"`, with the row subject or the JetStream API subject the
+    /// request went to) or the subscription to this connection's reply inbox (`operation`
+    /// `"subscribe to replies"`; allow `<nats.inbox_prefix>.>`). Retrying cannot help; fix the
+    /// user's permissions (see `nats-config/accounts.conf`). With `"subscribe to replies"` the
+    /// request itself was allowed and may have been carried out (a publish stored) although no
+    /// acknowledgement could arrive: after fixing the permissions, retry with the same message
+    /// id.
+    ///
+    /// Detected on connections made by [`Client::connect`](crate::Client::connect) or
+    /// [`connect`](crate::connect), as soon as the server reports the violation. The server
+    /// drops a denied message and reports it only on the connection, so a connection made
+    /// elsewhere (passed to [`Client::from_nats`](crate::Client::from_nats)) gets
+    /// [`Error::Timeout`] instead.
     #[error("permission denied for {operation} on {subject}: check this user's NATS permissions")]
     PermissionDenied {
         /// What was attempted.

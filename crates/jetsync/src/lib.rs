@@ -39,7 +39,7 @@ mod value;
 
 pub use client::{Client, ClientBuilder};
 pub use config::*;
-pub use connect::{auth_method, connect, ConnectError};
+pub use connect::{auth_method, connect, permission_error, ConnectError};
 pub use error::Error;
 pub use event::{Change, Event, Op};
 pub use record::{from_row, row_from_json, row_to_json, to_row, RecordError};

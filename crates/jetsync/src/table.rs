@@ -1,6 +1,6 @@
 //! `Table<T>`: publishing row changes of one table, and reading the latest row from the stream.
 
-use std::{collections::VecDeque, fmt, marker::PhantomData};
+use std::{collections::VecDeque, fmt, marker::PhantomData, sync::Arc};
 
 use async_nats::{
     jetstream::{
@@ -15,6 +15,7 @@ use bytes::Bytes;
 
 use crate::{
     codec::{self, FORMAT_HEADER},
+    connect::{self, Violations},
     event::{Change, Event},
     record::RecordError,
     subject::{self, TableName},
@@ -62,11 +63,19 @@ type FromRow<T> = fn(&Row) -> Result<T, RecordError>;
 
 /// A handle on one table of a sync group. Obtain it with [`Client::table`] (typed) or
 /// [`Client::rows`] (untyped [`Row`]s). Cheap to clone.
+///
+/// A write or read the NATS user has no permission for fails with
+/// [`Error::PermissionDenied`] as soon as the server reports the violation, when the client was
+/// made by [`Client::connect`] (or [`Client::from_nats`] with a connection from
+/// [`crate::connect`]). The server drops a denied message and reports it only on the
+/// connection, so on connections made elsewhere such a call ends in [`Error::Timeout`].
 pub struct Table<T> {
     client: Client,
     name: TableName,
     to_row: ToRow<T>,
     from_row: FromRow<T>,
+    /// The connection's permission violations, when `connect` made it.
+    violations: Option<Arc<Violations>>,
     _marker: PhantomData<fn() -> T>,
 }
 
@@ -77,6 +86,7 @@ impl<T> Clone for Table<T> {
             name: self.name.clone(),
             to_row: self.to_row,
             from_row: self.from_row,
+            violations: self.violations.clone(),
             _marker: PhantomData,
         }
     }
@@ -95,11 +105,13 @@ impl<T> Table<T> {
         to_row: ToRow<T>,
         from_row: FromRow<T>,
     ) -> Self {
+        let violations = connect::violations(&client.inner().nats);
         Table {
             client,
             name,
             to_row,
             from_row,
+            violations,
             _marker: PhantomData,
         }
     }
@@ -187,7 +199,31 @@ impl<T> Table<T> {
     /// request to find out.
     pub async fn get(&self, key: &str) -> Result<Option<Current<T>>, Error> {
         let subject = self.subject(key)?;
-        let Some(message) = last_message(&self.client, &subject).await? else {
+        let read = last_message(&self.client, &subject);
+        let message = match &self.violations {
+            None => read.await?,
+            Some(violations) => {
+                // The direct get is a request to `$JS.API.DIRECT.GET.<stream>.<subject>`; when
+                // the stream does not answer, `last_message` asks `$JS.API.STREAM.INFO.<stream>`.
+                let stream = &self.client.inner().stream.name;
+                let direct = format!(".DIRECT.GET.{stream}.{subject}");
+                let info = format!(".STREAM.INFO.{stream}");
+                let is_request = |s: &str| s.ends_with(&direct) || s.ends_with(&info);
+                let mark = violations.mark();
+                tokio::select! {
+                    biased;
+                    message = read => match message {
+                        Err(Error::Timeout { .. }) if violations.since(mark, &is_request).is_some() => {
+                            let denied = violations.since(mark, &is_request).expect("just found");
+                            return Err(denied.into_error("get"));
+                        }
+                        other => other?,
+                    },
+                    denied = violations.wait(mark, &is_request) => return Err(denied.into_error("get")),
+                }
+            }
+        };
+        let Some(message) = message else {
             return Ok(None);
         };
         let format = message.headers.get(FORMAT_HEADER).map(|v| v.as_str());
@@ -258,6 +294,8 @@ impl<T> Table<T> {
         if let Some(seq) = options.expected_seq {
             publish = publish.expected_last_subject_sequence(seq);
         }
+        // Remembered before sending: only violations reported after it count for this publish.
+        let guard = self.violations.as_ref().map(|v| (v.clone(), v.mark()));
         let future = inner
             .js
             .send_publish(subject.clone(), publish)
@@ -267,6 +305,7 @@ impl<T> Table<T> {
             future,
             subject,
             client: self.client.clone(),
+            guard,
         })
     }
 }
@@ -340,11 +379,35 @@ struct Pending {
     /// For the error path only: naming the stream, and reading the row's current sequence
     /// when the server's conflict error does not carry it.
     client: Client,
+    /// The connection's permission violations and their generation before the send, when
+    /// `connect` made the connection: a denied publish is never acknowledged, the server only
+    /// reports the violation on the connection.
+    guard: Option<(Arc<Violations>, u64)>,
 }
 
 impl Pending {
     async fn resolve(self) -> Result<Published, Error> {
-        let e = match self.future.await {
+        let Pending {
+            future,
+            subject,
+            client,
+            guard,
+        } = self;
+        let outcome = match &guard {
+            None => future.await,
+            Some((violations, mark)) => {
+                let is_subject = |s: &str| s == subject;
+                tokio::select! {
+                    // An acknowledgement already there wins; the watch costs nothing then.
+                    biased;
+                    outcome = future => outcome,
+                    denied = violations.wait(*mark, &is_subject) => {
+                        return Err(denied.into_error("publish"));
+                    }
+                }
+            }
+        };
+        let e = match outcome {
             Ok(ack) => {
                 return Ok(Published {
                     seq: ack.sequence,
@@ -353,7 +416,14 @@ impl Pending {
             }
             Err(e) => e,
         };
-        let inner = self.client.inner();
+        let inner = client.inner();
+        if let Some((violations, mark)) = &guard {
+            // The server's report may have been lost (async-nats drops events when its event
+            // queue is full); a timeout after a recorded violation is still the violation.
+            if let Some(denied) = violations.since(*mark, &|s: &str| s == subject) {
+                return Err(denied.into_error("publish"));
+            }
+        }
         Err(match e.kind() {
             PublishErrorKind::WrongLastSequence => {
                 let current_seq = match server_current_seq(&e) {
@@ -361,7 +431,7 @@ impl Pending {
                     // The number is part of the error text on 2.9 to 2.12; should a server
                     // word it otherwise, ask the stream. The row may have moved on since the
                     // rejection, which a compare-and-set retry handles like any other race.
-                    None => last_message(&self.client, &self.subject)
+                    None => last_message(&client, &subject)
                         .await?
                         .map_or(0, |message| message.sequence),
                 };
@@ -497,6 +567,16 @@ impl<T> Pipeline<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::parse_current_seq;
+
+    /// Compile-time check: the calls stay `Send`, so services can spawn them.
+    #[allow(dead_code)]
+    fn calls_are_send(table: &super::Table<crate::Row>, row: &crate::Row) {
+        fn is_send<T: Send>(_: T) {}
+        is_send(table.upsert("k", row));
+        is_send(table.delete("k"));
+        is_send(table.get("k"));
+        is_send(table.upsert_many([("k", row)]));
+    }
 
     #[test]
     fn parses_current_seq_from_server_error() {
