@@ -41,11 +41,7 @@ pub(crate) async fn run(bench: &Bench, rows: u64) -> anyhow::Result<BootstrapRep
     let encoder = Encoder::new(PREFIX)?;
     let messages = (0..WRITES_PER_ROW).flat_map(|pass| {
         let encoder = &encoder;
-        (0..rows).map(move |i| {
-            encoder
-                .prepare_key(i, pass)
-                .map(|p| (p.subject, p.body))
-        })
+        (0..rows).map(move |i| encoder.prepare_key(i, pass).map(|p| (p.subject, p.body)))
     });
     let last = harness::publish_raw(&bench.js, messages, RAW_WINDOW).await?;
     let (stored, last_seq) = bench.stream_state(STREAM).await?;
@@ -62,14 +58,20 @@ pub(crate) async fn run(bench: &Bench, rows: u64) -> anyhow::Result<BootstrapRep
     let (rows_per_s, stats) =
         replay::engine_catch_up(config, sink, rows, last_seq, timeout).await?;
     let applied = stats.events_applied;
-    ensure!(applied == rows, "the redb engine applied {applied} events, expected {rows}");
+    ensure!(
+        applied == rows,
+        "the redb engine applied {applied} events, expected {rows}"
+    );
 
     let config = harness::engine_config(&bench.url, dir.path(), "boot-sqlite", &stream);
     let sink = SqliteSink::open(SqliteOptions::new(dir.path().join("boot-sqlite.db")))?;
     let (sqlite_rows_per_s, stats) =
         replay::engine_catch_up(config, sink, rows, last_seq, timeout).await?;
     let applied = stats.events_applied;
-    ensure!(applied == rows, "the SQLite engine applied {applied} events, expected {rows}");
+    ensure!(
+        applied == rows,
+        "the SQLite engine applied {applied} events, expected {rows}"
+    );
 
     bench.delete_stream(STREAM).await;
     Ok(BootstrapReport {

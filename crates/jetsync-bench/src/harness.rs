@@ -100,7 +100,10 @@ where
         let (subject, body) = message?;
         if in_flight.len() >= window {
             if let Some(pending) = in_flight.pop_front() {
-                last = pending.await.context("raw publish acknowledgement")?.sequence;
+                last = pending
+                    .await
+                    .context("raw publish acknowledgement")?
+                    .sequence;
             }
         }
         let mut headers = HeaderMap::new();
@@ -114,7 +117,10 @@ where
         in_flight.push_back(pending);
     }
     while let Some(pending) = in_flight.pop_front() {
-        last = pending.await.context("raw publish acknowledgement")?.sequence;
+        last = pending
+            .await
+            .context("raw publish acknowledgement")?
+            .sequence;
     }
     Ok(last)
 }
@@ -255,4 +261,14 @@ pub(crate) fn median(values: &[f64]) -> f64 {
 /// Events per second.
 pub(crate) fn eps(events: u64, elapsed: Duration) -> f64 {
     events as f64 / elapsed.as_secs_f64().max(1e-9)
+}
+
+/// Prints a phase marker with the time since boot (`/proc/uptime`), so that a `perf record -k
+/// CLOCK_MONOTONIC` of the bench can be cut into phases (`perf report --time a,b`).
+pub(crate) fn mark(what: &str) {
+    if std::env::var_os("JETSYNC_BENCH_MARKS").is_some() {
+        let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+        let t = uptime.split_whitespace().next().unwrap_or("?");
+        eprintln!("mark {t} {what}");
+    }
 }

@@ -32,6 +32,8 @@ const PREFIX: &str = "benchlive";
 const APPLIERS: usize = 3;
 /// Publishes allowed in flight before the publisher counts itself saturated and stops adding.
 const MAX_IN_FLIGHT: usize = 20_000;
+/// How long the appliers get to apply everything published at one rate.
+const CATCH_UP: Duration = Duration::from_secs(90);
 
 /// Latency at one publish rate.
 #[derive(Debug, Clone, Serialize)]
@@ -52,11 +54,14 @@ pub(crate) struct LivePoint {
 /// A fence move of one replica: everything up to `applied` was readable at `at`.
 type FenceLog = Vec<(u64, Instant)>;
 
+/// The measured points, and the error that cut the series short, if any.
+pub(crate) type LiveOutcome = (Vec<LivePoint>, Option<anyhow::Error>);
+
 pub(crate) async fn run(
     bench: &Bench,
     rates: &[u64],
     duration: Duration,
-) -> anyhow::Result<Vec<LivePoint>> {
+) -> anyhow::Result<LiveOutcome> {
     let stream = bench.create_stream(STREAM, PREFIX, 1).await?;
     let dir = tempfile::tempdir()?;
     let mut engines = Vec::new();
@@ -95,17 +100,28 @@ pub(crate) async fn run(
     wait_all(&replicas, last_warm, Duration::from_secs(30)).await?;
     let warm_rate = rates.iter().copied().min().unwrap_or(1000);
     let warm = publish_paced(&table, &mut rng, warm_rate, Duration::from_millis(500)).await?;
-    wait_all(&replicas, warm.last().map_or(0, |s| s.0), Duration::from_secs(30)).await?;
+    wait_all(
+        &replicas,
+        warm.last().map_or(0, |s| s.0),
+        Duration::from_secs(30),
+    )
+    .await?;
 
+    // A rate the appliers cannot absorb leaves a backlog behind: it is reported as an error,
+    // the rates measured before it are kept, and the higher ones are skipped.
     let mut runs = Vec::new();
+    let mut failure = None;
     for &rate in rates {
         let started = Instant::now();
         let sends = publish_paced(&table, &mut rng, rate, duration).await?;
         let achieved = sends.len() as f64 / started.elapsed().as_secs_f64();
         let last = sends.iter().map(|s| s.0).max().unwrap_or(0);
-        wait_all(&replicas, last, Duration::from_secs(60))
-            .await
-            .with_context(|| format!("appliers catching up after {rate} events/s"))?;
+        if let Err(e) = wait_all(&replicas, last, CATCH_UP).await {
+            failure = Some(e.context(format!(
+                "the appliers did not catch up within {CATCH_UP:?} after {rate} events/s"
+            )));
+            break;
+        }
         runs.push((rate, achieved, sends));
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -120,9 +136,11 @@ pub(crate) async fn run(
     }
     bench.delete_stream(STREAM).await;
 
-    runs.into_iter()
+    let points = runs
+        .into_iter()
         .map(|(rate, achieved, sends)| summarize(rate, achieved, &sends, &logs))
-        .collect()
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((points, failure))
 }
 
 /// Logs every move of `replica`'s applied fence until `stop`.
@@ -130,7 +148,10 @@ async fn watch(replica: Replica, stop: Arc<AtomicBool>) -> FenceLog {
     let mut log = Vec::with_capacity(1 << 16);
     while !stop.load(Ordering::Relaxed) {
         let current = replica.applied_seq();
-        match replica.wait_for(current + 1, Duration::from_millis(50)).await {
+        match replica
+            .wait_for(current + 1, Duration::from_millis(50))
+            .await
+        {
             Ok(()) => log.push((replica.applied_seq(), Instant::now())),
             Err(ReplicaError::Timeout { .. }) => {}
             Err(_) => break,
@@ -183,7 +204,10 @@ async fn publish_paced(
         match tokio::time::timeout(left, in_flight.next()).await {
             Ok(Some(done)) => sends.push(done?),
             Ok(None) => break,
-            Err(_) => bail!("{} publishes still unacknowledged after 30 s", in_flight.len()),
+            Err(_) => bail!(
+                "{} publishes still unacknowledged after 30 s",
+                in_flight.len()
+            ),
         }
     }
     Ok(sends)

@@ -47,7 +47,8 @@ struct Args {
     build: bool,
 }
 
-const USAGE: &str = "usage: jetsync-bench [quick|full] [--only publish,replay,live,bootstrap,memory] \
+const USAGE: &str =
+    "usage: jetsync-bench [quick|full] [--only publish,replay,live,bootstrap,memory] \
                      [--no-build] [--batch-max N (apply.batch_max of the engines; default 1000)]";
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -145,15 +146,20 @@ fn real_main() -> anyhow::Result<bool> {
     let sizes = sizes(args.quick);
     let wants = |phase: &str| args.only.contains(&phase);
 
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+
     // Build the applier binary before anything is measured.
     let mut errors: BTreeMap<&'static str, String> = BTreeMap::new();
     let applier = if wants("memory") {
         let path = memory::target_dir().join("release").join("jetsync-applier");
         if args.build {
             eprintln!("building jetsync-applier (release) ...");
-            let timeout = Duration::from_secs(if args.quick { 60 } else { 600 });
-            match memory::build_applier(timeout) {
+            let timeout = Duration::from_secs(if args.quick { 30 } else { 600 });
+            match runtime.block_on(memory::build_applier(timeout)) {
                 Ok(a) => Some(a),
+                Err(e) if e.to_string().starts_with("interrupted") => return Err(e),
                 Err(e) => {
                     errors.insert("memory", format!("{e:#}"));
                     None
@@ -162,7 +168,10 @@ fn real_main() -> anyhow::Result<bool> {
         } else if path.exists() {
             Some(memory::Applier { path, fresh: false })
         } else {
-            errors.insert("memory", format!("--no-build, and there is no {}", path.display()));
+            errors.insert(
+                "memory",
+                format!("--no-build, and there is no {}", path.display()),
+            );
             None
         }
     } else {
@@ -189,10 +198,7 @@ fn real_main() -> anyhow::Result<bool> {
         phase_s: BTreeMap::new(),
     };
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
+    let phases = async {
         let bench = harness::Bench::connect(&server.url()).await?;
         if wants("publish") {
             eprintln!(
@@ -217,7 +223,12 @@ fn real_main() -> anyhow::Result<bool> {
             let duration = Duration::from_secs_f64(sizes.live_seconds_per_rate);
             let phase = Instant::now();
             let result = live::run(&bench, &sizes.live_rates, duration).await;
-            report.live = report.outcome("live", phase, result);
+            if let Some((points, cut_short)) = report.outcome("live", phase, result) {
+                report.live = Some(points);
+                if let Some(e) = cut_short {
+                    let _ = report.outcome::<()>("live", phase, Err(e));
+                }
+            }
         }
         if wants("bootstrap") {
             eprintln!("bootstrap: {} rows ...", sizes.bootstrap_rows);
@@ -235,6 +246,14 @@ fn real_main() -> anyhow::Result<bool> {
             report.memory = report.outcome("memory", phase, result);
         }
         anyhow::Ok(())
+    };
+    // Ctrl-C drops the phase in hand: engines, connections and the applier process stop, and
+    // the server is killed on the way out.
+    runtime.block_on(async {
+        tokio::select! {
+            done = phases => done,
+            _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+        }
     })?;
     // Engines and connections go before the server does.
     drop(runtime);
@@ -244,7 +263,11 @@ fn real_main() -> anyhow::Result<bool> {
     report.elapsed_s = started.elapsed().as_secs_f64();
     report.evaluate();
     let dir = memory::target_dir();
-    let path = dir.canonicalize().unwrap_or(dir).join("bench").join("report.json");
+    let path = dir
+        .canonicalize()
+        .unwrap_or(dir)
+        .join("bench")
+        .join("report.json");
     report.write_json(&path)?;
     println!("{}", report.table());
     println!("report: {} ({:.0} s)", path.display(), report.elapsed_s);

@@ -9,7 +9,6 @@
 
 use std::{
     fs,
-    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
@@ -61,36 +60,66 @@ pub(crate) fn target_dir() -> PathBuf {
 
 /// Builds `jetsync-applier` in release mode (bounded by `timeout`: other builds may hold the
 /// target directory's lock). When the build does not finish in time but a binary exists, that
-/// binary is used and reported as not fresh.
-pub(crate) fn build_applier(timeout: Duration) -> anyhow::Result<Applier> {
+/// binary is used and reported as not fresh. Ctrl-C stops the build and fails.
+pub(crate) async fn build_applier(timeout: Duration) -> anyhow::Result<Applier> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let manifest = workspace_root().join("Cargo.toml");
     let path = target_dir().join("release").join("jetsync-applier");
-    let log_path = std::env::temp_dir().join(format!("jetsync-bench-build-{}.log", std::process::id()));
-    let log = fs::File::create(&log_path)?;
-    let mut child = Command::new(&cargo)
-        .args(["build", "--release", "-p", "jetsync-applier", "--bin", "jetsync-applier"])
+    let log = tempfile::NamedTempFile::new()?;
+    let mut child = tokio::process::Command::new(&cargo)
+        // `-p jetsync-bench` too: the same package set as `cargo run -p jetsync-bench`, hence the
+        // same feature unification, so the libraries the bench was built with are reused and only
+        // the applier's binary target is compiled.
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "jetsync-bench",
+            "-p",
+            "jetsync-applier",
+            "--bin",
+            "jetsync-applier",
+        ])
         .arg("--manifest-path")
         .arg(&manifest)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(log)
-        // Its own process group, so a timed-out build can be stopped with its compilers.
+        .stderr(log.reopen()?)
+        // Its own process group, so a build that is cut short stops with its compilers.
         .process_group(0)
+        .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("running {cargo:?} build"))?;
-    let outcome = wait_deadline(&mut child, Instant::now() + timeout)?;
-    let text = fs::read_to_string(&log_path).unwrap_or_default();
-    let _ = fs::remove_file(&log_path);
+    let pgid = child.id().map(|id| format!("-{id}"));
+    let outcome = tokio::select! {
+        status = child.wait() => Some(status?),
+        _ = tokio::time::sleep(timeout) => None,
+        _ = tokio::signal::ctrl_c() => {
+            if let Some(group) = &pgid {
+                signal(group, "TERM");
+            }
+            let _ = child.wait().await;
+            bail!("interrupted while building jetsync-applier");
+        }
+    };
+    let text = fs::read_to_string(log.path()).unwrap_or_default();
     match outcome {
         Some(status) if status.success() => Ok(Applier { path, fresh: true }),
-        Some(status) => bail!("building jetsync-applier failed ({status}):\n{}", tail(&text, 40)),
+        Some(status) => bail!(
+            "building jetsync-applier failed ({status}):\n{}",
+            tail(&text, 40)
+        ),
         None => {
             // Stop the build's process group (cargo and the compilers it started).
-            signal(&format!("-{}", child.id()), "TERM");
-            let _ = wait_deadline(&mut child, Instant::now() + Duration::from_secs(10));
-            let _ = child.kill();
-            let _ = child.wait();
+            if let Some(group) = &pgid {
+                signal(group, "TERM");
+            }
+            if tokio::time::timeout(Duration::from_secs(10), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.kill().await;
+            }
             if path.exists() {
                 eprintln!(
                     "warning: building jetsync-applier took over {timeout:?} (another build holds \
@@ -99,13 +128,20 @@ pub(crate) fn build_applier(timeout: Duration) -> anyhow::Result<Applier> {
                 );
                 Ok(Applier { path, fresh: false })
             } else {
-                bail!("building jetsync-applier did not finish within {timeout:?}:\n{}", tail(&text, 40))
+                bail!(
+                    "building jetsync-applier did not finish within {timeout:?}:\n{}",
+                    tail(&text, 40)
+                )
             }
         }
     }
 }
 
-pub(crate) async fn run(bench: &Bench, backlog: u64, applier: &Applier) -> anyhow::Result<MemoryReport> {
+pub(crate) async fn run(
+    bench: &Bench,
+    backlog: u64,
+    applier: &Applier,
+) -> anyhow::Result<MemoryReport> {
     let stream = replay::fill_backlog(bench, STREAM, PREFIX, backlog, 0x5eed_0004).await?;
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
@@ -147,7 +183,7 @@ pub(crate) async fn run(bench: &Bench, backlog: u64, applier: &Applier) -> anyho
             );
         }
         peak_kib = peak_kib.max(resident_peak_kib(pid));
-        if tick % 5 == 0 {
+        if tick.is_multiple_of(5) {
             let applied = jetsync_applier::read_checkpoint(&checkpoint, STREAM)
                 .map(|c| c.applied)
                 .unwrap_or(0);

@@ -82,7 +82,11 @@ enum Side {
     Client,
 }
 
-pub(crate) async fn run(bench: &Bench, events: u64, rounds: usize) -> anyhow::Result<PublishReport> {
+pub(crate) async fn run(
+    bench: &Bench,
+    events: u64,
+    rounds: usize,
+) -> anyhow::Result<PublishReport> {
     let encoder = Encoder::new(PREFIX)?;
     let mut rng = Rng::new(0x5eed_0001);
     let prepared: Vec<Prepared> = (0..events)
@@ -116,7 +120,7 @@ pub(crate) async fn run(bench: &Bench, events: u64, rounds: usize) -> anyhow::Re
             [Side::Client, Side::Raw]
         };
         for side in order {
-            crate::replay::mark(&format!("publish {side:?} round {round}"));
+            harness::mark(&format!("publish {side:?} round {round}"));
             let rate = run_side(bench, &raw_js, &client, side, &prepared).await?;
             match side {
                 Side::Raw => raw_runs.push(rate),
@@ -124,7 +128,7 @@ pub(crate) async fn run(bench: &Bench, events: u64, rounds: usize) -> anyhow::Re
             }
         }
     }
-    crate::replay::mark("publish done");
+    harness::mark("publish done");
     let raw_eps = harness::median(&raw_runs);
     let client_eps = harness::median(&client_runs);
     Ok(PublishReport {
@@ -176,7 +180,10 @@ async fn run_side(
 }
 
 /// A client on `stream` sharing `base`'s connection.
-fn client_for(base: &jetsync::Client, stream: &jetsync::StreamConfig) -> anyhow::Result<jetsync::Client> {
+fn client_for(
+    base: &jetsync::Client,
+    stream: &jetsync::StreamConfig,
+) -> anyhow::Result<jetsync::Client> {
     Ok(jetsync::Client::from_nats(
         base.nats().clone(),
         stream.clone(),

@@ -55,16 +55,16 @@ pub(crate) async fn run(bench: &Bench, events: u64) -> anyhow::Result<ReplayRepo
     let timeout = Duration::from_secs(60 + events / 2_000);
     let dir = tempfile::tempdir()?;
 
-    mark("replay raw 1");
+    harness::mark("replay raw 1");
     let raw_first = raw_consume(bench, &stream, "bench_raw_1", events, timeout).await?;
 
-    mark("replay engine null");
+    harness::mark("replay engine null");
     let config = harness::engine_config(&bench.url, dir.path(), "replay-null", &stream);
     let null = engine_replay(config, TimedSink::new(NullSink::default()), events, timeout)
         .await
         .context("replay into a null sink")?;
 
-    mark("replay engine redb");
+    harness::mark("replay engine redb");
     let config = harness::engine_config(&bench.url, dir.path(), "replay-redb", &stream);
     let sink = RedbSink::open(RedbOptions::new(
         dir.path().join("replay-redb.replica.redb"),
@@ -73,16 +73,16 @@ pub(crate) async fn run(bench: &Bench, events: u64) -> anyhow::Result<ReplayRepo
         .await
         .context("redb replay")?;
 
-    mark("replay engine sqlite");
+    harness::mark("replay engine sqlite");
     let config = harness::engine_config(&bench.url, dir.path(), "replay-sqlite", &stream);
     let sink = SqliteSink::open(SqliteOptions::new(dir.path().join("replay-sqlite.db")))?;
     let sqlite = engine_replay(config, TimedSink::new(sink), events, timeout)
         .await
         .context("sqlite replay")?;
 
-    mark("replay raw 2");
+    harness::mark("replay raw 2");
     let raw_second = raw_consume(bench, &stream, "bench_raw_2", events, timeout).await?;
-    mark("replay done");
+    harness::mark("replay done");
     bench.delete_stream(STREAM).await;
 
     let raw_runs = vec![raw_first, raw_second];
@@ -103,16 +103,6 @@ pub(crate) async fn run(bench: &Bench, events: u64) -> anyhow::Result<ReplayRepo
     })
 }
 
-/// Prints a phase marker with the time since boot (`/proc/uptime`), so that a `perf record -k
-/// CLOCK_MONOTONIC` of the bench can be cut into phases (`perf report --time a,b`).
-pub(crate) fn mark(what: &str) {
-    if std::env::var_os("JETSYNC_BENCH_MARKS").is_some() {
-        let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
-        let t = uptime.split_whitespace().next().unwrap_or("?");
-        eprintln!("mark {t} {what}");
-    }
-}
-
 /// Creates stream `name` keeping every event, and publishes `events` workload events to it
 /// (raw, pipelined: setup, not measured). Checks that all of them are stored.
 pub(crate) async fn fill_backlog(
@@ -125,11 +115,7 @@ pub(crate) async fn fill_backlog(
     let stream = bench.create_stream(name, prefix, FULL_HISTORY).await?;
     let encoder = Encoder::new(prefix)?;
     let mut rng = Rng::new(seed);
-    let messages = (0..events).map(|n| {
-        encoder
-            .prepare(&mut rng, n)
-            .map(|p| (p.subject, p.body))
-    });
+    let messages = (0..events).map(|n| encoder.prepare(&mut rng, n).map(|p| (p.subject, p.body)));
     let last = harness::publish_raw(&bench.js, messages, RAW_WINDOW).await?;
     let (stored, last_seq) = bench.stream_state(name).await?;
     ensure!(
@@ -183,7 +169,7 @@ async fn raw_consume(
                 None => bail!("raw pull ended after {received} events"),
             };
             received += 1;
-            if received % BATCH as u64 == 0 || received == events {
+            if received.is_multiple_of(BATCH as u64) || received == events {
                 message
                     .double_ack()
                     .await

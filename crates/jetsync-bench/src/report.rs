@@ -156,7 +156,10 @@ impl Report {
                 .map(|p| p.p99_ms),
             |v| v <= 5.0,
         );
-        let backlog = self.memory.as_ref().map_or(self.events.memory_backlog, |m| m.backlog);
+        let backlog = self
+            .memory
+            .as_ref()
+            .map_or(self.events.memory_backlog, |m| m.backlog);
         let scope = if backlog == 1_000_000 {
             String::new()
         } else {
@@ -222,7 +225,11 @@ impl Report {
         }
         if let Some(live) = &self.live {
             for p in live {
-                let each: Vec<String> = p.per_applier_p99_ms.iter().map(|v| format!("{v:.2}")).collect();
+                let each: Vec<String> = p
+                    .per_applier_p99_ms
+                    .iter()
+                    .map(|v| format!("{v:.2}"))
+                    .collect();
                 let _ = writeln!(
                     w,
                     "live       {:>6} ev/s   p50 {:>7.2} ms   p99 {:>7.2} ms   p99.9 {:>7.2} ms   max {:>7.2} ms   (achieved {} ev/s; p99 per applier {})",
@@ -234,7 +241,12 @@ impl Report {
             let _ = writeln!(
                 w,
                 "bootstrap  {:>9} rows/s {}   sqlite {:>9} rows/s   ({} rows x {} writes; {})",
-                int(b.rows_per_s), b.sink, int(b.sqlite_rows_per_s), b.rows, b.writes_per_row, b.method
+                int(b.rows_per_s),
+                b.sink,
+                int(b.sqlite_rows_per_s),
+                b.rows,
+                b.writes_per_row,
+                b.method
             );
         }
         if let Some(m) = &self.memory {
@@ -262,7 +274,9 @@ impl Report {
                 Some(false) => "MISSED",
                 None => "not measured",
             };
-            let value = t.value.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"));
+            let value = t
+                .value
+                .map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
             let _ = writeln!(w, "  {:<70} {:>8} {:<6} {verdict}", t.name, value, t.goal);
         }
         let _ = writeln!(
@@ -279,7 +293,7 @@ fn int(v: f64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
