@@ -588,7 +588,11 @@ impl Instance {
     /// [`Instance::start`] with the run's `RUST_LOG` set to `filter` (e.g.
     /// `"debug,async_nats=debug"`) instead of the default `info,async_nats=warn`.
     pub fn start_with_log(&mut self, filter: &str) -> Result<()> {
-        assert!(self.child.is_none(), "instance {} already running", self.name);
+        assert!(
+            self.child.is_none(),
+            "instance {} already running",
+            self.name
+        );
         self.runs += 1;
         let log = fs::File::create(self.dir.join(format!("run-{}.log", self.runs)))?;
         let child = self
@@ -617,7 +621,9 @@ impl Instance {
 
     /// All rows of `table` in the redb replica of a stopped redb instance, keyed by key.
     pub fn redb_rows(&self, table: &str) -> Result<BTreeMap<String, Row>> {
-        let sink = jetsync_applier::RedbSink::open(jetsync_applier::RedbOptions::new(self.replica_path()))?;
+        let sink = jetsync_applier::RedbSink::open(jetsync_applier::RedbOptions::new(
+            self.replica_path(),
+        ))?;
         let rows = sink.replica().scan(table)?;
         Ok(rows.into_iter().collect())
     }
@@ -630,10 +636,23 @@ impl Instance {
 
 /// Asserts that `rows` (key → row, e.g. from [`Instance::redb_rows`]) equal the reference rows of
 /// `table` exactly: same keys, and every row identical.
-pub fn assert_rows_equal(what: &str, rows: &BTreeMap<String, Row>, reference: &Reference, table: &str) -> Result<()> {
+pub fn assert_rows_equal(
+    what: &str,
+    rows: &BTreeMap<String, Row>,
+    reference: &Reference,
+    table: &str,
+) -> Result<()> {
     let want = reference.rows(table);
-    let missing: Vec<_> = want.keys().filter(|k| !rows.contains_key(*k)).take(5).collect();
-    let extra: Vec<_> = rows.keys().filter(|k| !want.contains_key(*k)).take(5).collect();
+    let missing: Vec<_> = want
+        .keys()
+        .filter(|k| !rows.contains_key(*k))
+        .take(5)
+        .collect();
+    let extra: Vec<_> = rows
+        .keys()
+        .filter(|k| !want.contains_key(*k))
+        .take(5)
+        .collect();
     if !missing.is_empty() || !extra.is_empty() {
         bail!(
             "{what}: {} rows, expected {}; missing e.g. {missing:?}, unexpected e.g. {extra:?}",
@@ -643,7 +662,10 @@ pub fn assert_rows_equal(what: &str, rows: &BTreeMap<String, Row>, reference: &R
     }
     for (key, want_row) in &want {
         if rows[key] != *want_row {
-            bail!("{what}: row {key} is {:?}, expected {want_row:?}", rows[key]);
+            bail!(
+                "{what}: row {key} is {:?}, expected {want_row:?}",
+                rows[key]
+            );
         }
     }
     Ok(())
@@ -657,9 +679,21 @@ pub fn assert_applied_exactly_once(
     seqs: impl IntoIterator<Item = u64>,
 ) -> Result<()> {
     let want: std::collections::BTreeSet<u64> = seqs.into_iter().collect();
-    let missing: Vec<u64> = want.iter().copied().filter(|s| !audit.contains_key(s)).collect();
-    let doubled: Vec<(u64, u64)> = audit.iter().filter(|(_, &n)| n != 1).map(|(&s, &n)| (s, n)).collect();
-    let unexpected: Vec<u64> = audit.keys().copied().filter(|s| !want.contains(s)).collect();
+    let missing: Vec<u64> = want
+        .iter()
+        .copied()
+        .filter(|s| !audit.contains_key(s))
+        .collect();
+    let doubled: Vec<(u64, u64)> = audit
+        .iter()
+        .filter(|(_, &n)| n != 1)
+        .map(|(&s, &n)| (s, n))
+        .collect();
+    let unexpected: Vec<u64> = audit
+        .keys()
+        .copied()
+        .filter(|s| !want.contains(s))
+        .collect();
     if !missing.is_empty() || !doubled.is_empty() || !unexpected.is_empty() {
         bail!(
             "{what}: {} sequences expected, audit holds {}; {} missing (e.g. {:?}), {} applied more than once (seq, count, e.g. {:?}), {} unexpected (e.g. {:?})",
@@ -756,4 +790,210 @@ pub fn wait_http_up(addr: std::net::SocketAddr, timeout: Duration) -> Result<()>
         http_get(addr, "/healthz").ok().filter(|r| r.code == 200)
     })
     .map(|_| ())
+}
+
+// ---- Helpers for the security scenarios (least-privilege users of nats-config/). ----
+
+/// A file of the repository's `nats-config/` directory, e.g. `"accounts.conf"` or
+/// `"consumers/jetsync_catalog-1.json"`.
+pub fn nats_config_file(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../nats-config")
+        .join(relative)
+}
+
+/// `nats-config/accounts.conf` as a testkit `extra_config`: its `accounts` block, preceded by
+/// definitions of the password variables it references (`NAME: "value"`; nats-server resolves a
+/// `$NAME` from such a definition before looking at the environment). Use it with
+/// `NatsServer::builder().extra_config(..)`.
+pub fn accounts_extra_config(passwords: &[(&str, &str)]) -> Result<String> {
+    let path = nats_config_file("accounts.conf");
+    let accounts =
+        fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut text = String::new();
+    for (name, value) in passwords {
+        text += &format!("{name}: {value:?}\n");
+    }
+    text += &accounts;
+    Ok(text)
+}
+
+/// Fails when any of `secrets` occurs in any of `outputs` (name, text), naming the output and
+/// the secret's position but never printing the secret.
+pub fn assert_no_secrets(outputs: &[(String, String)], secrets: &[&str]) -> Result<()> {
+    for (name, text) in outputs {
+        for (i, secret) in secrets.iter().enumerate() {
+            assert!(!secret.is_empty(), "empty secret #{i}");
+            if let Some(at) = text.find(secret) {
+                bail!("secret #{i} leaked into {name} at byte {at}");
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Instance {
+    /// Sets `key = value` (`value` is a TOML literal, e.g. `"\"catalog-1\""`) in the `[section]`
+    /// of this instance's config file, replacing an earlier value of `key` there and adding the
+    /// section when it is missing; it takes effect at the next start or subcommand.
+    pub fn set_option(&self, section: &str, key: &str, value: &str) -> Result<()> {
+        let text = fs::read_to_string(&self.config_path)?;
+        let header = format!("[{section}]");
+        let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        let setting = format!("{key} = {value}");
+        match lines.iter().position(|l| l.trim() == header) {
+            Some(start) => {
+                let end = lines[start + 1..]
+                    .iter()
+                    .position(|l| l.trim_start().starts_with('['))
+                    .map_or(lines.len(), |i| start + 1 + i);
+                let existing = lines[start + 1..end]
+                    .iter()
+                    .position(|l| l.split_once('=').is_some_and(|(k, _)| k.trim() == key));
+                match existing {
+                    Some(i) => lines[start + 1 + i] = setting,
+                    None => lines.insert(start + 1, setting),
+                }
+            }
+            None => {
+                lines.push(String::new());
+                lines.push(header);
+                lines.push(setting);
+            }
+        }
+        fs::write(&self.config_path, lines.join("\n") + "\n")?;
+        Ok(())
+    }
+
+    /// [`Instance::start`] with extra environment variables for the `run` process (e.g.
+    /// `JETSYNC_NATS__PASSWORD`).
+    pub fn start_with_env(&mut self, env: &[(&str, &str)]) -> Result<()> {
+        assert!(
+            self.child.is_none(),
+            "instance {} already running",
+            self.name
+        );
+        self.runs += 1;
+        let log = fs::File::create(self.dir.join(format!("run-{}.log", self.runs)))?;
+        let mut cmd = self.command(&["run"]);
+        cmd.env("RUST_LOG", "info,async_nats=warn");
+        for (name, value) in env {
+            cmd.env(name, value);
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning jetsync-applier run")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Every run log of this instance so far (`run-1.log`, `run-2.log`, ...), as (file name,
+    /// text).
+    pub fn run_logs(&self) -> Vec<(String, String)> {
+        (1..=self.runs)
+            .map(|run| {
+                let name = format!("run-{run}.log");
+                let text = fs::read_to_string(self.dir.join(&name)).unwrap_or_default();
+                (format!("{} {name}", self.name), text)
+            })
+            .collect()
+    }
+}
+
+// ---- Helpers for the Postgres scenarios. ----
+
+/// The Postgres test database: `JETSYNC_TEST_POSTGRES`, default
+/// `postgres://postgres@127.0.0.1:5432/test`.
+pub fn postgres_url() -> String {
+    std::env::var("JETSYNC_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// Runs `sql` (one or more statements) on `url` from a fresh thread with its own runtime, so it
+/// works inside and outside of an async context (and from `Drop`).
+pub fn postgres_exec(url: &str, sql: &str) -> Result<()> {
+    let (url, sql) = (url.to_owned(), sql.to_owned());
+    std::thread::spawn(move || -> Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(async {
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .with_context(|| format!("connecting to Postgres at {url}"))?;
+            let conn = tokio::spawn(connection);
+            client.batch_execute(&sql).await.with_context(|| format!("running {sql}"))?;
+            drop(client);
+            let _ = conn.await;
+            Ok(())
+        })
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the Postgres thread panicked"))?
+}
+
+/// A Postgres schema created for one test and dropped (`CASCADE`) when the guard is dropped,
+/// panics included.
+pub struct PgSchema {
+    /// Connection URL.
+    pub url: String,
+    /// Schema name.
+    pub name: String,
+}
+
+impl PgSchema {
+    /// Creates schema `name` (dropping a leftover one first) and runs `ddl` in it (`{schema}`
+    /// in `ddl` is replaced by the quoted schema name).
+    pub fn create(url: &str, name: &str, ddl: &str) -> Result<PgSchema> {
+        let guard = PgSchema {
+            url: url.to_owned(),
+            name: name.to_owned(),
+        };
+        let quoted = format!("\"{name}\"");
+        postgres_exec(
+            url,
+            &format!(
+                "DROP SCHEMA IF EXISTS {quoted} CASCADE; CREATE SCHEMA {quoted}; {}",
+                ddl.replace("{schema}", &quoted)
+            ),
+        )?;
+        Ok(guard)
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        if let Err(e) = postgres_exec(&self.url, &format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.name)) {
+            eprintln!("dropping Postgres schema {}: {e:#}", self.name);
+        }
+    }
+}
+
+impl Instance {
+    /// Switches this instance's sink to Postgres at `url`, schema `schema` (rewrites the
+    /// `[sink]` section; takes effect at the next start or subcommand).
+    pub fn use_postgres(&self, url: &str, schema: &str) -> Result<()> {
+        self.set_option("sink", "kind", "\"postgres\"")?;
+        self.set_option("sink", "url", &format!("{url:?}"))?;
+        self.set_option("sink", "schema", &format!("{schema:?}"))
+    }
+}
+
+/// All rows of `schema.table` in Postgres, keyed by `key_column` as text (integers as their
+/// decimal text), read the way the Postgres sink's digest reads them.
+pub async fn postgres_rows(url: &str, schema: &str, table: &str, key_column: &str) -> Result<BTreeMap<String, Row>> {
+    let mut options = jetsync_applier::PostgresOptions::new(url);
+    options.schema = schema.to_owned();
+    options.key_columns.insert(table.to_owned(), key_column.to_owned());
+    let mut sink = jetsync_applier::PostgresSink::connect(options).await?;
+    let mut out = BTreeMap::new();
+    for row in sink.read_table(table).await? {
+        let key = match row.get(key_column) {
+            Some(Value::Text(t)) => t.clone(),
+            Some(Value::I64(i)) => i.to_string(),
+            other => bail!("{schema}.{table}: row without a usable key column {key_column}: {other:?}"),
+        };
+        out.insert(key, row);
+    }
+    Ok(out)
 }

@@ -53,7 +53,11 @@ async fn setup(stream: &str, name: &str) -> Result<Setup> {
 }
 
 /// Publishes `events` and records them in `acked`.
-async fn publish(client: &jetsync::Client, acked: &mut Acked, events: Vec<crate::crash::Event>) -> Result<()> {
+async fn publish(
+    client: &jetsync::Client,
+    acked: &mut Acked,
+    events: Vec<crate::crash::Event>,
+) -> Result<()> {
     let items = client.rows("items")?;
     acked.merge(publish_pipelined(&items, events).await?);
     Ok(())
@@ -86,15 +90,25 @@ fn start_sequence(info: &consumer::Info) -> Option<u64> {
 /// The final checks: every sequence of the stream applied exactly once, rows as the reference.
 async fn check_exactly_once(what: &str, setup: &Setup, stream: &str, acked: &Acked) -> Result<()> {
     let last = acked.reference.max_seq();
-    ensure!(stream_last_seq(&setup.client, stream).await? == last, "the stream holds events nobody acknowledged");
+    ensure!(
+        stream_last_seq(&setup.client, stream).await? == last,
+        "the stream holds events nobody acknowledged"
+    );
     assert_applied_exactly_once(what, &setup.instance.audit()?, 1..=last)
         .with_context(|| format!("logs of the last run:\n{}", setup.instance.log()))?;
-    assert_rows_equal(what, &setup.instance.redb_rows("items")?, &acked.reference, "items")
+    assert_rows_equal(
+        what,
+        &setup.instance.redb_rows("items")?,
+        &acked.reference,
+        "items",
+    )
 }
 
 #[test]
 fn deleted_durable_is_recreated_at_applied_plus_one() -> Result<()> {
     let _heavy = heavy();
+    jetsync_e2e::applier_bin();
+    let started = std::time::Instant::now();
     runtime()?.block_on(async {
         const STREAM: &str = "CSDELETE";
         let mut rng = StdRng::seed_from_u64(seed("deleted_durable"));
@@ -111,28 +125,43 @@ fn deleted_durable_is_recreated_at_applied_plus_one() -> Result<()> {
         // While the applier is down, delete its durable through the NATS API.
         let name = "jetsync_cs1";
         let stream = setup.client.jetstream().get_stream(STREAM).await?;
-        ensure!(consumer_info(&stream, name).await?.is_some(), "the applier's durable {name} does not exist");
-        ensure!(stream.delete_consumer(name).await?.success, "deleting {name} failed");
-        ensure!(consumer_info(&stream, name).await?.is_none(), "{name} still exists after the delete");
+        ensure!(
+            consumer_info(&stream, name).await?.is_some(),
+            "the applier's durable {name} does not exist"
+        );
+        ensure!(
+            stream.delete_consumer(name).await?.success,
+            "deleting {name} failed"
+        );
+        ensure!(
+            consumer_info(&stream, name).await?.is_none(),
+            "{name} still exists after the delete"
+        );
 
         publish(&setup.client, &mut acked, phase2.to_vec()).await?;
         let last = acked.reference.max_seq();
         run_until(&mut setup.instance, STREAM, last)?;
 
-        let info = consumer_info(&stream, name).await?.context("the durable was not recreated")?;
+        let info = consumer_info(&stream, name)
+            .await?
+            .context("the durable was not recreated")?;
         ensure!(
             start_sequence(&info) == Some(applied + 1),
             "the durable was recreated with {:?}, expected start at {}",
             info.config.deliver_policy,
             applied + 1
         );
-        check_exactly_once("deleted durable", &setup, STREAM, &acked).await
+        check_exactly_once("deleted durable", &setup, STREAM, &acked).await?;
+        eprintln!("deleted_durable: passed after {:?}", started.elapsed());
+        Ok(())
     })
 }
 
 #[test]
 fn restored_older_copy_replays_from_its_own_checkpoint() -> Result<()> {
     let _heavy = heavy();
+    jetsync_e2e::applier_bin();
+    let started = std::time::Instant::now();
     runtime()?.block_on(async {
         const STREAM: &str = "CSRESTORE";
         let mut rng = StdRng::seed_from_u64(seed("restored_copy"));
@@ -148,7 +177,10 @@ fn restored_older_copy_replays_from_its_own_checkpoint() -> Result<()> {
         let restored = acked.reference.max_seq();
         run_until(&mut setup.instance, STREAM, restored)?;
         let backup = setup.root.path().join("backup");
-        let files = [setup.instance.replica_path(), setup.instance.checkpoint_path()];
+        let files = [
+            setup.instance.replica_path(),
+            setup.instance.checkpoint_path(),
+        ];
         copy_files(&files, &setup.instance.dir, &backup)?;
 
         // Phase 2, applied by the original lineage, which moves the server's durable ahead.
@@ -156,7 +188,9 @@ fn restored_older_copy_replays_from_its_own_checkpoint() -> Result<()> {
         let discarded = acked.reference.max_seq();
         run_until(&mut setup.instance, STREAM, discarded)?;
         let stream = setup.client.jetstream().get_stream(STREAM).await?;
-        let ahead = consumer_info(&stream, name).await?.context("durable missing")?;
+        let ahead = consumer_info(&stream, name)
+            .await?
+            .context("durable missing")?;
         ensure!(
             ahead.ack_floor.stream_sequence > restored,
             "the server's durable should be ahead of the restored copy ({restored}): {:?}",
@@ -165,7 +199,10 @@ fn restored_older_copy_replays_from_its_own_checkpoint() -> Result<()> {
 
         // Restore the older copy of BOTH files; more events arrive meanwhile.
         copy_files(&files, &backup, &setup.instance.dir)?;
-        ensure!(setup.instance.applied(STREAM) == restored, "the restored checkpoint is not at {restored}");
+        ensure!(
+            setup.instance.applied(STREAM) == restored,
+            "the restored checkpoint is not at {restored}"
+        );
         let audit = setup.instance.audit()?;
         assert_applied_exactly_once("restored audit", &audit, 1..=restored)?;
         publish(&setup.client, &mut acked, phases.next().context("phase 3")?).await?;
@@ -173,7 +210,9 @@ fn restored_older_copy_replays_from_its_own_checkpoint() -> Result<()> {
 
         // It must replay from restored + 1, although the server's durable is at `discarded`.
         run_until(&mut setup.instance, STREAM, last)?;
-        let info = consumer_info(&stream, name).await?.context("durable missing")?;
+        let info = consumer_info(&stream, name)
+            .await?
+            .context("durable missing")?;
         ensure!(
             start_sequence(&info) == Some(restored + 1),
             "the durable restarts with {:?}, expected start at {}",
@@ -181,7 +220,9 @@ fn restored_older_copy_replays_from_its_own_checkpoint() -> Result<()> {
             restored + 1
         );
         // The restored lineage: 1..=restored from the copy, then every later event exactly once.
-        check_exactly_once("restored copy", &setup, STREAM, &acked).await
+        check_exactly_once("restored copy", &setup, STREAM, &acked).await?;
+        eprintln!("restored_copy: passed after {:?}", started.elapsed());
+        Ok(())
     })
 }
 
@@ -190,7 +231,8 @@ fn copy_files(files: &[std::path::PathBuf], from: &Path, to: &Path) -> Result<()
     fs::create_dir_all(to)?;
     for file in files {
         let name = file.file_name().context("file name")?;
-        fs::copy(from.join(name), to.join(name)).with_context(|| format!("copying {name:?} from {}", from.display()))?;
+        fs::copy(from.join(name), to.join(name))
+            .with_context(|| format!("copying {name:?} from {}", from.display()))?;
     }
     Ok(())
 }

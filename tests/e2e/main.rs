@@ -8,3 +8,6 @@ mod crash;
 mod consumer_state;
 mod server_restart;
 mod http;
+mod security;
+mod cluster;
+mod postgres;

@@ -37,6 +37,11 @@ use crate::{
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// Pull requests expire after this long (heartbeats keep idle pulls honest in between).
 const PULL_EXPIRES: Duration = Duration::from_secs(30);
+/// How long a batch's acknowledgement waits for the server's confirmation before the loop goes
+/// on. On a healthy connection it takes well under a millisecond; an ack sent as the connection
+/// drops is never answered, and waiting out the whole request timeout (5 s by default) stalled
+/// applying after every server restart.
+const ACK_CONFIRM_WAIT: Duration = Duration::from_secs(1);
 
 /// The applier engine of one instance and one sync group.
 #[derive(Debug)]
@@ -245,8 +250,7 @@ impl<S: Sink> Engine<S> {
                 None => return Ok(SessionEnd::Reset("the pull stream ended".into())),
                 Some(Err(e)) => return Ok(SessionEnd::Reset(format!("pull failed: {e}"))),
                 Some(Ok(m)) => match Pulled::check(m, &mut expected_cseq) {
-                    Ok(Some(p)) => batch.push(p),
-                    Ok(None) => continue,
+                    Ok(p) => batch.push(p),
                     Err(reason) => return Ok(SessionEnd::Reset(reason)),
                 },
             }
@@ -268,8 +272,7 @@ impl<S: Sink> Engine<S> {
                 };
                 match next {
                     Some(Ok(m)) => match Pulled::check(m, &mut expected_cseq) {
-                        Ok(Some(p)) => batch.push(p),
-                        Ok(None) => {}
+                        Ok(p) => batch.push(p),
                         Err(reason) => {
                             anomaly = Some(reason);
                             break;
@@ -376,9 +379,17 @@ impl<S: Sink> Engine<S> {
             );
         }
         // Crash window 4: applied and checkpointed, not yet acknowledged.
-        if let Err(e) = last.message.double_ack().await {
-            // The next batch's AckAll covers this one; a restart recreates the consumer anyway.
-            tracing::debug!(error = %e, seq = last.stream_seq, "acknowledgement not confirmed");
+        // An unconfirmed ack is harmless: the next batch's AckAll covers this one, and a restart
+        // recreates the consumer anyway. So the wait for the confirmation is bounded.
+        match tokio::time::timeout(ACK_CONFIRM_WAIT, last.message.double_ack()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, seq = last.stream_seq, "acknowledgement not confirmed")
+            }
+            Err(_) => tracing::debug!(
+                seq = last.stream_seq,
+                "acknowledgement not confirmed within {ACK_CONFIRM_WAIT:?}; going on"
+            ),
         }
         state.progress.maybe_log(state.applied, pending);
         Ok(())
@@ -408,31 +419,48 @@ struct Pulled {
 }
 
 impl Pulled {
-    /// Checks the delivery's consumer sequence against the expected one. A jump means a delivery
-    /// was lost in transit (reconnect, server restart): the next AckAll would acknowledge it
-    /// although it was never applied, so nothing past the hole may be applied or acknowledged.
-    /// Returns `Ok(None)` for a stale delivery to ignore.
-    fn check(message: jetstream::Message, expected_cseq: &mut u64) -> Result<Option<Pulled>, String> {
+    /// Checks the delivery's consumer sequence against the expected one. The server numbers
+    /// every delivery of a consumer, redeliveries included, with the next consumer sequence, so
+    /// anything but `expected` means its view of this consumer and ours diverged, and nothing
+    /// past that point may be applied or acknowledged (the session ends and the consumer is
+    /// recreated at applied + 1):
+    /// - a jump: a delivery was lost in transit (reconnect, server restart); the next AckAll
+    ///   would acknowledge it although it was never applied.
+    /// - a step back: the server lost the tail of its consumer state and delivers again under
+    ///   sequences we already saw. A kill -9 of the server does this: its file store writes
+    ///   consumer state at most every 100 ms. The same consumer sequence then need not carry
+    ///   the same event as before (on a compacted stream the events in between were superseded
+    ///   and removed meanwhile), so skipping "already seen" sequences would skip new events
+    ///   for good; and a consumer that delivers fewer events than before never reaches the
+    ///   expected sequence again, so waiting for it would stall the applier forever.
+    fn check(message: jetstream::Message, expected_cseq: &mut u64) -> Result<Pulled, String> {
         let info = message
             .info()
             .map_err(|e| format!("unparseable delivery metadata: {e}"))?;
         let (cseq, stream_seq, pending) = (info.consumer_sequence, info.stream_sequence, info.pending);
-        if cseq < *expected_cseq {
-            return Ok(None);
-        }
-        if cseq > *expected_cseq {
-            return Err(format!(
-                "delivery {} of the consumer went missing (got {cseq})",
-                *expected_cseq
-            ));
-        }
+        check_consumer_seq(cseq, stream_seq, *expected_cseq)?;
         *expected_cseq += 1;
-        Ok(Some(Pulled {
+        Ok(Pulled {
             message,
             stream_seq,
             pending,
-        }))
+        })
     }
+}
+
+/// The consumer-sequence rule of [`Pulled::check`]: a delivery must carry exactly `expected`.
+fn check_consumer_seq(cseq: u64, stream_seq: u64, expected: u64) -> Result<(), String> {
+    if cseq > expected {
+        return Err(format!(
+            "delivery {expected} of the consumer went missing (got {cseq}, stream seq {stream_seq})"
+        ));
+    }
+    if cseq < expected {
+        return Err(format!(
+            "the server delivered consumer sequence {cseq} (stream seq {stream_seq}) again, expecting {expected}: it lost part of the consumer's state (restarted?)"
+        ));
+    }
+    Ok(())
 }
 
 /// Progress logs while catching up on a backlog.
@@ -461,5 +489,22 @@ impl Progress {
         }
         self.last_log = Instant::now();
         self.last_applied = applied;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_consumer_seq;
+
+    #[test]
+    fn only_the_expected_consumer_sequence_is_accepted() {
+        assert!(check_consumer_seq(7, 40, 7).is_ok());
+        // A jump: delivery 7 was lost in transit.
+        let hole = check_consumer_seq(8, 41, 7).unwrap_err();
+        assert!(hole.contains("delivery 7 of the consumer went missing"), "{hole}");
+        // A step back: the server lost consumer state; consumer sequence 5 may now carry an
+        // event never seen before (stream seq 41 here), so it must not be skipped as stale.
+        let back = check_consumer_seq(5, 41, 7).unwrap_err();
+        assert!(back.contains("lost part of the consumer's state"), "{back}");
     }
 }
