@@ -87,7 +87,8 @@ fn item(sku: &str, name: &str, qty: i64) -> Row {
 
 fn read_items(config: &Config) -> anyhow::Result<Vec<(String, String, i64)>> {
     let path = config.sink_path().context("sqlite path")?;
-    let conn = rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let conn =
+        rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     let mut stmt = conn.prepare("SELECT sku, name, qty FROM items ORDER BY sku")?;
     let rows = stmt
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
@@ -105,7 +106,11 @@ async fn digest(config: &Config) -> anyhow::Result<(u64, Vec<TableDigest>)> {
 async fn main() -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let server = NatsServer::start().context("starting a private nats-server")?;
-    println!("① nats-server {} listening on {}", server.version(), server.url());
+    println!(
+        "① nats-server {} listening on {}",
+        server.version(),
+        server.url()
+    );
     let data = tempfile::tempdir()?;
     let configs: Vec<Config> = (1..=3)
         .map(|i| config(&server.url(), data.path(), &format!("inventory-{i}")))
@@ -127,7 +132,10 @@ async fn main() -> anyhow::Result<()> {
     items2.upsert("B-7", &item("B-7", "Table", 3)).await?;
     items1.upsert("C-3", &item("C-3", "Lamp", 40)).await?;
     let last = items2.upsert("A-1", &item("A-1", "Chair", 11)).await?;
-    println!("④ wrote 4 events through instances 1 and 2 (last seq {})", last.seq);
+    println!(
+        "④ wrote 4 events through instances 1 and 2 (last seq {})",
+        last.seq
+    );
 
     wait_applied(&configs[2], last.seq).await?;
     println!("⑤ instance 3 reads its own database:");
@@ -148,7 +156,10 @@ async fn main() -> anyhow::Result<()> {
     let last = items2.delete("B-7").await?.seq;
 
     let behind = jetsync_applier::read_checkpoint(&configs[2].redb_path(), STREAM)?.applied;
-    println!("⑦ instance 3 restarts at seq {behind}, {} events behind", last - behind);
+    println!(
+        "⑦ instance 3 restarts at seq {behind}, {} events behind",
+        last - behind
+    );
     let t = std::time::Instant::now();
     appliers[2] = Some(start_applier(&configs[2])?);
     for c in &configs {
@@ -177,6 +188,9 @@ async fn main() -> anyhow::Result<()> {
     if !converged {
         bail!("the instances did not converge");
     }
-    println!("✔ converged: all three instances hold identical data ({:?})", started.elapsed());
+    println!(
+        "✔ converged: all three instances hold identical data ({:?})",
+        started.elapsed()
+    );
     Ok(())
 }

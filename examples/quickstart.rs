@@ -46,7 +46,10 @@ async fn main() -> anyhow::Result<()> {
     let second = products.upsert_if("A-1", &cheaper, current.seq).await?;
     match products.upsert_if("A-1", &chair, current.seq).await {
         Err(Error::Conflict { current_seq }) => {
-            println!("stale write refused: the row is at seq {current_seq} (we wrote {})", second.seq)
+            println!(
+                "stale write refused: the row is at seq {current_seq} (we wrote {})",
+                second.seq
+            )
         }
         other => anyhow::bail!("expected a conflict, got {other:?}"),
     }

@@ -27,13 +27,22 @@ pub fn applier_bin() -> &'static Path {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-q", "-p", "jetsync-applier", "--bin", "jetsync-applier"])
-            .arg("--manifest-path")
-            .arg(&manifest);
+        cmd.args([
+            "build",
+            "-q",
+            "-p",
+            "jetsync-applier",
+            "--bin",
+            "jetsync-applier",
+        ])
+        .arg("--manifest-path")
+        .arg(&manifest);
         if !cfg!(debug_assertions) {
             cmd.arg("--release");
         }
-        let status = cmd.status().expect("running cargo build for jetsync-applier");
+        let status = cmd
+            .status()
+            .expect("running cargo build for jetsync-applier");
         assert!(status.success(), "building jetsync-applier failed");
         // target/<profile>/deps/e2e-<hash> → target/<profile>/jetsync-applier
         let exe = std::env::current_exe().expect("current exe");
@@ -56,7 +65,11 @@ pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
 }
 
 /// Polls `check` every 25 ms until it returns `Some` or `timeout` passes.
-pub fn wait_until<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Result<T> {
+pub fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> Result<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = check() {
@@ -122,7 +135,11 @@ impl Group {
     /// A connected client publishing as `origin`.
     pub async fn client(&self, origin: &str) -> Result<jetsync::Client> {
         let nats = async_nats::connect(self.url.as_str()).await?;
-        Ok(jetsync::Client::from_nats(nats, self.stream_config(), origin)?)
+        Ok(jetsync::Client::from_nats(
+            nats,
+            self.stream_config(),
+            origin,
+        )?)
     }
 
     /// The stream settings of this group.
@@ -190,7 +207,10 @@ impl Instance {
 
     /// Runs a one-shot subcommand; returns (exit code, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> Result<(i32, String, String)> {
-        let out = self.command(args).output().context("running jetsync-applier")?;
+        let out = self
+            .command(args)
+            .output()
+            .context("running jetsync-applier")?;
         Ok((
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -211,7 +231,11 @@ impl Instance {
 
     /// Starts `jetsync-applier run` in the background (logs to `run-N.log` in its dir).
     pub fn start(&mut self) -> Result<()> {
-        assert!(self.child.is_none(), "instance {} already running", self.name);
+        assert!(
+            self.child.is_none(),
+            "instance {} already running",
+            self.name
+        );
         self.runs += 1;
         let log = fs::File::create(self.dir.join(format!("run-{}.log", self.runs)))?;
         let child = self
@@ -246,7 +270,10 @@ impl Instance {
         let Some(mut child) = self.child.take() else {
             bail!("instance {} is not running", self.name);
         };
-        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = child.try_wait()? {
@@ -265,7 +292,11 @@ impl Instance {
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<i32> {
         let child = self.child.as_mut().context("not running")?;
         let code = wait_until("the applier to exit", timeout, || {
-            child.try_wait().ok().flatten().map(|s| s.code().unwrap_or(-1))
+            child
+                .try_wait()
+                .ok()
+                .flatten()
+                .map(|s| s.code().unwrap_or(-1))
         })?;
         self.child = None;
         Ok(code)
@@ -307,10 +338,18 @@ impl Instance {
                 return Ok(());
             }
             if self.child.is_some() && !self.is_running() {
-                bail!("instance {} exited while waiting for seq {seq} (at {applied}):\n{}", self.name, self.log());
+                bail!(
+                    "instance {} exited while waiting for seq {seq} (at {applied}):\n{}",
+                    self.name,
+                    self.log()
+                );
             }
             if Instant::now() >= deadline {
-                bail!("instance {} reached only seq {applied} of {seq} within {timeout:?}:\n{}", self.name, tail(&self.log(), 40));
+                bail!(
+                    "instance {} reached only seq {applied} of {seq} within {timeout:?}:\n{}",
+                    self.name,
+                    tail(&self.log(), 40)
+                );
             }
             std::thread::sleep(Duration::from_millis(25));
         }
@@ -340,7 +379,8 @@ fn tail(text: &str, lines: usize) -> String {
 
 /// Reads all rows of `table` from a SQLite file (read-only), keyed by `key_column` as text.
 pub fn sqlite_rows(path: &Path, table: &str, key_column: &str) -> Result<BTreeMap<String, Row>> {
-    let conn = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     let exists: i64 = conn.query_row(
         "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
         [table],
@@ -360,7 +400,9 @@ pub fn sqlite_rows(path: &Path, table: &str, key_column: &str) -> Result<BTreeMa
                 rusqlite::types::ValueRef::Null => Value::Null,
                 rusqlite::types::ValueRef::Integer(i) => Value::I64(i),
                 rusqlite::types::ValueRef::Real(f) => Value::F64(f),
-                rusqlite::types::ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+                rusqlite::types::ValueRef::Text(t) => {
+                    Value::Text(String::from_utf8_lossy(t).into_owned())
+                }
                 rusqlite::types::ValueRef::Blob(b) => Value::Bytes(b.to_vec()),
             };
             row.insert(name.clone(), v);
@@ -386,7 +428,10 @@ impl Reference {
     /// Records an acknowledged event (`row = None` for a delete).
     pub fn record(&mut self, seq: u64, table: &str, key: &str, row: Option<Row>) {
         self.max_seq = self.max_seq.max(seq);
-        let slot = self.events.entry((table.to_owned(), key.to_owned())).or_insert((0, None));
+        let slot = self
+            .events
+            .entry((table.to_owned(), key.to_owned()))
+            .or_insert((0, None));
         if seq >= slot.0 {
             *slot = (seq, row);
         }
@@ -416,11 +461,24 @@ impl Reference {
 
 /// Asserts that an instance's SQLite rows of `table` equal the reference (columns the
 /// reference rows carry; the key column filled in when the event lacked it).
-pub fn assert_sqlite_matches(instance: &Instance, reference: &Reference, table: &str, key_column: &str) -> Result<()> {
+pub fn assert_sqlite_matches(
+    instance: &Instance,
+    reference: &Reference,
+    table: &str,
+    key_column: &str,
+) -> Result<()> {
     let have = instance.sqlite_rows(table, key_column)?;
     let want = reference.rows(table);
-    let missing: Vec<_> = want.keys().filter(|k| !have.contains_key(*k)).take(5).collect();
-    let extra: Vec<_> = have.keys().filter(|k| !want.contains_key(*k)).take(5).collect();
+    let missing: Vec<_> = want
+        .keys()
+        .filter(|k| !have.contains_key(*k))
+        .take(5)
+        .collect();
+    let extra: Vec<_> = have
+        .keys()
+        .filter(|k| !want.contains_key(*k))
+        .take(5)
+        .collect();
     if !missing.is_empty() || !extra.is_empty() {
         bail!(
             "instance {}: {} rows, expected {}; missing e.g. {missing:?}, unexpected e.g. {extra:?}",
@@ -434,7 +492,10 @@ pub fn assert_sqlite_matches(instance: &Instance, reference: &Reference, table: 
         for (col, v) in want_row {
             let got = have_row.get(col).unwrap_or(&Value::Null);
             if !same_value(v, got) {
-                bail!("instance {} row {key}: column {col} is {got:?}, expected {v:?}", instance.name);
+                bail!(
+                    "instance {} row {key}: column {col} is {got:?}, expected {v:?}",
+                    instance.name
+                );
             }
         }
     }
@@ -445,7 +506,9 @@ pub fn assert_sqlite_matches(instance: &Instance, reference: &Reference, table: 
 fn same_value(want: &Value, got: &Value) -> bool {
     match (want, got) {
         (Value::Bool(b), Value::I64(i)) => i64::from(*b) == *i,
-        (Value::Json(j), Value::Text(t)) => serde_json::from_str::<serde_json::Value>(t).ok().as_ref() == Some(j),
+        (Value::Json(j), Value::Text(t)) => {
+            serde_json::from_str::<serde_json::Value>(t).ok().as_ref() == Some(j)
+        }
         (a, b) => a == b,
     }
 }
@@ -916,13 +979,19 @@ pub fn postgres_url() -> String {
 pub fn postgres_exec(url: &str, sql: &str) -> Result<()> {
     let (url, sql) = (url.to_owned(), sql.to_owned());
     std::thread::spawn(move || -> Result<()> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         rt.block_on(async {
-            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                .await
-                .with_context(|| format!("connecting to Postgres at {url}"))?;
+            let (client, connection) =
+                tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .with_context(|| format!("connecting to Postgres at {url}"))?;
             let conn = tokio::spawn(connection);
-            client.batch_execute(&sql).await.with_context(|| format!("running {sql}"))?;
+            client
+                .batch_execute(&sql)
+                .await
+                .with_context(|| format!("running {sql}"))?;
             drop(client);
             let _ = conn.await;
             Ok(())
@@ -963,7 +1032,10 @@ impl PgSchema {
 
 impl Drop for PgSchema {
     fn drop(&mut self) {
-        if let Err(e) = postgres_exec(&self.url, &format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.name)) {
+        if let Err(e) = postgres_exec(
+            &self.url,
+            &format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.name),
+        ) {
             eprintln!("dropping Postgres schema {}: {e:#}", self.name);
         }
     }
@@ -981,17 +1053,26 @@ impl Instance {
 
 /// All rows of `schema.table` in Postgres, keyed by `key_column` as text (integers as their
 /// decimal text), read the way the Postgres sink's digest reads them.
-pub async fn postgres_rows(url: &str, schema: &str, table: &str, key_column: &str) -> Result<BTreeMap<String, Row>> {
+pub async fn postgres_rows(
+    url: &str,
+    schema: &str,
+    table: &str,
+    key_column: &str,
+) -> Result<BTreeMap<String, Row>> {
     let mut options = jetsync_applier::PostgresOptions::new(url);
     options.schema = schema.to_owned();
-    options.key_columns.insert(table.to_owned(), key_column.to_owned());
+    options
+        .key_columns
+        .insert(table.to_owned(), key_column.to_owned());
     let mut sink = jetsync_applier::PostgresSink::connect(options).await?;
     let mut out = BTreeMap::new();
     for row in sink.read_table(table).await? {
         let key = match row.get(key_column) {
             Some(Value::Text(t)) => t.clone(),
             Some(Value::I64(i)) => i.to_string(),
-            other => bail!("{schema}.{table}: row without a usable key column {key_column}: {other:?}"),
+            other => {
+                bail!("{schema}.{table}: row without a usable key column {key_column}: {other:?}")
+            }
         };
         out.insert(key, row);
     }

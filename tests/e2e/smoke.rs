@@ -32,6 +32,11 @@ async fn one_instance_applies_and_stops_cleanly() -> anyhow::Result<()> {
     instance.start()?;
     instance.wait_applied("SMOKE", reference.max_seq(), Duration::from_secs(60))?;
     assert_sqlite_matches(&instance, &reference, "items", "id")?;
-    assert_eq!(instance.stop(Duration::from_secs(20))?, 0, "{}", instance.log());
+    assert_eq!(
+        instance.stop(Duration::from_secs(20))?,
+        0,
+        "{}",
+        instance.log()
+    );
     Ok(())
 }

@@ -26,7 +26,11 @@ impl Backoff {
 
     /// Records a failure, logs it if it is the first of a run, and sleeps (unless shutdown is
     /// requested first). Returns false when shutdown interrupted the wait.
-    pub(crate) async fn fail(&mut self, error: &(dyn std::fmt::Display + Sync), shutdown: &mut Shutdown) -> bool {
+    pub(crate) async fn fail(
+        &mut self,
+        error: &(dyn std::fmt::Display + Sync),
+        shutdown: &mut Shutdown,
+    ) -> bool {
         self.failures += 1;
         if self.failures == 1 {
             tracing::warn!(error = %error, "{} failed; retrying with backoff", self.what);

@@ -33,7 +33,9 @@ impl ConsumerSpec {
     fn config(&self, start_after: u64) -> pull::Config {
         pull::Config {
             durable_name: Some(self.name.clone()),
-            description: Some("jetsync applier (managed: recreated at the applied sequence + 1)".into()),
+            description: Some(
+                "jetsync applier (managed: recreated at the applied sequence + 1)".into(),
+            ),
             deliver_policy: if start_after == 0 {
                 DeliverPolicy::All
             } else {
@@ -85,13 +87,14 @@ pub(crate) async fn reconcile(
                 && info.num_ack_pending == 0
                 && spec.matches(&info.config);
             if exact {
-                let consumer: PullConsumer = stream
-                    .get_consumer(&spec.name)
-                    .await
-                    .map_err(|source| EngineError::Nats {
-                        operation: "get consumer",
-                        source,
-                    })?;
+                let consumer: PullConsumer =
+                    stream
+                        .get_consumer(&spec.name)
+                        .await
+                        .map_err(|source| EngineError::Nats {
+                            operation: "get consumer",
+                            source,
+                        })?;
                 tracing::debug!(consumer = %spec.name, applied, "reusing durable consumer");
                 return Ok(Ready {
                     consumer,

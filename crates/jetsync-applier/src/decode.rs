@@ -7,7 +7,11 @@ use jetsync::codec::{self, FORMAT_HEADER};
 use crate::Change;
 
 /// Decodes `message` (stream sequence `seq`) of the sync group with `prefix`.
-pub(crate) fn decode(prefix: &str, seq: u64, message: &jetstream::Message) -> Result<Change, String> {
+pub(crate) fn decode(
+    prefix: &str,
+    seq: u64,
+    message: &jetstream::Message,
+) -> Result<Change, String> {
     let subject = message.subject.as_str();
     let (table, key) = jetsync::parse_subject(prefix, subject).map_err(|e| e.to_string())?;
     let format = message

@@ -105,7 +105,11 @@ impl<S: Sink> Engine<S> {
         let applied = match fence {
             Some(fence) => {
                 if fence != checkpoint {
-                    tracing::info!(fence, checkpoint, "bringing the redb checkpoint to the sink's fence");
+                    tracing::info!(
+                        fence,
+                        checkpoint,
+                        "bringing the redb checkpoint to the sink's fence"
+                    );
                     offsets.set(&group, fence)?;
                 }
                 fence
@@ -136,7 +140,11 @@ impl<S: Sink> Engine<S> {
                 Ok(SessionEnd::Shutdown) => break,
                 Ok(SessionEnd::Reset(reason)) => {
                     self.stats.add_consumer_reset();
-                    tracing::info!(reason, applied = state.applied, "restarting consumption at applied + 1");
+                    tracing::info!(
+                        reason,
+                        applied = state.applied,
+                        "restarting consumption at applied + 1"
+                    );
                     session_backoff.succeed();
                 }
                 Err(e) if e.is_retryable() => {
@@ -203,7 +211,11 @@ impl<S: Sink> Engine<S> {
                 return Err(EngineError::nats("get stream", e));
             }
         };
-        let info = stream.info().await.map_err(|e| EngineError::nats("stream info", e))?.clone();
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| EngineError::nats("stream info", e))?
+            .clone();
         let (first, last) = (info.state.first_sequence, info.state.last_sequence);
         if state.applied > last {
             return Err(EngineError::AheadOfStream {
@@ -220,7 +232,8 @@ impl<S: Sink> Engine<S> {
                 first_available: first,
             });
         }
-        self.stats.observe_stream(last, last.saturating_sub(state.applied));
+        self.stats
+            .observe_stream(last, last.saturating_sub(state.applied));
 
         let ready = consumer::reconcile(&stream, &state.spec, state.applied).await?;
         let mut expected_cseq = ready.next_consumer_seq;
@@ -330,19 +343,25 @@ impl<S: Sink> Engine<S> {
             last_seq = p.stream_seq;
         }
         let pending = last.pending;
-        self.stats.observe_stream(last.stream_seq + pending, pending);
+        self.stats
+            .observe_stream(last.stream_seq + pending, pending);
 
         if last_seq > state.applied {
             // Crash window 2: the sink transaction is all-or-nothing.
             let started = Instant::now();
-            let mut backoff = Backoff::new("applying to the sink", Duration::from_millis(self.config.apply.retry_max_backoff_ms));
+            let mut backoff = Backoff::new(
+                "applying to the sink",
+                Duration::from_millis(self.config.apply.retry_max_backoff_ms),
+            );
             let mut last_progress_ack = Instant::now();
             loop {
                 match self.sink.apply(&state.group, &changes, last_seq).await {
                     Ok(()) => break,
                     Err(e @ SinkError::Unavailable { .. }) => {
                         // Keep the server from redelivering the batch while the sink is away.
-                        if last_progress_ack.elapsed() >= Duration::from_millis(self.config.apply.ack_wait_ms / 3) {
+                        if last_progress_ack.elapsed()
+                            >= Duration::from_millis(self.config.apply.ack_wait_ms / 3)
+                        {
                             for p in &batch {
                                 let _ = p.message.ack_with(AckKind::Progress).await;
                             }
@@ -354,7 +373,13 @@ impl<S: Sink> Engine<S> {
                             return Ok(());
                         }
                     }
-                    Err(SinkError::Rejected { seq, table, key, reason, .. }) => {
+                    Err(SinkError::Rejected {
+                        seq,
+                        table,
+                        key,
+                        reason,
+                        ..
+                    }) => {
                         return Err(EngineError::Poison {
                             seq,
                             subject: format!("{table}/{key}"),
@@ -366,7 +391,9 @@ impl<S: Sink> Engine<S> {
             }
             backoff.succeed();
             // Crash window 3: the sink holds L, redb still says S; startup takes the fence.
-            state.offsets.commit(&state.group, last_seq, changes.len() as u64)?;
+            state
+                .offsets
+                .commit(&state.group, last_seq, changes.len() as u64)?;
             state.applied = last_seq;
             self.stats.set_applied(last_seq);
             self.stats.add_batch(&changes, started.elapsed());
@@ -437,7 +464,8 @@ impl Pulled {
         let info = message
             .info()
             .map_err(|e| format!("unparseable delivery metadata: {e}"))?;
-        let (cseq, stream_seq, pending) = (info.consumer_sequence, info.stream_sequence, info.pending);
+        let (cseq, stream_seq, pending) =
+            (info.consumer_sequence, info.stream_sequence, info.pending);
         check_consumer_seq(cseq, stream_seq, *expected_cseq)?;
         *expected_cseq += 1;
         Ok(Pulled {
@@ -484,8 +512,18 @@ impl Progress {
         }
         let rate = (applied - self.last_applied) as f64 / elapsed.as_secs_f64();
         if remaining > 0 {
-            let eta_s = if rate > 0.0 { remaining as f64 / rate } else { f64::INFINITY };
-            tracing::info!(applied, remaining, events_per_s = rate.round() as u64, eta_s = eta_s.round(), "catching up");
+            let eta_s = if rate > 0.0 {
+                remaining as f64 / rate
+            } else {
+                f64::INFINITY
+            };
+            tracing::info!(
+                applied,
+                remaining,
+                events_per_s = rate.round() as u64,
+                eta_s = eta_s.round(),
+                "catching up"
+            );
         }
         self.last_log = Instant::now();
         self.last_applied = applied;
@@ -501,7 +539,10 @@ mod tests {
         assert!(check_consumer_seq(7, 40, 7).is_ok());
         // A jump: delivery 7 was lost in transit.
         let hole = check_consumer_seq(8, 41, 7).unwrap_err();
-        assert!(hole.contains("delivery 7 of the consumer went missing"), "{hole}");
+        assert!(
+            hole.contains("delivery 7 of the consumer went missing"),
+            "{hole}"
+        );
         // A step back: the server lost consumer state; consumer sequence 5 may now carry an
         // event never seen before (stream seq 41 here), so it must not be skipped as stale.
         let back = check_consumer_seq(5, 41, 7).unwrap_err();

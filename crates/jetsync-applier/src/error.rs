@@ -10,7 +10,9 @@ pub enum EngineError {
     #[error(transparent)]
     Client(#[from] jetsync::Error),
     /// The sync group's stream does not exist and `stream.provision` is false.
-    #[error("stream {stream} not found: run `jetsync-applier provision` or set stream.provision = true")]
+    #[error(
+        "stream {stream} not found: run `jetsync-applier provision` or set stream.provision = true"
+    )]
     StreamNotFound {
         /// The stream name.
         stream: String,
@@ -36,7 +38,9 @@ pub enum EngineError {
         last: u64,
     },
     /// An event that cannot be applied (undecodable, bad subject, rejected by the sink).
-    #[error("poison event at seq {seq} ({subject}): {reason}. Fix or remove the cause, then restart")]
+    #[error(
+        "poison event at seq {seq} ({subject}): {reason}. Fix or remove the cause, then restart"
+    )]
     Poison {
         /// Its stream sequence.
         seq: u64,

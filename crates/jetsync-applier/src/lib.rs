@@ -31,8 +31,6 @@ mod sinks;
 mod stats;
 mod status;
 
-
-
 pub use digest::{row_hash, DigestBuilder};
 pub use engine::{run, Engine};
 pub use error::EngineError;
@@ -44,7 +42,7 @@ pub use sink::{Change, Sink, SinkError, TableDigest};
 pub use sinks::postgres::{PostgresOptions, PostgresSink};
 pub use sinks::redb::{read_audit, RedbOptions, RedbSink, Replica, ReplicaError};
 pub use sinks::sqlite::{SqliteOptions, SqliteSink};
-pub use sinks::{AnySink, build_sink};
+pub use sinks::{build_sink, AnySink};
 pub use stats::{
     BatchDurations, OpKind, Stats, StatsSnapshot, TableOpCount, BATCH_SECONDS_BUCKETS,
 };
@@ -59,7 +57,8 @@ mod send_check {
     fn engine_future_is_send() {
         let config = jetsync::Config::default();
         let dir = tempfile::tempdir().unwrap();
-        let sink = crate::SqliteSink::open(crate::SqliteOptions::new(dir.path().join("x.db"))).unwrap();
+        let sink =
+            crate::SqliteSink::open(crate::SqliteOptions::new(dir.path().join("x.db"))).unwrap();
         let future = crate::Engine::new(config, sink).run(async {});
         assert_send(&future);
     }

@@ -203,7 +203,10 @@ mod tests {
             }
         );
         // A second writer is refused with a clear error.
-        assert!(matches!(Offsets::open(&path), Err(OffsetsError::InUse { .. })));
+        assert!(matches!(
+            Offsets::open(&path),
+            Err(OffsetsError::InUse { .. })
+        ));
         drop(offsets);
         let offsets = Offsets::open(&path).unwrap();
         assert_eq!(offsets.applied("G").unwrap(), 15);

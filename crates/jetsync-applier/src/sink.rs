@@ -86,7 +86,8 @@ pub trait Sink: Send {
     /// wiped or replaced database makes the engine start over instead of trusting a redb
     /// checkpoint that describes data no longer there. `None` means the sink keeps no fence at
     /// all; the engine then trusts its redb checkpoint.
-    fn fence(&mut self, group: &str) -> impl Future<Output = Result<Option<u64>, SinkError>> + Send;
+    fn fence(&mut self, group: &str)
+        -> impl Future<Output = Result<Option<u64>, SinkError>> + Send;
 
     /// Whether the sink holds no synced rows at all (used to decide on a snapshot bootstrap).
     fn is_empty(&mut self) -> impl Future<Output = Result<bool, SinkError>> + Send;

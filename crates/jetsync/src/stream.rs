@@ -122,7 +122,10 @@ pub(crate) async fn provision(
     let want = stream_definition(cfg);
     match js.get_stream(&cfg.name).await {
         Ok(mut stream) => {
-            let info = stream.info().await.map_err(|e| Error::nats("stream info", e))?;
+            let info = stream
+                .info()
+                .await
+                .map_err(|e| Error::nats("stream info", e))?;
             let changed = drift(&want, &info.config).map_err(|reason| Error::StreamConflict {
                 stream: cfg.name.clone(),
                 reason,
@@ -137,9 +140,7 @@ pub(crate) async fn provision(
             Ok(Provisioned::Updated)
         }
         Err(e) => match e.kind() {
-            GetStreamErrorKind::JetStream(js_err)
-                if js_err.error_code().0 == STREAM_NOT_FOUND =>
-            {
+            GetStreamErrorKind::JetStream(js_err) if js_err.error_code().0 == STREAM_NOT_FOUND => {
                 js.create_stream(&want)
                     .await
                     .map_err(|e| stream_error(cfg, "create stream", e))?;

@@ -91,8 +91,15 @@ fn termination() -> impl std::future::Future<Output = ()> + Send + 'static {
                 _ = term.recv() => tracing::info!("SIGTERM received; finishing the batch in hand"),
             },
             (term, int) => {
-                let error = term.err().or(int.err()).map(|e| e.to_string()).unwrap_or_default();
-                tracing::warn!(error, "cannot listen for SIGTERM/SIGINT; stop the applier with SIGKILL");
+                let error = term
+                    .err()
+                    .or(int.err())
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
+                tracing::warn!(
+                    error,
+                    "cannot listen for SIGTERM/SIGINT; stop the applier with SIGKILL"
+                );
                 std::future::pending::<()>().await;
             }
         }
@@ -183,7 +190,9 @@ async fn reset(config: &Config, to_seq: u64, json: bool) -> Result<(), Failure> 
     let offsets = Offsets::open(&config.redb_path()).map_err(Failure::runtime)?;
     let mut sink = build_sink(config).await.map_err(Failure::runtime)?;
     let before = offsets.applied(group).map_err(Failure::runtime)?;
-    sink.set_fence(group, to_seq).await.map_err(Failure::runtime)?;
+    sink.set_fence(group, to_seq)
+        .await
+        .map_err(Failure::runtime)?;
     offsets.set(group, to_seq).map_err(Failure::runtime)?;
     let result = serde_json::json!({
         "stream": group,
@@ -191,7 +200,10 @@ async fn reset(config: &Config, to_seq: u64, json: bool) -> Result<(), Failure> 
         "applied_seq": to_seq,
     });
     emit(json, &result, |_| {
-        format!("stream {group}: applied seq {before} -> {to_seq}; the next run resumes at {}", to_seq + 1)
+        format!(
+            "stream {group}: applied seq {before} -> {to_seq}; the next run resumes at {}",
+            to_seq + 1
+        )
     });
     Ok(())
 }
@@ -214,7 +226,11 @@ async fn publish(
             Some(jetsync::row_from_json(value).map_err(Failure::usage)?)
         }
         (None, true) => None,
-        _ => return Err(Failure::usage(anyhow!("give either --json ROW or --delete"))),
+        _ => {
+            return Err(Failure::usage(anyhow!(
+                "give either --json ROW or --delete"
+            )))
+        }
     };
     jetsync::TableName::new(table).map_err(Failure::usage)?;
     jetsync::encode_key(key).map_err(Failure::usage)?;
@@ -249,7 +265,9 @@ async fn tail(
 ) -> Result<(), Failure> {
     let prefix = &config.stream.subject_prefix;
     let filter = match table {
-        Some(t) => jetsync::table_filter(prefix, &jetsync::TableName::new(t).map_err(Failure::usage)?),
+        Some(t) => {
+            jetsync::table_filter(prefix, &jetsync::TableName::new(t).map_err(Failure::usage)?)
+        }
         None => jetsync::group_filter(prefix),
     };
     let client = connect(config).await?;
@@ -261,7 +279,11 @@ async fn tail(
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
             filter_subject: filter,
-            deliver_policy: if all { DeliverPolicy::All } else { DeliverPolicy::New },
+            deliver_policy: if all {
+                DeliverPolicy::All
+            } else {
+                DeliverPolicy::New
+            },
             ..Default::default()
         })
         .await
@@ -311,10 +333,15 @@ async fn tail(
             match decoded {
                 Ok((t, k, ev)) => println!(
                     "{seq:>8} {:<6} {}/{} {}",
-                    match ev.op() { jetsync::Op::Upsert => "upsert", jetsync::Op::Delete => "delete" },
+                    match ev.op() {
+                        jetsync::Op::Upsert => "upsert",
+                        jetsync::Op::Delete => "delete",
+                    },
                     t,
                     k,
-                    ev.row().map(|r| jetsync::row_to_json(r).to_string()).unwrap_or_default()
+                    ev.row()
+                        .map(|r| jetsync::row_to_json(r).to_string())
+                        .unwrap_or_default()
                 ),
                 Err(e) => println!("{seq:>8} POISON {subject}: {e}"),
             }

@@ -75,7 +75,12 @@ pub(crate) enum Command {
         #[arg(long)]
         key: String,
         /// The full row as a JSON object.
-        #[arg(long, value_name = "ROW", conflicts_with = "delete", required_unless_present = "delete")]
+        #[arg(
+            long,
+            value_name = "ROW",
+            conflicts_with = "delete",
+            required_unless_present = "delete"
+        )]
         json: Option<String>,
         /// Publish a delete (tombstone) instead of an upsert.
         #[arg(long)]
