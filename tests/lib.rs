@@ -469,6 +469,29 @@ pub fn assert_sqlite_matches(
 ) -> Result<()> {
     let have = instance.sqlite_rows(table, key_column)?;
     let want = reference.rows(table);
+    check_same_keys(&format!("instance {}", instance.name), &have, &want)?;
+    for (key, want_row) in &want {
+        let have_row = &have[key];
+        for (col, v) in want_row {
+            let got = have_row.get(col).unwrap_or(&Value::Null);
+            if !same_value(v, got) {
+                bail!(
+                    "instance {} row {key}: column {col} is {got:?}, expected {v:?}",
+                    instance.name
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Fails naming up to five missing and five unexpected keys when `have` and `want` differ in
+/// their key sets.
+fn check_same_keys(
+    what: &str,
+    have: &BTreeMap<String, Row>,
+    want: &BTreeMap<String, Row>,
+) -> Result<()> {
     let missing: Vec<_> = want
         .keys()
         .filter(|k| !have.contains_key(*k))
@@ -481,23 +504,10 @@ pub fn assert_sqlite_matches(
         .collect();
     if !missing.is_empty() || !extra.is_empty() {
         bail!(
-            "instance {}: {} rows, expected {}; missing e.g. {missing:?}, unexpected e.g. {extra:?}",
-            instance.name,
+            "{what}: {} rows, expected {}; missing e.g. {missing:?}, unexpected e.g. {extra:?}",
             have.len(),
             want.len()
         );
-    }
-    for (key, want_row) in &want {
-        let have_row = &have[key];
-        for (col, v) in want_row {
-            let got = have_row.get(col).unwrap_or(&Value::Null);
-            if !same_value(v, got) {
-                bail!(
-                    "instance {} row {key}: column {col} is {got:?}, expected {v:?}",
-                    instance.name
-                );
-            }
-        }
     }
     Ok(())
 }
@@ -706,23 +716,7 @@ pub fn assert_rows_equal(
     table: &str,
 ) -> Result<()> {
     let want = reference.rows(table);
-    let missing: Vec<_> = want
-        .keys()
-        .filter(|k| !rows.contains_key(*k))
-        .take(5)
-        .collect();
-    let extra: Vec<_> = rows
-        .keys()
-        .filter(|k| !want.contains_key(*k))
-        .take(5)
-        .collect();
-    if !missing.is_empty() || !extra.is_empty() {
-        bail!(
-            "{what}: {} rows, expected {}; missing e.g. {missing:?}, unexpected e.g. {extra:?}",
-            rows.len(),
-            want.len()
-        );
-    }
+    check_same_keys(what, rows, &want)?;
     for (key, want_row) in &want {
         if rows[key] != *want_row {
             bail!(

@@ -2,6 +2,7 @@
 
 pub mod postgres;
 pub mod redb;
+mod sql;
 pub mod sqlite;
 
 use jetsync::{Config, SinkKind};

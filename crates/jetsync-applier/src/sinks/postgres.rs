@@ -96,6 +96,7 @@
 //! `Text` in UTC (`2024-05-01T12:00:00.5Z`), `timestamp` to `Text` without offset, `date` to
 //! `Text` `YYYY-MM-DD`, `uuid` to lowercase `Text` and every other type to its text form.
 
+use super::sql::{push_quoted, quote};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::pin::Pin;
@@ -1202,25 +1203,6 @@ fn describe_target(config: &tokio_postgres::Config) -> String {
 }
 
 // ---- identifiers ----------------------------------------------------------------------------
-
-/// `name` as an SQL identifier: in double quotes, inner quotes doubled. This is the only way a
-/// schema, table or column name enters SQL text, so no name can inject SQL.
-fn quote(name: &str) -> String {
-    let mut out = String::with_capacity(name.len() + 2);
-    push_quoted(&mut out, name);
-    out
-}
-
-fn push_quoted(out: &mut String, name: &str) {
-    out.push('"');
-    for c in name.chars() {
-        if c == '"' {
-            out.push('"');
-        }
-        out.push(c);
-    }
-    out.push('"');
-}
 
 // ---- column types and values ----------------------------------------------------------------
 

@@ -31,6 +31,7 @@
 //! its index, and nothing of the batch remains. Anything else (a damaged file, a table whose key
 //! column is not unique) is [`SinkError::Fatal`] with a message saying what to do.
 
+use super::sql::{push_quoted, quote};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -485,25 +486,6 @@ fn write_fence(conn: &Connection, group: &str, seq: i64) -> Result<(), Error> {
     )?
     .execute((group, seq))?;
     Ok(())
-}
-
-/// `name` as an SQL identifier: in double quotes, inner quotes doubled. This is the only way a
-/// table or column name from the wire enters SQL text, so no name can inject SQL.
-fn quote(name: &str) -> String {
-    let mut out = String::with_capacity(name.len() + 2);
-    push_quoted(&mut out, name);
-    out
-}
-
-fn push_quoted(out: &mut String, name: &str) {
-    out.push('"');
-    for c in name.chars() {
-        if c == '"' {
-            out.push('"');
-        }
-        out.push(c);
-    }
-    out.push('"');
 }
 
 /// Names SQLite cannot store as identifiers. Everything else is allowed (quoted).
