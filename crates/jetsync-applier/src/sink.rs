@@ -98,12 +98,41 @@ pub trait Sink: Send {
     ///
     /// Upserts replace the whole row (columns the event does not carry become NULL); deletes of
     /// absent rows are no-ops. On any error nothing of the batch may remain applied.
+    ///
+    /// `last_seq` may equal the current fence while `changes` carry lower sequences: that is
+    /// how `parked retry` applies events that were parked earlier, without moving the fence.
     fn apply(
         &mut self,
         group: &str,
         changes: &[Change],
         last_seq: u64,
     ) -> impl Future<Output = Result<(), SinkError>> + Send;
+
+    /// Replaces the contents of the synced tables of `group` with the result of applying
+    /// `changes` (in order) to empty tables, and sets the fence of `group` to `last_seq`, in one
+    /// transaction wherever the storage allows, so a reader sees either the old contents or the
+    /// new ones, never a half-empty table. Used by snapshot resync (a gap, or `resync`).
+    ///
+    /// The synced tables are every table this sink holds synced rows in (the same set `digest`
+    /// reports) plus every table named in `changes`. A permanently refused change is
+    /// [`SinkError::Rejected`] with its index, and nothing of the call remains applied (the
+    /// engine parks that change and calls again without it).
+    ///
+    /// The default implementation refuses: a sink written by a service must implement this to
+    /// support `on_gap = "resync"` and the `resync` command.
+    fn replace(
+        &mut self,
+        group: &str,
+        changes: &[Change],
+        last_seq: u64,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send {
+        let _ = (group, changes, last_seq);
+        async {
+            Err(SinkError::Fatal {
+                reason: "this sink cannot replace its tables, so it cannot resync from a snapshot: implement Sink::replace, or set apply.on_gap = \"halt\"".to_owned(),
+            })
+        }
+    }
 
     /// Sets the fence of `group` to `seq` without touching rows (`reset --to-seq`).
     fn set_fence(
