@@ -1,29 +1,74 @@
 //! Turning one stream message into a [`Change`]: subject → table and key, header → format,
 //! body → event. Anything that fails here is a poison event, never a crash.
 
-use async_nats::jetstream;
+use async_nats::{jetstream, HeaderMap};
 use jetsync::codec::{self, FORMAT_HEADER};
 
-use crate::Change;
+use crate::{parked::RowId, Change};
 
-/// Decodes `message` (stream sequence `seq`) of the sync group with `prefix`.
-pub(crate) fn decode(
-    prefix: &str,
-    seq: u64,
-    message: &jetstream::Message,
-) -> Result<Change, String> {
-    let subject = message.subject.as_str();
+/// Why an event cannot be decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum DecodeFailure {
+    /// The subject maps to no table and key: the event belongs to no row.
+    Subject(String),
+    /// The subject names a row but the event itself (format header, body) is unusable.
+    Body(RowId, String),
+}
+
+impl DecodeFailure {
+    /// The reason, for logs and the parked record.
+    pub(crate) fn reason(&self) -> &str {
+        match self {
+            DecodeFailure::Subject(r) | DecodeFailure::Body(_, r) => r,
+        }
+    }
+}
+
+/// The raw parts of an event: what a stream message and a parked event both carry.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RawEvent<'a> {
+    pub seq: u64,
+    pub subject: &'a str,
+    pub format: Option<&'a str>,
+    pub payload: &'a [u8],
+}
+
+impl<'a> RawEvent<'a> {
+    /// The raw parts of a delivered stream message with stream sequence `seq`.
+    pub(crate) fn of_message(seq: u64, message: &'a jetstream::Message) -> RawEvent<'a> {
+        RawEvent {
+            seq,
+            subject: message.subject.as_str(),
+            format: header(message.headers.as_ref(), FORMAT_HEADER),
+            payload: &message.payload,
+        }
+    }
+}
+
+/// A header's value, if present.
+pub(crate) fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
+    headers.and_then(|h| h.get(name)).map(|v| v.as_str())
+}
+
+/// The row a subject of the sync group with `prefix` maps to.
+pub(crate) fn row_of(prefix: &str, subject: &str) -> Result<RowId, String> {
     let (table, key) = jetsync::parse_subject(prefix, subject).map_err(|e| e.to_string())?;
-    let format = message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(FORMAT_HEADER))
-        .map(|v| v.as_str());
-    let event = codec::decode_message(format, &message.payload).map_err(|e| e.to_string())?;
-    Ok(Change {
-        seq,
+    Ok(RowId {
         table: table.as_str().to_owned(),
         key,
-        op: event.change,
     })
+}
+
+/// Decodes `event` of the sync group with `prefix`.
+pub(crate) fn decode(prefix: &str, event: RawEvent<'_>) -> Result<Change, DecodeFailure> {
+    let row = row_of(prefix, event.subject).map_err(DecodeFailure::Subject)?;
+    match codec::decode_message(event.format, event.payload) {
+        Ok(decoded) => Ok(Change {
+            seq: event.seq,
+            table: row.table,
+            key: row.key,
+            op: decoded.change,
+        }),
+        Err(e) => Err(DecodeFailure::Body(row, e.to_string())),
+    }
 }

@@ -20,17 +20,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use async_nats::jetstream::{self, AckKind};
+use async_nats::jetstream;
 use futures::{FutureExt, StreamExt};
-use jetsync::Config;
+use jetsync::{Config, OnGap};
 
 use crate::{
+    apply::{Applier, Mode},
     backoff::Backoff,
     consumer::{self, ConsumerSpec},
-    decode::decode,
     offsets::Offsets,
     shutdown::Shutdown,
-    Change, EngineError, Sink, SinkError, Stats,
+    snapshot::Snapshot,
+    EngineError, Sink, Stats,
 };
 
 /// How often a catching-up engine logs its progress.
@@ -79,70 +80,56 @@ impl<S: Sink> Engine<S> {
     /// Runs until `shutdown` completes or a permanent error occurs. Transient failures (NATS
     /// unreachable or restarting, sink busy) are retried with capped backoff, forever.
     pub async fn run(
-        mut self,
+        self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), EngineError> {
         let mut shutdown = Shutdown::spawn(shutdown);
-        let group = self.config.stream.name.clone();
-        let max_backoff = Duration::from_millis(self.config.apply.retry_max_backoff_ms);
-        let offsets = Offsets::open(&self.config.redb_path())?;
+        let Engine {
+            config,
+            mut sink,
+            stats,
+        } = self;
+        let group = config.stream.name.clone();
+        let max_backoff = Duration::from_millis(config.apply.retry_max_backoff_ms);
+        let offsets = Offsets::open(&config.redb_path())?;
 
-        // The sink's fence describes the data actually there, so it wins over redb.
-        let mut backoff = Backoff::new("reading the sink's fence", max_backoff);
-        let fence = loop {
-            match self.sink.fence(&group).await {
-                Ok(f) => break f,
-                Err(e) if e.is_retryable() => {
-                    if !backoff.fail(&e, &mut shutdown).await {
-                        return Ok(());
-                    }
-                }
-                Err(e) => return Err(e.into()),
-            }
+        let Some(applied) = start_point(&mut sink, &offsets, &group, max_backoff, &mut shutdown).await?
+        else {
+            return Ok(());
         };
-        backoff.succeed();
-        let checkpoint = offsets.applied(&group)?;
-        let applied = match fence {
-            Some(fence) => {
-                if fence != checkpoint {
-                    tracing::info!(
-                        fence,
-                        checkpoint,
-                        "bringing the redb checkpoint to the sink's fence"
-                    );
-                    offsets.set(&group, fence)?;
-                }
-                fence
-            }
-            None => checkpoint,
-        };
-        self.stats.set_applied(applied);
-        tracing::info!(stream = %group, instance = %self.config.instance, applied, "applier starting");
+        // S = 0 and an empty sink: join from a snapshot instead of replaying all history.
+        if applied == 0 && !offsets.bootstrapping(&group)? && sink_is_empty(&mut sink, max_backoff, &mut shutdown).await? == Some(true) {
+            offsets.set_bootstrapping(&group, true)?;
+        }
+        stats.set_applied(applied);
+        tracing::info!(stream = %group, instance = %config.instance, applied, "applier starting");
 
-        let Some(client) = self.connect(&mut shutdown, max_backoff).await? else {
+        let Some(client) = connect(&config, &mut shutdown, max_backoff).await? else {
             return Ok(());
         };
         let mut state = LoopState {
-            offsets,
-            applied,
-            group,
+            applier: Applier::new(&config, sink, offsets, applied, stats.clone())?,
             spec: ConsumerSpec {
-                name: self.config.consumer_name(),
-                filter: jetsync::group_filter(&self.config.stream.subject_prefix),
-                batch_max: self.config.apply.batch_max,
-                ack_wait: Duration::from_millis(self.config.apply.ack_wait_ms),
+                name: config.consumer_name(),
+                filter: jetsync::group_filter(&config.stream.subject_prefix),
+                batch_max: config.apply.batch_max,
+                ack_wait: Duration::from_millis(config.apply.ack_wait_ms),
             },
             progress: Progress::new(applied),
         };
+        let engine = Session {
+            config: &config,
+            stats: &stats,
+        };
         let mut session_backoff = Backoff::new("consuming the stream", max_backoff);
         while !shutdown.is_requested() {
-            match self.session(&client, &mut state, &mut shutdown).await {
+            match engine.session(&client, &mut state, &mut shutdown).await {
                 Ok(SessionEnd::Shutdown) => break,
                 Ok(SessionEnd::Reset(reason)) => {
-                    self.stats.add_consumer_reset();
+                    stats.add_consumer_reset();
                     tracing::info!(
                         reason,
-                        applied = state.applied,
+                        applied = state.applier.applied,
                         "restarting consumption at applied + 1"
                     );
                     session_backoff.succeed();
@@ -155,87 +142,178 @@ impl<S: Sink> Engine<S> {
                 Err(e) => return Err(e),
             }
         }
-        tracing::info!(applied = state.applied, "applier stopped");
+        tracing::info!(applied = state.applier.applied, "applier stopped");
         Ok(())
     }
+}
 
-    /// Connects (retrying while the server is unreachable) and provisions the stream if asked.
-    async fn connect(
-        &mut self,
-        shutdown: &mut Shutdown,
-        max_backoff: Duration,
-    ) -> Result<Option<jetsync::Client>, EngineError> {
-        let mut backoff = Backoff::new("connecting to NATS", max_backoff);
-        loop {
-            let attempt = async {
-                let client = jetsync::Client::connect(&self.config).await?;
-                if self.config.stream.provision {
-                    client.provision().await?;
+/// The sequence to resume after: the sink's fence where it keeps one (it describes the data
+/// actually there, so it wins over redb, which is brought to it), else the redb checkpoint.
+/// `None` when shutdown interrupted the wait for the sink.
+pub(crate) async fn start_point<S: Sink>(
+    sink: &mut S,
+    offsets: &Offsets,
+    group: &str,
+    max_backoff: Duration,
+    shutdown: &mut Shutdown,
+) -> Result<Option<u64>, EngineError> {
+    let mut backoff = Backoff::new("reading the sink's fence", max_backoff);
+    let fence = loop {
+        match sink.fence(group).await {
+            Ok(f) => break f,
+            Err(e) if e.is_retryable() => {
+                if !backoff.fail(&e, shutdown).await {
+                    return Ok(None);
                 }
-                Ok::<_, jetsync::Error>(client)
-            };
-            match attempt.await {
-                Ok(client) => {
-                    backoff.succeed();
-                    return Ok(Some(client));
-                }
-                Err(e) if e.is_retryable() => {
-                    if !backoff.fail(&e, shutdown).await {
-                        return Ok(None);
-                    }
-                }
-                Err(e) => return Err(e.into()),
             }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    backoff.succeed();
+    let checkpoint = offsets.applied(group)?;
+    Ok(Some(match fence {
+        Some(fence) => {
+            if fence != checkpoint {
+                tracing::info!(
+                    fence,
+                    checkpoint,
+                    "bringing the redb checkpoint to the sink's fence"
+                );
+                offsets.set(group, fence)?;
+            }
+            fence
+        }
+        None => checkpoint,
+    }))
+}
+
+async fn sink_is_empty<S: Sink>(
+    sink: &mut S,
+    max_backoff: Duration,
+    shutdown: &mut Shutdown,
+) -> Result<Option<bool>, EngineError> {
+    let mut backoff = Backoff::new("inspecting the sink", max_backoff);
+    loop {
+        match sink.is_empty().await {
+            Ok(empty) => return Ok(Some(empty)),
+            Err(e) if e.is_retryable() => {
+                if !backoff.fail(&e, shutdown).await {
+                    return Ok(None);
+                }
+            }
+            Err(e) => return Err(e.into()),
         }
     }
+}
 
-    /// One consumer session: reconcile the durable at applied + 1, then apply batches until
-    /// shutdown or an anomaly that calls for a fresh consumer.
-    async fn session(
-        &mut self,
+/// Connects (retrying while the server is unreachable) and provisions the stream if asked.
+pub(crate) async fn connect(
+    config: &Config,
+    shutdown: &mut Shutdown,
+    max_backoff: Duration,
+) -> Result<Option<jetsync::Client>, EngineError> {
+    let mut backoff = Backoff::new("connecting to NATS", max_backoff);
+    loop {
+        let attempt = async {
+            let client = jetsync::Client::connect(config).await?;
+            if config.stream.provision {
+                client.provision().await?;
+            }
+            Ok::<_, jetsync::Error>(client)
+        };
+        match attempt.await {
+            Ok(client) => {
+                backoff.succeed();
+                return Ok(Some(client));
+            }
+            Err(e) if e.is_retryable() => {
+                if !backoff.fail(&e, shutdown).await {
+                    return Ok(None);
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Looks up the sync group's stream, naming it when it is missing.
+pub(crate) async fn get_stream(
+    js: &jetstream::Context,
+    stream_name: &str,
+) -> Result<jetstream::stream::Stream, EngineError> {
+    match js.get_stream(stream_name).await {
+        Ok(s) => Ok(s),
+        Err(e) => {
+            if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j) if j.error_code().0 == 10059)
+            {
+                return Err(EngineError::StreamNotFound {
+                    stream: stream_name.to_owned(),
+                });
+            }
+            Err(EngineError::nats("get stream", e))
+        }
+    }
+}
+
+/// The read-only parts one consumer session needs.
+struct Session<'a> {
+    config: &'a Config,
+    stats: &'a Arc<Stats>,
+}
+
+impl Session<'_> {
+    /// One consumer session: finish a pending resync or bootstrap, check for a gap, reconcile
+    /// the durable at applied + 1, then apply batches until shutdown or an anomaly that calls
+    /// for a fresh consumer.
+    async fn session<S: Sink>(
+        &self,
         client: &jetsync::Client,
-        state: &mut LoopState,
+        state: &mut LoopState<S>,
         shutdown: &mut Shutdown,
     ) -> Result<SessionEnd, EngineError> {
         let js = client.jetstream();
         let stream_name = &self.config.stream.name;
-        let mut stream = match js.get_stream(stream_name).await {
-            Ok(s) => s,
-            Err(e) => {
-                if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j) if j.error_code().0 == 10059)
-                {
-                    return Err(EngineError::StreamNotFound {
-                        stream: stream_name.clone(),
-                    });
-                }
-                return Err(EngineError::nats("get stream", e));
-            }
-        };
+        let mut stream = get_stream(&js, stream_name).await?;
         let info = stream
             .info()
             .await
             .map_err(|e| EngineError::nats("stream info", e))?
             .clone();
+        let limits = jetsync::stream_has_limits(&info.config);
+        let group = state.applier.group.clone();
+
+        // A resync that was started and not finished (a crash, a shutdown) is redone first: the
+        // parked events already describe its snapshot.
+        if let Some(target) = state.applier.offsets.resync_pending(&group)? {
+            return self
+                .resync(&js, state, shutdown, &format!("finishing the resync towards seq {target} that was interrupted"))
+                .await;
+        }
+        if state.applier.offsets.bootstrapping(&group)? {
+            if !bootstrap(&js, self.config, &mut state.applier, shutdown).await? {
+                return Ok(SessionEnd::Shutdown);
+            }
+            state.progress = Progress::new(state.applier.applied);
+            return Ok(SessionEnd::Reset("bootstrap complete".into()));
+        }
+
         let (first, last) = (info.state.first_sequence, info.state.last_sequence);
-        if state.applied > last {
+        let applied = state.applier.applied;
+        if applied > last {
             return Err(EngineError::AheadOfStream {
                 stream: stream_name.clone(),
-                applied: state.applied,
+                applied,
                 last,
             });
         }
         // Events may be missing only if the stream has limits; on a compacted stream without
         // limits every row's latest event is still there, so replaying from `first` is exact.
-        if first > state.applied + 1 && jetsync::stream_has_limits(&info.config) {
-            return Err(EngineError::Gap {
-                applied: state.applied,
-                first_available: first,
-            });
+        if first > applied + 1 && limits {
+            return self.gap(&js, state, shutdown, first).await;
         }
-        self.stats
-            .observe_stream(last, last.saturating_sub(state.applied));
+        self.stats.observe_stream(last, last.saturating_sub(applied));
 
-        let ready = consumer::reconcile(&stream, &state.spec, state.applied).await?;
+        let ready = consumer::reconcile(&stream, &state.spec, applied).await?;
         let mut expected_cseq = ready.next_consumer_seq;
         let mut messages = ready
             .consumer
@@ -301,7 +379,35 @@ impl<S: Sink> Engine<S> {
                     }
                 }
             }
-            self.apply_batch(state, batch, shutdown).await?;
+            // A stream-sequence jump on a stream with limits may be a gap (events removed by
+            // the limits before this instance got them): apply what precedes the jump, then
+            // ask the server where the stream starts now.
+            if limits {
+                if let Some(cut) = first_jump(&batch, state.applier.applied) {
+                    let rest = batch.split_off(cut);
+                    let before = if cut == 0 {
+                        state.applier.applied
+                    } else {
+                        batch[cut - 1].stream_seq.max(state.applier.applied)
+                    };
+                    if !self.apply_batch(state, batch, shutdown).await? {
+                        return Ok(SessionEnd::Shutdown);
+                    }
+                    let first = stream
+                        .info()
+                        .await
+                        .map_err(|e| EngineError::nats("stream info", e))?
+                        .state
+                        .first_sequence;
+                    if first > before + 1 {
+                        return self.gap(&js, state, shutdown, first).await;
+                    }
+                    batch = rest;
+                }
+            }
+            if !self.apply_batch(state, batch, shutdown).await? {
+                return Ok(SessionEnd::Shutdown);
+            }
             if let Some(reason) = anomaly {
                 return Ok(SessionEnd::Reset(reason));
             }
@@ -311,99 +417,81 @@ impl<S: Sink> Engine<S> {
         }
     }
 
-    /// Decodes, applies, checkpoints and acknowledges one batch (see the module's crash windows).
-    async fn apply_batch(
-        &mut self,
-        state: &mut LoopState,
+    /// A gap: events after the applied sequence are gone. `resync` rebuilds from a snapshot,
+    /// `halt` stops naming both sequences; never continue silently.
+    async fn gap<S: Sink>(
+        &self,
+        js: &jetstream::Context,
+        state: &mut LoopState<S>,
+        shutdown: &mut Shutdown,
+        first_available: u64,
+    ) -> Result<SessionEnd, EngineError> {
+        let applied = state.applier.applied;
+        match self.config.apply.on_gap {
+            OnGap::Halt => Err(EngineError::Gap {
+                applied,
+                first_available,
+            }),
+            OnGap::Resync => {
+                self.resync(
+                    js,
+                    state,
+                    shutdown,
+                    &format!("gap: applied up to seq {applied}, but the stream's first available seq is {first_available}"),
+                )
+                .await
+            }
+        }
+    }
+
+    async fn resync<S: Sink>(
+        &self,
+        js: &jetstream::Context,
+        state: &mut LoopState<S>,
+        shutdown: &mut Shutdown,
+        reason: &str,
+    ) -> Result<SessionEnd, EngineError> {
+        tracing::warn!(reason, "rebuilding the synced tables from a snapshot (resync)");
+        let outcome = resync(js, self.config, &mut state.applier, shutdown, &mut |p| {
+            tracing::info!(loaded = p.loaded, rows = p.total, "resync: reading the snapshot");
+        })
+        .await?;
+        match outcome {
+            None => Ok(SessionEnd::Shutdown),
+            Some(done) => {
+                self.stats.add_resync();
+                state.progress = Progress::new(state.applier.applied);
+                tracing::info!(
+                    applied = done.applied_seq,
+                    events = done.events,
+                    "resync complete"
+                );
+                Ok(SessionEnd::Reset("resync complete".into()))
+            }
+        }
+    }
+
+    /// Applies and acknowledges one batch of the durable consumer (see the module's crash
+    /// windows). Returns false when shutdown interrupted it before anything was applied.
+    async fn apply_batch<S: Sink>(
+        &self,
+        state: &mut LoopState<S>,
         batch: Vec<Pulled>,
         shutdown: &mut Shutdown,
-    ) -> Result<(), EngineError> {
+    ) -> Result<bool, EngineError> {
         let Some(last) = batch.last() else {
-            return Ok(());
+            return Ok(true);
         };
-        let prefix = &self.config.stream.subject_prefix;
-        let mut changes: Vec<Change> = Vec::with_capacity(batch.len());
-        let mut last_seq = state.applied;
-        for p in &batch {
-            // Already applied (a redelivery, or a crash between commit and ack): skip, but the
-            // final ack still covers it.
-            if p.stream_seq <= last_seq {
-                continue;
-            }
-            match decode(prefix, p.stream_seq, &p.message) {
-                Ok(change) => changes.push(change),
-                Err(reason) => {
-                    return Err(EngineError::Poison {
-                        seq: p.stream_seq,
-                        subject: p.message.subject.to_string(),
-                        reason,
-                    })
-                }
-            }
-            last_seq = p.stream_seq;
-        }
         let pending = last.pending;
-        self.stats
-            .observe_stream(last.stream_seq + pending, pending);
-
-        if last_seq > state.applied {
-            // Crash window 2: the sink transaction is all-or-nothing.
-            let started = Instant::now();
-            let mut backoff = Backoff::new(
-                "applying to the sink",
-                Duration::from_millis(self.config.apply.retry_max_backoff_ms),
-            );
-            let mut last_progress_ack = Instant::now();
-            loop {
-                match self.sink.apply(&state.group, &changes, last_seq).await {
-                    Ok(()) => break,
-                    Err(e @ SinkError::Unavailable { .. }) => {
-                        // Keep the server from redelivering the batch while the sink is away.
-                        if last_progress_ack.elapsed()
-                            >= Duration::from_millis(self.config.apply.ack_wait_ms / 3)
-                        {
-                            for p in &batch {
-                                let _ = p.message.ack_with(AckKind::Progress).await;
-                            }
-                            last_progress_ack = Instant::now();
-                        }
-                        // Shutdown does not abandon the batch in hand: keep retrying, but stop
-                        // once asked to (nothing was applied, so nothing is lost).
-                        if !backoff.fail(&e, shutdown).await {
-                            return Ok(());
-                        }
-                    }
-                    Err(SinkError::Rejected {
-                        seq,
-                        table,
-                        key,
-                        reason,
-                        ..
-                    }) => {
-                        return Err(EngineError::Poison {
-                            seq,
-                            subject: format!("{table}/{key}"),
-                            reason,
-                        })
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            backoff.succeed();
-            // Crash window 3: the sink holds L, redb still says S; startup takes the fence.
-            state
-                .offsets
-                .commit(&state.group, last_seq, changes.len() as u64)?;
-            state.applied = last_seq;
-            self.stats.set_applied(last_seq);
-            self.stats.add_batch(&changes, started.elapsed());
-            tracing::debug!(
-                first_seq = changes.first().map(|c| c.seq).unwrap_or(last_seq),
-                last_seq,
-                n = changes.len(),
-                elapsed_us = started.elapsed().as_micros() as u64,
-                "batch applied"
-            );
+        self.stats.observe_stream(last.stream_seq + pending, pending);
+        let events: Vec<(u64, &jetstream::Message)> =
+            batch.iter().map(|p| (p.stream_seq, &p.message)).collect();
+        if !state
+            .applier
+            .apply(&events, last.stream_seq, Mode::Apply, true, shutdown)
+            .await?
+        {
+            return Ok(false);
         }
         // Crash window 4: applied and checkpointed, not yet acknowledged.
         // An unconfirmed ack is harmless: the next batch's AckAll covers this one, and a restart
@@ -418,16 +506,150 @@ impl<S: Sink> Engine<S> {
                 "acknowledgement not confirmed within {ACK_CONFIRM_WAIT:?}; going on"
             ),
         }
-        state.progress.maybe_log(state.applied, pending);
-        Ok(())
+        state.progress.maybe_log(state.applier.applied, pending);
+        Ok(true)
     }
 }
 
+/// The index of the first delivery in `batch` whose stream sequence is not the one after its
+/// predecessor (the applied sequence for the first), ignoring already applied deliveries.
+fn first_jump(batch: &[Pulled], applied: u64) -> Option<usize> {
+    let mut prev = applied;
+    for (i, p) in batch.iter().enumerate() {
+        if p.stream_seq <= prev {
+            continue;
+        }
+        if p.stream_seq > prev + 1 {
+            return Some(i);
+        }
+        prev = p.stream_seq;
+    }
+    None
+}
+
+/// Progress of a snapshot being read.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotProgress {
+    /// Events read so far.
+    pub loaded: u64,
+    /// Rows the server reported when the snapshot started.
+    pub total: u64,
+}
+
+/// What a completed resync did.
+#[derive(Debug, Clone, Copy)]
+pub struct ResyncDone {
+    /// The sequence the rebuilt tables are at.
+    pub applied_seq: u64,
+    /// Events applied from the snapshot.
+    pub events: u64,
+}
+
+/// Events per sink call while bootstrapping.
+const BOOTSTRAP_BATCH: usize = 5_000;
+
+/// Joins from a snapshot (S = 0 and an empty sink, or resuming an interrupted bootstrap): the
+/// latest event of every row, applied in ascending batches, each with its fence, so a crash
+/// resumes after the last one. Returns false on shutdown.
+pub(crate) async fn bootstrap<S: Sink>(
+    js: &jetstream::Context,
+    config: &Config,
+    applier: &mut Applier<S>,
+    shutdown: &mut Shutdown,
+) -> Result<bool, EngineError> {
+    let started = Instant::now();
+    let from = applier.applied;
+    let mut snapshot = Snapshot::start(
+        js,
+        &config.stream.name,
+        &jetsync::group_filter(&config.stream.subject_prefix),
+    )
+    .await?;
+    tracing::info!(
+        rows = snapshot.total(),
+        resuming_after = from,
+        "bootstrapping from a snapshot (latest event of every row)"
+    );
+    let mut last_log = Instant::now();
+    let batch_max = config.apply.batch_max.max(BOOTSTRAP_BATCH);
+    while let Some(batch) = snapshot.next_batch(batch_max).await? {
+        let events: Vec<(u64, &jetstream::Message)> = batch.iter().map(|(s, m)| (*s, m)).collect();
+        let through = events.last().map(|e| e.0).unwrap_or(applier.applied);
+        if !applier.apply(&events, through, Mode::Apply, false, shutdown).await? {
+            return Ok(false);
+        }
+        if last_log.elapsed() >= PROGRESS_EVERY {
+            tracing::info!(loaded = snapshot.delivered(), rows = snapshot.total(), "bootstrapping");
+            last_log = Instant::now();
+        }
+        if shutdown.is_requested() {
+            return Ok(false);
+        }
+    }
+    if !applier.advance(snapshot.last_seq(), shutdown).await? {
+        return Ok(false);
+    }
+    applier.offsets.set_bootstrapping(&applier.group, false)?;
+    tracing::info!(
+        events = snapshot.delivered(),
+        applied = applier.applied,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "bootstrap complete; continuing with the durable consumer"
+    );
+    Ok(true)
+}
+
+/// Rebuilds the synced tables from a snapshot in one sink transaction (`Sink::replace`), and
+/// replaces the parked events by those of the snapshot. Returns `None` on shutdown (nothing
+/// changed unless the replacement had begun, in which case a restart finishes it).
+pub(crate) async fn resync<S: Sink>(
+    js: &jetstream::Context,
+    config: &Config,
+    applier: &mut Applier<S>,
+    shutdown: &mut Shutdown,
+    progress: &mut (dyn FnMut(SnapshotProgress) + Send),
+) -> Result<Option<ResyncDone>, EngineError> {
+    let mut snapshot = Snapshot::start(
+        js,
+        &config.stream.name,
+        &jetsync::group_filter(&config.stream.subject_prefix),
+    )
+    .await?;
+    let mut all = Vec::new();
+    let mut last_report = Instant::now();
+    while let Some(batch) = snapshot.next_batch(BOOTSTRAP_BATCH).await? {
+        all.extend(batch);
+        if last_report.elapsed() >= Duration::from_millis(200) {
+            progress(SnapshotProgress {
+                loaded: snapshot.delivered(),
+                total: snapshot.total(),
+            });
+            last_report = Instant::now();
+        }
+        if shutdown.is_requested() {
+            return Ok(None);
+        }
+    }
+    progress(SnapshotProgress {
+        loaded: snapshot.delivered(),
+        total: snapshot.total(),
+    });
+    let events: Vec<(u64, &jetstream::Message)> = all.iter().map(|(s, m)| (*s, m)).collect();
+    if !applier
+        .apply(&events, snapshot.last_seq(), Mode::Replace, false, shutdown)
+        .await?
+    {
+        return Ok(None);
+    }
+    Ok(Some(ResyncDone {
+        applied_seq: applier.applied,
+        events: events.len() as u64,
+    }))
+}
+
 /// Mutable state of the apply loop that outlives consumer sessions.
-struct LoopState {
-    offsets: Offsets,
-    applied: u64,
-    group: String,
+struct LoopState<S> {
+    applier: Applier<S>,
     spec: ConsumerSpec,
     progress: Progress,
 }

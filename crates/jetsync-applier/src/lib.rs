@@ -17,6 +17,7 @@
 //! # let _ = row; Ok(()) }
 //! ```
 
+mod apply;
 mod backoff;
 mod consumer;
 mod decode;
@@ -25,19 +26,24 @@ mod engine;
 mod error;
 mod http;
 mod offsets;
+mod ops;
+mod parked;
 mod shutdown;
 mod sink;
 mod sinks;
+mod snapshot;
 mod stats;
 mod status;
 
 pub use digest::{row_hash, DigestBuilder};
-pub use engine::{run, Engine};
+pub use engine::{run, Engine, ResyncDone, SnapshotProgress};
 pub use error::EngineError;
 pub use http::{
     readiness, render_metrics, router, HttpEndpoint, METRICS_CONTENT_TYPE, METRIC_NAMES,
 };
-pub use offsets::{read_checkpoint, Checkpoint, Offsets, OffsetsError};
+pub use offsets::{read_checkpoint, read_parked, Checkpoint, Offsets, OffsetsError};
+pub use ops::{drop_parked, resync_instance, retry_parked, RetryReport};
+pub use parked::{group_by_row, ParkedEvent, RowId};
 pub use sink::{Change, Sink, SinkError, TableDigest};
 pub use sinks::postgres::{PostgresOptions, PostgresSink};
 pub use sinks::redb::{read_audit, RedbOptions, RedbSink, Replica, ReplicaError};

@@ -16,11 +16,20 @@ use redb::{
     TableDefinition,
 };
 
+use crate::parked::ParkedEvent;
+
 /// group (stream name) → last applied stream sequence.
 const APPLIED: TableDefinition<'_, &str, u64> = TableDefinition::new("applied");
 /// group (stream name) → number of events applied over the instance's life (a counter for
 /// status and metrics, not used for correctness).
 const APPLIED_EVENTS: TableDefinition<'_, &str, u64> = TableDefinition::new("applied_events");
+/// (group, stream sequence) → parked event (JSON, see `parked.rs`).
+const PARKED: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("parked");
+/// group → 1 while a snapshot bootstrap is in progress (a restart resumes it).
+const BOOTSTRAP: TableDefinition<'_, &str, u64> = TableDefinition::new("bootstrap");
+/// group → target sequence while a snapshot resync is pending: the parked events already
+/// describe the snapshot, the sink may not have been replaced yet, so a restart must redo it.
+const RESYNC: TableDefinition<'_, &str, u64> = TableDefinition::new("resync");
 
 /// Errors of the checkpoint store.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +90,9 @@ impl Offsets {
         let tx = offsets.db.begin_write().map_err(|e| offsets.err(e))?;
         tx.open_table(APPLIED).map_err(|e| offsets.err(e))?;
         tx.open_table(APPLIED_EVENTS).map_err(|e| offsets.err(e))?;
+        tx.open_table(PARKED).map_err(|e| offsets.err(e))?;
+        tx.open_table(BOOTSTRAP).map_err(|e| offsets.err(e))?;
+        tx.open_table(RESYNC).map_err(|e| offsets.err(e))?;
         tx.commit().map_err(|e| offsets.err(e))?;
         Ok(offsets)
     }
@@ -135,6 +147,135 @@ impl Offsets {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Durably parks `events` of `group` (an event parked again under the same sequence is
+    /// overwritten, so re-parking after a crash is harmless).
+    pub fn park(&self, group: &str, events: &[ParkedEvent]) -> Result<(), OffsetsError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut parked = tx.open_table(PARKED).map_err(|e| self.err(e))?;
+            for event in events {
+                parked
+                    .insert((group, event.seq), event.to_bytes().as_slice())
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// The parked events of `group`, in sequence order.
+    pub fn parked(&self, group: &str) -> Result<Vec<ParkedEvent>, OffsetsError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = tx.open_table(PARKED).map_err(|e| self.err(e))?;
+        collect_parked(&table, group).map_err(|e| self.err(e))
+    }
+
+    /// Removes the parked events of `group` with the given sequences.
+    pub fn unpark(&self, group: &str, seqs: &[u64]) -> Result<(), OffsetsError> {
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut parked = tx.open_table(PARKED).map_err(|e| self.err(e))?;
+            for &seq in seqs {
+                parked.remove((group, seq)).map_err(|e| self.err(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// Starts a snapshot resync of `group` towards `target`: the parked events are replaced by
+    /// `parks` (those of the snapshot) and the resync is marked pending, in one transaction.
+    /// Until [`finish_resync`](Self::finish_resync) runs, a restart must redo the resync.
+    pub fn begin_resync(
+        &self,
+        group: &str,
+        target: u64,
+        parks: &[ParkedEvent],
+    ) -> Result<(), OffsetsError> {
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut parked = tx.open_table(PARKED).map_err(|e| self.err(e))?;
+            let old: Vec<u64> = collect_parked(&parked, group)
+                .map_err(|e| self.err(e))?
+                .iter()
+                .map(|p| p.seq)
+                .collect();
+            for seq in old {
+                parked.remove((group, seq)).map_err(|e| self.err(e))?;
+            }
+            for event in parks {
+                parked
+                    .insert((group, event.seq), event.to_bytes().as_slice())
+                    .map_err(|e| self.err(e))?;
+            }
+            let mut resync = tx.open_table(RESYNC).map_err(|e| self.err(e))?;
+            resync.insert(group, target).map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// Ends a resync: the sink was replaced up to `seq` (`events` applied).
+    pub fn finish_resync(&self, group: &str, seq: u64, events: u64) -> Result<(), OffsetsError> {
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut resync = tx.open_table(RESYNC).map_err(|e| self.err(e))?;
+            resync.remove(group).map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        self.commit(group, seq, events)
+    }
+
+    /// The target of a resync of `group` that was started but not finished, if any.
+    pub fn resync_pending(&self, group: &str) -> Result<Option<u64>, OffsetsError> {
+        self.marker(RESYNC, group)
+    }
+
+    /// Whether a snapshot bootstrap of `group` was started and not finished.
+    pub fn bootstrapping(&self, group: &str) -> Result<bool, OffsetsError> {
+        Ok(self.marker(BOOTSTRAP, group)?.is_some())
+    }
+
+    /// Marks a snapshot bootstrap of `group` as started (`true`) or finished (`false`).
+    pub fn set_bootstrapping(&self, group: &str, on: bool) -> Result<(), OffsetsError> {
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut table = tx.open_table(BOOTSTRAP).map_err(|e| self.err(e))?;
+            if on {
+                table.insert(group, 1).map_err(|e| self.err(e))?;
+            } else {
+                table.remove(group).map_err(|e| self.err(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    fn marker(
+        &self,
+        def: TableDefinition<'_, &str, u64>,
+        group: &str,
+    ) -> Result<Option<u64>, OffsetsError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = tx.open_table(def).map_err(|e| self.err(e))?;
+        let value = table.get(group).map_err(|e| self.err(e))?;
+        Ok(value.map(|v| v.value()))
+    }
+}
+
+fn collect_parked(
+    table: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+    group: &str,
+) -> Result<Vec<ParkedEvent>, String> {
+    let mut out = Vec::new();
+    let range = table
+        .range((group, 0)..=(group, u64::MAX))
+        .map_err(|e| e.to_string())?;
+    for entry in range {
+        let (_, value) = entry.map_err(|e| e.to_string())?;
+        out.push(ParkedEvent::from_bytes(value.value())?);
+    }
+    Ok(out)
 }
 
 /// What a read-only look at a checkpoint store shows (`status` while `run` is running).
@@ -144,6 +285,8 @@ pub struct Checkpoint {
     pub applied: u64,
     /// Events applied over the instance's life.
     pub applied_events: u64,
+    /// Events currently parked.
+    pub parked: u64,
 }
 
 /// Reads the checkpoint of `group` without taking the write lock; works while an applier runs.
@@ -168,10 +311,37 @@ pub fn read_checkpoint(path: &Path, group: &str) -> Result<Checkpoint, OffsetsEr
             Err(e) => Err(storage(path, e)),
         }
     };
+    let parked = match tx.open_table(PARKED) {
+        Ok(table) => collect_parked(&table, group)
+            .map_err(|e| storage(path, e))?
+            .len() as u64,
+        Err(redb::TableError::TableDoesNotExist(_)) => 0,
+        Err(e) => return Err(storage(path, e)),
+    };
     Ok(Checkpoint {
         applied: read(APPLIED)?,
         applied_events: read(APPLIED_EVENTS)?,
+        parked,
     })
+}
+
+/// Reads the parked events of `group` without taking the write lock (`parked list` while the
+/// applier runs).
+pub fn read_parked(path: &Path, group: &str) -> Result<Vec<ParkedEvent>, OffsetsError> {
+    if !path.exists() {
+        return Err(OffsetsError::Missing {
+            path: path.to_owned(),
+        });
+    }
+    let db: ReadOnlyDatabase = builder()
+        .open_read_only(path)
+        .map_err(|e| storage(path, e))?;
+    let tx = db.begin_read().map_err(|e| storage(path, e))?;
+    match tx.open_table(PARKED) {
+        Ok(table) => collect_parked(&table, group).map_err(|e| storage(path, e)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(Vec::new()),
+        Err(e) => Err(storage(path, e)),
+    }
 }
 
 fn storage(path: &Path, e: impl std::fmt::Display) -> OffsetsError {
@@ -199,7 +369,8 @@ mod tests {
             seen,
             Checkpoint {
                 applied: 15,
-                applied_events: 10
+                applied_events: 10,
+                parked: 0,
             }
         );
         // A second writer is refused with a clear error.

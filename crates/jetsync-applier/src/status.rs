@@ -137,6 +137,7 @@ pub async fn collect_status(config: &Config) -> Result<StatusReport, OffsetsErro
         Err(OffsetsError::Missing { .. }) => Checkpoint {
             applied: 0,
             applied_events: 0,
+            parked: 0,
         },
         Err(e) => return Err(e),
     };
@@ -148,7 +149,7 @@ pub async fn collect_status(config: &Config) -> Result<StatusReport, OffsetsErro
         stream_last_seq: None,
         lag: None,
         consumer: None,
-        parked: 0,
+        parked: checkpoint.parked,
         nats_error: None,
     };
     let remote = async {

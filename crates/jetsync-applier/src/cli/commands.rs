@@ -8,7 +8,7 @@ use jetsync_applier::{
     build_sink, collect_status, Engine, HttpEndpoint, Offsets, Sink, StatusReport,
 };
 
-use super::{output::emit, Cli, Command, Failure};
+use super::{output::emit, Cli, Command, Failure, ParkedAction};
 
 /// Loads the configuration; any problem is a configuration error (exit 2).
 fn load_config(cli: &Cli) -> Result<Config, Failure> {
@@ -67,6 +67,18 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<(), Failure> {
         } => {
             init_logging(&config, "warn");
             publish(&config, &table, &key, row.as_deref(), delete, msg_id, json).await
+        }
+        Command::Resync { .. } => {
+            init_logging(&config, "warn");
+            resync(&config, json).await
+        }
+        Command::Parked { action } => {
+            init_logging(&config, "warn");
+            match action {
+                ParkedAction::List { .. } => parked_list(&config, json),
+                ParkedAction::Retry { rows, .. } => parked_retry(&config, &rows, json).await,
+                ParkedAction::Drop { rows, all, .. } => parked_drop(&config, &rows, all, json),
+            }
         }
         Command::Tail {
             table, all, count, ..
@@ -348,5 +360,167 @@ async fn tail(
         }
         seen += 1;
     }
+    Ok(())
+}
+
+/// `resync`: rebuild from a snapshot, with a progress bar on a terminal (a line per second
+/// otherwise, on stderr).
+async fn resync(config: &Config, json: bool) -> Result<(), Failure> {
+    use std::io::IsTerminal;
+    let stop = termination();
+    let sink = build_sink(config).await.map_err(Failure::runtime)?;
+    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "reading snapshot {bar:40} {pos}/{len} rows ({per_sec}, eta {eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let started = std::time::Instant::now();
+    let mut last_line = std::time::Instant::now();
+    let progress = |p: jetsync_applier::SnapshotProgress| match &bar {
+        Some(bar) => {
+            bar.set_length(p.total.max(p.loaded));
+            bar.set_position(p.loaded);
+        }
+        None => {
+            if !json && last_line.elapsed() >= std::time::Duration::from_secs(1) {
+                eprintln!("resync: read {} of {} rows", p.loaded, p.total);
+                last_line = std::time::Instant::now();
+            }
+        }
+    };
+    let done = jetsync_applier::resync_instance(config, sink, progress, stop)
+        .await
+        .map_err(Failure::runtime)?;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let Some(done) = done else {
+        return Err(Failure::runtime(anyhow!(
+            "interrupted: nothing was replaced (or the next `run` finishes the resync)"
+        )));
+    };
+    let report = serde_json::json!({
+        "stream": config.stream.name,
+        "applied_seq": done.applied_seq,
+        "events": done.events,
+        "elapsed_ms": started.elapsed().as_millis() as u64,
+    });
+    emit(json, &report, |_| {
+        format!(
+            "resync of {}: tables rebuilt from {} events, applied seq {} ({:.1} s)",
+            config.stream.name,
+            done.events,
+            done.applied_seq,
+            started.elapsed().as_secs_f64()
+        )
+    });
+    Ok(())
+}
+
+/// One parked event for `--json` output.
+fn parked_json(e: &jetsync_applier::ParkedEvent) -> serde_json::Value {
+    serde_json::json!({
+        "seq": e.seq,
+        "subject": e.subject,
+        "row": e.row.as_ref().map(|r| r.to_string()),
+        "format": e.format,
+        "msg_id": e.msg_id,
+        "error": e.error,
+        "held_behind": e.held_behind,
+        "parked_at_ms": e.parked_at_ms,
+        "payload_base64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &e.payload),
+    })
+}
+
+fn parked_text(events: &[jetsync_applier::ParkedEvent]) -> String {
+    if events.is_empty() {
+        return "no parked events".to_owned();
+    }
+    let mut out = String::new();
+    for e in events {
+        let row = e
+            .row
+            .as_ref()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| format!("(no row) {}", e.subject));
+        out.push_str(&format!("{:>10}  {row}  {}\n", e.seq, e.error));
+        if e.held_behind.is_none() {
+            out.push_str(&format!("{:>10}  body: {}\n", "", e.payload_preview(120)));
+        }
+    }
+    let held = events.iter().filter(|e| e.held_behind.is_some()).count();
+    out.push_str(&format!(
+        "{} parked ({} poison, {held} held behind them)",
+        events.len(),
+        events.len() - held
+    ));
+    out
+}
+
+/// `parked list`: reads the checkpoint store read-only, so it works while `run` runs.
+fn parked_list(config: &Config, json: bool) -> Result<(), Failure> {
+    let events = match jetsync_applier::read_parked(&config.redb_path(), &config.stream.name) {
+        Ok(events) => events,
+        Err(jetsync_applier::OffsetsError::Missing { .. }) => Vec::new(),
+        Err(e) => return Err(Failure::runtime(e)),
+    };
+    let list: Vec<serde_json::Value> = events.iter().map(parked_json).collect();
+    emit(json, &list, |_| parked_text(&events));
+    Ok(())
+}
+
+/// `parked retry`.
+async fn parked_retry(
+    config: &Config,
+    rows: &[jetsync_applier::RowId],
+    json: bool,
+) -> Result<(), Failure> {
+    let sink = build_sink(config).await.map_err(Failure::runtime)?;
+    let report = jetsync_applier::retry_parked(config, sink, rows)
+        .await
+        .map_err(Failure::runtime)?;
+    let value = serde_json::json!({
+        "applied": report.applied,
+        "still_parked": report.still_parked.iter().map(parked_json).collect::<Vec<_>>(),
+        "fence": report.fence,
+    });
+    emit(json, &value, |_| {
+        let mut text = format!("applied {} parked events", report.applied.len());
+        if !report.still_parked.is_empty() {
+            text.push_str(&format!(
+                "; still parked:\n{}",
+                parked_text(&report.still_parked)
+            ));
+        }
+        text
+    });
+    if report.still_parked.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::runtime(anyhow!(
+            "{} events are still parked (see above)",
+            report.still_parked.len()
+        )))
+    }
+}
+
+/// `parked drop`.
+fn parked_drop(
+    config: &Config,
+    rows: &[jetsync_applier::RowId],
+    all: bool,
+    json: bool,
+) -> Result<(), Failure> {
+    let dropped =
+        jetsync_applier::drop_parked(config, rows, all).map_err(Failure::runtime)?;
+    let list: Vec<serde_json::Value> = dropped.iter().map(parked_json).collect();
+    emit(json, &list, |_| {
+        format!("dropped {} parked events", dropped.len())
+    });
     Ok(())
 }

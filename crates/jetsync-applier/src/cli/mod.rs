@@ -66,6 +66,17 @@ pub(crate) enum Command {
         #[command(flatten)]
         out: Output,
     },
+    /// Rebuild the synced tables from a snapshot of the stream, in one transaction (the applier
+    /// must be stopped). Progress is shown on a terminal.
+    Resync {
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Inspect and resolve parked (poison) events.
+    Parked {
+        #[command(subcommand)]
+        action: ParkedAction,
+    },
     /// Publish one row change.
     Publish {
         /// Table name.
@@ -109,6 +120,36 @@ pub(crate) enum Command {
     },
 }
 
+/// `parked` subcommands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum ParkedAction {
+    /// List parked events (works while `run` runs).
+    List {
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Apply parked events again, oldest first per row, after fixing their cause (the applier
+    /// must be stopped).
+    Retry {
+        /// Only this row, as TABLE/KEY (repeatable); default: every row.
+        #[arg(long = "row", value_name = "TABLE/KEY")]
+        rows: Vec<jetsync_applier::RowId>,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Discard parked events for good (the applier must be stopped).
+    Drop {
+        /// The rows whose parked events to discard, as TABLE/KEY (repeatable).
+        #[arg(long = "row", value_name = "TABLE/KEY", required_unless_present = "all")]
+        rows: Vec<jetsync_applier::RowId>,
+        /// Discard every parked event.
+        #[arg(long, conflicts_with = "rows")]
+        all: bool,
+        #[command(flatten)]
+        out: Output,
+    },
+}
+
 /// A failure with its exit code.
 #[derive(Debug)]
 pub(crate) struct Failure {
@@ -125,7 +166,13 @@ impl Command {
             | Command::Provision { out }
             | Command::Digest { out }
             | Command::Reset { out, .. }
-            | Command::Tail { out, .. } => out.json,
+            | Command::Tail { out, .. }
+            | Command::Resync { out } => out.json,
+            Command::Parked { action } => match action {
+                ParkedAction::List { out }
+                | ParkedAction::Retry { out, .. }
+                | ParkedAction::Drop { out, .. } => out.json,
+            },
             Command::Publish { json_output, .. } => *json_output,
         }
     }

@@ -1,0 +1,233 @@
+//! Snapshots (issue #4): a new instance joins from the latest event of every row instead of the
+//! whole history; an instance that fell behind a stream with limits is rebuilt from a snapshot
+//! (`on_gap = "resync"`, or the `resync` command) or halts naming both sequences.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use jetsync::Row;
+use jetsync_e2e::{
+    assert_sqlite_matches_exactly, heavy, random_row, Group, Instance, Reference, SinkKind,
+};
+use jetsync_testkit::NatsServer;
+use rand::{rngs::StdRng, SeedableRng};
+
+use crate::convergence::digest_of;
+
+/// Publishes `events` (key, row or `None` for a delete) pipelined; returns the reference.
+async fn publish(group: &Group, events: Vec<(String, Option<Row>)>) -> Result<Reference> {
+    let client = group.client("snap-pub").await?;
+    let items = client.rows("items")?;
+    let mut pipeline = items.pipeline();
+    for (key, row) in &events {
+        match row {
+            Some(row) => pipeline.upsert(key, row).await?,
+            None => pipeline.delete(key).await?,
+        }
+    }
+    let published = pipeline.finish().await?;
+    ensure!(published.len() == events.len(), "missing acknowledgements");
+    let mut reference = Reference::default();
+    for ((key, row), p) in events.into_iter().zip(published) {
+        ensure!(!p.duplicate, "{key} acknowledged as a duplicate");
+        reference.record(p.seq, "items", &key, row);
+    }
+    Ok(reference)
+}
+
+fn applied_events(instance: &Instance) -> Result<u64> {
+    let status = instance.status()?;
+    status["groups"][0]["applied_events"]
+        .as_u64()
+        .with_context(|| format!("status without applied_events: {status}"))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+const BOOT_KEYS: usize = 10_000;
+const BOOT_ROUNDS: usize = 5;
+
+/// History 5, 10,000 keys each written 5 times: the instance that ran all along applied 50,000
+/// events; a new instance bootstraps from about 10,000 and ends identical.
+#[test]
+fn new_instance_bootstraps_from_rows_not_history() -> Result<()> {
+    let _heavy = heavy();
+    runtime()?.block_on(async {
+        let started = Instant::now();
+        let server = NatsServer::start()?;
+        let root = tempfile::tempdir()?;
+        let group = Group::new(server.url(), "BOOT", "boot");
+        let mut old = Instance::new(&group, root.path(), "b1", SinkKind::Sqlite)?;
+        let mut new = Instance::new(&group, root.path(), "b2", SinkKind::Sqlite)?;
+        for i in [&old, &new] {
+            i.set_stream_option("history", "5")?;
+        }
+        let (code, _, err) = old.cli(&["provision"])?;
+        ensure!(code == 0, "provision: {err}");
+        old.start()?;
+
+        let mut rng = StdRng::seed_from_u64(rand::random());
+        let mut events = Vec::with_capacity(BOOT_KEYS * BOOT_ROUNDS);
+        for round in 0..BOOT_ROUNDS {
+            for k in 0..BOOT_KEYS {
+                let key = format!("k{k}");
+                // A few rows end deleted: their tombstone is their latest event.
+                let delete = round == BOOT_ROUNDS - 1 && k % 50 == 0;
+                events.push((key.clone(), (!delete).then(|| random_row(&mut rng, &key))));
+            }
+        }
+        let reference = publish(&group, events).await?;
+        let last = reference.max_seq();
+        ensure!(last == (BOOT_KEYS * BOOT_ROUNDS) as u64);
+        old.wait_applied("BOOT", last, Duration::from_secs(300))?;
+        ensure!(
+            applied_events(&old)? == last,
+            "the old instance replayed everything"
+        );
+
+        new.start()?;
+        new.wait_applied("BOOT", last, Duration::from_secs(300))?;
+        let bootstrap_events = applied_events(&new)?;
+        eprintln!(
+            "bootstrap: {bootstrap_events} events applied for {BOOT_KEYS} rows (history {last}), {:?} in all",
+            started.elapsed()
+        );
+        ensure!(
+            (BOOT_KEYS as u64..=BOOT_KEYS as u64 + 100).contains(&bootstrap_events),
+            "the new instance applied {bootstrap_events} events, expected about {BOOT_KEYS}"
+        );
+        ensure!(
+            new.log().contains("bootstrap complete"),
+            "no bootstrap in the log:\n{}",
+            new.log()
+        );
+        assert_sqlite_matches_exactly(&new, &reference, "items", "id")?;
+        ensure!(
+            digest_of(&old)? == digest_of(&new)?,
+            "digests differ after the bootstrap"
+        );
+
+        // It continues with its durable consumer: later events arrive as usual.
+        let more = publish(
+            &group,
+            vec![("k1".into(), None), ("fresh".into(), Some(random_row(&mut rng, "fresh")))],
+        )
+        .await?;
+        for i in [&mut old, &mut new] {
+            i.wait_applied("BOOT", more.max_seq(), Duration::from_secs(60))?;
+        }
+        ensure!(digest_of(&old)? == digest_of(&new)?, "digests differ after new events");
+        Ok(())
+    })
+}
+
+const GAP_KEYS: usize = 200;
+
+/// A stream with a message limit rolls past stopped instances: with `resync` one rebuilds (and
+/// so does the `resync` command for another), with `halt` one exits 1 naming both sequences.
+#[test]
+fn gap_resyncs_or_halts() -> Result<()> {
+    let _heavy = heavy();
+    runtime()?.block_on(async {
+        let server = NatsServer::start()?;
+        let root = tempfile::tempdir()?;
+        let group = Group::new(server.url(), "GAP", "gap");
+        let mut live = Instance::new(&group, root.path(), "live", SinkKind::Sqlite)?;
+        let mut resync = Instance::new(&group, root.path(), "resync", SinkKind::Sqlite)?;
+        let mut halt = Instance::new(&group, root.path(), "halt", SinkKind::Sqlite)?;
+        let mut manual = Instance::new(&group, root.path(), "manual", SinkKind::Sqlite)?;
+        for i in [&live, &resync, &halt, &manual] {
+            i.set_stream_option("max_msgs", "1000")?;
+        }
+        halt.set_option("apply", "on_gap", "\"halt\"")?;
+        manual.set_option("apply", "on_gap", "\"halt\"")?;
+        let (code, _, err) = live.cli(&["provision"])?;
+        ensure!(code == 0, "provision: {err}");
+        for i in [&mut live, &mut resync, &mut halt, &mut manual] {
+            i.start()?;
+        }
+        let mut rng = StdRng::seed_from_u64(rand::random());
+        let phase1: Vec<_> = (0..3 * GAP_KEYS)
+            .map(|i| {
+                let key = format!("k{}", i % GAP_KEYS);
+                let row = random_row(&mut rng, &key);
+                (key, Some(row))
+            })
+            .collect();
+        let mut reference = publish(&group, phase1).await?;
+        let s = reference.max_seq();
+        for i in [&mut live, &mut resync, &mut halt, &mut manual] {
+            i.wait_applied("GAP", s, Duration::from_secs(60))?;
+        }
+        for i in [&mut resync, &mut halt, &mut manual] {
+            ensure!(i.stop(Duration::from_secs(20))? == 0, "clean stop");
+        }
+
+        // 20 more rounds over every key; the last round deletes some rows. With history 1 the
+        // stream holds one event per row, and the message limit makes the gap count.
+        let mut phase2 = Vec::new();
+        for round in 0..20 {
+            for k in 0..GAP_KEYS {
+                let key = format!("k{k}");
+                let delete = round == 19 && k % 10 == 0;
+                phase2.push((key.clone(), (!delete).then(|| random_row(&mut rng, &key))));
+            }
+        }
+        reference.merge(publish(&group, phase2).await?);
+        let last = reference.max_seq();
+        live.wait_applied("GAP", last, Duration::from_secs(60))?;
+        let nats = async_nats::connect(server.url()).await?;
+        let first = async_nats::jetstream::new(nats)
+            .get_stream("GAP")
+            .await?
+            .info()
+            .await?
+            .state
+            .first_sequence;
+        ensure!(first > s + 1, "no gap: first seq {first}, applied {s}");
+
+        // halt: exit 1 naming both sequences.
+        halt.start()?;
+        let code = halt.wait_exit(Duration::from_secs(60))?;
+        let log = halt.log();
+        ensure!(code == 1, "halt exited {code}:\n{log}");
+        ensure!(
+            log.contains(&format!("applied up to seq {s}"))
+                && log.contains(&format!("first available seq is {first}")),
+            "the halt message does not name {s} and {first}:\n{log}"
+        );
+
+        // resync: rebuilds and converges.
+        resync.start()?;
+        resync.wait_applied("GAP", last, Duration::from_secs(60))?;
+        ensure!(
+            resync.log().contains("resync complete"),
+            "no resync in the log:\n{}",
+            resync.log()
+        );
+        assert_sqlite_matches_exactly(&resync, &reference, "items", "id")?;
+        ensure!(digest_of(&live)? == digest_of(&resync)?, "resync: digests differ");
+
+        // The `resync` command rebuilds a stopped instance (which would halt by itself).
+        let out = manual.cli_json(&["resync"])?;
+        ensure!(
+            out["applied_seq"].as_u64() == Some(last) && out["events"].as_u64() == Some(GAP_KEYS as u64),
+            "resync output: {out}"
+        );
+        assert_sqlite_matches_exactly(&manual, &reference, "items", "id")?;
+        ensure!(digest_of(&live)? == digest_of(&manual)?, "resync command: digests differ");
+        // And it runs on from there.
+        manual.start()?;
+        let more = publish(&group, vec![("k3".into(), None)]).await?;
+        for i in [&mut live, &mut manual, &mut resync] {
+            i.wait_applied("GAP", more.max_seq(), Duration::from_secs(60))?;
+        }
+        ensure!(digest_of(&live)? == digest_of(&manual)?, "after the resync command: digests differ");
+        Ok(())
+    })
+}
