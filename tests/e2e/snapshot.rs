@@ -211,23 +211,33 @@ fn gap_resyncs_or_halts() -> Result<()> {
             resync.log()
         );
         assert_sqlite_matches_exactly(&resync, &reference, "items", "id")?;
-        ensure!(digest_of(&live)? == digest_of(&resync)?, "resync: digests differ");
+        ensure!(
+            digest_of(&live)? == digest_of(&resync)?,
+            "resync: digests differ"
+        );
 
         // The `resync` command rebuilds a stopped instance (which would halt by itself).
         let out = manual.cli_json(&["resync"])?;
         ensure!(
-            out["applied_seq"].as_u64() == Some(last) && out["events"].as_u64() == Some(GAP_KEYS as u64),
+            out["applied_seq"].as_u64() == Some(last)
+                && out["events"].as_u64() == Some(GAP_KEYS as u64),
             "resync output: {out}"
         );
         assert_sqlite_matches_exactly(&manual, &reference, "items", "id")?;
-        ensure!(digest_of(&live)? == digest_of(&manual)?, "resync command: digests differ");
+        ensure!(
+            digest_of(&live)? == digest_of(&manual)?,
+            "resync command: digests differ"
+        );
         // And it runs on from there.
         manual.start()?;
         let more = publish(&group, vec![("k3".into(), None)]).await?;
         for i in [&mut live, &mut manual, &mut resync] {
             i.wait_applied("GAP", more.max_seq(), Duration::from_secs(60))?;
         }
-        ensure!(digest_of(&live)? == digest_of(&manual)?, "after the resync command: digests differ");
+        ensure!(
+            digest_of(&live)? == digest_of(&manual)?,
+            "after the resync command: digests differ"
+        );
         Ok(())
     })
 }

@@ -93,12 +93,16 @@ impl<S: Sink> Engine<S> {
         let max_backoff = Duration::from_millis(config.apply.retry_max_backoff_ms);
         let offsets = Offsets::open(&config.redb_path())?;
 
-        let Some(applied) = start_point(&mut sink, &offsets, &group, max_backoff, &mut shutdown).await?
+        let Some(applied) =
+            start_point(&mut sink, &offsets, &group, max_backoff, &mut shutdown).await?
         else {
             return Ok(());
         };
         // S = 0 and an empty sink: join from a snapshot instead of replaying all history.
-        if applied == 0 && !offsets.bootstrapping(&group)? && sink_is_empty(&mut sink, max_backoff, &mut shutdown).await? == Some(true) {
+        if applied == 0
+            && !offsets.bootstrapping(&group)?
+            && sink_is_empty(&mut sink, max_backoff, &mut shutdown).await? == Some(true)
+        {
             offsets.set_bootstrapping(&group, true)?;
         }
         stats.set_applied(applied);
@@ -273,7 +277,7 @@ impl Session<'_> {
     ) -> Result<SessionEnd, EngineError> {
         let js = client.jetstream();
         let stream_name = &self.config.stream.name;
-        let mut stream = get_stream(&js, stream_name).await?;
+        let mut stream = get_stream(js, stream_name).await?;
         let info = stream
             .info()
             .await
@@ -286,11 +290,16 @@ impl Session<'_> {
         // parked events already describe its snapshot.
         if let Some(target) = state.applier.offsets.resync_pending(&group)? {
             return self
-                .resync(&js, state, shutdown, &format!("finishing the resync towards seq {target} that was interrupted"))
+                .resync(
+                    js,
+                    state,
+                    shutdown,
+                    &format!("finishing the resync towards seq {target} that was interrupted"),
+                )
                 .await;
         }
         if state.applier.offsets.bootstrapping(&group)? {
-            if !bootstrap(&js, self.config, &mut state.applier, shutdown).await? {
+            if !bootstrap(js, self.config, &mut state.applier, shutdown).await? {
                 return Ok(SessionEnd::Shutdown);
             }
             state.progress = Progress::new(state.applier.applied);
@@ -309,9 +318,10 @@ impl Session<'_> {
         // Events may be missing only if the stream has limits; on a compacted stream without
         // limits every row's latest event is still there, so replaying from `first` is exact.
         if first > applied + 1 && limits {
-            return self.gap(&js, state, shutdown, first).await;
+            return self.gap(js, state, shutdown, first).await;
         }
-        self.stats.observe_stream(last, last.saturating_sub(applied));
+        self.stats
+            .observe_stream(last, last.saturating_sub(applied));
 
         let ready = consumer::reconcile(&stream, &state.spec, applied).await?;
         let mut expected_cseq = ready.next_consumer_seq;
@@ -400,7 +410,7 @@ impl Session<'_> {
                         .state
                         .first_sequence;
                     if first > before + 1 {
-                        return self.gap(&js, state, shutdown, first).await;
+                        return self.gap(js, state, shutdown, first).await;
                     }
                     batch = rest;
                 }
@@ -451,9 +461,16 @@ impl Session<'_> {
         shutdown: &mut Shutdown,
         reason: &str,
     ) -> Result<SessionEnd, EngineError> {
-        tracing::warn!(reason, "rebuilding the synced tables from a snapshot (resync)");
+        tracing::warn!(
+            reason,
+            "rebuilding the synced tables from a snapshot (resync)"
+        );
         let outcome = resync(js, self.config, &mut state.applier, shutdown, &mut |p| {
-            tracing::info!(loaded = p.loaded, rows = p.total, "resync: reading the snapshot");
+            tracing::info!(
+                loaded = p.loaded,
+                rows = p.total,
+                "resync: reading the snapshot"
+            );
         })
         .await?;
         match outcome {
@@ -483,7 +500,8 @@ impl Session<'_> {
             return Ok(true);
         };
         let pending = last.pending;
-        self.stats.observe_stream(last.stream_seq + pending, pending);
+        self.stats
+            .observe_stream(last.stream_seq + pending, pending);
         let events: Vec<(u64, &jetstream::Message)> =
             batch.iter().map(|p| (p.stream_seq, &p.message)).collect();
         if !state
@@ -575,11 +593,18 @@ pub(crate) async fn bootstrap<S: Sink>(
     while let Some(batch) = snapshot.next_batch(batch_max).await? {
         let events: Vec<(u64, &jetstream::Message)> = batch.iter().map(|(s, m)| (*s, m)).collect();
         let through = events.last().map(|e| e.0).unwrap_or(applier.applied);
-        if !applier.apply(&events, through, Mode::Apply, false, shutdown).await? {
+        if !applier
+            .apply(&events, through, Mode::Apply, false, shutdown)
+            .await?
+        {
             return Ok(false);
         }
         if last_log.elapsed() >= PROGRESS_EVERY {
-            tracing::info!(loaded = snapshot.delivered(), rows = snapshot.total(), "bootstrapping");
+            tracing::info!(
+                loaded = snapshot.delivered(),
+                rows = snapshot.total(),
+                "bootstrapping"
+            );
             last_log = Instant::now();
         }
         if shutdown.is_requested() {

@@ -38,9 +38,9 @@ pub async fn resync_instance<S: Sink>(
     };
     let client = jetsync::Client::connect(config).await?;
     let js = client.jetstream();
-    engine::get_stream(&js, &group).await?;
+    engine::get_stream(js, &group).await?;
     let mut applier = Applier::new(config, sink, offsets, applied, Arc::new(Stats::default()))?;
-    let done = engine::resync(&js, config, &mut applier, &mut shutdown, &mut progress).await?;
+    let done = engine::resync(js, config, &mut applier, &mut shutdown, &mut progress).await?;
     if done.is_some() {
         // A resync replaces whatever a bootstrap had started.
         applier.offsets.set_bootstrapping(&group, false)?;

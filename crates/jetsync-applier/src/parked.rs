@@ -123,7 +123,6 @@ mod b64 {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -516,8 +516,7 @@ fn parked_drop(
     all: bool,
     json: bool,
 ) -> Result<(), Failure> {
-    let dropped =
-        jetsync_applier::drop_parked(config, rows, all).map_err(Failure::runtime)?;
+    let dropped = jetsync_applier::drop_parked(config, rows, all).map_err(Failure::runtime)?;
     let list: Vec<serde_json::Value> = dropped.iter().map(parked_json).collect();
     emit(json, &list, |_| {
         format!("dropped {} parked events", dropped.len())

@@ -140,7 +140,11 @@ pub(crate) enum ParkedAction {
     /// Discard parked events for good (the applier must be stopped).
     Drop {
         /// The rows whose parked events to discard, as TABLE/KEY (repeatable).
-        #[arg(long = "row", value_name = "TABLE/KEY", required_unless_present = "all")]
+        #[arg(
+            long = "row",
+            value_name = "TABLE/KEY",
+            required_unless_present = "all"
+        )]
         rows: Vec<jetsync_applier::RowId>,
         /// Discard every parked event.
         #[arg(long, conflicts_with = "rows")]

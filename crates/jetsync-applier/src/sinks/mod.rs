@@ -98,6 +98,19 @@ impl Sink for AnySink {
         }
     }
 
+    async fn replace(
+        &mut self,
+        group: &str,
+        changes: &[Change],
+        last_seq: u64,
+    ) -> Result<(), SinkError> {
+        match self {
+            AnySink::Sqlite(s) => s.replace(group, changes, last_seq).await,
+            AnySink::Redb(s) => s.replace(group, changes, last_seq).await,
+            AnySink::Postgres(s) => s.replace(group, changes, last_seq).await,
+        }
+    }
+
     async fn set_fence(&mut self, group: &str, seq: u64) -> Result<(), SinkError> {
         match self {
             AnySink::Sqlite(s) => s.set_fence(group, seq).await,
@@ -111,6 +124,37 @@ impl Sink for AnySink {
             AnySink::Sqlite(s) => s.digest().await,
             AnySink::Redb(s) => s.digest().await,
             AnySink::Postgres(s) => s.digest().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn up(seq: u64, table: &str, key: &str) -> Change {
+        Change {
+            seq,
+            table: table.to_owned(),
+            key: key.to_owned(),
+            op: jetsync::Change::Upsert(jetsync::Row::new()),
+        }
+    }
+
+    #[tokio::test]
+    async fn any_sink_forwards_replace() {
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = SqliteSink::open(SqliteOptions::new(dir.path().join("r.sqlite"))).unwrap();
+        let redb = RedbSink::open(RedbOptions::new(dir.path().join("r.redb"))).unwrap();
+        for mut sink in [AnySink::Sqlite(sqlite), AnySink::Redb(redb)] {
+            sink.apply("G", &[up(1, "t", "a"), up(2, "t", "b")], 2)
+                .await
+                .unwrap();
+            sink.replace("G", &[up(3, "t", "c")], 5).await.unwrap();
+            assert_eq!(sink.fence("G").await.unwrap(), Some(5));
+            let digest = sink.digest().await.unwrap();
+            assert_eq!(digest.len(), 1, "{sink:?}");
+            assert_eq!(digest[0].rows, 1, "{sink:?}");
         }
     }
 }

@@ -72,6 +72,20 @@
 //!   columns and deletes, so applying it twice in a row equals applying it once; only database
 //!   side effects such as `now()` defaults or triggers run twice).
 //!
+//! The fence is written as given: `parked retry` applies parked (lower) sequences with the
+//! current fence as `last_seq`, which leaves the fence where it is.
+//!
+//! **Replace.** [`Sink::replace`] (snapshot resync) runs as one such transaction, preceded by
+//! one statement that `DELETE`s every row of the synced tables: the configured tables
+//! ([`PostgresOptions::key_columns`], what [`Sink::digest`] and [`Sink::is_empty`] look at) and
+//! every existing table the changes name. `DELETE`, not `TRUNCATE` (whose ACCESS EXCLUSIVE lock
+//! would block the service's readers): readers see the old rows until `COMMIT` and the new ones
+//! after it. The service's delete triggers and `ON DELETE` actions of foreign keys from its other
+//! tables run as for any delete (an `ON DELETE CASCADE` empties the referencing rows too; a
+//! restricting foreign key from a table that is not synced makes the replace
+//! [`SinkError::Fatal`]). Columns the events do not carry get their defaults again, as on a
+//! fresh insert.
+//!
 //! **Errors.** Connection loss, admin shutdown, serialization failures (40001), deadlocks
 //! (40P01), lock timeouts, a full disk or too many connections are [`SinkError::Unavailable`]:
 //! the transaction is rolled back (or died with the connection), and the next call reconnects.
@@ -97,7 +111,7 @@
 //! `Text` `YYYY-MM-DD`, `uuid` to lowercase `Text` and every other type to its text form.
 
 use super::sql::{push_quoted, quote};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -526,16 +540,28 @@ impl PostgresSink {
 
     // ---- applying ---------------------------------------------------------------------------
 
-    async fn apply_batch(
+    /// One batch in one transaction with the fence: [`Sink::apply`] (`clear == false`) or
+    /// [`Sink::replace`] (`clear == true`: the synced tables are emptied first, in the same
+    /// transaction). Both share planning, the pipelined run and the slow path.
+    async fn write_batch(
         &mut self,
         group: &str,
         changes: &[Change],
         last_seq: u64,
+        clear: bool,
     ) -> Result<(), SinkError> {
         let fence = seq_to_sql(last_seq)?;
         self.ensure_connected().await?;
         self.generation += 1;
-        let outcome = self.attempt(group, fence, changes, Mode::Grouped).await;
+        let clear = if clear {
+            self.clear_sql(changes).await?
+        } else {
+            None
+        };
+        let clear = clear.as_deref();
+        let outcome = self
+            .attempt(group, fence, clear, changes, Mode::Grouped)
+            .await;
         let needs_slow_path = match outcome {
             Ok(()) => return Ok(()),
             Err(Failure::Sink(e)) => return Err(e),
@@ -567,7 +593,51 @@ impl PostgresSink {
             },
         };
         debug_assert!(needs_slow_path);
-        self.apply_one_by_one(group, fence, changes).await
+        self.apply_one_by_one(group, fence, clear, changes).await
+    }
+
+    /// The statement that empties the synced tables for a replace, or `None` when none of them
+    /// exists. The synced tables are the configured ones (those `digest` and `is_empty` look
+    /// at) and every table the changes name, except reserved `jetsync_*` names (changes naming
+    /// those are refused while planning). Tables that do not exist are left out: changes naming
+    /// them are refused while planning, exactly as in `apply`.
+    ///
+    /// One `DELETE` per table, all in one statement (data-modifying `WITH` clauses), so that
+    /// foreign keys between synced tables are checked once at its end, whatever the order of
+    /// the tables. `DELETE`, not `TRUNCATE`: `TRUNCATE` takes an ACCESS EXCLUSIVE lock, which
+    /// would block the service's readers until COMMIT, while they should keep seeing the old
+    /// rows. Triggers and `ON DELETE` actions of the service's foreign keys run as for any
+    /// delete.
+    async fn clear_sql(&mut self, changes: &[Change]) -> Result<Option<String>, SinkError> {
+        let mut names: BTreeSet<String> = self.options.key_columns.keys().cloned().collect();
+        names.extend(changes.iter().map(|c| c.table.clone()));
+        names.retain(|table| !is_reserved_table(table));
+        let names: Vec<String> = names.into_iter().collect();
+        self.load_tables(&names).await?;
+        let present: Vec<&String> = names
+            .iter()
+            .filter(|name| self.tables.contains_key(*name))
+            .collect();
+        let Some((last, rest)) = present.split_last() else {
+            return Ok(None);
+        };
+        let mut sql = String::new();
+        for (index, table) in rest.iter().enumerate() {
+            sql.push_str(if index == 0 { "WITH " } else { ", " });
+            sql.push_str(&format!("d{index} AS (DELETE FROM "));
+            push_quoted(&mut sql, &self.options.schema);
+            sql.push('.');
+            push_quoted(&mut sql, table);
+            sql.push(')');
+        }
+        if !rest.is_empty() {
+            sql.push(' ');
+        }
+        sql.push_str("DELETE FROM ");
+        push_quoted(&mut sql, &self.options.schema);
+        sql.push('.');
+        push_quoted(&mut sql, last);
+        Ok(Some(sql))
     }
 
     /// The slow path after a multi-row statement failed: the batch again, one change per
@@ -578,6 +648,7 @@ impl PostgresSink {
         &mut self,
         group: &str,
         fence: i64,
+        clear: Option<&str>,
         changes: &[Change],
     ) -> Result<(), SinkError> {
         tracing::debug!(
@@ -586,7 +657,7 @@ impl PostgresSink {
         );
         for immediate in [false, true] {
             let outcome = self
-                .attempt(group, fence, changes, Mode::Single { immediate })
+                .attempt(group, fence, clear, changes, Mode::Single { immediate })
                 .await;
             match outcome {
                 Ok(()) => return Ok(()),
@@ -621,14 +692,16 @@ impl PostgresSink {
         })
     }
 
-    /// Plans `changes` and runs them in one transaction with the fence, committing only when
-    /// every change could be planned and every statement succeeded. When a change is refused
-    /// while planning, the changes before it are still executed (and rolled back), so that a
-    /// change the database refuses earlier in the batch is reported first.
+    /// Plans `changes` and runs them in one transaction with the fence (after `clear`, the
+    /// statement emptying the synced tables of a replace), committing only when every change
+    /// could be planned and every statement succeeded. When a change is refused while planning,
+    /// the changes before it are still executed (and rolled back), so that a change the database
+    /// refuses earlier in the batch is reported first.
     async fn attempt(
         &mut self,
         group: &str,
         fence: i64,
+        clear: Option<&str>,
         changes: &[Change],
         mode: Mode,
     ) -> Result<(), Failure> {
@@ -639,6 +712,7 @@ impl PostgresSink {
         if complete || !planned.statements.is_empty() {
             let immediate = matches!(mode, Mode::Single { immediate: true });
             self.run(
+                clear,
                 &planned.statements,
                 complete.then_some((group, fence)),
                 immediate,
@@ -651,16 +725,19 @@ impl PostgresSink {
         }
     }
 
-    /// Runs `statements` (and the fence upsert, when given) in one transaction, pipelined, and
-    /// commits when `fence` is given and everything succeeded; otherwise rolls back.
+    /// Runs `clear` (when given), `statements` and the fence upsert (when given) in one
+    /// transaction, pipelined, and commits when `fence` is given and everything succeeded;
+    /// otherwise rolls back.
     async fn run(
         &mut self,
+        clear: Option<&str>,
         statements: &[Statement],
         fence: Option<(&str, i64)>,
         immediate: bool,
     ) -> Result<(), Failure> {
         self.in_transaction = true;
-        self.statements_sent += statements.len() as u64 + 1 + u64::from(fence.is_some());
+        self.statements_sent +=
+            statements.len() as u64 + 1 + u64::from(clear.is_some()) + u64::from(fence.is_some());
         let client = self.client().map_err(Failure::Sink)?;
         let params: Vec<Vec<(&(dyn ToSql + Sync), Type)>> = statements
             .iter()
@@ -681,8 +758,13 @@ impl PostgresSink {
             "BEGIN"
         };
         let mut requests: Vec<BoxFuture<'_, Result<u64, tokio_postgres::Error>>> =
-            Vec::with_capacity(statements.len() + 2);
+            Vec::with_capacity(statements.len() + 3);
         requests.push(client.batch_execute(begin).map(|r| r.map(|()| 0)).boxed());
+        if let Some(clear) = clear {
+            requests.push(client.batch_execute(clear).map(|r| r.map(|()| 0)).boxed());
+        }
+        // Position of the first change statement among the requests.
+        let first_statement = 1 + usize::from(clear.is_some());
         for (statement, params) in statements.iter().zip(&params) {
             requests.push(client.execute_typed(&statement.sql, params).boxed());
         }
@@ -703,7 +785,12 @@ impl PostgresSink {
                     what: "begin a transaction on",
                     error,
                 }
-            } else if let Some(statement) = statements.get(position - 1) {
+            } else if position < first_statement {
+                Failure::Other {
+                    what: "clear the synced tables in",
+                    error,
+                }
+            } else if let Some(statement) = statements.get(position - first_statement) {
                 Failure::Statement {
                     index: statement.first,
                     single: statement.changes == 1,
@@ -904,7 +991,16 @@ impl Sink for PostgresSink {
         changes: &[Change],
         last_seq: u64,
     ) -> Result<(), SinkError> {
-        self.apply_batch(group, changes, last_seq).await
+        self.write_batch(group, changes, last_seq, false).await
+    }
+
+    async fn replace(
+        &mut self,
+        group: &str,
+        changes: &[Change],
+        last_seq: u64,
+    ) -> Result<(), SinkError> {
+        self.write_batch(group, changes, last_seq, true).await
     }
 
     async fn set_fence(&mut self, group: &str, seq: u64) -> Result<(), SinkError> {
@@ -2611,6 +2707,403 @@ mod tests {
             sql.starts_with(r#"INSERT INTO "s"""."t""x" ("id", "a""; DROP TABLE x; --")"#),
             "{sql}"
         );
+    }
+
+    // ---- against a real server ------------------------------------------------------------
+    //
+    // `JETSYNC_TEST_POSTGRES`, by default `postgres://postgres@127.0.0.1:5432/test`. Every test
+    // works in a schema of its own, `jsu_<pid>_<n>`, dropped by a guard at the end of the test
+    // (also when it fails); schemas of test processes that died are dropped by the next run.
+
+    const PG_DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+    const G: &str = "CATALOG";
+
+    static NEXT_SCHEMA: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+    fn pg_url() -> String {
+        std::env::var("JETSYNC_TEST_POSTGRES").unwrap_or_else(|_| PG_DEFAULT_URL.to_owned())
+    }
+
+    async fn pg_client() -> Client {
+        let (client, connection) = tokio_postgres::connect(&pg_url(), NoTls)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("cannot connect to the test Postgres (set JETSYNC_TEST_POSTGRES): {e:?}")
+            });
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        client
+    }
+
+    /// A schema of the test's own, dropped when the guard goes out of scope.
+    struct PgSchema {
+        name: String,
+    }
+
+    impl PgSchema {
+        /// A fresh schema with `ddl` run in it; the client's search_path points at it.
+        async fn new(ddl: &str) -> (PgSchema, Client) {
+            let client = pg_client().await;
+            let leftovers = client
+                .query(
+                    "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'jsu\\_%'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            for row in leftovers {
+                let name: String = row.get(0);
+                let pid = name.split('_').nth(1).and_then(|p| p.parse::<u32>().ok());
+                if let Some(pid) = pid {
+                    if pid != std::process::id()
+                        && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                    {
+                        let _ = client
+                            .batch_execute(&format!(
+                                "DROP SCHEMA IF EXISTS {} CASCADE",
+                                quote(&name)
+                            ))
+                            .await;
+                    }
+                }
+            }
+            let name = format!(
+                "jsu_{}_{}",
+                std::process::id(),
+                NEXT_SCHEMA.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            );
+            client
+                .batch_execute(&format!(
+                    "CREATE SCHEMA {0}; SET search_path TO {0}; {ddl}",
+                    quote(&name)
+                ))
+                .await
+                .expect("test DDL");
+            (PgSchema { name }, client)
+        }
+
+        /// A sink on this schema whose configured tables are `tables` (`(table, key column)`).
+        async fn sink(&self, tables: &[(&str, &str)]) -> PostgresSink {
+            let mut options = PostgresOptions::new(pg_url());
+            options.schema = self.name.clone();
+            options.key_columns = tables
+                .iter()
+                .map(|(t, k)| ((*t).to_owned(), (*k).to_owned()))
+                .collect();
+            PostgresSink::connect(options).await.expect("connect sink")
+        }
+    }
+
+    impl Drop for PgSchema {
+        fn drop(&mut self) {
+            // From a thread of its own: usable inside and outside a runtime.
+            let sql = format!("DROP SCHEMA IF EXISTS {} CASCADE", quote(&self.name));
+            let url = pg_url();
+            let worker = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                runtime.block_on(async move {
+                    if let Ok((client, connection)) = tokio_postgres::connect(&url, NoTls).await {
+                        tokio::spawn(connection);
+                        if let Err(e) = client.batch_execute(&sql).await {
+                            eprintln!("cleanup failed: {e:?}");
+                        }
+                    }
+                });
+            });
+            let _ = worker.join();
+        }
+    }
+
+    fn text(s: &str) -> Value {
+        Value::from(s)
+    }
+
+    fn pg_row(pairs: &[(&str, Value)]) -> Row {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect()
+    }
+
+    async fn count(client: &Client, table: &str) -> i64 {
+        client
+            .query_one(&format!("SELECT count(*) FROM {}", quote(table)), &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    const REPLACE_DDL: &str = "\
+        CREATE TABLE items (id text PRIMARY KEY, v bigint); \
+        CREATE INDEX items_v ON items (v); \
+        CREATE TABLE other (id bigint PRIMARY KEY, item text REFERENCES items (id)); \
+        CREATE TABLE extra (id text PRIMARY KEY, w text); \
+        CREATE TABLE local (id text PRIMARY KEY);";
+    const REPLACE_TABLES: &[(&str, &str)] = &[("items", "id"), ("other", "id")];
+
+    fn replacement() -> Vec<Change> {
+        vec![
+            up(2, "items", "a", &[("v", Value::I64(20))]),
+            up(5, "items", "d", &[("v", Value::I64(5))]),
+            del(6, "items", "d"),
+            up(7, "other", "2", &[("item", text("a"))]),
+            up(8, "extra", "e2", &[("w", text("y"))]),
+            up(9, "items", "e", &[("v", Value::I64(9))]),
+            del(10, "items", "never"),
+            up(11, "items", "e", &[("v", Value::I64(11))]),
+        ]
+    }
+
+    #[tokio::test]
+    async fn replace_swaps_the_contents_and_sets_the_fence() {
+        let (schema, client) = PgSchema::new(REPLACE_DDL).await;
+        client
+            .batch_execute("INSERT INTO local VALUES ('keep')")
+            .await
+            .unwrap();
+        let mut sink = schema.sink(REPLACE_TABLES).await;
+        sink.apply(
+            G,
+            &[
+                up(1, "items", "a", &[("v", Value::I64(1))]),
+                up(2, "items", "b", &[("v", Value::I64(2))]),
+                up(3, "items", "c", &[("v", Value::I64(3))]),
+                up(4, "other", "1", &[("item", text("b"))]),
+                up(5, "extra", "e1", &[("w", text("x"))]),
+            ],
+            10,
+        )
+        .await
+        .unwrap();
+
+        // A reader in a transaction that started before keeps seeing the old rows, whole, and
+        // does not block the replace.
+        let reader = pg_client().await;
+        reader
+            .batch_execute(&format!(
+                "SET search_path TO {}; BEGIN ISOLATION LEVEL REPEATABLE READ",
+                quote(&schema.name)
+            ))
+            .await
+            .unwrap();
+        assert_eq!(count(&reader, "items").await, 3);
+
+        let changes = replacement();
+        sink.replace(G, &changes, 12).await.unwrap();
+
+        assert_eq!(count(&reader, "items").await, 3);
+        assert_eq!(count(&reader, "other").await, 1);
+        reader.batch_execute("COMMIT").await.unwrap();
+        assert_eq!(count(&reader, "items").await, 2);
+
+        assert_eq!(sink.fence(G).await.unwrap(), Some(12));
+        assert_eq!(
+            sink.read_table("items").await.unwrap(),
+            vec![
+                pg_row(&[("id", text("a")), ("v", Value::I64(20))]),
+                pg_row(&[("id", text("e")), ("v", Value::I64(11))]),
+            ]
+        );
+        assert_eq!(
+            sink.read_table("other").await.unwrap(),
+            vec![pg_row(&[("id", Value::I64(2)), ("item", text("a"))])]
+        );
+        // A table the changes name is replaced too, though not configured.
+        assert_eq!(
+            sink.read_table("extra").await.unwrap(),
+            vec![pg_row(&[("id", text("e2")), ("w", text("y"))])]
+        );
+        // A table that is neither configured nor named is not touched; indexes stay.
+        assert_eq!(count(&client, "local").await, 1);
+        let index: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_indexes WHERE schemaname = $1 AND indexname = 'items_v'",
+                &[&schema.name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(index, 1);
+
+        // Same contents as a fresh sink that applied the same changes.
+        let (fresh_schema, _fresh_client) = PgSchema::new(REPLACE_DDL).await;
+        let mut fresh = fresh_schema.sink(REPLACE_TABLES).await;
+        fresh.apply(G, &changes, 12).await.unwrap();
+        let digest = sink.digest().await.unwrap();
+        assert_eq!(digest, fresh.digest().await.unwrap());
+        assert_eq!(
+            digest
+                .iter()
+                .map(|d| (d.table.as_str(), d.rows))
+                .collect::<Vec<_>>(),
+            [("items", 2), ("other", 1)]
+        );
+        assert_eq!(
+            sink.read_table("extra").await.unwrap(),
+            fresh.read_table("extra").await.unwrap()
+        );
+
+        // Replacing with nothing empties the configured tables and sets the fence.
+        sink.replace(G, &[], 3).await.unwrap();
+
+        assert_eq!(sink.fence(G).await.unwrap(), Some(3));
+        assert_eq!(count(&client, "items").await, 0);
+        assert_eq!(count(&client, "other").await, 0);
+    }
+
+    /// The fence is still `fence` and the contents still digest to `digest`.
+    async fn assert_untouched(sink: &mut PostgresSink, fence: u64, digest: &[TableDigest]) {
+        assert_eq!(sink.fence(G).await.unwrap(), Some(fence));
+        assert_eq!(sink.digest().await.unwrap(), digest);
+    }
+
+    #[tokio::test]
+    async fn replace_with_a_rejected_change_keeps_the_old_contents_and_fence() {
+        let (schema, _client) =
+            PgSchema::new("CREATE TABLE items (id text PRIMARY KEY, v bigint CHECK (v >= 0));")
+                .await;
+        let mut sink = schema.sink(&[("items", "id")]).await;
+        let old = [
+            up(1, "items", "a", &[("v", Value::I64(1))]),
+            up(2, "items", "b", &[("v", Value::I64(2))]),
+            up(3, "items", "c", &[("v", Value::I64(3))]),
+        ];
+        sink.apply(G, &old, 10).await.unwrap();
+        let before = sink.digest().await.unwrap();
+
+        // The database refuses a row (one multi-row statement fails; the slow path finds it).
+        let mut changes = vec![
+            up(20, "items", "a", &[("v", Value::I64(100))]),
+            up(21, "items", "bad", &[("v", Value::I64(-1))]),
+            up(22, "items", "c", &[("v", Value::I64(300))]),
+        ];
+        let err = sink.replace(G, &changes, 12).await.unwrap_err();
+        match &err {
+            SinkError::Rejected {
+                index,
+                seq,
+                table,
+                key,
+                reason,
+            } => {
+                assert_eq!((*index, *seq), (1, 21));
+                assert_eq!((table.as_str(), key.as_str()), ("items", "bad"));
+                assert!(reason.contains("23514"), "{reason}");
+            }
+            other => panic!("expected Rejected, got {other:?}"),
+        }
+        assert_untouched(&mut sink, 10, &before).await;
+
+        // The sink refuses a change (no such table) before sending it.
+        let err = sink
+            .replace(
+                G,
+                &[
+                    up(30, "items", "a", &[("v", Value::I64(5))]),
+                    up(31, "missing", "k", &[]),
+                ],
+                12,
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SinkError::Rejected {
+                    index: 1,
+                    seq: 31,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_untouched(&mut sink, 10, &before).await;
+
+        // A change naming the fence table is refused, and the fence table is never cleared.
+        let err = sink
+            .replace(
+                G,
+                &[up(40, "jetsync_offsets", G, &[("seq", Value::I64(1))])],
+                12,
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, SinkError::Rejected { index: 0, .. }),
+            "{err:?}"
+        );
+        assert_untouched(&mut sink, 10, &before).await;
+
+        // The engine parks the refused change and replaces again without it.
+        changes.remove(1);
+        sink.replace(G, &changes, 12).await.unwrap();
+        assert_eq!(sink.fence(G).await.unwrap(), Some(12));
+        assert_eq!(
+            sink.read_table("items").await.unwrap(),
+            vec![
+                pg_row(&[("id", text("a")), ("v", Value::I64(100))]),
+                pg_row(&[("id", text("c")), ("v", Value::I64(300))]),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn apply_of_lower_sequences_at_the_fence_keeps_the_fence() {
+        let (schema, _client) =
+            PgSchema::new("CREATE TABLE items (id text PRIMARY KEY, v bigint CHECK (v >= 0));")
+                .await;
+        let mut sink = schema.sink(&[("items", "id")]).await;
+        sink.apply(
+            G,
+            &[
+                up(1, "items", "a", &[("v", Value::I64(1))]),
+                up(2, "items", "b", &[("v", Value::I64(2))]),
+            ],
+            10,
+        )
+        .await
+        .unwrap();
+        // `parked retry`: events parked earlier (seqs below the fence), applied with the current
+        // fence as last_seq.
+        sink.apply(
+            G,
+            &[
+                up(4, "items", "p", &[("v", Value::I64(4))]),
+                del(5, "items", "a"),
+                up(6, "items", "b", &[("v", Value::I64(6))]),
+            ],
+            10,
+        )
+        .await
+        .unwrap();
+        assert_eq!(sink.fence(G).await.unwrap(), Some(10));
+        assert_eq!(
+            sink.read_table("items").await.unwrap(),
+            vec![
+                pg_row(&[("id", text("b")), ("v", Value::I64(6))]),
+                pg_row(&[("id", text("p")), ("v", Value::I64(4))]),
+            ]
+        );
+        // A retry the database refuses leaves rows and fence alone.
+        let err = sink
+            .apply(G, &[up(3, "items", "q", &[("v", Value::I64(-3))])], 10)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, SinkError::Rejected { index: 0, .. }),
+            "{err:?}"
+        );
+        assert_eq!(sink.fence(G).await.unwrap(), Some(10));
+        assert_eq!(sink.read_table("items").await.unwrap().len(), 2);
+        // Later batches move it on as usual.
+        sink.apply(G, &[up(11, "items", "q", &[("v", Value::I64(11))])], 11)
+            .await
+            .unwrap();
+        assert_eq!(sink.fence(G).await.unwrap(), Some(11));
     }
 
     #[test]

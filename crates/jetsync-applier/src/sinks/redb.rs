@@ -30,6 +30,11 @@
 //! The in-process fence seen by replicas is published only after the commit returned, so a
 //! [`Replica`] never reports a sequence whose rows it cannot read.
 //!
+//! [`Sink::replace`] (snapshot resync) is the same single write transaction, preceded by removing
+//! every row of every table: readers see the old rows until the commit, the new ones after it.
+//! With [`RedbOptions::audit`] it counts the sequences it applies like [`Sink::apply`] does (a
+//! resync re-applies sequences, so their counts may exceed 1 afterwards).
+//!
 //! # Locking
 //!
 //! redb's default `ExclusiveWriter` mode locks the whole file: a second open, from this process
@@ -198,38 +203,31 @@ impl RedbSink {
         rows.is_empty().map_err(|e| sink_error("count rows", e))
     }
 
-    fn apply_blocking(
+    /// One batch in one write transaction with the fence (and the audit counts):
+    /// [`Sink::apply`] (`clear == false`) or [`Sink::replace`] (`clear == true`: every row of
+    /// every table is removed first).
+    fn write_batch(
         &mut self,
         group: &str,
         changes: &[Change],
         last_seq: u64,
+        clear: bool,
     ) -> Result<(), SinkError> {
         const WHAT: &str = "apply a batch";
         let mut txn = self.db.begin_write().map_err(|e| sink_error(WHAT, e))?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| sink_error(WHAT, e))?;
         {
+            if clear {
+                // All synced tables live in this one redb table: drop it (freeing its pages in
+                // bulk) and start an empty one. Readers keep seeing the old rows until the
+                // commit.
+                txn.delete_table(ROWS)
+                    .map_err(|e| sink_error("clear the rows", e))?;
+            }
             // One open_table per table per transaction, however many changes.
             let mut rows = txn.open_table(ROWS).map_err(|e| sink_error(WHAT, e))?;
-            for (index, change) in changes.iter().enumerate() {
-                let key = (change.table.as_str(), change.key.as_str());
-                let written = match &change.op {
-                    jetsync::Change::Upsert(row) => {
-                        let encoded =
-                            encode_row(row).map_err(|reason| rejected(index, change, reason))?;
-                        rows.insert(key, encoded.as_slice()).map(drop)
-                    }
-                    jetsync::Change::Delete => rows.remove(key).map(drop),
-                };
-                written.map_err(|e| match e {
-                    StorageError::ValueTooLarge(len) => rejected(
-                        index,
-                        change,
-                        format!("the encoded row ({len} bytes) exceeds redb's value size limit"),
-                    ),
-                    other => sink_error(WHAT, other),
-                })?;
-            }
+            apply_changes(&mut rows, changes)?;
 
             let mut offsets = txn.open_table(OFFSETS).map_err(|e| sink_error(WHAT, e))?;
             offsets
@@ -249,8 +247,9 @@ impl RedbSink {
                 }
             }
         }
-        // Crash window: before this returns nothing of the batch is visible or durable; after
-        // it, rows, fence and audit are all on disk (see the module docs).
+        // Crash window: before this returns nothing of the batch is visible or durable (for a
+        // replace: the old rows are all still there); after it, rows, fence and audit are all
+        // on disk (see the module docs). An error above drops `txn`, which aborts it.
         txn.commit().map_err(|e| sink_error(WHAT, e))?;
         self.committed_fence(group, last_seq);
         Ok(())
@@ -339,7 +338,16 @@ impl Sink for RedbSink {
         changes: &[Change],
         last_seq: u64,
     ) -> Result<(), SinkError> {
-        blocking(|| self.apply_blocking(group, changes, last_seq))
+        blocking(|| self.write_batch(group, changes, last_seq, false))
+    }
+
+    async fn replace(
+        &mut self,
+        group: &str,
+        changes: &[Change],
+        last_seq: u64,
+    ) -> Result<(), SinkError> {
+        blocking(|| self.write_batch(group, changes, last_seq, true))
     }
 
     async fn set_fence(&mut self, group: &str, seq: u64) -> Result<(), SinkError> {
@@ -549,6 +557,35 @@ fn blocking<R>(f: impl FnOnce() -> R) -> R {
         }
         _ => f(),
     }
+}
+
+/// Applies `changes` in order to the rows table of an open write transaction: the per-change
+/// step shared by [`Sink::apply`] and [`Sink::replace`]. A row that cannot be stored for good is
+/// [`SinkError::Rejected`] with its index; the caller then drops (aborts) the transaction.
+fn apply_changes(
+    rows: &mut redb::Table<'_, (&'static str, &'static str), &'static [u8]>,
+    changes: &[Change],
+) -> Result<(), SinkError> {
+    const WHAT: &str = "apply a batch";
+    for (index, change) in changes.iter().enumerate() {
+        let key = (change.table.as_str(), change.key.as_str());
+        let written = match &change.op {
+            jetsync::Change::Upsert(row) => {
+                let encoded = encode_row(row).map_err(|reason| rejected(index, change, reason))?;
+                rows.insert(key, encoded.as_slice()).map(drop)
+            }
+            jetsync::Change::Delete => rows.remove(key).map(drop),
+        };
+        written.map_err(|e| match e {
+            StorageError::ValueTooLarge(len) => rejected(
+                index,
+                change,
+                format!("the encoded row ({len} bytes) exceeds redb's value size limit"),
+            ),
+            other => sink_error(WHAT, other),
+        })?;
+    }
+    Ok(())
 }
 
 /// Encodes `row` with jetsync's postcard codec, as the body of an upsert event
@@ -937,6 +974,112 @@ mod tests {
         assert_ne!(one.digest().await.unwrap(), two.digest().await.unwrap());
         let dir3 = tempfile::tempdir().unwrap();
         assert!(open(&dir3, false).digest().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn replace_swaps_the_rows_sets_the_fence_and_audits() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = open(&dir, true);
+        let replica = sink.replica();
+        let v = |v: i64| row(&[("v", Value::I64(v))]);
+        let before = [
+            upsert(1, "a", "k1", v(1)),
+            upsert(2, "a", "k2", v(2)),
+            upsert(3, "b", "k1", v(3)),
+            upsert(4, "c", "k1", v(4)),
+        ];
+        sink.apply(GROUP, &before, 5).await.unwrap();
+
+        let changes = [
+            upsert(2, "a", "k2", v(20)),
+            upsert(3, "d", "k", v(3)),
+            delete(4, "d", "k"),
+            upsert(6, "a", "k9", v(6)),
+            delete(7, "c", "absent"),
+            upsert(8, "e", "k", v(8)),
+            upsert(9, "a", "k9", v(9)),
+        ];
+        sink.replace(GROUP, &changes, 10).await.unwrap();
+        assert_eq!(sink.fence(GROUP).await.unwrap(), Some(10));
+        assert_eq!(replica.applied_seq(), 10);
+        assert_eq!(
+            replica.scan("a").unwrap(),
+            vec![("k2".to_owned(), v(20)), ("k9".to_owned(), v(9))]
+        );
+        // Rows absent from the changes are gone, in every table.
+        assert_eq!(replica.get("a", "k1").unwrap(), None);
+        assert!(replica.scan("b").unwrap().is_empty());
+        assert!(replica.scan("c").unwrap().is_empty());
+        assert!(replica.scan("d").unwrap().is_empty());
+        assert_eq!(replica.scan("e").unwrap().len(), 1);
+
+        // The same state as a fresh sink that applied the same changes.
+        let fresh_dir = tempfile::tempdir().unwrap();
+        let mut fresh = open(&fresh_dir, false);
+        fresh.apply(GROUP, &changes, 10).await.unwrap();
+        let digest = sink.digest().await.unwrap();
+        assert_eq!(digest, fresh.digest().await.unwrap());
+        assert_eq!(
+            digest.iter().map(|d| d.table.as_str()).collect::<Vec<_>>(),
+            ["a", "e"]
+        );
+
+        // The audit counts what the replace applied, like apply does.
+        let counts = sink.audit_counts().unwrap();
+        let expected: BTreeMap<u64, u64> = [
+            (1, 1),
+            (2, 2),
+            (3, 2),
+            (4, 2),
+            (6, 1),
+            (7, 1),
+            (8, 1),
+            (9, 1),
+        ]
+        .into();
+        assert_eq!(counts, expected);
+
+        // Survives a reopen; replacing with nothing empties everything and sets the fence.
+        drop(replica);
+        drop(sink);
+        let mut sink = open(&dir, true);
+        assert_eq!(sink.digest().await.unwrap(), digest);
+        sink.replace(GROUP, &[], 11).await.unwrap();
+        assert!(sink.is_empty().await.unwrap());
+        assert_eq!(sink.fence(GROUP).await.unwrap(), Some(11));
+        assert_eq!(sink.replica().applied_seq(), 11);
+    }
+
+    #[tokio::test]
+    async fn apply_of_lower_sequences_at_the_fence_keeps_the_fence() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = open(&dir, true);
+        let replica = sink.replica();
+        sink.apply(GROUP, &[upsert(1, "t", "a", row(&[]))], 10)
+            .await
+            .unwrap();
+        // `parked retry`: events parked earlier (seqs below the fence), applied with the current
+        // fence as last_seq.
+        let retried = [
+            upsert(4, "t", "p", row(&[("v", Value::I64(4))])),
+            delete(5, "t", "a"),
+        ];
+        sink.apply(GROUP, &retried, 10).await.unwrap();
+        assert_eq!(sink.fence(GROUP).await.unwrap(), Some(10));
+        assert_eq!(replica.applied_seq(), 10);
+        assert_eq!(replica.get("t", "a").unwrap(), None);
+        assert_eq!(
+            replica.get("t", "p").unwrap(),
+            Some(row(&[("v", Value::I64(4))]))
+        );
+        assert_eq!(
+            sink.audit_counts().unwrap(),
+            [(1, 1), (4, 1), (5, 1)].into()
+        );
+        sink.apply(GROUP, &[upsert(11, "t", "q", row(&[]))], 11)
+            .await
+            .unwrap();
+        assert_eq!(sink.fence(GROUP).await.unwrap(), Some(11));
     }
 
     #[test]

@@ -23,6 +23,14 @@
 //!   whatever its redb checkpoint says, so nothing is applied twice.
 //!
 //! There is no window in which rows are committed without the fence or the other way round.
+//! The fence is written as given: `parked retry` applies parked (lower) sequences with the
+//! current fence as `last_seq`, which leaves the fence where it is.
+//!
+//! **Replace.** [`Sink::replace`] (snapshot resync) is the same single `BEGIN IMMEDIATE`
+//! transaction, preceded by `DELETE FROM` every synced table (every table [`Sink::digest`]
+//! reports; `DELETE`, not `DROP`, so the service's schema, indexes and triggers stay). Readers
+//! see the old contents until the `COMMIT` and the new ones after it, never a half-empty table;
+//! a crash before the `COMMIT` leaves the old contents and fence.
 //!
 //! **Errors.** Busy/locked database, I/O errors and a full disk are [`SinkError::Unavailable`]
 //! (the transaction is rolled back first, so the engine can retry the same batch). A change the
@@ -265,14 +273,17 @@ impl SqliteSink {
         compute().map_err(|e| self.error("compute the digest of", e))
     }
 
-    fn apply_batch(
+    /// One batch in one transaction with the fence: [`Sink::apply`] (`clear == false`) or
+    /// [`Sink::replace`] (`clear == true`: every synced table is emptied first).
+    fn write_batch(
         &mut self,
         group: &str,
         changes: &[Change],
         last_seq: u64,
+        clear: bool,
     ) -> Result<(), SinkError> {
         let fence = seq_to_sql(last_seq)?;
-        let result = self.apply_in_transaction(group, changes, fence);
+        let result = self.write_in_transaction(group, changes, fence, clear);
         if result.is_err() {
             // The transaction was rolled back, possibly together with tables or columns it had
             // created: forget what we learned about the schema.
@@ -281,11 +292,12 @@ impl SqliteSink {
         result
     }
 
-    fn apply_in_transaction(
+    fn write_in_transaction(
         &mut self,
         group: &str,
         changes: &[Change],
         fence: i64,
+        clear: bool,
     ) -> Result<(), SinkError> {
         let SqliteSink {
             conn,
@@ -301,21 +313,27 @@ impl SqliteSink {
         schema
             .revalidate(&tx)
             .map_err(|e| op_error("read the schema of", e))?;
-        for (index, change) in changes.iter().enumerate() {
-            let result = match &change.op {
-                jetsync::Change::Upsert(row) => upsert(&tx, schema, options, change, row),
-                jetsync::Change::Delete => delete(&tx, schema, options, change),
-            };
-            result.map_err(|e| {
-                sink_error(&options.path, "apply a change to", e, Some((index, change)))
-            })?;
+        if clear {
+            // Every table `digest` reports, which includes every existing table the changes
+            // name (reserved ones are rejected by `apply_changes`; tables that do not exist yet
+            // are created empty there). DELETE, not DROP: the service's schema, indexes and
+            // triggers stay. Readers keep seeing the old rows until COMMIT (WAL).
+            let tables = user_tables(&tx).map_err(|e| op_error("list the tables of", e))?;
+            for table in tables {
+                let mut sql = String::from("DELETE FROM ");
+                push_quoted(&mut sql, &table);
+                tx.execute(&sql, [])
+                    .map_err(|e| op_error(&format!("clear table `{table}` of"), e.into()))?;
+            }
         }
+        apply_changes(&tx, schema, options, changes)?;
         write_fence(&tx, group, fence).map_err(|e| op_error("write the fence to", e))?;
         schema
             .after_ddl(&tx)
             .map_err(|e| op_error("read the schema of", e))?;
         // Crash window: before this COMMIT completes, nothing of the batch is visible and the
-        // fence is unchanged; after it, rows and fence moved together.
+        // fence is unchanged (for a replace: the old contents are all still there); after it,
+        // rows and fence moved together.
         tx.commit()
             .map_err(|e| op_error("commit a batch to", e.into()))?;
         Ok(())
@@ -343,7 +361,16 @@ impl Sink for SqliteSink {
         changes: &[Change],
         last_seq: u64,
     ) -> Result<(), SinkError> {
-        blocking(|| self.apply_batch(group, changes, last_seq))
+        blocking(|| self.write_batch(group, changes, last_seq, false))
+    }
+
+    async fn replace(
+        &mut self,
+        group: &str,
+        changes: &[Change],
+        last_seq: u64,
+    ) -> Result<(), SinkError> {
+        blocking(|| self.write_batch(group, changes, last_seq, true))
     }
 
     async fn set_fence(&mut self, group: &str, seq: u64) -> Result<(), SinkError> {
@@ -817,6 +844,27 @@ fn create_table(
     sql.push(')');
     conn.execute_batch(&sql)?;
     tracing::info!(table, key_column, "created table for synced rows");
+    Ok(())
+}
+
+/// Applies `changes` in order inside the caller's transaction, creating tables and adding
+/// columns as needed; the per-change step shared by [`Sink::apply`] and [`Sink::replace`]. A
+/// failing change is attributed to its index (see [`sink_error`]); the caller rolls back.
+fn apply_changes(
+    conn: &Connection,
+    schema: &mut SchemaCache,
+    options: &SqliteOptions,
+    changes: &[Change],
+) -> Result<(), SinkError> {
+    for (index, change) in changes.iter().enumerate() {
+        let result = match &change.op {
+            jetsync::Change::Upsert(row) => upsert(conn, schema, options, change, row),
+            jetsync::Change::Delete => delete(conn, schema, options, change),
+        };
+        result.map_err(|e| {
+            sink_error(&options.path, "apply a change to", e, Some((index, change)))
+        })?;
+    }
     Ok(())
 }
 
@@ -1343,6 +1391,211 @@ mod tests {
         assert_eq!(sink.read_table("t").unwrap().len(), 1);
         // The fence table is no synced table.
         assert_eq!(run(sink.digest()).unwrap().len(), 1);
+    }
+
+    /// Tables with at least one row, for comparing a replaced sink (which keeps its emptied
+    /// tables) with a fresh one.
+    fn non_empty(digests: Vec<TableDigest>) -> Vec<TableDigest> {
+        digests.into_iter().filter(|d| d.rows > 0).collect()
+    }
+
+    /// `t` (a, b, c), `u` (x) and the service's own table `svc` with an index and a row; fence
+    /// 10.
+    fn filled() -> (tempfile::TempDir, SqliteSink) {
+        let (dir, mut sink) = fresh();
+        apply(
+            &mut sink,
+            &[
+                up(1, "t", "a", &[("v", Value::I64(1))]),
+                up(2, "t", "b", &[("v", Value::I64(2))]),
+                up(3, "t", "c", &[("v", Value::I64(3))]),
+                up(4, "u", "x", &[("w", Value::from("x"))]),
+            ],
+        )
+        .unwrap();
+        service_conn(&sink)
+            .execute_batch(
+                "CREATE TABLE svc (id TEXT PRIMARY KEY, n INTEGER); \
+                 CREATE INDEX svc_n ON svc (n); INSERT INTO svc VALUES ('s', 1);",
+            )
+            .unwrap();
+        run(sink.set_fence(G, 10)).unwrap();
+        (dir, sink)
+    }
+
+    fn replacement() -> Vec<Change> {
+        vec![
+            up(2, "t", "a", &[("v", Value::I64(20))]),
+            up(5, "t", "d", &[("v", Value::I64(5))]),
+            del(6, "t", "d"),
+            up(7, "fresh", "k", &[("n", Value::I64(7))]),
+            up(8, "t", "e", &[("v", Value::I64(8))]),
+            del(9, "t", "never"),
+            up(11, "t", "e", &[("v", Value::I64(11))]),
+        ]
+    }
+
+    #[test]
+    fn replace_swaps_the_contents_and_sets_the_fence() {
+        let (_dir, mut sink) = filled();
+        let reader = service_conn(&sink);
+        reader.execute_batch("BEGIN").unwrap();
+        let count = |c: &Connection, table: &str| -> i64 {
+            c.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(count(&reader, "t"), 3);
+
+        let changes = replacement();
+        run(sink.replace(G, &changes, 12)).unwrap();
+
+        // A read transaction that started before still sees the old contents, whole.
+        assert_eq!(count(&reader, "t"), 3);
+        assert_eq!(count(&reader, "u"), 1);
+        reader.execute_batch("COMMIT").unwrap();
+
+        assert_eq!(run(sink.fence(G)).unwrap(), Some(12));
+        assert_eq!(
+            sink.read_table("t").unwrap(),
+            vec![
+                row(&[("id", Value::from("a")), ("v", Value::I64(20))]),
+                row(&[("id", Value::from("e")), ("v", Value::I64(11))]),
+            ]
+        );
+        assert_eq!(
+            sink.read_table("fresh").unwrap(),
+            vec![row(&[("id", Value::from("k")), ("n", Value::I64(7))])]
+        );
+        // Rows absent from the changes are gone, from every synced table, the service's own
+        // included; the tables and their indexes stay.
+        assert!(sink.read_table("u").unwrap().is_empty());
+        assert!(sink.read_table("svc").unwrap().is_empty());
+        let index: i64 = reader
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = 'svc_n'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(index, 1);
+
+        // Same contents as a fresh sink that applied the same changes.
+        let (_d2, mut other) = fresh();
+        apply(&mut other, &changes).unwrap();
+        let digest = run(sink.digest()).unwrap();
+        assert_eq!(
+            digest
+                .iter()
+                .map(|d| (d.table.as_str(), d.rows))
+                .collect::<Vec<_>>(),
+            [("fresh", 1), ("svc", 0), ("t", 2), ("u", 0)]
+        );
+        assert_eq!(non_empty(digest), run(other.digest()).unwrap());
+
+        // Replacing with nothing empties every table and still sets the fence (backwards too).
+        run(sink.replace(G, &[], 3)).unwrap();
+        assert!(run(sink.is_empty()).unwrap());
+        assert_eq!(run(sink.fence(G)).unwrap(), Some(3));
+    }
+
+    #[test]
+    fn replace_with_a_rejected_change_keeps_the_old_contents_and_fence() {
+        let (_dir, mut sink) = filled();
+        service_conn(&sink)
+            .execute_batch(
+                "CREATE TRIGGER t_no_bad BEFORE INSERT ON t WHEN NEW.id = 'bad' \
+                 BEGIN SELECT RAISE(ABORT, 'no bad rows'); END;",
+            )
+            .unwrap();
+        let before = run(sink.digest()).unwrap();
+        let mut changes = replacement();
+        changes.insert(3, up(7, "t", "bad", &[("v", Value::I64(-1))]));
+        let err = run(sink.replace(G, &changes, 12)).unwrap_err();
+        match &err {
+            SinkError::Rejected {
+                index,
+                seq,
+                table,
+                key,
+                reason,
+            } => {
+                assert_eq!((*index, *seq), (3, 7));
+                assert_eq!((table.as_str(), key.as_str()), ("t", "bad"));
+                assert!(reason.contains("no bad rows"), "{reason}");
+            }
+            other => panic!("expected Rejected, got {other:?}"),
+        }
+        assert_eq!(run(sink.fence(G)).unwrap(), Some(10));
+        assert_eq!(run(sink.digest()).unwrap(), before);
+        assert_eq!(sink.read_table("t").unwrap().len(), 3);
+        assert_eq!(sink.read_table("u").unwrap().len(), 1);
+        assert!(sink.read_table("fresh").unwrap().is_empty());
+
+        // A reserved table in the changes is rejected too, and never cleared.
+        let err = run(sink.replace(G, &[up(1, "jetsync_offsets", G, &[])], 12)).unwrap_err();
+        assert!(
+            matches!(err, SinkError::Rejected { index: 0, .. }),
+            "{err:?}"
+        );
+        assert_eq!(run(sink.fence(G)).unwrap(), Some(10));
+        assert_eq!(run(sink.digest()).unwrap(), before);
+
+        // The engine parks the bad change and replaces again without it.
+        changes.remove(3);
+        run(sink.replace(G, &changes, 12)).unwrap();
+        assert_eq!(run(sink.fence(G)).unwrap(), Some(12));
+        assert_eq!(sink.read_table("t").unwrap().len(), 2);
+        assert_eq!(sink.read_table("fresh").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn busy_database_makes_replace_unavailable() {
+        let (_dir, mut sink) = filled();
+        sink.set_busy_timeout(Duration::from_millis(20)).unwrap();
+        let writer = service_conn(&sink);
+        writer.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let err = run(sink.replace(G, &replacement(), 12)).unwrap_err();
+        assert!(err.is_retryable(), "{err:?}");
+        writer.execute_batch("ROLLBACK").unwrap();
+        assert_eq!(sink.read_table("t").unwrap().len(), 3);
+        run(sink.replace(G, &replacement(), 12)).unwrap();
+        assert_eq!(sink.read_table("t").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn apply_of_lower_sequences_at_the_fence_keeps_the_fence() {
+        let (_dir, mut sink) = filled();
+        // `parked retry`: events parked earlier (seqs below the fence), applied with the current
+        // fence as last_seq.
+        run(sink.apply(
+            G,
+            &[
+                up(5, "t", "p", &[("v", Value::I64(5))]),
+                del(6, "t", "a"),
+                up(7, "t", "b", &[("v", Value::I64(7))]),
+            ],
+            10,
+        ))
+        .unwrap();
+        assert_eq!(run(sink.fence(G)).unwrap(), Some(10));
+        assert_eq!(
+            sink.read_table("t").unwrap(),
+            vec![
+                row(&[("id", Value::from("b")), ("v", Value::I64(7))]),
+                row(&[("id", Value::from("c")), ("v", Value::I64(3))]),
+                row(&[("id", Value::from("p")), ("v", Value::I64(5))]),
+            ]
+        );
+        // A rejected retry leaves rows and fence alone as well.
+        let err = run(sink.apply(G, &[up(3, "jetsync_x", "k", &[])], 10)).unwrap_err();
+        assert!(
+            matches!(err, SinkError::Rejected { index: 0, .. }),
+            "{err:?}"
+        );
+        assert_eq!(run(sink.fence(G)).unwrap(), Some(10));
+        // And later batches move it on as usual.
+        run(sink.apply(G, &[up(11, "t", "q", &[])], 11)).unwrap();
+        assert_eq!(run(sink.fence(G)).unwrap(), Some(11));
     }
 
     #[test]
