@@ -3,8 +3,8 @@
 //!
 //! It starts a nats-server (from `NATS_SERVER_BIN`, `PATH` or `/usr/sbin/nats-server`) on a free
 //! port, provisions the stream, runs three appliers in-process, writes through instances 1 and
-//! 2, reads the rows back from instance 3's own database, stops instance 3, writes more, starts
-//! it again, shows it catching up, and prints the three digests side by side. Exits 0 only if
+//! 2, reads the rows back from instance 3's own database, kills instance 3's applier while it
+//! applies, writes more, starts it again, shows it catching up, and prints the three digests side by side. Exits 0 only if
 //! the three instances converged.
 //!
 //! Run: `cargo demo` (an alias for `cargo run -p jetsync-examples --example demo`).
@@ -143,11 +143,23 @@ async fn main() -> anyhow::Result<()> {
         println!("     {sku:<5} {name:<6} qty {qty}");
     }
 
-    let third = appliers[2].take().context("instance 3")?;
-    stop_applier(third).await?;
-    println!("⑥ instance 3's applier stopped; writing 2,000 more events");
+    // Write 2,000 more events; instance 3's applier is killed while it applies the first half
+    // (its task aborted mid-batch: an open transaction is dropped and rolled back, as a SIGKILL
+    // would leave it).
     let mut pipeline = items1.pipeline();
-    for i in 0..2000 {
+    for i in 0..1000 {
+        let sku = format!("S-{}", i % 500);
+        pipeline.upsert(&sku, &item(&sku, "Screw", i)).await?;
+    }
+    pipeline.finish().await?;
+    let third = appliers[2].take().context("instance 3")?;
+    third.task.abort();
+    let _ = third.task.await;
+    drop(third.stop);
+    let at = jetsync_applier::read_checkpoint(&configs[2].redb_path(), STREAM)?.applied;
+    println!("⑥ killed instance 3's applier mid-stream at seq {at}; writing 1,000 more events");
+    let mut pipeline = items1.pipeline();
+    for i in 1000..2000 {
         let sku = format!("S-{}", i % 500);
         pipeline.upsert(&sku, &item(&sku, "Screw", i)).await?;
     }

@@ -187,14 +187,20 @@ impl Instance {
         toml += &group.extra_toml;
         let config_path = dir.join("jetsync.toml");
         fs::write(&config_path, toml)?;
-        Ok(Instance {
+        let instance = Instance {
             name: name.into(),
             dir,
             config_path,
             sink,
             child: None,
             runs: 0,
-        })
+        };
+        if sink == SinkKind::RedbAudit {
+            // The audit proves "every stream sequence applied exactly once", which needs the
+            // whole history replayed: no snapshot bootstrap (that path has its own tests).
+            instance.set_option("apply", "bootstrap", "false")?;
+        }
+        Ok(instance)
     }
 
     /// A command for the applier binary with this instance's config.

@@ -215,6 +215,8 @@ fn status_works_while_run_is_running() -> Result<()> {
     let root = tempfile::tempdir()?;
     let group = Group::new(server.url(), "STAT", "stat");
     let mut instance = Instance::new(&group, root.path(), "st1", SinkKind::Sqlite)?;
+    // This scenario is about replaying a backlog, not joining from a snapshot.
+    instance.set_option("apply", "bootstrap", "false")?;
     let (code, _, err) = instance.cli(&["provision"])?;
     assert_eq!(code, 0, "provision: {err}");
     let runtime = tokio::runtime::Builder::new_current_thread()

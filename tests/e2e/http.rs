@@ -312,6 +312,8 @@ async fn backlog() -> Result<()> {
     let mut group = Group::new(server.url(), "HTTPB", "httpb");
     group.extra_toml = "[apply]\nbatch_max = 100\n".into();
     let mut instance = Instance::new(&group, root.path(), "h1", SinkKind::Sqlite)?;
+    // This scenario is about replaying a backlog, not joining from a snapshot.
+    instance.set_option("apply", "bootstrap", "false")?;
     let addr = instance.enable_http("")?;
     let (code, _, err) = instance.cli(&["provision"])?;
     assert_eq!(code, 0, "provision: {err}");
@@ -452,6 +454,8 @@ async fn status_and_logs() -> Result<()> {
     let root = tempfile::tempdir()?;
     let group = Group::new(server.url(), "HTTPS", "https");
     let mut instance = Instance::new(&group, root.path(), "s1", SinkKind::Sqlite)?;
+    // This scenario is about replaying a backlog, not joining from a snapshot.
+    instance.set_option("apply", "bootstrap", "false")?;
     instance.append_config("[log]\nformat = \"json\"\n")?;
     let addr = instance.enable_http("")?;
     let (code, _, err) = instance.cli(&["provision"])?;

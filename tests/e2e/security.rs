@@ -173,6 +173,9 @@ async fn restricted_users_scenario() -> Result<()> {
     let mut one = Instance::new(&group, root.path(), "catalog-1", SinkKind::Sqlite)?;
     restrict(&one, "catalog-1", "_INBOX_catalog-1")?;
     one.set_option("nats", "password", &format!("{APPLIER_1_PASSWORD:?}"))?;
+    // catalog-1 replays from the admin's durable (reusing it needs applied = 0 = its position);
+    // catalog-2 joins from a snapshot, through its own `_snapshot` consumer.
+    one.set_option("apply", "bootstrap", "false")?;
     let mut two = Instance::new(&group, root.path(), "catalog-2", SinkKind::Sqlite)?;
     restrict(&two, "catalog-2", "_INBOX_catalog-2")?;
     let two_env = [("JETSYNC_NATS__PASSWORD", APPLIER_2_PASSWORD)];
@@ -190,6 +193,11 @@ async fn restricted_users_scenario() -> Result<()> {
         one.log()
     );
     assert!(catalog.consumer_info("jetsync_catalog-2").await.is_ok());
+    assert!(
+        two.log().contains("bootstrap complete"),
+        "catalog-2 joined from a snapshot under its restricted user:\n{}",
+        two.log()
+    );
 
     // `status` works under the restricted user, beside the running applier.
     let (code, out, err) = one.cli(&["status", "--json"])?;

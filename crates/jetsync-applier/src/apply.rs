@@ -9,7 +9,9 @@
 //!    the same sequences (an overwrite), and the events of a row *before* its first parked
 //!    sequence are not held (only later ones are), so nothing is applied out of order.
 //! 2. the sink transaction (rows + fence L) is all-or-nothing.
-//! 3. the redb checkpoint follows (see `engine.rs`); the sink's fence wins at start.
+//! 3. the redb checkpoint follows (see `engine.rs`): committed at once for a sink without a
+//!    fence, at most every `CHECKPOINT_EVERY` for one with a fence (see `offsets.rs`), whose
+//!    fence wins at start anyway.
 //!
 //! So a parked event is never lost (parked before the fence passes it) and never applied twice
 //! by the engine (it is applied only by `parked retry`, which removes it).
@@ -57,6 +59,10 @@ pub(crate) struct Applier<S> {
     /// Rows with a parked event → the sequence of their first parked event.
     blocked: HashMap<RowId, u64>,
     stats: Arc<Stats>,
+    /// The sink keeps a fence, which is the truth at start: the redb checkpoint of applied
+    /// batches may be committed lazily ([`Offsets::record`]). False (commit every batch at once)
+    /// unless the engine says so.
+    pub(crate) lazy_checkpoint: bool,
 }
 
 impl<S: Sink> Applier<S> {
@@ -89,6 +95,7 @@ impl<S: Sink> Applier<S> {
             applied,
             blocked,
             stats,
+            lazy_checkpoint: false,
         })
     }
 
@@ -239,9 +246,14 @@ impl<S: Sink> Applier<S> {
             }
         }
         backoff.succeed();
-        // Crash window 3: the sink holds `through`, redb still says the old sequence; startup
-        // takes the fence.
+        // Crash window 3: the sink holds `through`, redb still says an older sequence (until the
+        // checkpoint is committed, at once or within `CHECKPOINT_EVERY`); startup takes the
+        // fence.
         match mode {
+            Mode::Apply if self.lazy_checkpoint => {
+                self.offsets
+                    .record(&self.group, through, changes.len() as u64)?;
+            }
             Mode::Apply => self
                 .offsets
                 .commit(&self.group, through, changes.len() as u64)?,

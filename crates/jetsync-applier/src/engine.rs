@@ -6,12 +6,17 @@
 //! 1. while pulling or decoding: nothing was written; the restart resumes after S.
 //! 2. during the sink transaction: the sink rolls back; nothing of the batch is visible and the
 //!    fence is still S; the restart resumes after S.
-//! 3. after the sink commit, before the redb commit: rows and fence are at L, redb says S. At
-//!    start the engine takes the sink's fence (L) and brings redb to it, so nothing is applied
-//!    twice.
-//! 4. after the redb commit, before the ack: both say L; the server still thinks the batch is
-//!    unacknowledged, so startup reconciliation recreates the consumer at L + 1 (and any
-//!    redelivery with seq ≤ L is skipped).
+//! 3. after the sink commit, before the redb checkpoint is committed: rows and fence are at L,
+//!    redb says S or any sequence in between. With a sink that keeps a fence the checkpoint is
+//!    committed at most every `CHECKPOINT_EVERY` (200 ms; see `offsets.rs`), so this window
+//!    spans several batches; at start the engine takes the sink's fence (L) and brings redb to
+//!    it, so nothing is applied twice. With a sink without a fence the checkpoint is committed
+//!    right after every batch, so this window is the one between two commits: a kill in it
+//!    applies the batch again at restart (such a sink must tolerate that; the trait says so).
+//! 4. after the checkpoint, before the ack reaches the server (the ack is sent without waiting
+//!    for its confirmation): the server still thinks the batch is unacknowledged, so startup
+//!    reconciliation recreates the consumer at L + 1 (and any redelivery with seq ≤ L is
+//!    skipped). An ack lost in transit is covered by the next batch's AckAll.
 //! 5. after the ack: everything agrees.
 
 use std::{
@@ -38,11 +43,6 @@ use crate::{
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// Pull requests expire after this long (heartbeats keep idle pulls honest in between).
 const PULL_EXPIRES: Duration = Duration::from_secs(30);
-/// How long a batch's acknowledgement waits for the server's confirmation before the loop goes
-/// on. On a healthy connection it takes well under a millisecond; an ack sent as the connection
-/// drops is never answered, and waiting out the whole request timeout (5 s by default) stalled
-/// applying after every server restart.
-const ACK_CONFIRM_WAIT: Duration = Duration::from_secs(1);
 
 /// The applier engine of one instance and one sync group.
 #[derive(Debug)]
@@ -93,13 +93,15 @@ impl<S: Sink> Engine<S> {
         let max_backoff = Duration::from_millis(config.apply.retry_max_backoff_ms);
         let offsets = Offsets::open(&config.redb_path())?;
 
-        let Some(applied) =
-            start_point(&mut sink, &offsets, &group, max_backoff, &mut shutdown).await?
+        let Some((applied, has_fence)) =
+            start_point_and_fence(&mut sink, &offsets, &group, max_backoff, &mut shutdown).await?
         else {
             return Ok(());
         };
-        // S = 0 and an empty sink: join from a snapshot instead of replaying all history.
-        if applied == 0
+        // S = 0 and an empty sink: join from a snapshot instead of replaying all history
+        // (unless `apply.bootstrap = false`).
+        if config.apply.bootstrap
+            && applied == 0
             && !offsets.bootstrapping(&group)?
             && sink_is_empty(&mut sink, max_backoff, &mut shutdown).await? == Some(true)
         {
@@ -111,8 +113,11 @@ impl<S: Sink> Engine<S> {
         let Some(client) = connect(&config, &mut shutdown, max_backoff).await? else {
             return Ok(());
         };
+        let mut applier = Applier::new(&config, sink, offsets, applied, stats.clone())?;
+        // The sink's fence is the truth at start: the checkpoint may lag it (crash window 3).
+        applier.lazy_checkpoint = has_fence;
         let mut state = LoopState {
-            applier: Applier::new(&config, sink, offsets, applied, stats.clone())?,
+            applier,
             spec: ConsumerSpec {
                 name: config.consumer_name(),
                 filter: jetsync::group_filter(&config.stream.subject_prefix),
@@ -161,6 +166,21 @@ pub(crate) async fn start_point<S: Sink>(
     max_backoff: Duration,
     shutdown: &mut Shutdown,
 ) -> Result<Option<u64>, EngineError> {
+    Ok(
+        start_point_and_fence(sink, offsets, group, max_backoff, shutdown)
+            .await?
+            .map(|(applied, _)| applied),
+    )
+}
+
+/// [`start_point`], and whether the sink keeps a fence.
+async fn start_point_and_fence<S: Sink>(
+    sink: &mut S,
+    offsets: &Offsets,
+    group: &str,
+    max_backoff: Duration,
+    shutdown: &mut Shutdown,
+) -> Result<Option<(u64, bool)>, EngineError> {
     let mut backoff = Backoff::new("reading the sink's fence", max_backoff);
     let fence = loop {
         match sink.fence(group).await {
@@ -185,9 +205,9 @@ pub(crate) async fn start_point<S: Sink>(
                 );
                 offsets.set(group, fence)?;
             }
-            fence
+            (fence, true)
         }
-        None => checkpoint,
+        None => (checkpoint, false),
     }))
 }
 
@@ -339,11 +359,16 @@ impl Session<'_> {
         let batch_max = state.spec.batch_max;
 
         loop {
-            // Wait for the first message of a batch, or shutdown.
-            let first = tokio::select! {
-                biased;
-                _ = shutdown.requested() => return Ok(SessionEnd::Shutdown),
-                next = messages.next() => next,
+            // Wait for the first message of a batch, or shutdown; commit a lazily recorded
+            // checkpoint once it is due, so that an idle applier's file (`status`) is exact.
+            let first = loop {
+                let flush_at = state.applier.offsets.flush_due();
+                tokio::select! {
+                    biased;
+                    _ = shutdown.requested() => return Ok(SessionEnd::Shutdown),
+                    next = messages.next() => break next,
+                    _ = sleep_until(flush_at) => state.applier.offsets.flush()?,
+                }
             };
             let mut batch: Vec<Pulled> = Vec::new();
             let mut anomaly: Option<String> = None;
@@ -511,21 +536,24 @@ impl Session<'_> {
         {
             return Ok(false);
         }
-        // Crash window 4: applied and checkpointed, not yet acknowledged.
-        // An unconfirmed ack is harmless: the next batch's AckAll covers this one, and a restart
-        // recreates the consumer anyway. So the wait for the confirmation is bounded.
-        match tokio::time::timeout(ACK_CONFIRM_WAIT, last.message.double_ack()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, seq = last.stream_seq, "acknowledgement not confirmed")
-            }
-            Err(_) => tracing::debug!(
-                seq = last.stream_seq,
-                "acknowledgement not confirmed within {ACK_CONFIRM_WAIT:?}; going on"
-            ),
+        // Crash window 4: applied (and checkpointed, or recorded), not yet acknowledged.
+        // The ack is sent without waiting for the server's confirmation: correctness never
+        // depends on it (an ack lost in transit is covered by the next batch's AckAll, and a
+        // restart reconciles the consumer with the applied sequence), and the round trip would
+        // delay every batch.
+        if let Err(e) = last.message.ack().await {
+            tracing::debug!(error = %e, seq = last.stream_seq, "acknowledgement not sent");
         }
         state.progress.maybe_log(state.applier.applied, pending);
         Ok(true)
+    }
+}
+
+/// Sleeps until `at`, forever for `None`.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -563,6 +591,11 @@ pub struct ResyncDone {
     pub events: u64,
 }
 
+/// The snapshot consumer's name: the durable's name + `_snapshot`.
+pub(crate) fn snapshot_consumer_name(config: &Config) -> String {
+    format!("{}_snapshot", config.consumer_name())
+}
+
 /// Events per sink call while bootstrapping.
 const BOOTSTRAP_BATCH: usize = 5_000;
 
@@ -581,6 +614,7 @@ pub(crate) async fn bootstrap<S: Sink>(
         js,
         &config.stream.name,
         &jetsync::group_filter(&config.stream.subject_prefix),
+        &snapshot_consumer_name(config),
     )
     .await?;
     tracing::info!(
@@ -638,6 +672,7 @@ pub(crate) async fn resync<S: Sink>(
         js,
         &config.stream.name,
         &jetsync::group_filter(&config.stream.subject_prefix),
+        &snapshot_consumer_name(config),
     )
     .await?;
     let mut all = Vec::new();

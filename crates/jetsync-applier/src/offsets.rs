@@ -2,21 +2,43 @@
 //!
 //! The file is `<data_dir>/<instance>.redb`. It is opened in redb's `SingleWriter` mode so that
 //! `jetsync-applier status` can read it (read-only) while `run` holds it for writing, and a
-//! second `run` for the same instance is refused instead of corrupting anything.
+//! second `run` for the same instance is refused instead of corrupting anything. (That mode
+//! refuses `Durability::None`: a commit held only in this process's memory would be invisible to
+//! `status`. So every commit here is durable, and the engine commits the checkpoint less often
+//! instead, see [`Offsets::record`].)
 //!
 //! Crash windows: a commit is one redb write transaction with `Durability::Immediate`; a kill
 //! before it returns leaves the previous checkpoint (redb's commit is atomic). The checkpoint may
-//! therefore lag the sink's fence by one batch, never lead it: the engine commits here only after
-//! the sink committed, and at start it brings this store to the sink's fence.
+//! therefore lag the sink's fence, never lead it: the engine records a sequence here only after
+//! the sink committed it, and at start it brings this store to the sink's fence.
+//! - With a sink that keeps a fence, the engine [`record`](Offsets::record)s each batch: the
+//!   checkpoint is committed at once when the last commit is [`CHECKPOINT_EVERY`] old (or there
+//!   was none yet), else kept in memory and committed by the next batch, by [`Offsets::flush`]
+//!   (the engine calls it when idle once that much time has passed) or when the store is
+//!   dropped (shutdown). A kill loses at most that much of the checkpoint, never data: the
+//!   sink's fence is the truth at start. `status` (which reads the file) lags by as much.
+//! - With a sink without a fence the checkpoint is the only truth: the engine
+//!   [`commit`](Offsets::commit)s every batch at once.
+//! - Parked events, the resync marker and the bootstrap marker are always committed at once:
+//!   they must be durable before the sink's fence passes them (see `apply.rs`).
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use redb::{
     Builder, ConcurrencyMode, Database, ReadOnlyDatabase, ReadableDatabase, ReadableTable,
     TableDefinition,
 };
 
-use crate::parked::ParkedEvent;
+use crate::{parked::ParkedEvent, sinks::redb::blocking};
+
+/// How old the last checkpoint commit may get before a recorded checkpoint is committed (see
+/// [`Offsets::record`]).
+pub const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 
 /// group (stream name) → last applied stream sequence.
 const APPLIED: TableDefinition<'_, &str, u64> = TableDefinition::new("applied");
@@ -62,6 +84,16 @@ pub enum OffsetsError {
 pub struct Offsets {
     db: Database,
     path: PathBuf,
+    deferred: Mutex<Deferred>,
+}
+
+/// Checkpoints recorded but not committed yet.
+#[derive(Debug, Default)]
+struct Deferred {
+    /// group → (applied sequence, events applied since the last commit).
+    groups: BTreeMap<String, (u64, u64)>,
+    /// When the checkpoint was last committed by this handle.
+    committed_at: Option<Instant>,
 }
 
 fn builder() -> Builder {
@@ -85,6 +117,7 @@ impl Offsets {
         let offsets = Offsets {
             db,
             path: path.to_owned(),
+            deferred: Mutex::new(Deferred::default()),
         };
         // Create the tables so read-only opens find them.
         let tx = offsets.db.begin_write().map_err(|e| offsets.err(e))?;
@@ -101,38 +134,120 @@ impl Offsets {
         storage(&self.path, e)
     }
 
-    /// The last applied sequence of `group` (0 when nothing was ever applied).
+    /// The last applied sequence of `group` (0 when nothing was ever applied), including a
+    /// recorded checkpoint not committed yet.
     pub fn applied(&self, group: &str) -> Result<u64, OffsetsError> {
+        if let Some(&(seq, _)) = self.deferred().groups.get(group) {
+            return Ok(seq);
+        }
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = tx.open_table(APPLIED).map_err(|e| self.err(e))?;
         let value = table.get(group).map_err(|e| self.err(e))?;
         Ok(value.map(|v| v.value()).unwrap_or(0))
     }
 
-    /// Events applied over the instance's life.
+    /// Events applied over the instance's life (including recorded, uncommitted ones).
     pub fn applied_events(&self, group: &str) -> Result<u64, OffsetsError> {
+        let pending = self.deferred().groups.get(group).map_or(0, |&(_, n)| n);
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = tx.open_table(APPLIED_EVENTS).map_err(|e| self.err(e))?;
         let value = table.get(group).map_err(|e| self.err(e))?;
-        Ok(value.map(|v| v.value()).unwrap_or(0))
+        Ok(value.map(|v| v.value()).unwrap_or(0) + pending)
+    }
+
+    fn deferred(&self) -> std::sync::MutexGuard<'_, Deferred> {
+        // The lock is never held across a panic that matters: the data is plain numbers.
+        self.deferred.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Durably records that everything of `group` up to `seq` is applied, adding `events` to
-    /// the applied-events counter.
+    /// the applied-events counter (and committing what [`record`](Self::record) kept for
+    /// `group`).
     pub fn commit(&self, group: &str, seq: u64, events: u64) -> Result<(), OffsetsError> {
+        let mut deferred = self.deferred();
+        let mut batch = deferred.groups.clone();
+        let entry = batch.entry(group.to_owned()).or_insert((seq, 0));
+        *entry = (seq, entry.1 + events);
+        blocking(|| self.write_checkpoints(&batch))?;
+        deferred.groups.clear();
+        deferred.committed_at = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Records that everything of `group` up to `seq` is applied (`events` more events), for a
+    /// sink whose fence is the truth at start: committed at once when the last commit is
+    /// [`CHECKPOINT_EVERY`] old or there was none yet (returns true), else kept until the next
+    /// commit, [`flush`](Self::flush) or drop (returns false).
+    pub fn record(&self, group: &str, seq: u64, events: u64) -> Result<bool, OffsetsError> {
+        let due = {
+            let mut deferred = self.deferred();
+            let entry = deferred.groups.entry(group.to_owned()).or_insert((seq, 0));
+            entry.0 = seq;
+            entry.1 += events;
+            deferred
+                .committed_at
+                .is_none_or(|at| at.elapsed() >= CHECKPOINT_EVERY)
+        };
+        if due {
+            self.flush()?;
+        }
+        Ok(due)
+    }
+
+    /// When the recorded, uncommitted checkpoint should be committed (`None`: nothing waits).
+    pub fn flush_due(&self) -> Option<Instant> {
+        let deferred = self.deferred();
+        if deferred.groups.is_empty() {
+            return None;
+        }
+        Some(
+            deferred
+                .committed_at
+                .map_or_else(Instant::now, |at| at + CHECKPOINT_EVERY),
+        )
+    }
+
+    /// Commits the recorded checkpoints now (nothing to do when there are none).
+    pub fn flush(&self) -> Result<(), OffsetsError> {
+        self.flush_with(|write| blocking(write))
+    }
+
+    /// [`flush`](Self::flush), running the commit (which waits for an fsync) through `run`.
+    fn flush_with(
+        &self,
+        run: impl FnOnce(&dyn Fn() -> Result<(), OffsetsError>) -> Result<(), OffsetsError>,
+    ) -> Result<(), OffsetsError> {
+        let mut deferred = self.deferred();
+        if deferred.groups.is_empty() {
+            return Ok(());
+        }
+        let batch = &deferred.groups;
+        run(&|| self.write_checkpoints(batch))?;
+        deferred.groups.clear();
+        deferred.committed_at = Some(Instant::now());
+        Ok(())
+    }
+
+    /// One durable transaction setting the applied sequence and adding to the counter of every
+    /// group in `batch`.
+    fn write_checkpoints(&self, batch: &BTreeMap<String, (u64, u64)>) -> Result<(), OffsetsError> {
         let tx = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut applied = tx.open_table(APPLIED).map_err(|e| self.err(e))?;
-            applied.insert(group, seq).map_err(|e| self.err(e))?;
             let mut counter = tx.open_table(APPLIED_EVENTS).map_err(|e| self.err(e))?;
-            let old = counter
-                .get(group)
-                .map_err(|e| self.err(e))?
-                .map(|v| v.value())
-                .unwrap_or(0);
-            counter
-                .insert(group, old + events)
-                .map_err(|e| self.err(e))?;
+            for (group, &(seq, events)) in batch {
+                applied
+                    .insert(group.as_str(), seq)
+                    .map_err(|e| self.err(e))?;
+                let old = counter
+                    .get(group.as_str())
+                    .map_err(|e| self.err(e))?
+                    .map(|v| v.value())
+                    .unwrap_or(0);
+                counter
+                    .insert(group.as_str(), old + events)
+                    .map_err(|e| self.err(e))?;
+            }
         }
         tx.commit().map_err(|e| self.err(e))
     }
@@ -260,6 +375,17 @@ impl Offsets {
         let table = tx.open_table(def).map_err(|e| self.err(e))?;
         let value = table.get(group).map_err(|e| self.err(e))?;
         Ok(value.map(|v| v.value()))
+    }
+}
+
+impl Drop for Offsets {
+    /// Commits a recorded checkpoint on the way out (shutdown, or an engine error), so that a
+    /// stopped applier's file is exact.
+    fn drop(&mut self) {
+        // Inline: a drop may run where handing the thread over is not allowed.
+        if let Err(e) = self.flush_with(|write| write()) {
+            tracing::warn!(error = %e, "could not commit the last checkpoint on the way out; the sink's fence restores it at start");
+        }
     }
 }
 

@@ -1,5 +1,12 @@
-//! Snapshots: the latest event of every row of a sync group, read through an ordered consumer
-//! with `DeliverPolicy::LastPerSubject`.
+//! Snapshots: the latest event of every row of a sync group, read through an ephemeral pull
+//! consumer with `DeliverPolicy::LastPerSubject` and no acknowledgements.
+//!
+//! The consumer is named after the instance's durable (`<durable>_snapshot`), so a
+//! least-privilege applier user needs rights on that one extra name only (nats-config's
+//! accounts.conf), and a leftover of an interrupted run is deleted before a new one is created
+//! (reusing it would resume its delivery instead of starting the snapshot over). Any delivery
+//! anomaly (a consumer-sequence jump, the pull stream failing) ends the snapshot with an error;
+//! the caller starts a new one, which is safe for the reason below.
 //!
 //! The server delivers a last-per-subject consumer's events in ascending stream order: first the
 //! latest event of every subject as of the consumer's creation, then anything published since.
@@ -14,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{
     self,
-    consumer::{pull::OrderedConfig, DeliverPolicy},
+    consumer::{pull, AckPolicy, DeliverPolicy},
 };
 use futures::{FutureExt, StreamExt};
 
@@ -24,9 +31,18 @@ use crate::EngineError;
 /// (the caller retries the snapshot from the start or from where it got).
 const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Idle heartbeat of the snapshot's pulls.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+/// The server removes an abandoned snapshot consumer after this long without pulls.
+const INACTIVE_THRESHOLD: Duration = Duration::from_secs(60);
+
 /// A snapshot being read.
 pub(crate) struct Snapshot {
-    messages: Option<jetstream::consumer::pull::Ordered>,
+    stream: jetstream::stream::Stream,
+    name: String,
+    messages: Option<pull::Stream>,
+    /// The consumer sequence the next delivery must carry.
+    next_cseq: u64,
     /// Rows the server reported when the snapshot started (for progress displays).
     total: u64,
     delivered: u64,
@@ -39,11 +55,13 @@ pub(crate) struct Snapshot {
 }
 
 impl Snapshot {
-    /// Starts a snapshot of stream `stream_name`, subjects `filter`.
+    /// Starts a snapshot of stream `stream_name`, subjects `filter`, through a consumer named
+    /// `name`.
     pub(crate) async fn start(
         js: &jetstream::Context,
         stream_name: &str,
         filter: &str,
+        name: &str,
     ) -> Result<Snapshot, EngineError> {
         let mut stream = js
             .get_stream(stream_name)
@@ -59,7 +77,10 @@ impl Snapshot {
             // instance alike; the snapshot is empty and ends there. Anything published from now
             // on comes after that sequence.
             return Ok(Snapshot {
+                stream,
+                name: name.to_owned(),
                 messages: None,
+                next_cseq: 1,
                 total: 0,
                 delivered: 0,
                 last_seq: info.state.last_sequence,
@@ -67,21 +88,36 @@ impl Snapshot {
                 done: true,
             });
         }
+        // A leftover of an interrupted snapshot would resume where it stopped: remove it.
+        let _ = stream.delete_consumer(name).await;
         let consumer = stream
-            .create_consumer(OrderedConfig {
+            .create_consumer(pull::Config {
+                name: Some(name.to_owned()),
                 filter_subject: filter.to_owned(),
                 deliver_policy: DeliverPolicy::LastPerSubject,
+                ack_policy: AckPolicy::None,
+                max_deliver: 1,
+                inactive_threshold: INACTIVE_THRESHOLD,
+                memory_storage: true,
+                num_replicas: 1,
                 ..Default::default()
             })
             .await
             .map_err(|e| EngineError::nats("create the snapshot consumer", e))?;
         let total = consumer.cached_info().num_pending;
         let messages = consumer
+            .stream()
+            .max_messages_per_batch(1000)
+            .heartbeat(HEARTBEAT)
+            .expires(Duration::from_secs(30))
             .messages()
             .await
             .map_err(|e| EngineError::nats("start the snapshot", e))?;
         Ok(Snapshot {
+            stream,
+            name: name.to_owned(),
             messages: Some(messages),
+            next_cseq: 1,
             total,
             delivered: 0,
             last_seq: 0,
@@ -167,6 +203,16 @@ impl Snapshot {
                 )
             })?;
             let (seq, pending) = (info.stream_sequence, info.pending);
+            if info.consumer_sequence != self.next_cseq {
+                return Err(EngineError::nats(
+                    "read the snapshot",
+                    std::io::Error::other(format!(
+                        "delivery {} of the snapshot went missing (got {}); starting over",
+                        self.next_cseq, info.consumer_sequence
+                    )),
+                ));
+            }
+            self.next_cseq += 1;
             if seq <= self.last_seq {
                 // Never expected (deliveries ascend); ignoring keeps the prefix rule intact.
                 continue;
@@ -179,10 +225,9 @@ impl Snapshot {
                 break;
             }
         }
-        if self.done {
-            // Dropping the ordered consumer's stream lets the server remove it (inactive
-            // threshold); nothing else holds it.
-            self.messages = None;
+        if self.done && self.messages.take().is_some() {
+            // Done with it; the inactive threshold would remove it too.
+            let _ = self.stream.delete_consumer(&self.name).await;
         }
         Ok(Some(batch))
     }

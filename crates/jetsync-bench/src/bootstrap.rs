@@ -1,11 +1,10 @@
 //! Bootstrap: how fast a new instance gets the current state of every row.
 //!
-//! The product has no snapshot bootstrap yet (DESIGN 5, "Snapshot", is planned). What a new
-//! instance does today is replay the stream from its first event; on a compacted stream
-//! (`history = 1`) that is exactly one event per row. So this phase writes R rows three times
-//! each (the stream keeps the last write of each), starts a fresh engine and measures rows/s
-//! until it applied the last sequence: "replay of compacted stream; snapshot bootstrap
-//! pending". Measured into the redb replica (the headline figure) and into SQLite.
+//! A new instance (S = 0, empty sink) joins from a snapshot (DESIGN 5, "Snapshot"): an ordered
+//! consumer delivering the latest event of every row. This phase writes R rows three times each
+//! on a compacted stream (`history = 1`, so the stream keeps the last write of each), starts a
+//! fresh engine and measures rows/s until it applied the last sequence. Measured into the redb
+//! replica (the headline figure) and into SQLite.
 
 use std::time::Duration;
 
@@ -76,7 +75,7 @@ pub(crate) async fn run(bench: &Bench, rows: u64) -> anyhow::Result<BootstrapRep
     bench.delete_stream(STREAM).await;
     Ok(BootstrapReport {
         rows_per_s,
-        method: "replay of compacted stream; snapshot bootstrap pending",
+        method: "snapshot bootstrap (latest event of every row) on a compacted stream",
         sink: "redb",
         sqlite_rows_per_s,
         rows,

@@ -6,6 +6,8 @@
 //! `jetsync-applier --config F run`, samples `/proc/<pid>/status` (VmHWM, the kernel's own peak,
 //! and VmRSS) every 20 ms until the checkpoint in `<data_dir>/<instance>.redb` reaches the last
 //! sequence, then stops it with SIGTERM, as an operator would, and checks it exits cleanly.
+//! The SQLite file is seeded first (`replay::seed`), so the binary replays the backlog rather
+//! than joining from a snapshot.
 
 use std::{
     fs,
@@ -165,6 +167,13 @@ pub(crate) async fn run(
             batch_max = crate::harness::batch_max(),
         ),
     )?;
+    // The binary's default SQLite file (`<data_dir>/<instance>.db`), seeded so that it replays.
+    {
+        let mut sink = jetsync_applier::SqliteSink::open(jetsync_applier::SqliteOptions::new(
+            data.join(format!("{INSTANCE}.db")),
+        ))?;
+        replay::seed(&mut sink, STREAM).await?;
+    }
     let log_path = dir.path().join("applier.log");
     let checkpoint = data.join(format!("{INSTANCE}.redb"));
     let timeout = Duration::from_secs(60 + backlog / 2_000);

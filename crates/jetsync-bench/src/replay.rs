@@ -4,6 +4,10 @@
 //! it: the applier engine in-process into the redb replica, and into SQLite. Every consumer
 //! reads the same stream, one after the other, each with its own durable; times run from
 //! the start (consumer creation included, for both sides) until the last sequence is applied.
+//!
+//! Every engine starts at S = 0 on a sink that already holds a row outside the backlog (see
+//! [`seed`]): an instance that fell behind, which catches up by replaying. A fresh instance
+//! (S = 0, empty sink) would join from a snapshot instead; that is the bootstrap phase.
 
 use std::{
     sync::Arc,
@@ -14,7 +18,10 @@ use anyhow::{bail, ensure, Context as _};
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
 use futures::StreamExt;
 use jetsync::StreamConfig;
-use jetsync_applier::{RedbOptions, RedbSink, SqliteOptions, SqliteSink, StatsSnapshot};
+use jetsync::{Row, Value};
+use jetsync_applier::{
+    Change, RedbOptions, RedbSink, Sink, SqliteOptions, SqliteSink, StatsSnapshot,
+};
 use serde::Serialize;
 
 use crate::{
@@ -66,16 +73,18 @@ pub(crate) async fn run(bench: &Bench, events: u64) -> anyhow::Result<ReplayRepo
 
     harness::mark("replay engine redb");
     let config = harness::engine_config(&bench.url, dir.path(), "replay-redb", &stream);
-    let sink = RedbSink::open(RedbOptions::new(
+    let mut sink = RedbSink::open(RedbOptions::new(
         dir.path().join("replay-redb.replica.redb"),
     ))?;
+    seed(&mut sink, &stream.name).await?;
     let redb = engine_replay(config, TimedSink::new(sink), events, timeout)
         .await
         .context("redb replay")?;
 
     harness::mark("replay engine sqlite");
     let config = harness::engine_config(&bench.url, dir.path(), "replay-sqlite", &stream);
-    let sink = SqliteSink::open(SqliteOptions::new(dir.path().join("replay-sqlite.db")))?;
+    let mut sink = SqliteSink::open(SqliteOptions::new(dir.path().join("replay-sqlite.db")))?;
+    seed(&mut sink, &stream.name).await?;
     let sqlite = engine_replay(config, TimedSink::new(sink), events, timeout)
         .await
         .context("sqlite replay")?;
@@ -101,6 +110,32 @@ pub(crate) async fn run(bench: &Bench, events: u64) -> anyhow::Result<ReplayRepo
         sqlite: sqlite.breakdown,
         null_sink: null.breakdown,
     })
+}
+
+/// Table of the row [`seed`] writes (not a table of the workload).
+pub(crate) const SEED_TABLE: &str = "bench_seed";
+
+/// Writes one row into `sink` (table [`SEED_TABLE`]) without moving its fence from 0, so the
+/// engine sees "nothing applied, but not empty" and catches up by replaying the backlog, as an
+/// instance that fell behind does, instead of joining from a snapshot (S = 0 and an empty sink
+/// bootstrap, which the bootstrap phase measures).
+pub(crate) async fn seed<S: Sink>(sink: &mut S, group: &str) -> anyhow::Result<()> {
+    let mut row = Row::new();
+    row.insert("id".into(), Value::Text("seed".into()));
+    let change = Change {
+        seq: 0,
+        table: SEED_TABLE.to_owned(),
+        key: "seed".to_owned(),
+        op: jetsync::Change::Upsert(row),
+    };
+    sink.apply(group, &[change], 0)
+        .await
+        .context("seeding the sink")?;
+    ensure!(
+        !sink.is_empty().await?,
+        "the seeded sink still reports itself empty"
+    );
+    Ok(())
 }
 
 /// Creates stream `name` keeping every event, and publishes `events` workload events to it

@@ -275,6 +275,10 @@ pub struct ApplyConfig {
     pub heartbeat_ms: u64,
     /// Upper bound of the backoff between retries when NATS or the sink is unavailable, ms.
     pub retry_max_backoff_ms: u64,
+    /// Whether an instance with nothing applied and an empty sink joins from a snapshot (the
+    /// latest event of every row). `false` replays the whole history the stream holds instead,
+    /// for databases whose side effects depend on seeing every stored event (audit triggers).
+    pub bootstrap: bool,
 }
 
 impl Default for ApplyConfig {
@@ -287,6 +291,7 @@ impl Default for ApplyConfig {
             ack_wait_ms: 30_000,
             heartbeat_ms: 5000,
             retry_max_backoff_ms: 5000,
+            bootstrap: true,
         }
     }
 }

@@ -98,6 +98,7 @@ pub struct RedbSink {
     /// The applied fence as replicas see it: the highest fence over all groups (with one group
     /// per sink, the embedded case, exactly that group's fence). Updated after each commit.
     applied: watch::Sender<u64>,
+    scratch_durability: Durability,
 }
 
 impl fmt::Debug for RedbSink {
@@ -157,6 +158,7 @@ impl RedbSink {
             audit,
             fences,
             applied,
+            scratch_durability: Durability::Immediate,
         })
     }
 
@@ -215,7 +217,7 @@ impl RedbSink {
     ) -> Result<(), SinkError> {
         const WHAT: &str = "apply a batch";
         let mut txn = self.db.begin_write().map_err(|e| sink_error(WHAT, e))?;
-        txn.set_durability(Durability::Immediate)
+        txn.set_durability(self.scratch_durability)
             .map_err(|e| sink_error(WHAT, e))?;
         {
             if clear {
@@ -549,8 +551,9 @@ fn read_audit_from(db: &Database) -> Result<BTreeMap<u64, u64>, SinkError> {
 
 /// Runs a blocking redb call (a commit waits for an fsync) without stalling the other tasks of a
 /// multi-threaded runtime. On a current-thread runtime it runs inline: the call is short, and
-/// the alternative (`spawn_blocking`) would mean copying the batch.
-fn blocking<R>(f: impl FnOnce() -> R) -> R {
+/// the alternative (`spawn_blocking`) would mean copying the batch. (Also used by the
+/// checkpoint store's commits.)
+pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
     match tokio::runtime::Handle::try_current() {
         Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
             tokio::task::block_in_place(f)
@@ -1207,6 +1210,54 @@ mod tests {
             let counts = sink.audit_counts().unwrap();
             prop_assert_eq!(counts.len(), changes.len());
             prop_assert!(counts.values().all(|c| *c == 1));
+        }
+    }
+}
+
+#[cfg(test)]
+mod scratch_perf {
+    use super::*;
+    use jetsync::Value;
+    use std::time::Instant;
+
+    fn change(seq: u64, i: u64) -> Change {
+        let mut row = Row::new();
+        row.insert("id".into(), Value::Text(format!("sku-{i:07}")));
+        row.insert("name".into(), Value::Text(format!("oak walnut chair {i}")));
+        row.insert("price".into(), Value::F64(12.5));
+        row.insert("qty".into(), Value::I64(seq as i64));
+        row.insert("description".into(), Value::Text("oak walnut steel linen chair table lamp".into()));
+        Change { seq, table: "items".into(), key: format!("sku-{i:07}"), op: jetsync::Change::Upsert(row) }
+    }
+
+    #[tokio::test]
+    #[ignore]
+    async fn scratch_redb_cost() {
+        for dur in [Durability::Immediate, Durability::None] {
+        for batch in [3usize, 25, 1000, 10000] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut sink = RedbSink::open(RedbOptions::new(dir.path().join("x.redb"))).unwrap();
+            sink.scratch_durability = dur;
+            let mut x = 12345u64;
+            let mut seq = 0;
+            let total = if batch < 100 { 5_000 } else { 50_000 };
+            // preload 40k rows
+            let pre: Vec<Change> = (0..40_000u64).map(|i| change(i + 1, i * 2 % 100_000)).collect();
+            sink.apply("G", &pre, 40_000).await.unwrap();
+            seq = 40_000;
+            let changes: Vec<Change> = (0..total).map(|_| { x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); seq += 1; change(seq, (x >> 33) % 100_000) }).collect();
+            let t = Instant::now();
+            let mut lat = Vec::new();
+            for chunk in changes.chunks(batch) {
+                let last = chunk.last().unwrap().seq;
+                let c = Instant::now();
+                sink.apply("G", chunk, last).await.unwrap();
+                lat.push(c.elapsed().as_micros() as u64);
+            }
+            let el = t.elapsed();
+            lat.sort();
+            eprintln!("{dur:?} batch {batch}: {:.2} us/event, commit us p50 {} p99 {} size {}", el.as_secs_f64() * 1e6 / total as f64, lat[lat.len()/2], lat[lat.len()*99/100], std::fs::metadata(dir.path().join("x.redb")).unwrap().len());
+        }
         }
     }
 }
