@@ -143,27 +143,31 @@ async fn main() -> anyhow::Result<()> {
         println!("     {sku:<5} {name:<6} qty {qty}");
     }
 
-    // Write 2,000 more events; instance 3's applier is killed while it applies the first half
-    // (its task aborted mid-batch: an open transaction is dropped and rolled back, as a SIGKILL
-    // would leave it).
-    let mut pipeline = items1.pipeline();
-    for i in 0..1000 {
-        let sku = format!("S-{}", i % 500);
-        pipeline.upsert(&sku, &item(&sku, "Screw", i)).await?;
-    }
-    pipeline.finish().await?;
+    // Write 2,000 more events; instance 3's applier is killed while they stream in (its task
+    // aborted wherever it is, possibly mid-transaction, which SQLite rolls back: what a SIGKILL
+    // would leave).
+    let writer = {
+        let items1 = items1.clone();
+        tokio::spawn(async move {
+            let mut pipeline = items1.pipeline();
+            for i in 0..2000 {
+                let sku = format!("S-{}", i % 500);
+                pipeline.upsert(&sku, &item(&sku, "Screw", i)).await?;
+            }
+            pipeline.finish().await?;
+            anyhow::Ok(())
+        })
+    };
+    wait_applied(&configs[2], last.seq + 200).await?;
     let third = appliers[2].take().context("instance 3")?;
     third.task.abort();
     let _ = third.task.await;
     drop(third.stop);
     let at = jetsync_applier::read_checkpoint(&configs[2].redb_path(), STREAM)?.applied;
-    println!("⑥ killed instance 3's applier mid-stream at seq {at}; writing 1,000 more events");
-    let mut pipeline = items1.pipeline();
-    for i in 1000..2000 {
-        let sku = format!("S-{}", i % 500);
-        pipeline.upsert(&sku, &item(&sku, "Screw", i)).await?;
-    }
-    pipeline.finish().await?;
+    println!(
+        "⑥ writing 2,000 more events; instance 3's applier killed while applying them, at seq {at}"
+    );
+    writer.await??;
     // Published after the pipeline finished, so it is the highest sequence.
     let last = items2.delete("B-7").await?.seq;
 
