@@ -20,7 +20,7 @@ const PHASE2_EVENTS: usize = 5_000;
 
 /// Publishes one event per given key (an upsert, or a delete when the row is `None`),
 /// pipelined, as `origin`; returns the reference built from the acknowledgements.
-async fn publish_events(
+pub(crate) async fn publish_events(
     group: Group,
     origin: &str,
     events: Vec<(String, Option<Row>)>,

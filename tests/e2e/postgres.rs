@@ -83,10 +83,10 @@ CREATE TRIGGER counters_audit AFTER INSERT OR UPDATE OR DELETE ON {schema}.count
 
 /// Apply settings of the three instances: different batch sizes, so that they split the stream
 /// into different transactions and still must end identical.
-const APPLY: [&str; 3] = [
-    "[apply]\nbatch_max = 50\n",
-    "[apply]\nbatch_max = 7\n",
-    "[apply]\nbatch_max = 100\nbatch_wait_ms = 0\n",
+const APPLY: [&[(&str, &str)]; 3] = [
+    &[("batch_max", "50")],
+    &[("batch_max", "7")],
+    &[("batch_max", "100"), ("batch_wait_ms", "0")],
 ];
 
 /// One event: table, key, new row (`None` = delete) and its unique number `v` (the row's `v`
@@ -134,7 +134,9 @@ fn three_instances(
         let instance = Instance::new(group, root, &name, SinkKind::Sqlite)?;
         instance.use_postgres(&url, &schema.name)?;
         instance.set_stream_option("history", &FULL_HISTORY.to_string())?;
-        instance.append_config(apply)?;
+        for (key, value) in apply {
+            instance.set_option("apply", key, value)?;
+        }
         schemas.push(schema);
         instances.push(instance);
     }
@@ -338,17 +340,19 @@ async fn pg_query(sql: &str) -> Result<Vec<tokio_postgres::Row>> {
     Ok(rows)
 }
 
-/// The audit recorded in `schema`: entry → times recorded.
-async fn audit_of(schema: &str) -> Result<BTreeMap<AuditEntry, u64>> {
-    let mut audit = BTreeMap::new();
+/// The audit recorded in `schema`: entry → the (transaction id, backend pid) of every time it
+/// was recorded.
+async fn audit_of(schema: &str) -> Result<BTreeMap<AuditEntry, Vec<(i64, i32)>>> {
+    let mut audit: BTreeMap<AuditEntry, Vec<(i64, i32)>> = BTreeMap::new();
     for row in pg_query(&format!(
-        "SELECT tbl, k, v, op FROM \"{schema}\".apply_audit"
+        "SELECT tbl, k, v, op, xid, pid FROM \"{schema}\".apply_audit"
     ))
     .await?
     {
-        *audit
+        audit
             .entry((row.get(0), row.get(1), row.get(2), row.get(3)))
-            .or_default() += 1;
+            .or_default()
+            .push((row.get(4), row.get(5)));
     }
     Ok(audit)
 }
@@ -391,18 +395,17 @@ async fn assert_exactly_once(
     let have = audit_of(schema).await?;
     let missing: Vec<_> = want
         .iter()
-        .filter(|(e, n)| have.get(*e).copied().unwrap_or(0) < **n)
+        .filter(|(e, n)| have.get(*e).map_or(0, Vec::len) < **n as usize)
         .map(|(e, _)| e)
         .collect();
     let extra: Vec<_> = have
         .iter()
-        .filter(|(e, n)| want.get(*e).copied().unwrap_or(0) < **n)
-        .map(|(e, n)| (e, *n))
+        .filter(|(e, times)| want.get(*e).copied().unwrap_or(0) < times.len() as u64)
         .collect();
     if !missing.is_empty() || !extra.is_empty() {
         bail!(
-            "{what}: audit of {schema} holds {} entries, expected {}: {} never applied (e.g. {:?}), {} applied more often than once or unexpected (entry, times, e.g. {:?})",
-            have.values().sum::<u64>(),
+            "{what}: audit of {schema} holds {} entries, expected {}: {} never applied (e.g. {:?}), {} applied more often than once or unexpected (entry, [(transaction id, backend pid)] of each time, e.g. {:?})",
+            have.values().map(Vec::len).sum::<usize>(),
             want.values().sum::<u64>(),
             missing.len(),
             &missing[..missing.len().min(5)],

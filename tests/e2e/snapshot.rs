@@ -16,23 +16,7 @@ use crate::convergence::digest_of;
 
 /// Publishes `events` (key, row or `None` for a delete) pipelined; returns the reference.
 async fn publish(group: &Group, events: Vec<(String, Option<Row>)>) -> Result<Reference> {
-    let client = group.client("snap-pub").await?;
-    let items = client.rows("items")?;
-    let mut pipeline = items.pipeline();
-    for (key, row) in &events {
-        match row {
-            Some(row) => pipeline.upsert(key, row).await?,
-            None => pipeline.delete(key).await?,
-        }
-    }
-    let published = pipeline.finish().await?;
-    ensure!(published.len() == events.len(), "missing acknowledgements");
-    let mut reference = Reference::default();
-    for ((key, row), p) in events.into_iter().zip(published) {
-        ensure!(!p.duplicate, "{key} acknowledged as a duplicate");
-        reference.record(p.seq, "items", &key, row);
-    }
-    Ok(reference)
+    crate::downtime::publish_events(group.clone(), "snap-pub", events).await
 }
 
 fn applied_events(instance: &Instance) -> Result<u64> {

@@ -128,6 +128,21 @@ use tokio_postgres::{Client, NoTls};
 
 use crate::{Change, DigestBuilder, Sink, SinkError, TableDigest};
 
+/// The advisory lock key of sync group `group` in `schema` (64-bit FNV-1a of both).
+fn advisory_key(schema: &str, group: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in "jetsync\0"
+        .bytes()
+        .chain(schema.bytes())
+        .chain([0])
+        .chain(group.bytes())
+    {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash as i64
+}
+
 /// Name of the fence table; also why `jetsync_*` table names are reserved.
 const FENCE_TABLE: &str = "jetsync_offsets";
 /// Prefix of table names that never hold synced rows.
@@ -213,6 +228,10 @@ pub struct PostgresSink {
     /// Requests sent to the server (statements, BEGIN, COMMIT, ...).
     statements_sent: u64,
     fence_upsert: String,
+    /// Sync groups whose advisory lock the current connection holds (see [`Self::lock_group`]).
+    locked: HashSet<String>,
+    /// The fence of each group as this sink last read or wrote it.
+    known_fence: HashMap<String, u64>,
 }
 
 impl fmt::Debug for PostgresSink {
@@ -276,6 +295,8 @@ impl PostgresSink {
             generation: 0,
             statements_sent: 0,
             fence_upsert,
+            locked: HashSet::new(),
+            known_fence: HashMap::new(),
         };
         sink.ensure_connected().await?;
         sink.ensure_fence_table().await?;
@@ -319,6 +340,8 @@ impl PostgresSink {
         }
         if self.client.is_none() {
             self.in_transaction = false;
+            // Advisory locks belong to the session that took them.
+            self.locked.clear();
             let (client, connection) = self
                 .config
                 .connect(NoTls)
@@ -338,6 +361,78 @@ impl PostgresSink {
                 .map_err(|e| self.op_error("roll back a transaction on", &e))?;
         }
         Ok(())
+    }
+
+    /// Takes the session-level advisory lock of `group` in this schema unless this connection
+    /// holds it already; returns whether it was taken now.
+    ///
+    /// Why: a killed applier (or a dropped connection) can leave a COMMIT in the old backend's
+    /// input that the server still executes after the client is gone. A new session reading the
+    /// fence before that COMMIT lands would apply the batch a second time. The old session holds
+    /// this lock until the server has finished with it (committed or rolled back, and ended), so
+    /// a new session that gets the lock reads a fence that includes the old COMMIT if it
+    /// happened. The lock is tried, not waited for: while it is held the sink is
+    /// [`SinkError::Unavailable`] and the engine retries with backoff. It also keeps two
+    /// appliers from writing the same group into the same schema.
+    async fn lock_group(&mut self, group: &str) -> Result<bool, SinkError> {
+        if self.locked.contains(group) {
+            return Ok(false);
+        }
+        let key = advisory_key(&self.options.schema, group);
+        self.statements_sent += 1;
+        let got: bool = self
+            .client()?
+            .query_typed_one("SELECT pg_try_advisory_lock($1)", &[(&key, Type::INT8)])
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(|e| self.op_error("take the applier's advisory lock on", &e))?;
+        if !got {
+            return Err(SinkError::Unavailable {
+                reason: format!(
+                    "{}: another session holds the applier lock of stream `{group}` in schema `{}` \
+                     (a previous run's last commit still finishing, or another applier writing \
+                     to this schema)",
+                    self.target, self.options.schema
+                ),
+            });
+        }
+        self.locked.insert(group.to_owned());
+        Ok(true)
+    }
+
+    /// Before writing `group` up to `last_seq`: takes the group's lock. When it had to be taken
+    /// again (a new connection) and `filter` is set, re-reads the fence: a batch the previous
+    /// session committed after all (its COMMIT landed after the connection was lost, or after
+    /// the process was killed) has moved it past the fence this sink knew. Returns that fence
+    /// when it moved, so the changes up to it are not applied a second time.
+    async fn prepare_write(
+        &mut self,
+        group: &str,
+        last_seq: u64,
+        filter: bool,
+    ) -> Result<Option<u64>, SinkError> {
+        if !self.lock_group(group).await? || !filter {
+            return Ok(None);
+        }
+        let Some(known) = self.known_fence.get(group).copied() else {
+            return Ok(None);
+        };
+        if known >= last_seq {
+            // `parked retry`: older events applied at the current fence.
+            return Ok(None);
+        }
+        let fence = self.read_fence(group).await?.unwrap_or(0);
+        if fence > known {
+            tracing::info!(
+                target_db = %self.target,
+                stream = group,
+                fence,
+                known,
+                "the previous session committed up to the fence after all; not applying that part again"
+            );
+            return Ok(Some(fence));
+        }
+        Ok(None)
     }
 
     fn client(&self) -> Result<&Client, SinkError> {
@@ -552,6 +647,42 @@ impl PostgresSink {
     ) -> Result<(), SinkError> {
         let fence = seq_to_sql(last_seq)?;
         self.ensure_connected().await?;
+        // Changes at or below a fence the previous session moved are in the database already
+        // (a batch is ascending), so only the rest is applied; indices are reported against
+        // the caller's slice.
+        let offset = match self.prepare_write(group, last_seq, !clear).await? {
+            Some(fence) => changes.iter().take_while(|c| c.seq <= fence).count(),
+            None => 0,
+        };
+        match self
+            .write_slice(group, &changes[offset..], fence, clear)
+            .await
+        {
+            Err(SinkError::Rejected {
+                index,
+                seq,
+                table,
+                key,
+                reason,
+            }) => Err(SinkError::Rejected {
+                index: index + offset,
+                seq,
+                table,
+                key,
+                reason,
+            }),
+            other => other,
+        }
+    }
+
+    /// [`Self::write_batch`] after the lock and fence checks.
+    async fn write_slice(
+        &mut self,
+        group: &str,
+        changes: &[Change],
+        fence: i64,
+        clear: bool,
+    ) -> Result<(), SinkError> {
         self.generation += 1;
         let clear = if clear {
             self.clear_sql(changes).await?
@@ -841,30 +972,36 @@ impl PostgresSink {
             .await
             .and_then(|row| row.map(|row| row.try_get(0)).transpose())
             .map_err(|e| self.op_error("read the fence from", &e))?;
-        seq.map(|seq| {
-            u64::try_from(seq).map_err(|_| SinkError::Fatal {
-                reason: format!(
-                    "{}: {FENCE_TABLE} holds the negative sequence {seq} for `{group}`; fix it \
-                     with `jetsync-applier reset --to-seq`",
-                    self.target
-                ),
+        let fence = seq
+            .map(|seq| {
+                u64::try_from(seq).map_err(|_| SinkError::Fatal {
+                    reason: format!(
+                        "{}: {FENCE_TABLE} holds the negative sequence {seq} for `{group}`; fix \
+                         it with `jetsync-applier reset --to-seq`",
+                        self.target
+                    ),
+                })
             })
-        })
-        .transpose()
+            .transpose()?;
+        self.known_fence
+            .insert(group.to_owned(), fence.unwrap_or(0));
+        Ok(fence)
     }
 
     async fn store_fence(&mut self, group: &str, seq: u64) -> Result<(), SinkError> {
-        let seq = seq_to_sql(seq)?;
+        let sql_seq = seq_to_sql(seq)?;
         self.ensure_connected().await?;
+        self.lock_group(group).await?;
         self.statements_sent += 1;
         let client = self.client()?;
         client
             .execute_typed(
                 &self.fence_upsert,
-                &[(&group, Type::TEXT), (&seq, Type::INT8)],
+                &[(&group, Type::TEXT), (&sql_seq, Type::INT8)],
             )
             .await
             .map_err(|e| self.op_error("set the fence in", &e))?;
+        self.known_fence.insert(group.to_owned(), seq);
         Ok(())
     }
 
@@ -991,7 +1128,9 @@ impl Sink for PostgresSink {
         changes: &[Change],
         last_seq: u64,
     ) -> Result<(), SinkError> {
-        self.write_batch(group, changes, last_seq, false).await
+        self.write_batch(group, changes, last_seq, false).await?;
+        self.known_fence.insert(group.to_owned(), last_seq);
+        Ok(())
     }
 
     async fn replace(
@@ -1000,7 +1139,9 @@ impl Sink for PostgresSink {
         changes: &[Change],
         last_seq: u64,
     ) -> Result<(), SinkError> {
-        self.write_batch(group, changes, last_seq, true).await
+        self.write_batch(group, changes, last_seq, true).await?;
+        self.known_fence.insert(group.to_owned(), last_seq);
+        Ok(())
     }
 
     async fn set_fence(&mut self, group: &str, seq: u64) -> Result<(), SinkError> {
