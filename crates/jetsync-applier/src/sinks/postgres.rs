@@ -229,9 +229,10 @@ pub struct PostgresSink {
     statements_sent: u64,
     fence_upsert: String,
     /// Sync groups whose advisory lock the current connection holds (see [`Self::lock_group`]).
-    locked: HashSet<String>,
+    /// (Boxed, like `config`, to keep [`crate::AnySink`] small.)
+    locked: Box<HashSet<String>>,
     /// The fence of each group as this sink last read or wrote it.
-    known_fence: HashMap<String, u64>,
+    known_fence: Box<HashMap<String, u64>>,
 }
 
 impl fmt::Debug for PostgresSink {
@@ -295,8 +296,8 @@ impl PostgresSink {
             generation: 0,
             statements_sent: 0,
             fence_upsert,
-            locked: HashSet::new(),
-            known_fence: HashMap::new(),
+            locked: Box::default(),
+            known_fence: Box::default(),
         };
         sink.ensure_connected().await?;
         sink.ensure_fence_table().await?;
