@@ -228,11 +228,18 @@ pub struct PostgresSink {
     /// Requests sent to the server (statements, BEGIN, COMMIT, ...).
     statements_sent: u64,
     fence_upsert: String,
-    /// Sync groups whose advisory lock the current connection holds (see [`Self::lock_group`]).
-    /// (Boxed, like `config`, to keep [`crate::AnySink`] small.)
-    locked: Box<HashSet<String>>,
+    /// Per-group session state (boxed, like `config`, to keep [`crate::AnySink`] small).
+    groups: Box<GroupState>,
+}
+
+/// What a [`PostgresSink`] knows per sync group.
+#[derive(Default)]
+struct GroupState {
+    /// Groups whose advisory lock the current connection holds (see
+    /// [`PostgresSink::lock_group`]).
+    locked: HashSet<String>,
     /// The fence of each group as this sink last read or wrote it.
-    known_fence: Box<HashMap<String, u64>>,
+    known_fence: HashMap<String, u64>,
 }
 
 impl fmt::Debug for PostgresSink {
@@ -296,8 +303,7 @@ impl PostgresSink {
             generation: 0,
             statements_sent: 0,
             fence_upsert,
-            locked: Box::default(),
-            known_fence: Box::default(),
+            groups: Box::default(),
         };
         sink.ensure_connected().await?;
         sink.ensure_fence_table().await?;
@@ -342,7 +348,7 @@ impl PostgresSink {
         if self.client.is_none() {
             self.in_transaction = false;
             // Advisory locks belong to the session that took them.
-            self.locked.clear();
+            self.groups.locked.clear();
             let (client, connection) = self
                 .config
                 .connect(NoTls)
@@ -376,7 +382,7 @@ impl PostgresSink {
     /// [`SinkError::Unavailable`] and the engine retries with backoff. It also keeps two
     /// appliers from writing the same group into the same schema.
     async fn lock_group(&mut self, group: &str) -> Result<bool, SinkError> {
-        if self.locked.contains(group) {
+        if self.groups.locked.contains(group) {
             return Ok(false);
         }
         let key = advisory_key(&self.options.schema, group);
@@ -397,7 +403,7 @@ impl PostgresSink {
                 ),
             });
         }
-        self.locked.insert(group.to_owned());
+        self.groups.locked.insert(group.to_owned());
         Ok(true)
     }
 
@@ -415,7 +421,7 @@ impl PostgresSink {
         if !self.lock_group(group).await? || !filter {
             return Ok(None);
         }
-        let Some(known) = self.known_fence.get(group).copied() else {
+        let Some(known) = self.groups.known_fence.get(group).copied() else {
             return Ok(None);
         };
         if known >= last_seq {
@@ -1002,7 +1008,7 @@ impl PostgresSink {
             )
             .await
             .map_err(|e| self.op_error("set the fence in", &e))?;
-        self.known_fence.insert(group.to_owned(), seq);
+        self.groups.known_fence.insert(group.to_owned(), seq);
         Ok(())
     }
 
@@ -1130,7 +1136,7 @@ impl Sink for PostgresSink {
         last_seq: u64,
     ) -> Result<(), SinkError> {
         self.write_batch(group, changes, last_seq, false).await?;
-        self.known_fence.insert(group.to_owned(), last_seq);
+        self.groups.known_fence.insert(group.to_owned(), last_seq);
         Ok(())
     }
 
@@ -1141,7 +1147,7 @@ impl Sink for PostgresSink {
         last_seq: u64,
     ) -> Result<(), SinkError> {
         self.write_batch(group, changes, last_seq, true).await?;
-        self.known_fence.insert(group.to_owned(), last_seq);
+        self.groups.known_fence.insert(group.to_owned(), last_seq);
         Ok(())
     }
 
