@@ -990,7 +990,7 @@ impl PostgresSink {
                 })
             })
             .transpose()?;
-        self.known_fence
+        self.groups.known_fence
             .insert(group.to_owned(), fence.unwrap_or(0));
         Ok(fence)
     }
