@@ -66,11 +66,14 @@
 //!   engine replays the batch after the fence.
 //! - it dies after `COMMIT` completed: rows and fence moved together; the engine resumes after
 //!   the fence, so nothing is applied twice.
-//! - the connection drops *while* `COMMIT` is in flight: the sink cannot know whether it
-//!   committed and reports [`SinkError::Unavailable`]; the engine re-applies the same batch with
-//!   the same fence, which ends in the same state (a batch is a sequence of upserts of carried
-//!   columns and deletes, so applying it twice in a row equals applying it once; only database
-//!   side effects such as `now()` defaults or triggers run twice).
+//! - the process dies or the connection drops *while* `COMMIT` is in flight: the old backend
+//!   may still execute that COMMIT after the client is gone. So every session takes a
+//!   session-level advisory lock per (schema, stream) before it writes, which the old backend
+//!   holds until the server has finished with it; while it is held the sink is
+//!   [`SinkError::Unavailable`] and the engine retries. A new session that gets the lock
+//!   re-reads the fence, and the changes at or below a fence the old session moved are not
+//!   applied again (they are in the database already), so a batch is never applied twice, side
+//!   effects such as triggers included.
 //!
 //! The fence is written as given: `parked retry` applies parked (lower) sequences with the
 //! current fence as `last_seq`, which leaves the fence where it is.
