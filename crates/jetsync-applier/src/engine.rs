@@ -10,9 +10,12 @@
 //!    redb says S or any sequence in between. With a sink that keeps a fence the checkpoint is
 //!    committed at most every `CHECKPOINT_EVERY` (200 ms; see `offsets.rs`), so this window
 //!    spans several batches; at start the engine takes the sink's fence (L) and brings redb to
-//!    it, so nothing is applied twice. With a sink without a fence the checkpoint is committed
-//!    right after every batch, so this window is the one between two commits: a kill in it
-//!    applies the batch again at restart (such a sink must tolerate that; the trait says so).
+//!    it, so nothing is applied twice. A sink may itself make commits durable lazily, as the
+//!    redb replica does: a kill then takes its rows and fence back together to an earlier L',
+//!    and the engine resumes after L', whichever way redb and the server's ack floor differ
+//!    from it. With a sink without a fence the checkpoint is committed right after every batch,
+//!    so this window is just the gap between the two commits: a kill in it makes the restart
+//!    apply the batch again (nothing can tell without a fence).
 //! 4. after the checkpoint, before the ack reaches the server (the ack is sent without waiting
 //!    for its confirmation): the server still thinks the batch is unacknowledged, so startup
 //!    reconciliation recreates the consumer at L + 1 (and any redelivery with seq ≤ L is

@@ -8,9 +8,11 @@
 //! instead, see [`Offsets::record`].)
 //!
 //! Crash windows: a commit is one redb write transaction with `Durability::Immediate`; a kill
-//! before it returns leaves the previous checkpoint (redb's commit is atomic). The checkpoint may
-//! therefore lag the sink's fence, never lead it: the engine records a sequence here only after
-//! the sink committed it, and at start it brings this store to the sink's fence.
+//! before it returns leaves the previous checkpoint (redb's commit is atomic). The checkpoint
+//! lags the sink's fence: the engine records a sequence here only after the sink committed it.
+//! It can lead the fence only after a kill of a sink that defers its own durability (the redb
+//! replica's non-durable commits, see `sinks/redb.rs`), whose fence then falls back to its last
+//! durable commit. Either way, at start the engine brings this store to the sink's fence.
 //! - With a sink that keeps a fence, the engine [`record`](Offsets::record)s each batch: the
 //!   checkpoint is committed at once when the last commit is [`CHECKPOINT_EVERY`] old (or there
 //!   was none yet), else kept in memory and committed by the next batch, by [`Offsets::flush`]
@@ -176,7 +178,7 @@ impl Offsets {
 
     /// Records that everything of `group` up to `seq` is applied (`events` more events), for a
     /// sink whose fence is the truth at start: committed at once when the last commit is
-    /// [`CHECKPOINT_EVERY`] old or there was none yet (returns true), else kept until the next
+    /// `CHECKPOINT_EVERY` (200 ms) old or there was none yet (returns true), else kept until the next
     /// commit, [`flush`](Self::flush) or drop (returns false).
     pub fn record(&self, group: &str, seq: u64, events: u64) -> Result<bool, OffsetsError> {
         let due = {
@@ -510,6 +512,36 @@ mod tests {
         offsets.set("G", 4).unwrap();
         assert_eq!(offsets.applied("G").unwrap(), 4);
         assert_eq!(offsets.applied("other").unwrap(), 0);
+    }
+
+    #[test]
+    fn recorded_checkpoints_are_committed_lazily_and_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.redb");
+        let offsets = Offsets::open(&path).unwrap();
+        // The first record commits at once (nothing committed by this handle yet) ...
+        assert!(offsets.record("G", 10, 10).unwrap());
+        assert_eq!(read_checkpoint(&path, "G").unwrap().applied, 10);
+        // ... the next ones within CHECKPOINT_EVERY wait, but this handle sees them.
+        assert!(!offsets.record("G", 20, 5).unwrap());
+        assert!(!offsets.record("G", 25, 1).unwrap());
+        assert_eq!(offsets.applied("G").unwrap(), 25);
+        assert_eq!(offsets.applied_events("G").unwrap(), 16);
+        assert_eq!(read_checkpoint(&path, "G").unwrap().applied, 10);
+        assert!(offsets.flush_due().is_some());
+        offsets.flush().unwrap();
+        assert_eq!(offsets.flush_due(), None);
+        let seen = read_checkpoint(&path, "G").unwrap();
+        assert_eq!((seen.applied, seen.applied_events), (25, 16));
+        // A durable commit takes what was recorded along; drop commits the rest.
+        assert!(!offsets.record("G", 30, 4).unwrap());
+        offsets.commit("G", 31, 1).unwrap();
+        let seen = read_checkpoint(&path, "G").unwrap();
+        assert_eq!((seen.applied, seen.applied_events), (31, 21));
+        assert!(!offsets.record("G", 40, 9).unwrap());
+        drop(offsets);
+        let seen = read_checkpoint(&path, "G").unwrap();
+        assert_eq!((seen.applied, seen.applied_events), (40, 30));
     }
 
     #[test]

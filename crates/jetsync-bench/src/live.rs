@@ -112,6 +112,7 @@ pub(crate) async fn run(
     let mut runs = Vec::new();
     let mut failure = None;
     for &rate in rates {
+        harness::mark(&format!("live {rate}"));
         let started = Instant::now();
         let sends = publish_paced(&table, &mut rng, rate, duration).await?;
         let achieved = sends.len() as f64 / started.elapsed().as_secs_f64();
@@ -122,6 +123,7 @@ pub(crate) async fn run(
             )));
             break;
         }
+        harness::mark(&format!("live {rate} caught up"));
         runs.push((rate, achieved, sends));
         tokio::time::sleep(Duration::from_millis(300)).await;
     }

@@ -6,8 +6,8 @@
 //! `jetsync-applier --config F run`, samples `/proc/<pid>/status` (VmHWM, the kernel's own peak,
 //! and VmRSS) every 20 ms until the checkpoint in `<data_dir>/<instance>.redb` reaches the last
 //! sequence, then stops it with SIGTERM, as an operator would, and checks it exits cleanly.
-//! The SQLite file is seeded first (`replay::seed`), so the binary replays the backlog rather
-//! than joining from a snapshot.
+//! It runs with `apply.bootstrap = false`, so it replays the backlog rather than joining from a
+//! snapshot.
 
 use std::{
     fs,
@@ -156,7 +156,7 @@ pub(crate) async fn run(
              \n[nats]\nurl = {url:?}\n\
              \n[stream]\nname = {name:?}\nsubject_prefix = {prefix:?}\nhistory = {history}\nprovision = false\n\
              \n[sink]\nkind = \"sqlite\"\n\
-             \n[apply]\nbatch_max = {batch_max}\n\
+             \n[apply]\nbatch_max = {batch_max}\nbootstrap = false\n\
              \n[log]\nlevel = \"warn\"\n",
             instance = INSTANCE,
             data = data.to_string_lossy(),
@@ -167,13 +167,6 @@ pub(crate) async fn run(
             batch_max = crate::harness::batch_max(),
         ),
     )?;
-    // The binary's default SQLite file (`<data_dir>/<instance>.db`), seeded so that it replays.
-    {
-        let mut sink = jetsync_applier::SqliteSink::open(jetsync_applier::SqliteOptions::new(
-            data.join(format!("{INSTANCE}.db")),
-        ))?;
-        replay::seed(&mut sink, STREAM).await?;
-    }
     let log_path = dir.path().join("applier.log");
     let checkpoint = data.join(format!("{INSTANCE}.redb"));
     let timeout = Duration::from_secs(60 + backlog / 2_000);

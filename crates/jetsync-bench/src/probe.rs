@@ -11,9 +11,7 @@ use std::{
 
 use jetsync_applier::{Change, Sink, SinkError, TableDigest};
 
-/// A sink that applies nothing and keeps its fence in memory. It reports itself non-empty, as
-/// the replay's seeded sinks are (see `replay::seed`), so the engine replays instead of joining
-/// from a snapshot.
+/// A sink that applies nothing and keeps its fence in memory.
 #[derive(Debug, Default)]
 pub(crate) struct NullSink {
     fence: u64,
@@ -25,7 +23,7 @@ impl Sink for NullSink {
     }
 
     async fn is_empty(&mut self) -> Result<bool, SinkError> {
-        Ok(false)
+        Ok(self.fence == 0)
     }
 
     async fn apply(

@@ -5,9 +5,9 @@
 //! reads the same stream, one after the other, each with its own durable; times run from
 //! the start (consumer creation included, for both sides) until the last sequence is applied.
 //!
-//! Every engine starts at S = 0 on a sink that already holds a row outside the backlog (see
-//! [`seed`]): an instance that fell behind, which catches up by replaying. A fresh instance
-//! (S = 0, empty sink) would join from a snapshot instead; that is the bootstrap phase.
+//! Every engine runs with `apply.bootstrap = false`: it catches up by replaying, as an instance
+//! that fell behind does. A fresh instance (S = 0, empty sink) would otherwise join from a
+//! snapshot; that is the bootstrap phase.
 
 use std::{
     sync::Arc,
@@ -18,10 +18,7 @@ use anyhow::{bail, ensure, Context as _};
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
 use futures::StreamExt;
 use jetsync::StreamConfig;
-use jetsync::{Row, Value};
-use jetsync_applier::{
-    Change, RedbOptions, RedbSink, Sink, SqliteOptions, SqliteSink, StatsSnapshot,
-};
+use jetsync_applier::{RedbOptions, RedbSink, SqliteOptions, SqliteSink, StatsSnapshot};
 use serde::Serialize;
 
 use crate::{
@@ -66,25 +63,23 @@ pub(crate) async fn run(bench: &Bench, events: u64) -> anyhow::Result<ReplayRepo
     let raw_first = raw_consume(bench, &stream, "bench_raw_1", events, timeout).await?;
 
     harness::mark("replay engine null");
-    let config = harness::engine_config(&bench.url, dir.path(), "replay-null", &stream);
+    let config = replay_config(&bench.url, dir.path(), "replay-null", &stream);
     let null = engine_replay(config, TimedSink::new(NullSink::default()), events, timeout)
         .await
         .context("replay into a null sink")?;
 
     harness::mark("replay engine redb");
-    let config = harness::engine_config(&bench.url, dir.path(), "replay-redb", &stream);
-    let mut sink = RedbSink::open(RedbOptions::new(
+    let config = replay_config(&bench.url, dir.path(), "replay-redb", &stream);
+    let sink = RedbSink::open(RedbOptions::new(
         dir.path().join("replay-redb.replica.redb"),
     ))?;
-    seed(&mut sink, &stream.name).await?;
     let redb = engine_replay(config, TimedSink::new(sink), events, timeout)
         .await
         .context("redb replay")?;
 
     harness::mark("replay engine sqlite");
-    let config = harness::engine_config(&bench.url, dir.path(), "replay-sqlite", &stream);
-    let mut sink = SqliteSink::open(SqliteOptions::new(dir.path().join("replay-sqlite.db")))?;
-    seed(&mut sink, &stream.name).await?;
+    let config = replay_config(&bench.url, dir.path(), "replay-sqlite", &stream);
+    let sink = SqliteSink::open(SqliteOptions::new(dir.path().join("replay-sqlite.db")))?;
     let sqlite = engine_replay(config, TimedSink::new(sink), events, timeout)
         .await
         .context("sqlite replay")?;
@@ -112,30 +107,16 @@ pub(crate) async fn run(bench: &Bench, events: u64) -> anyhow::Result<ReplayRepo
     })
 }
 
-/// Table of the row [`seed`] writes (not a table of the workload).
-pub(crate) const SEED_TABLE: &str = "bench_seed";
-
-/// Writes one row into `sink` (table [`SEED_TABLE`]) without moving its fence from 0, so the
-/// engine sees "nothing applied, but not empty" and catches up by replaying the backlog, as an
-/// instance that fell behind does, instead of joining from a snapshot (S = 0 and an empty sink
-/// bootstrap, which the bootstrap phase measures).
-pub(crate) async fn seed<S: Sink>(sink: &mut S, group: &str) -> anyhow::Result<()> {
-    let mut row = Row::new();
-    row.insert("id".into(), Value::Text("seed".into()));
-    let change = Change {
-        seq: 0,
-        table: SEED_TABLE.to_owned(),
-        key: "seed".to_owned(),
-        op: jetsync::Change::Upsert(row),
-    };
-    sink.apply(group, &[change], 0)
-        .await
-        .context("seeding the sink")?;
-    ensure!(
-        !sink.is_empty().await?,
-        "the seeded sink still reports itself empty"
-    );
-    Ok(())
+/// An engine configuration that catches up by replaying (`apply.bootstrap = false`).
+fn replay_config(
+    url: &str,
+    data_dir: &std::path::Path,
+    instance: &str,
+    stream: &StreamConfig,
+) -> jetsync::Config {
+    let mut config = harness::engine_config(url, data_dir, instance, stream);
+    config.apply.bootstrap = false;
+    config
 }
 
 /// Creates stream `name` keeping every event, and publishes `events` workload events to it

@@ -14,7 +14,7 @@ use async_nats::{
 use bytes::Bytes;
 
 use crate::{
-    codec::{self, FORMAT_HEADER},
+    codec::{self, EventRef, FORMAT_HEADER},
     connect::{self, Violations},
     event::{Change, Event},
     record::RecordError,
@@ -276,11 +276,17 @@ impl<T> Table<T> {
     ) -> Result<Pending, Error> {
         let inner = self.client.inner();
         let subject = self.subject(key)?;
-        let event = match change {
-            Change::Upsert(row) => Event::upsert(row, inner.origin.clone()),
-            Change::Delete => Event::delete(inner.origin.clone()),
+        // Encoded straight from the row and the client's origin: no owned event is built.
+        let event = EventRef {
+            row: match &change {
+                Change::Upsert(row) => Some(row),
+                Change::Delete => None,
+            },
+            origin: &inner.origin,
+            ts_ms: now_ms(),
+            schema: Event::DEFAULT_SCHEMA,
         };
-        let body = codec::encode(&event, inner.format)?;
+        let body = codec::encode_ref(event, inner.format)?;
         let mut headers = HeaderMap::new();
         let msg_id = match &options.msg_id {
             Some(id) => id.clone(),
@@ -308,6 +314,12 @@ impl<T> Table<T> {
             guard,
         })
     }
+}
+
+/// The publisher's wall clock for an event's `ts_ms`, as [`Event::upsert`] stamps it.
+fn now_ms() -> u64 {
+    let since_epoch = std::time::UNIX_EPOCH.elapsed().unwrap_or_default();
+    u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The latest event on `subject` (a direct get), `None` when the subject has none.

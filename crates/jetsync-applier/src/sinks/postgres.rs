@@ -993,7 +993,8 @@ impl PostgresSink {
                 })
             })
             .transpose()?;
-        self.groups.known_fence
+        self.groups
+            .known_fence
             .insert(group.to_owned(), fence.unwrap_or(0));
         Ok(fence)
     }
