@@ -193,9 +193,16 @@ async fn restricted_users_scenario() -> Result<()> {
         one.log()
     );
     assert!(catalog.consumer_info("jetsync_catalog-2").await.is_ok());
+    // catalog-2 joined from a snapshot under its restricted user (the log line follows the
+    // checkpoint, so wait for it).
+    let joined = jetsync_e2e::wait_until(
+        "catalog-2's bootstrap log line",
+        Duration::from_secs(10),
+        || two.log().contains("bootstrap complete").then_some(()),
+    );
     assert!(
-        two.log().contains("bootstrap complete"),
-        "catalog-2 joined from a snapshot under its restricted user:\n{}",
+        joined.is_ok(),
+        "no bootstrap in catalog-2's log:\n{}",
         two.log()
     );
 

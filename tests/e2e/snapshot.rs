@@ -85,11 +85,11 @@ fn new_instance_bootstraps_from_rows_not_history() -> Result<()> {
             (BOOT_KEYS as u64..=BOOT_KEYS as u64 + 100).contains(&bootstrap_events),
             "the new instance applied {bootstrap_events} events, expected about {BOOT_KEYS}"
         );
-        ensure!(
-            new.log().contains("bootstrap complete"),
-            "no bootstrap in the log:\n{}",
-            new.log()
-        );
+        // The checkpoint is written just before the log line: wait for the line too.
+        jetsync_e2e::wait_until("the bootstrap's log line", Duration::from_secs(10), || {
+            new.log().contains("bootstrap complete").then_some(())
+        })
+        .with_context(|| format!("no bootstrap in the log:\n{}", new.log()))?;
         assert_sqlite_matches_exactly(&new, &reference, "items", "id")?;
         ensure!(
             digest_of(&old)? == digest_of(&new)?,
@@ -137,7 +137,7 @@ fn new_instance_bootstraps_from_rows_not_history() -> Result<()> {
     })
 }
 
-const GAP_KEYS: usize = 200;
+const GAP_KEYS: usize = 600;
 
 /// A stream with a message limit rolls past stopped instances: with `resync` one rebuilds (and
 /// so does the `resync` command for another), with `halt` one exits 1 naming both sequences.
@@ -152,8 +152,11 @@ fn gap_resyncs_or_halts() -> Result<()> {
         let mut resync = Instance::new(&group, root.path(), "resync", SinkKind::Sqlite)?;
         let mut halt = Instance::new(&group, root.path(), "halt", SinkKind::Sqlite)?;
         let mut manual = Instance::new(&group, root.path(), "manual", SinkKind::Sqlite)?;
+        // History 5 and a limit of 1,000 messages: the limit, not compaction, removes the
+        // older events once phase 2 runs (every row's latest event stays).
         for i in [&live, &resync, &halt, &manual] {
             i.set_stream_option("max_msgs", "1000")?;
+            i.set_stream_option("history", "5")?;
         }
         halt.set_option("apply", "on_gap", "\"halt\"")?;
         manual.set_option("apply", "on_gap", "\"halt\"")?;
@@ -162,15 +165,27 @@ fn gap_resyncs_or_halts() -> Result<()> {
         for i in [&mut live, &mut resync, &mut halt, &mut manual] {
             i.start()?;
         }
+        // All four consume live before the events arrive. Phase 1 writes every row once: no
+        // event is superseded, so none is removed before an instance gets it (on a stream with
+        // limits an instance lagging by more than the rows held would count as a gap).
         let mut rng = StdRng::seed_from_u64(rand::random());
-        let phase1: Vec<_> = (0..3 * GAP_KEYS)
-            .map(|i| {
-                let key = format!("k{}", i % GAP_KEYS);
+        let warm = publish(
+            &group,
+            vec![("k0".into(), Some(random_row(&mut rng, "k0")))],
+        )
+        .await?;
+        for i in [&mut live, &mut resync, &mut halt, &mut manual] {
+            i.wait_applied("GAP", warm.max_seq(), Duration::from_secs(60))?;
+        }
+        let phase1: Vec<_> = (0..GAP_KEYS)
+            .map(|k| {
+                let key = format!("k{k}");
                 let row = random_row(&mut rng, &key);
                 (key, Some(row))
             })
             .collect();
-        let mut reference = publish(&group, phase1).await?;
+        let mut reference = warm;
+        reference.merge(publish(&group, phase1).await?);
         let s = reference.max_seq();
         for i in [&mut live, &mut resync, &mut halt, &mut manual] {
             i.wait_applied("GAP", s, Duration::from_secs(60))?;
@@ -179,13 +194,13 @@ fn gap_resyncs_or_halts() -> Result<()> {
             ensure!(i.stop(Duration::from_secs(20))? == 0, "clean stop");
         }
 
-        // 20 more rounds over every key; the last round deletes some rows. With history 1 the
-        // stream holds one event per row, and the message limit makes the gap count.
+        // 5 more rounds over every key (3,000 events, the stream keeps the last 1,000); the last
+        // round deletes some rows.
         let mut phase2 = Vec::new();
-        for round in 0..20 {
+        for round in 0..5 {
             for k in 0..GAP_KEYS {
                 let key = format!("k{k}");
-                let delete = round == 19 && k % 10 == 0;
+                let delete = round == 4 && k % 10 == 0;
                 phase2.push((key.clone(), (!delete).then(|| random_row(&mut rng, &key))));
             }
         }
@@ -216,11 +231,11 @@ fn gap_resyncs_or_halts() -> Result<()> {
         // resync: rebuilds and converges.
         resync.start()?;
         resync.wait_applied("GAP", last, Duration::from_secs(60))?;
-        ensure!(
-            resync.log().contains("resync complete"),
-            "no resync in the log:\n{}",
-            resync.log()
-        );
+        // The checkpoint is written just before the log line: wait for the line too.
+        jetsync_e2e::wait_until("the resync's log line", Duration::from_secs(10), || {
+            resync.log().contains("resync complete").then_some(())
+        })
+        .with_context(|| format!("no resync in the log:\n{}", resync.log()))?;
         assert_sqlite_matches_exactly(&resync, &reference, "items", "id")?;
         ensure!(
             digest_of(&live)? == digest_of(&resync)?,

@@ -627,7 +627,7 @@ pub(crate) async fn bootstrap<S: Sink>(
     );
     let mut last_log = Instant::now();
     let batch_max = config.apply.batch_max.max(BOOTSTRAP_BATCH);
-    while let Some(batch) = snapshot.next_batch(batch_max).await? {
+    while let Some(batch) = snapshot.next_batch(batch_max, shutdown).await? {
         let events: Vec<(u64, &jetstream::Message)> = batch.iter().map(|(s, m)| (*s, m)).collect();
         let through = events.last().map(|e| e.0).unwrap_or(applier.applied);
         if !applier
@@ -680,7 +680,7 @@ pub(crate) async fn resync<S: Sink>(
     .await?;
     let mut all = Vec::new();
     let mut last_report = Instant::now();
-    while let Some(batch) = snapshot.next_batch(BOOTSTRAP_BATCH).await? {
+    while let Some(batch) = snapshot.next_batch(BOOTSTRAP_BATCH, shutdown).await? {
         all.extend(batch);
         if last_report.elapsed() >= Duration::from_millis(200) {
             progress(SnapshotProgress {

@@ -25,7 +25,7 @@ use async_nats::jetstream::{
 };
 use futures::{FutureExt, StreamExt};
 
-use crate::EngineError;
+use crate::{shutdown::Shutdown, EngineError};
 
 /// How long a snapshot waits for the next event the server said is pending before giving up
 /// (the caller retries the snapshot from the start or from where it got).
@@ -48,8 +48,10 @@ pub(crate) struct Snapshot {
     delivered: u64,
     /// The highest sequence delivered so far, or the stream's last sequence for an empty stream.
     last_seq: u64,
-    /// The stream's last sequence when the snapshot started: once delivery reaches it the
-    /// snapshot is complete even if publishers keep the server's pending count above zero.
+    /// The stream's last sequence right after the consumer was created: every event of the
+    /// snapshot's set is at or below it, so once delivery reaches it the snapshot is complete
+    /// even if the server's pending count says otherwise (2.9 can overcount it for
+    /// last-per-subject consumers while events arrive).
     stop_at: u64,
     done: bool,
 }
@@ -105,6 +107,12 @@ impl Snapshot {
             .await
             .map_err(|e| EngineError::nats("create the snapshot consumer", e))?;
         let total = consumer.cached_info().num_pending;
+        let stop_at = stream
+            .info()
+            .await
+            .map_err(|e| EngineError::nats("stream info (snapshot)", e))?
+            .state
+            .last_sequence;
         let messages = consumer
             .stream()
             .max_messages_per_batch(1000)
@@ -121,7 +129,7 @@ impl Snapshot {
             total,
             delivered: 0,
             last_seq: 0,
-            stop_at: info.state.last_sequence,
+            stop_at,
             done: false,
         })
     }
@@ -143,9 +151,11 @@ impl Snapshot {
     }
 
     /// The next batch of at most `max` events, ascending; `None` once the snapshot is complete.
+    /// Returns an empty batch when `shutdown` was requested while waiting.
     pub(crate) async fn next_batch(
         &mut self,
         max: usize,
+        shutdown: &mut Shutdown,
     ) -> Result<Option<Vec<(u64, jetstream::Message)>>, EngineError> {
         if self.done {
             return Ok(None);
@@ -158,7 +168,11 @@ impl Snapshot {
         let started = Instant::now();
         while batch.len() < max {
             let next = if batch.is_empty() {
-                match tokio::time::timeout(STALL_TIMEOUT, messages.next()).await {
+                let next = tokio::select! {
+                    _ = shutdown.requested() => return Ok(Some(batch)),
+                    next = tokio::time::timeout(STALL_TIMEOUT, messages.next()) => next,
+                };
+                match next {
                     Ok(next) => next,
                     Err(_) => {
                         return Err(EngineError::nats(
@@ -220,6 +234,11 @@ impl Snapshot {
             self.last_seq = seq;
             self.delivered += 1;
             batch.push((seq, message));
+            // Complete once the server has nothing more pending, or once delivery reached the
+            // stream's last sequence as of the consumer's creation (the whole set is delivered
+            // then). Stopping before the whole set is delivered would be a valid prefix too, but
+            // the events right after it may be superseded and removed by the time the durable
+            // starts there, which a stream with limits cannot tell from a gap.
             if pending == 0 || seq >= self.stop_at {
                 self.done = true;
                 break;
