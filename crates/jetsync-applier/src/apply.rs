@@ -120,9 +120,13 @@ impl<S: Sink> Applier<S> {
         if mode == Mode::Apply && through <= floor {
             return Ok(true);
         }
-        let mut blocked = match mode {
-            Mode::Apply => self.blocked.clone(),
-            Mode::Replace => HashMap::new(),
+        // A row is blocked as soon as its event is classified as poison: the park below is
+        // durable before the sink sees the batch, and a failed park ends the engine. A resync
+        // starts from nothing and takes its set only once the replacement succeeded.
+        let mut resync_blocked = HashMap::new();
+        let blocked = match mode {
+            Mode::Apply => &mut self.blocked,
+            Mode::Replace => &mut resync_blocked,
         };
         let mut changes: Vec<Change> = Vec::with_capacity(events.len());
         let mut sources: Vec<usize> = Vec::with_capacity(events.len());
@@ -263,10 +267,12 @@ impl<S: Sink> Applier<S> {
             }
         }
         self.applied = through;
-        self.blocked = blocked;
+        if mode == Mode::Replace {
+            self.blocked = resync_blocked;
+        }
         if !parks.is_empty() || mode == Mode::Replace {
             self.stats
-                .set_parked(self.offsets.parked(&self.group)?.len() as u64);
+                .set_parked(self.offsets.parked_count(&self.group)?);
         }
         for p in parks.iter().filter(|p| p.held_behind.is_none()) {
             tracing::warn!(

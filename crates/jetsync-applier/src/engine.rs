@@ -594,9 +594,15 @@ pub struct ResyncDone {
     pub events: u64,
 }
 
-/// The snapshot consumer's name: the durable's name + `_snapshot`.
-pub(crate) fn snapshot_consumer_name(config: &Config) -> String {
-    format!("{}_snapshot", config.consumer_name())
+/// Starts a snapshot of `config`'s sync group through its consumer `<durable>_snapshot`.
+async fn start_snapshot(js: &jetstream::Context, config: &Config) -> Result<Snapshot, EngineError> {
+    Snapshot::start(
+        js,
+        &config.stream.name,
+        &jetsync::group_filter(&config.stream.subject_prefix),
+        &format!("{}_snapshot", config.consumer_name()),
+    )
+    .await
 }
 
 /// Events per sink call while bootstrapping.
@@ -613,13 +619,7 @@ pub(crate) async fn bootstrap<S: Sink>(
 ) -> Result<bool, EngineError> {
     let started = Instant::now();
     let from = applier.applied;
-    let mut snapshot = Snapshot::start(
-        js,
-        &config.stream.name,
-        &jetsync::group_filter(&config.stream.subject_prefix),
-        &snapshot_consumer_name(config),
-    )
-    .await?;
+    let mut snapshot = start_snapshot(js, config).await?;
     tracing::info!(
         rows = snapshot.total(),
         resuming_after = from,
@@ -671,13 +671,7 @@ pub(crate) async fn resync<S: Sink>(
     shutdown: &mut Shutdown,
     progress: &mut (dyn FnMut(SnapshotProgress) + Send),
 ) -> Result<Option<ResyncDone>, EngineError> {
-    let mut snapshot = Snapshot::start(
-        js,
-        &config.stream.name,
-        &jetsync::group_filter(&config.stream.subject_prefix),
-        &snapshot_consumer_name(config),
-    )
-    .await?;
+    let mut snapshot = start_snapshot(js, config).await?;
     let mut all = Vec::new();
     let mut last_report = Instant::now();
     while let Some(batch) = snapshot.next_batch(BOOTSTRAP_BATCH, shutdown).await? {

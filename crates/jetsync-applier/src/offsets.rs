@@ -290,6 +290,13 @@ impl Offsets {
         collect_parked(&table, group).map_err(|e| self.err(e))
     }
 
+    /// How many events of `group` are parked (counted, not read).
+    pub fn parked_count(&self, group: &str) -> Result<u64, OffsetsError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = tx.open_table(PARKED).map_err(|e| self.err(e))?;
+        count_parked(&table, group).map_err(|e| self.err(e))
+    }
+
     /// Removes the parked events of `group` with the given sequences.
     pub fn unpark(&self, group: &str, seqs: &[u64]) -> Result<(), OffsetsError> {
         let tx = self.db.begin_write().map_err(|e| self.err(e))?;
@@ -391,6 +398,16 @@ impl Drop for Offsets {
     }
 }
 
+fn count_parked(
+    table: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+    group: &str,
+) -> Result<u64, String> {
+    let range = table
+        .range((group, 0)..=(group, u64::MAX))
+        .map_err(|e| e.to_string())?;
+    Ok(range.count() as u64)
+}
+
 fn collect_parked(
     table: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
     group: &str,
@@ -440,9 +457,7 @@ pub fn read_checkpoint(path: &Path, group: &str) -> Result<Checkpoint, OffsetsEr
         }
     };
     let parked = match tx.open_table(PARKED) {
-        Ok(table) => collect_parked(&table, group)
-            .map_err(|e| storage(path, e))?
-            .len() as u64,
+        Ok(table) => count_parked(&table, group).map_err(|e| storage(path, e))?,
         Err(redb::TableError::TableDoesNotExist(_)) => 0,
         Err(e) => return Err(storage(path, e)),
     };

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::{
     apply::Applier,
-    decode::{decode, DecodeFailure, RawEvent},
+    decode::{decode, RawEvent},
     engine::{self, ResyncDone, SnapshotProgress},
     offsets::Offsets,
     parked::{group_by_row, ParkedEvent, RowId},
@@ -107,10 +107,7 @@ pub async fn retry_parked<S: Sink>(
             match decode(&prefix, raw) {
                 Ok(change) => changes.push(change),
                 Err(f) => {
-                    let reason = match f {
-                        DecodeFailure::Subject(r) | DecodeFailure::Body(_, r) => r,
-                    };
-                    failed = Some((i, reason));
+                    failed = Some((i, f.reason().to_owned()));
                     break;
                 }
             }
