@@ -810,24 +810,29 @@ pub struct HttpResponse {
     pub body: String,
 }
 
-/// A minimal HTTP/1.0 `GET` over a plain TCP connection (the server closes it after the
-/// response), with a 15 s timeout.
-pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<HttpResponse> {
+/// Response headers, names in lowercase.
+pub type Headers = Vec<(String, String)>;
+
+/// Sends `request` (a whole HTTP/1.x request, asking the server to close the connection) over
+/// a fresh TCP connection with a 15 s timeout; returns the status code, the headers (names in
+/// lowercase) and the raw body.
+pub fn http_exchange(addr: std::net::SocketAddr, request: &str) -> Result<(u16, Headers, String)> {
     use std::io::{Read, Write};
     let timeout = Duration::from_secs(15);
+    let what = request.lines().next().unwrap_or_default().to_owned();
     let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
         .with_context(|| format!("connecting to {addr}"))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    stream.write_all(request.as_bytes())?;
     let mut raw = Vec::new();
     stream
         .read_to_end(&mut raw)
-        .with_context(|| format!("reading the response to GET {path}"))?;
+        .with_context(|| format!("reading the response to {what}"))?;
     let text = String::from_utf8(raw).context("the response is not UTF-8")?;
     let (head, body) = text
         .split_once("\r\n\r\n")
-        .with_context(|| format!("no end of headers in the response to GET {path}: {text:?}"))?;
+        .with_context(|| format!("no end of headers in the response to {what}: {text:?}"))?;
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or_default();
     let code = status_line
@@ -835,15 +840,27 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<HttpResponse> 
         .nth(1)
         .and_then(|c| c.parse().ok())
         .with_context(|| format!("bad status line {status_line:?}"))?;
-    let content_type = lines.find_map(|l| {
-        let (name, value) = l.split_once(':')?;
-        name.eq_ignore_ascii_case("content-type")
-            .then(|| value.trim().to_owned())
-    });
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Ok((code, headers, body.to_owned()))
+}
+
+/// A minimal HTTP/1.0 `GET` over a plain TCP connection (the server closes it after the
+/// response), with a 15 s timeout.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<HttpResponse> {
+    let (code, headers, body) = http_exchange(
+        addr,
+        &format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n"),
+    )?;
+    let content_type = headers
+        .into_iter()
+        .find_map(|(name, value)| (name == "content-type").then_some(value));
     Ok(HttpResponse {
         code,
         content_type,
-        body: body.to_owned(),
+        body,
     })
 }
 

@@ -4,8 +4,7 @@
 
 use std::{
     fs,
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::OnceLock,
@@ -189,42 +188,20 @@ impl Inventory {
 
 /// A minimal HTTP/1.1 request over a fresh connection (`Connection: close`), 15 s timeout.
 fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> Result<HttpResponse> {
-    let timeout = Duration::from_secs(15);
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)
-        .with_context(|| format!("connecting to {addr}"))?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
     let body = body.unwrap_or("");
     let content_type = if body.is_empty() {
         ""
     } else {
         "Content-Type: application/json\r\n"
     };
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{content_type}\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
+    let (code, headers, rest) = jetsync_e2e::http_exchange(
+        addr,
+        &format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{content_type}\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
     )?;
-    let mut raw = Vec::new();
-    stream
-        .read_to_end(&mut raw)
-        .with_context(|| format!("reading the response to {method} {path}"))?;
-    let text = String::from_utf8(raw).context("the response is not UTF-8")?;
-    let (head, rest) = text
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("no end of headers in the response: {text:?}"))?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let code = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("bad status line {status_line:?}"))?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
     let header = |name: &str| {
         headers
             .iter()
@@ -232,9 +209,9 @@ fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> Resul
             .map(|(_, v)| v.clone())
     };
     let body = if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
-        dechunk(rest)?
+        dechunk(&rest)?
     } else {
-        rest.to_owned()
+        rest
     };
     Ok(HttpResponse {
         code,
