@@ -251,10 +251,11 @@ impl Cluster {
     }
 
     /// Restarts node `i` on the same ports with the same store (killing it
-    /// first if running) and waits until it is ready, knows the meta leader
-    /// and reports healthy (`/healthz`), i.e. has rejoined. Replicated
-    /// stream data it missed may still be catching up for a moment after
-    /// this returns; poll if a test needs the node's local copy.
+    /// first if running) and waits until it is ready and knows the meta
+    /// leader, i.e. has rejoined. Its stream and consumer replicas may still
+    /// be catching up after this returns; use
+    /// [`wait_stream_current`](Self::wait_stream_current) when a test needs
+    /// a stream fully replicated again.
     ///
     /// # Errors
     ///
@@ -299,6 +300,26 @@ impl Cluster {
             }
             if Instant::now() >= deadline {
                 return None;
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Polls every 20 ms until a running node leads `stream` and sees all
+    /// its replicas (`replicas` in total, the leader included) as current,
+    /// or `timeout` passes. Returns whether that happened.
+    pub fn wait_stream_current(&self, stream: &str, replicas: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let current = self.nodes.iter().any(|node| {
+                node.pid().is_some()
+                    && monitor::stream_replicas_current(node.monitor_port(), stream, replicas)
+            });
+            if current {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
             }
             thread::sleep(POLL_INTERVAL);
         }

@@ -58,6 +58,45 @@ pub(crate) fn healthy(port: u16) -> bool {
         .is_some_and(|v| v.get("status").and_then(Value::as_str) == Some("ok"))
 }
 
+/// Whether `/healthz?js-server-only=true` answers ok: the server and its
+/// JetStream subsystem are up, without waiting for every stream and
+/// consumer replica on the node to be current (on 2.9 a restarted node's
+/// consumer replica can stay "not current" for a long while).
+pub(crate) fn server_healthy(port: u16) -> bool {
+    get_json(port, "/healthz?js-server-only=true")
+        .is_some_and(|v| v.get("status").and_then(Value::as_str) == Some("ok"))
+}
+
+/// Whether this node leads `stream` and sees `size` replicas in total
+/// (itself included), all of them current (from `/jsz?streams=true`).
+pub(crate) fn stream_replicas_current(port: u16, stream: &str, size: usize) -> bool {
+    get_json(port, "/jsz?streams=true")
+        .is_some_and(|jsz| stream_replicas_current_of(&jsz, stream, size))
+}
+
+fn stream_replicas_current_of(jsz: &Value, stream: &str, size: usize) -> bool {
+    let Some(details) = jsz.get("account_details").and_then(Value::as_array) else {
+        return false;
+    };
+    details
+        .iter()
+        .filter_map(|account| account.get("stream_detail")?.as_array())
+        .flatten()
+        .filter(|detail| detail.get("name").and_then(Value::as_str) == Some(stream))
+        .any(|detail| {
+            let current = detail
+                .pointer("/cluster/replicas")
+                .and_then(Value::as_array)
+                .map_or(0, |peers| {
+                    peers
+                        .iter()
+                        .filter(|p| p.get("current").and_then(Value::as_bool) == Some(true))
+                        .count()
+                });
+            current + 1 >= size
+        })
+}
+
 /// The JetStream meta leader's server name as this node sees it (from
 /// `/jsz`'s `meta_cluster.leader`).
 pub(crate) fn meta_leader(port: u16) -> Option<String> {
@@ -157,6 +196,20 @@ mod tests {
                 .unwrap();
         assert!(meta_group_complete_of(&single, 1));
         assert!(!meta_group_complete_of(&single, 3));
+    }
+
+    #[test]
+    fn stream_replica_currency() {
+        let v: Value = serde_json::from_str(JSZ).unwrap();
+        assert!(stream_replicas_current_of(&v, "S1", 2));
+        assert!(!stream_replicas_current_of(&v, "S1", 3));
+        assert!(!stream_replicas_current_of(&v, "NOPE", 1));
+        let stale: Value = serde_json::from_str(
+            r#"{"account_details": [{"stream_detail": [{"name": "S1", "cluster": {"leader": "n1",
+                "replicas": [{"name": "n2", "current": true}, {"name": "n3", "current": false}]}}]}]}"#,
+        )
+        .unwrap();
+        assert!(!stream_replicas_current_of(&stale, "S1", 3));
     }
 
     #[test]
