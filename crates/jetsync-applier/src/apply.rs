@@ -282,8 +282,9 @@ impl<S: Sink> Applier<S> {
                 "poison event parked; later events of its row are held behind it (see `jetsync-applier parked list`)"
             );
         }
-        self.stats.set_applied(through);
+        // Counted before the sequence is published (see `Stats::snapshot`).
         self.stats.add_batch(&changes, started.elapsed());
+        self.stats.set_applied(through);
         tracing::debug!(
             first_seq = changes.first().map(|c| c.seq).unwrap_or(through),
             last_seq = through,

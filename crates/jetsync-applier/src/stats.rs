@@ -151,10 +151,13 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Stats {
-    /// A consistent-enough copy of the counters.
+    /// A copy of the counters. The batch counters are at least as new as `applied_seq`: a
+    /// batch is counted before its sequence is published (`Release`/`Acquire`), so a reader that
+    /// sees a batch's sequence also sees its events counted.
     pub fn snapshot(&self) -> StatsSnapshot {
+        let applied_seq = self.applied_seq.load(Ordering::Acquire);
         StatsSnapshot {
-            applied_seq: self.applied_seq.load(Ordering::Relaxed),
+            applied_seq,
             stream_last_seq: self.stream_last_seq.load(Ordering::Relaxed),
             pending: self.pending.load(Ordering::Relaxed),
             events_applied: self.events_applied.load(Ordering::Relaxed),
@@ -189,8 +192,10 @@ impl Stats {
         lock(&self.batch_durations).clone()
     }
 
+    /// Publishes the applied sequence; call it after [`add_batch`](Self::add_batch) of the
+    /// batch that reached it.
     pub(crate) fn set_applied(&self, seq: u64) {
-        self.applied_seq.store(seq, Ordering::Relaxed);
+        self.applied_seq.store(seq, Ordering::Release);
         self.stream_last_seq.fetch_max(seq, Ordering::Relaxed);
     }
 
