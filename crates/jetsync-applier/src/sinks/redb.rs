@@ -26,15 +26,22 @@
 //! durable commit is [`DURABLE_EVERY`] old, or when there was none since the file was opened.
 //! The ones in between (catching up with big batches) are [`Durability::None`]: visible to
 //! readers at once, kept in redb's write buffer, but not made crash-safe (redb's header still
-//! names the last durable commit). A commit that does not move a fence forward (`parked retry` applying parked events
-//! at the fence), a [`Sink::replace`] and [`Sink::set_fence`] are always durable, as is the
-//! close of the file (redb makes pending commits durable when the last handle is dropped).
+//! names the last durable commit). A durable batch commit is made in two steps: the batch is
+//! committed without durability (and its fence published to replicas), then an empty durable
+//! commit makes it and everything before it crash-safe before `apply` returns. Readers waiting
+//! for the fence thus do not also wait for the fsync; the engine still learns of the batch only
+//! once it is durable. If that second commit fails, the sink reports [`SinkError::Fatal`]: the
+//! rows are visible in this process but may not survive it. A commit that does not move a fence
+//! forward (`parked retry` applying parked events at the fence), a [`Sink::replace`] and
+//! [`Sink::set_fence`] are always durable in one step, as is the close of the file (redb makes
+//! pending commits durable when the last handle is dropped).
 //! - Killed before a commit: nothing of the batch is visible, on disk or to readers; the fence
 //!   still names the previous batch, so the engine replays this one.
 //! - Killed after a durable commit returned: rows, fence and audit moved together; the engine
 //!   resumes after the fence whatever its own redb checkpoint says.
-//! - Killed after non-durable commits: the file reopens at the last durable commit, rows, fence
-//!   and audit together (at most [`DURABLE_EVERY`] of progress older), and the engine replays
+//! - Killed after non-durable commits (also between the two steps of a durable batch commit):
+//!   the file reopens at the last durable commit, rows, fence and audit together (at most
+//!   [`DURABLE_EVERY`] of progress older), and the engine replays
 //!   from that fence, also when its checkpoint or the server's acknowledgements had gone further
 //!   (both are brought to the fence at start). A [`Replica`] dies with the process, so no reader
 //!   sees the older state except a restarted service before the engine has caught up again,
@@ -253,8 +260,12 @@ impl RedbSink {
         let advances = self.fences.get(group).is_none_or(|&fence| last_seq > fence);
         let since_durable = self.undurable_changes + changes.len();
         let durable = clear || !advances || durable_now(since_durable, self.durable_at);
+        // A durable commit that only moves the fence forward is split: the batch commits without
+        // durability (visible at once), then an empty durable commit makes it crash-safe, so
+        // readers waiting for the fence do not also wait for the fsync.
+        let split = durable && advances && !clear;
         let mut txn = self.db.begin_write().map_err(|e| sink_error(WHAT, e))?;
-        txn.set_durability(if durable {
+        txn.set_durability(if durable && !split {
             Durability::Immediate
         } else {
             Durability::None
@@ -295,13 +306,27 @@ impl RedbSink {
         // visible, and on disk if `durable` (else from the next durable commit on; see the
         // module docs). An error above drops `txn`, which aborts it.
         txn.commit().map_err(|e| sink_error(WHAT, e))?;
+        self.committed_fence(group, last_seq);
+        if split {
+            let persist = || -> Result<(), redb::Error> {
+                let mut txn = self.db.begin_write()?;
+                txn.set_durability(Durability::Immediate)?;
+                txn.commit()?;
+                Ok(())
+            };
+            persist().map_err(|e| SinkError::Fatal {
+                reason: format!(
+                    "redb replica {}: a batch committed but could not be made durable: {e}",
+                    self.path.display()
+                ),
+            })?;
+        }
         if durable {
             self.durable_at = Some(Instant::now());
             self.undurable_changes = 0;
         } else {
             self.undurable_changes = since_durable;
         }
-        self.committed_fence(group, last_seq);
         Ok(())
     }
 
