@@ -605,7 +605,8 @@ async fn start_snapshot(js: &jetstream::Context, config: &Config) -> Result<Snap
     .await
 }
 
-/// Events per sink call while bootstrapping.
+/// Events per sink call while bootstrapping, whatever `apply.batch_max`: each batch commits its
+/// fence, and a killed bootstrap resumes after the last one, so this bounds the work redone.
 const BOOTSTRAP_BATCH: usize = 5_000;
 
 /// Joins from a snapshot (S = 0 and an empty sink, or resuming an interrupted bootstrap): the
@@ -626,8 +627,7 @@ pub(crate) async fn bootstrap<S: Sink>(
         "bootstrapping from a snapshot (latest event of every row)"
     );
     let mut last_log = Instant::now();
-    let batch_max = config.apply.batch_max.max(BOOTSTRAP_BATCH);
-    while let Some(batch) = snapshot.next_batch(batch_max, shutdown).await? {
+    while let Some(batch) = snapshot.next_batch(BOOTSTRAP_BATCH, shutdown).await? {
         let events: Vec<(u64, &jetstream::Message)> = batch.iter().map(|(s, m)| (*s, m)).collect();
         let through = events.last().map(|e| e.0).unwrap_or(applier.applied);
         if !applier
