@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use jetsync::{Row, Value};
 
 /// Builds the applier binary once per test process and returns its path.
@@ -261,6 +261,21 @@ impl Instance {
             Some(c) => matches!(c.try_wait(), Ok(None)),
             None => false,
         }
+    }
+
+    /// Sends `signal` (a name `kill -s` knows: `STOP`, `CONT`, ...) to the `run` process.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let child = self.child.as_ref().context("instance not running")?;
+        let status = Command::new("kill")
+            .args(["-s", signal, &child.id().to_string()])
+            .status()
+            .context("running kill")?;
+        ensure!(
+            status.success(),
+            "kill -s {signal} {} failed: {status}",
+            child.id()
+        );
+        Ok(())
     }
 
     /// SIGKILLs the `run` process and reaps it.

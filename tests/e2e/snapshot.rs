@@ -267,3 +267,104 @@ fn gap_resyncs_or_halts() -> Result<()> {
         Ok(())
     })
 }
+
+/// A running instance that stalls (SIGSTOP: a long pause, a frozen VM) while a stream with a
+/// message limit rolls past its applied sequence notices the gap while running, from the jump in
+/// the delivered stream sequences, without a restart: with `resync` it rebuilds and converges;
+/// with `halt` it exits 1 naming the first available sequence.
+#[test]
+fn a_running_instance_notices_a_gap_while_running() -> Result<()> {
+    let _heavy = heavy();
+    runtime()?.block_on(async {
+        let server = NatsServer::start()?;
+        let root = tempfile::tempdir()?;
+        let group = Group::new(server.url(), "RGAP", "rgap");
+        let mut live = Instance::new(&group, root.path(), "live", SinkKind::Sqlite)?;
+        let mut resync = Instance::new(&group, root.path(), "resync", SinkKind::Sqlite)?;
+        let mut halt = Instance::new(&group, root.path(), "halt", SinkKind::Sqlite)?;
+        for i in [&live, &resync, &halt] {
+            i.set_stream_option("max_msgs", "1000")?;
+            i.set_stream_option("history", "5")?;
+        }
+        halt.set_option("apply", "on_gap", "\"halt\"")?;
+        let (code, _, err) = live.cli(&["provision"])?;
+        ensure!(code == 0, "provision: {err}");
+        for i in [&mut live, &mut resync, &mut halt] {
+            i.start()?;
+        }
+        // Every row once (nothing superseded, nothing removed yet), applied by all three.
+        let mut rng = StdRng::seed_from_u64(rand::random());
+        let phase1: Vec<_> = (0..GAP_KEYS)
+            .map(|k| {
+                let key = format!("k{k}");
+                let row = random_row(&mut rng, &key);
+                (key, Some(row))
+            })
+            .collect();
+        let mut reference = publish(&group, phase1).await?;
+        let s = reference.max_seq();
+        for i in [&mut live, &mut resync, &mut halt] {
+            i.wait_applied("RGAP", s, Duration::from_secs(60))?;
+        }
+
+        // Two of them stall; 3,000 more events roll the 1,000-message limit far past s. The
+        // pause lasts only as long as the publishing (well under the heartbeat and the server's
+        // write deadline), so their sessions survive it.
+        resync.signal("STOP")?;
+        halt.signal("STOP")?;
+        let stalled = Instant::now();
+        let mut phase2 = Vec::new();
+        for round in 0..5 {
+            for k in 0..GAP_KEYS {
+                let key = format!("k{k}");
+                let delete = round == 4 && k % 10 == 0;
+                phase2.push((key.clone(), (!delete).then(|| random_row(&mut rng, &key))));
+            }
+        }
+        let published = publish(&group, phase2).await;
+        let nats = async_nats::connect(server.url()).await?;
+        let first = async_nats::jetstream::new(nats)
+            .get_stream("RGAP")
+            .await?
+            .info()
+            .await?
+            .state
+            .first_sequence;
+        resync.signal("CONT")?;
+        halt.signal("CONT")?;
+        eprintln!("runtime gap: stalled for {:?}", stalled.elapsed());
+        reference.merge(published?);
+        let last = reference.max_seq();
+        ensure!(first > s + 1, "no gap: first seq {first}, applied {s}");
+
+        // halt: the running process exits 1 naming the first available sequence.
+        let code = halt.wait_exit(Duration::from_secs(60))?;
+        let log = halt.log();
+        ensure!(code == 1, "halt exited {code}:\n{log}");
+        ensure!(
+            log.contains("applied up to seq ")
+                && log.contains(&format!("first available seq is {first}")),
+            "the halt message does not name the applied seq and {first}:\n{log}"
+        );
+
+        // resync: the same process rebuilds from a snapshot and converges.
+        live.wait_applied("RGAP", last, Duration::from_secs(60))?;
+        resync.wait_applied("RGAP", last, Duration::from_secs(60))?;
+        jetsync_e2e::wait_until("the resync's log line", Duration::from_secs(10), || {
+            resync.log().contains("resync complete").then_some(())
+        })
+        .with_context(|| format!("no resync in the log:\n{}", resync.log()))?;
+        let log = resync.log();
+        ensure!(
+            log.contains("gap found while running"),
+            "the gap was not found by the running session:\n{log}"
+        );
+        ensure!(resync.is_running(), "the resync instance exited:\n{log}");
+        assert_sqlite_matches_exactly(&resync, &reference, "items", "id")?;
+        ensure!(
+            digest_of(&live)? == digest_of(&resync)?,
+            "runtime resync: digests differ"
+        );
+        Ok(())
+    })
+}

@@ -341,7 +341,7 @@ impl Session<'_> {
         // Events may be missing only if the stream has limits; on a compacted stream without
         // limits every row's latest event is still there, so replaying from `first` is exact.
         if first > applied + 1 && limits {
-            return self.gap(js, state, shutdown, first).await;
+            return self.gap(js, state, shutdown, first, "at start").await;
         }
         self.stats
             .observe_stream(last, last.saturating_sub(applied));
@@ -438,7 +438,7 @@ impl Session<'_> {
                         .state
                         .first_sequence;
                     if first > before + 1 {
-                        return self.gap(js, state, shutdown, first).await;
+                        return self.gap(js, state, shutdown, first, "while running").await;
                     }
                     batch = rest;
                 }
@@ -456,13 +456,15 @@ impl Session<'_> {
     }
 
     /// A gap: events after the applied sequence are gone. `resync` rebuilds from a snapshot,
-    /// `halt` stops naming both sequences; never continue silently.
+    /// `halt` stops naming both sequences; never continue silently. `when` ("at start", "while
+    /// running") says which check found it, for the log.
     async fn gap<S: Sink>(
         &self,
         js: &jetstream::Context,
         state: &mut LoopState<S>,
         shutdown: &mut Shutdown,
         first_available: u64,
+        when: &str,
     ) -> Result<SessionEnd, EngineError> {
         let applied = state.applier.applied;
         match self.config.apply.on_gap {
@@ -475,7 +477,7 @@ impl Session<'_> {
                     js,
                     state,
                     shutdown,
-                    &format!("gap: applied up to seq {applied}, but the stream's first available seq is {first_available}"),
+                    &format!("gap found {when}: applied up to seq {applied}, but the stream's first available seq is {first_available}"),
                 )
                 .await
             }
