@@ -178,6 +178,22 @@ async fn apply_once_free(sink: &mut PostgresSink, changes: &[Change]) -> Result<
     }
 }
 
+/// [`PostgresSink::set_fence`], retried while a dropped session of the same schema still holds
+/// the applier lock (its backend is still exiting), like the engine retries `Unavailable`.
+async fn set_fence_once_free(sink: &mut PostgresSink, group: &str, seq: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match sink.set_fence(group, seq).await {
+            Err(SinkError::Unavailable { reason })
+                if reason.contains("lock") && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return other.unwrap(),
+        }
+    }
+}
+
 fn expect_rejected(err: SinkError, index: usize, needle: &str) -> String {
     match err {
         SinkError::Rejected {
@@ -803,7 +819,8 @@ async fn fence_moves_with_batches_and_set_fence() {
     let mut sink = PostgresSink::connect(options).await.unwrap();
     assert_eq!(sink.fence(G).await.unwrap(), Some(9));
     assert_eq!(sink.fence("OTHER").await.unwrap(), Some(100));
-    sink.set_fence(G, 2).await.unwrap();
+    // The dropped sink's backend may still hold the lock for a moment.
+    set_fence_once_free(&mut sink, G, 2).await;
     assert_eq!(sink.fence(G).await.unwrap(), Some(2));
     let digest = sink.digest().await.unwrap();
     assert_eq!(digest.len(), 1);
