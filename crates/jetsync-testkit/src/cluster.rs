@@ -305,6 +305,26 @@ impl Cluster {
         }
     }
 
+    /// Polls node `i`'s full `/healthz` (every stream and consumer replica on it current) every
+    /// 20 ms until it reports ok or `timeout` passes. Returns whether it did.
+    ///
+    /// # Panics
+    ///
+    /// If `i >= self.len()`.
+    pub fn wait_node_healthy(&self, i: usize, timeout: Duration) -> bool {
+        let port = self.nodes[i].monitor_port();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if monitor::healthy(port) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+
     /// Polls every 20 ms until a running node leads `stream` and sees all
     /// its replicas (`replicas` in total, the leader included) as current,
     /// or `timeout` passes. Returns whether that happened.
