@@ -139,6 +139,41 @@ fn new_instance_bootstraps_from_rows_not_history() -> Result<()> {
 
 const GAP_KEYS: usize = 600;
 
+/// Phase 1 of the gap tests: every row written once (no event superseded, none removed yet).
+fn every_row_once(rng: &mut StdRng) -> Vec<(String, Option<Row>)> {
+    (0..GAP_KEYS)
+        .map(|k| {
+            let key = format!("k{k}");
+            let row = random_row(rng, &key);
+            (key, Some(row))
+        })
+        .collect()
+}
+
+/// Phase 2 of the gap tests: 5 more rounds over every row (3,000 events, so a 1,000-message
+/// limit rolls far past phase 1); the last round deletes every tenth row.
+fn five_rounds_with_deletes(rng: &mut StdRng) -> Vec<(String, Option<Row>)> {
+    let mut events = Vec::new();
+    for round in 0..5 {
+        for k in 0..GAP_KEYS {
+            let key = format!("k{k}");
+            let delete = round == 4 && k % 10 == 0;
+            events.push((key.clone(), (!delete).then(|| random_row(rng, &key))));
+        }
+    }
+    events
+}
+
+/// History 5 and a limit of 1,000 messages in the instances' stream config: the limit, not
+/// compaction, removes the older events once phase 2 runs (every row's latest event stays).
+fn limit_to_1000_messages(instances: &[&Instance]) -> Result<()> {
+    for i in instances {
+        i.set_stream_option("max_msgs", "1000")?;
+        i.set_stream_option("history", "5")?;
+    }
+    Ok(())
+}
+
 /// A stream with a message limit rolls past stopped instances: with `resync` one rebuilds (and
 /// so does the `resync` command for another), with `halt` one exits 1 naming both sequences.
 #[test]
@@ -152,12 +187,7 @@ fn gap_resyncs_or_halts() -> Result<()> {
         let mut resync = Instance::new(&group, root.path(), "resync", SinkKind::Sqlite)?;
         let mut halt = Instance::new(&group, root.path(), "halt", SinkKind::Sqlite)?;
         let mut manual = Instance::new(&group, root.path(), "manual", SinkKind::Sqlite)?;
-        // History 5 and a limit of 1,000 messages: the limit, not compaction, removes the
-        // older events once phase 2 runs (every row's latest event stays).
-        for i in [&live, &resync, &halt, &manual] {
-            i.set_stream_option("max_msgs", "1000")?;
-            i.set_stream_option("history", "5")?;
-        }
+        limit_to_1000_messages(&[&live, &resync, &halt, &manual])?;
         halt.set_option("apply", "on_gap", "\"halt\"")?;
         manual.set_option("apply", "on_gap", "\"halt\"")?;
         let (code, _, err) = live.cli(&["provision"])?;
@@ -177,13 +207,7 @@ fn gap_resyncs_or_halts() -> Result<()> {
         for i in [&mut live, &mut resync, &mut halt, &mut manual] {
             i.wait_applied("GAP", warm.max_seq(), Duration::from_secs(60))?;
         }
-        let phase1: Vec<_> = (0..GAP_KEYS)
-            .map(|k| {
-                let key = format!("k{k}");
-                let row = random_row(&mut rng, &key);
-                (key, Some(row))
-            })
-            .collect();
+        let phase1 = every_row_once(&mut rng);
         let mut reference = warm;
         reference.merge(publish(&group, phase1).await?);
         let s = reference.max_seq();
@@ -196,14 +220,7 @@ fn gap_resyncs_or_halts() -> Result<()> {
 
         // 5 more rounds over every key (3,000 events, the stream keeps the last 1,000); the last
         // round deletes some rows.
-        let mut phase2 = Vec::new();
-        for round in 0..5 {
-            for k in 0..GAP_KEYS {
-                let key = format!("k{k}");
-                let delete = round == 4 && k % 10 == 0;
-                phase2.push((key.clone(), (!delete).then(|| random_row(&mut rng, &key))));
-            }
-        }
+        let phase2 = five_rounds_with_deletes(&mut rng);
         reference.merge(publish(&group, phase2).await?);
         let last = reference.max_seq();
         live.wait_applied("GAP", last, Duration::from_secs(60))?;
@@ -282,10 +299,7 @@ fn a_running_instance_notices_a_gap_while_running() -> Result<()> {
         let mut live = Instance::new(&group, root.path(), "live", SinkKind::Sqlite)?;
         let mut resync = Instance::new(&group, root.path(), "resync", SinkKind::Sqlite)?;
         let mut halt = Instance::new(&group, root.path(), "halt", SinkKind::Sqlite)?;
-        for i in [&live, &resync, &halt] {
-            i.set_stream_option("max_msgs", "1000")?;
-            i.set_stream_option("history", "5")?;
-        }
+        limit_to_1000_messages(&[&live, &resync, &halt])?;
         halt.set_option("apply", "on_gap", "\"halt\"")?;
         let (code, _, err) = live.cli(&["provision"])?;
         ensure!(code == 0, "provision: {err}");
@@ -294,13 +308,7 @@ fn a_running_instance_notices_a_gap_while_running() -> Result<()> {
         }
         // Every row once (nothing superseded, nothing removed yet), applied by all three.
         let mut rng = StdRng::seed_from_u64(rand::random());
-        let phase1: Vec<_> = (0..GAP_KEYS)
-            .map(|k| {
-                let key = format!("k{k}");
-                let row = random_row(&mut rng, &key);
-                (key, Some(row))
-            })
-            .collect();
+        let phase1 = every_row_once(&mut rng);
         let mut reference = publish(&group, phase1).await?;
         let s = reference.max_seq();
         for i in [&mut live, &mut resync, &mut halt] {
@@ -313,14 +321,7 @@ fn a_running_instance_notices_a_gap_while_running() -> Result<()> {
         resync.signal("STOP")?;
         halt.signal("STOP")?;
         let stalled = Instant::now();
-        let mut phase2 = Vec::new();
-        for round in 0..5 {
-            for k in 0..GAP_KEYS {
-                let key = format!("k{k}");
-                let delete = round == 4 && k % 10 == 0;
-                phase2.push((key.clone(), (!delete).then(|| random_row(&mut rng, &key))));
-            }
-        }
+        let phase2 = five_rounds_with_deletes(&mut rng);
         let published = publish(&group, phase2).await;
         let nats = async_nats::connect(server.url()).await?;
         let first = async_nats::jetstream::new(nats)
