@@ -306,10 +306,21 @@ fn a_running_instance_notices_a_gap_while_running() -> Result<()> {
         for i in [&mut live, &mut resync, &mut halt] {
             i.start()?;
         }
-        // Every row once (nothing superseded, nothing removed yet), applied by all three.
+        // A warm-up event first: once all three applied it they are past their (empty)
+        // bootstrap and consuming in a session, so the pause below lands in a running session
+        // (an instance still starting up would find the gap at start instead).
         let mut rng = StdRng::seed_from_u64(rand::random());
-        let phase1 = every_row_once(&mut rng);
-        let mut reference = publish(&group, phase1).await?;
+        let warm = publish(
+            &group,
+            vec![("k0".into(), Some(random_row(&mut rng, "k0")))],
+        )
+        .await?;
+        for i in [&mut live, &mut resync, &mut halt] {
+            i.wait_applied("RGAP", warm.max_seq(), Duration::from_secs(60))?;
+        }
+        // Every row once (nothing superseded, nothing removed yet), applied by all three.
+        let mut reference = warm;
+        reference.merge(publish(&group, every_row_once(&mut rng)).await?);
         let s = reference.max_seq();
         for i in [&mut live, &mut resync, &mut halt] {
             i.wait_applied("RGAP", s, Duration::from_secs(60))?;
