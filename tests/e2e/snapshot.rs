@@ -150,6 +150,25 @@ fn every_row_once(rng: &mut StdRng) -> Vec<(String, Option<Row>)> {
         .collect()
 }
 
+/// The start of the gap tests: a warm-up event applied by every instance (so all are past their
+/// empty bootstrap and consuming in a session), then phase 1 ([`every_row_once`]) applied by
+/// every instance. Returns the reference of both.
+async fn warm_up_then_every_row_once(
+    group: &Group,
+    rng: &mut StdRng,
+    instances: &mut [&mut Instance],
+) -> Result<Reference> {
+    let mut reference = publish(group, vec![("k0".into(), Some(random_row(rng, "k0")))]).await?;
+    for i in instances.iter_mut() {
+        i.wait_applied(&group.stream, reference.max_seq(), Duration::from_secs(60))?;
+    }
+    reference.merge(publish(group, every_row_once(rng)).await?);
+    for i in instances.iter_mut() {
+        i.wait_applied(&group.stream, reference.max_seq(), Duration::from_secs(60))?;
+    }
+    Ok(reference)
+}
+
 /// Phase 2 of the gap tests: 5 more rounds over every row (3,000 events, so a 1,000-message
 /// limit rolls far past phase 1); the last round deletes every tenth row.
 fn five_rounds_with_deletes(rng: &mut StdRng) -> Vec<(String, Option<Row>)> {
@@ -199,21 +218,13 @@ fn gap_resyncs_or_halts() -> Result<()> {
         // event is superseded, so none is removed before an instance gets it (on a stream with
         // limits an instance lagging by more than the rows held would count as a gap).
         let mut rng = StdRng::seed_from_u64(rand::random());
-        let warm = publish(
+        let mut reference = warm_up_then_every_row_once(
             &group,
-            vec![("k0".into(), Some(random_row(&mut rng, "k0")))],
+            &mut rng,
+            &mut [&mut live, &mut resync, &mut halt, &mut manual],
         )
         .await?;
-        for i in [&mut live, &mut resync, &mut halt, &mut manual] {
-            i.wait_applied("GAP", warm.max_seq(), Duration::from_secs(60))?;
-        }
-        let phase1 = every_row_once(&mut rng);
-        let mut reference = warm;
-        reference.merge(publish(&group, phase1).await?);
         let s = reference.max_seq();
-        for i in [&mut live, &mut resync, &mut halt, &mut manual] {
-            i.wait_applied("GAP", s, Duration::from_secs(60))?;
-        }
         for i in [&mut resync, &mut halt, &mut manual] {
             ensure!(i.stop(Duration::from_secs(20))? == 0, "clean stop");
         }
@@ -310,21 +321,10 @@ fn a_running_instance_notices_a_gap_while_running() -> Result<()> {
         // bootstrap and consuming in a session, so the pause below lands in a running session
         // (an instance still starting up would find the gap at start instead).
         let mut rng = StdRng::seed_from_u64(rand::random());
-        let warm = publish(
-            &group,
-            vec![("k0".into(), Some(random_row(&mut rng, "k0")))],
-        )
-        .await?;
-        for i in [&mut live, &mut resync, &mut halt] {
-            i.wait_applied("RGAP", warm.max_seq(), Duration::from_secs(60))?;
-        }
-        // Every row once (nothing superseded, nothing removed yet), applied by all three.
-        let mut reference = warm;
-        reference.merge(publish(&group, every_row_once(&mut rng)).await?);
+        let mut reference =
+            warm_up_then_every_row_once(&group, &mut rng, &mut [&mut live, &mut resync, &mut halt])
+                .await?;
         let s = reference.max_seq();
-        for i in [&mut live, &mut resync, &mut halt] {
-            i.wait_applied("RGAP", s, Duration::from_secs(60))?;
-        }
 
         // Two of them stall; 3,000 more events roll the 1,000-message limit far past s. The
         // pause lasts only as long as the publishing (well under the heartbeat and the server's

@@ -162,36 +162,29 @@ async fn apply(sink: &mut PostgresSink, changes: &[Change]) -> Result<(), SinkEr
     sink.apply(G, changes, last).await
 }
 
+/// Evaluates `$call` (an awaited sink call) again while it fails with `Unavailable` because
+/// another session (a dropped sink whose backend is still exiting, or a previous run) holds the
+/// applier lock, as the engine would, for at most 30 s.
+macro_rules! once_lock_free {
+    ($call:expr) => {{
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match $call {
+                Err(SinkError::Unavailable { reason })
+                    if reason.contains("lock") && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => break other,
+            }
+        }
+    }};
+}
+
 /// [`apply`], retrying (30 s at most) while another sink's session on the schema, just dropped,
 /// still holds the group's lock (the server releases it when that backend has ended).
 async fn apply_once_free(sink: &mut PostgresSink, changes: &[Change]) -> Result<(), SinkError> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match apply(sink, changes).await {
-            Err(SinkError::Unavailable { reason })
-                if reason.contains("lock") && Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            other => return other,
-        }
-    }
-}
-
-/// [`PostgresSink::set_fence`], retried while a dropped session of the same schema still holds
-/// the applier lock (its backend is still exiting), like the engine retries `Unavailable`.
-async fn set_fence_once_free(sink: &mut PostgresSink, group: &str, seq: u64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match sink.set_fence(group, seq).await {
-            Err(SinkError::Unavailable { reason })
-                if reason.contains("lock") && Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            other => return other.unwrap(),
-        }
-    }
+    once_lock_free!(apply(sink, changes).await)
 }
 
 fn expect_rejected(err: SinkError, index: usize, needle: &str) -> String {
@@ -820,7 +813,7 @@ async fn fence_moves_with_batches_and_set_fence() {
     assert_eq!(sink.fence(G).await.unwrap(), Some(9));
     assert_eq!(sink.fence("OTHER").await.unwrap(), Some(100));
     // The dropped sink's backend may still hold the lock for a moment.
-    set_fence_once_free(&mut sink, G, 2).await;
+    once_lock_free!(sink.set_fence(G, 2).await).unwrap();
     assert_eq!(sink.fence(G).await.unwrap(), Some(2));
     let digest = sink.digest().await.unwrap();
     assert_eq!(digest.len(), 1);

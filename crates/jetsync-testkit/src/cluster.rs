@@ -293,16 +293,7 @@ impl Cluster {
     /// Polls [`stream_leader`](Self::stream_leader) every 20 ms until it
     /// returns a node or `timeout` passes.
     pub fn wait_stream_leader(&self, stream: &str, timeout: Duration) -> Option<usize> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(i) = self.stream_leader(stream) {
-                return Some(i);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            thread::sleep(POLL_INTERVAL);
-        }
+        poll_until(timeout, || self.stream_leader(stream))
     }
 
     /// Polls node `i`'s full `/healthz` (every stream and consumer replica on it current) every
@@ -313,42 +304,43 @@ impl Cluster {
     /// If `i >= self.len()`.
     pub fn wait_node_healthy(&self, i: usize, timeout: Duration) -> bool {
         let port = self.nodes[i].monitor_port();
-        let deadline = Instant::now() + timeout;
-        loop {
-            if monitor::healthy(port) {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            thread::sleep(POLL_INTERVAL);
-        }
+        poll_until(timeout, || monitor::healthy(port).then_some(())).is_some()
     }
 
     /// Polls every 20 ms until a running node leads `stream` and sees all
     /// its replicas (`replicas` in total, the leader included) as current,
     /// or `timeout` passes. Returns whether that happened.
     pub fn wait_stream_current(&self, stream: &str, replicas: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let current = self.nodes.iter().any(|node| {
-                node.pid().is_some()
-                    && monitor::stream_replicas_current(node.monitor_port(), stream, replicas)
-            });
-            if current {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            thread::sleep(POLL_INTERVAL);
-        }
+        poll_until(timeout, || {
+            self.nodes
+                .iter()
+                .any(|node| {
+                    node.pid().is_some()
+                        && monitor::stream_replicas_current(node.monitor_port(), stream, replicas)
+                })
+                .then_some(())
+        })
+        .is_some()
     }
 
     /// The index of the node that is the JetStream meta leader (from
     /// `/jsz`), if a running node claims it.
     pub fn meta_leader(&self) -> Option<usize> {
         self_claimed(&self.nodes, monitor::meta_leader)
+    }
+}
+
+/// Calls `check` every [`POLL_INTERVAL`] until it returns `Some` or `timeout` passes.
+fn poll_until<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(found) = check() {
+            return Some(found);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(POLL_INTERVAL);
     }
 }
 

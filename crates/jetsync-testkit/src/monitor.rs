@@ -54,8 +54,7 @@ pub(crate) fn get_json(port: u16, path: &str) -> Option<Value> {
 
 /// Whether `/healthz` answers 200 with `"status":"ok"`.
 pub(crate) fn healthy(port: u16) -> bool {
-    get_json(port, "/healthz")
-        .is_some_and(|v| v.get("status").and_then(Value::as_str) == Some("ok"))
+    healthz_ok(port, "/healthz")
 }
 
 /// Whether `/healthz?js-server-only=true` answers ok: the server and its
@@ -63,8 +62,11 @@ pub(crate) fn healthy(port: u16) -> bool {
 /// consumer replica on the node to be current (on 2.9 a restarted node's
 /// consumer replica can stay "not current" for a long while).
 pub(crate) fn server_healthy(port: u16) -> bool {
-    get_json(port, "/healthz?js-server-only=true")
-        .is_some_and(|v| v.get("status").and_then(Value::as_str) == Some("ok"))
+    healthz_ok(port, "/healthz?js-server-only=true")
+}
+
+fn healthz_ok(port: u16, path: &str) -> bool {
+    get_json(port, path).is_some_and(|v| v.get("status").and_then(Value::as_str) == Some("ok"))
 }
 
 /// Whether this node leads `stream` and sees `size` replicas in total
@@ -75,26 +77,8 @@ pub(crate) fn stream_replicas_current(port: u16, stream: &str, size: usize) -> b
 }
 
 fn stream_replicas_current_of(jsz: &Value, stream: &str, size: usize) -> bool {
-    let Some(details) = jsz.get("account_details").and_then(Value::as_array) else {
-        return false;
-    };
-    details
-        .iter()
-        .filter_map(|account| account.get("stream_detail")?.as_array())
-        .flatten()
-        .filter(|detail| detail.get("name").and_then(Value::as_str) == Some(stream))
-        .any(|detail| {
-            let current = detail
-                .pointer("/cluster/replicas")
-                .and_then(Value::as_array)
-                .map_or(0, |peers| {
-                    peers
-                        .iter()
-                        .filter(|p| p.get("current").and_then(Value::as_bool) == Some(true))
-                        .count()
-                });
-            current + 1 >= size
-        })
+    stream_details(jsz, stream)
+        .any(|detail| current_peers(detail.pointer("/cluster/replicas")) + 1 >= size)
 }
 
 /// The JetStream meta leader's server name as this node sees it (from
@@ -115,13 +99,28 @@ fn meta_group_complete_of(jsz: &Value, size: usize) -> bool {
         // A one-node cluster lists no replicas.
         return size == 1 && meta_leader_of(jsz).is_some();
     };
-    let current = replicas.as_array().map_or(0, |peers| {
+    current_peers(Some(replicas)) + 1 >= size
+}
+
+/// How many peers of a `replicas` array are `"current": true`.
+fn current_peers(replicas: Option<&Value>) -> usize {
+    replicas.and_then(Value::as_array).map_or(0, |peers| {
         peers
             .iter()
             .filter(|p| p.get("current").and_then(Value::as_bool) == Some(true))
             .count()
-    });
-    current + 1 >= size
+    })
+}
+
+/// The `stream_detail` entries named `stream`, in any account.
+fn stream_details<'a>(jsz: &'a Value, stream: &'a str) -> impl Iterator<Item = &'a Value> {
+    jsz.get("account_details")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|account| account.get("stream_detail")?.as_array())
+        .flatten()
+        .filter(move |detail| detail.get("name").and_then(Value::as_str) == Some(stream))
 }
 
 fn meta_leader_of(jsz: &Value) -> Option<String> {
@@ -136,13 +135,7 @@ pub(crate) fn stream_leader(port: u16, stream: &str) -> Option<String> {
 }
 
 fn stream_leader_of(jsz: &Value, stream: &str) -> Option<String> {
-    jsz.get("account_details")?
-        .as_array()?
-        .iter()
-        .filter_map(|account| account.get("stream_detail")?.as_array())
-        .flatten()
-        .filter(|detail| detail.get("name").and_then(Value::as_str) == Some(stream))
-        .find_map(|detail| non_empty(detail.pointer("/cluster/leader")))
+    stream_details(jsz, stream).find_map(|detail| non_empty(detail.pointer("/cluster/leader")))
 }
 
 fn non_empty(v: Option<&Value>) -> Option<String> {

@@ -664,25 +664,14 @@ impl PostgresSink {
             Some(fence) => changes.iter().take_while(|c| c.seq <= fence).count(),
             None => 0,
         };
-        match self
-            .write_slice(group, &changes[offset..], fence, clear)
+        self.write_slice(group, &changes[offset..], fence, clear)
             .await
-        {
-            Err(SinkError::Rejected {
-                index,
-                seq,
-                table,
-                key,
-                reason,
-            }) => Err(SinkError::Rejected {
-                index: index + offset,
-                seq,
-                table,
-                key,
-                reason,
-            }),
-            other => other,
-        }
+            .map_err(|mut e| {
+                if let SinkError::Rejected { index, .. } = &mut e {
+                    *index += offset;
+                }
+                e
+            })
     }
 
     /// [`Self::write_batch`] after the lock and fence checks.
