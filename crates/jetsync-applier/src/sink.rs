@@ -110,28 +110,91 @@ pub trait Sink: Send {
 
     /// Replaces the contents of the synced tables of `group` with the result of applying
     /// `changes` (in order) to empty tables, and sets the fence of `group` to `last_seq`, in one
-    /// transaction wherever the storage allows, so a reader sees either the old contents or the
-    /// new ones, never a half-empty table. Used by snapshot resync (a gap, or `resync`).
-    ///
-    /// The synced tables are every table this sink holds synced rows in (the same set `digest`
-    /// reports) plus every table named in `changes`. A permanently refused change is
-    /// [`SinkError::Rejected`] with its index, and nothing of the call remains applied (the
-    /// engine parks that change and calls again without it).
-    ///
-    /// The default implementation refuses: a sink written by a service must implement this to
-    /// support `on_gap = "resync"` and the `resync` command.
+    /// transaction wherever the storage allows. The provided implementation is
+    /// [`Sink::replace_begin`], one [`Sink::replace_chunk`], [`Sink::replace_commit`] (and
+    /// [`Sink::replace_abort`] on an error); the engine streams a snapshot through those three
+    /// instead, so a resync of any size runs in bounded memory.
     fn replace(
         &mut self,
         group: &str,
         changes: &[Change],
         last_seq: u64,
     ) -> impl Future<Output = Result<(), SinkError>> + Send {
-        let _ = (group, changes, last_seq);
+        async move {
+            self.replace_begin(group).await?;
+            let result = match self.replace_chunk(group, changes).await {
+                Ok(()) => self.replace_commit(group, last_seq).await,
+                Err(e) => Err(e),
+            };
+            if result.is_err() {
+                self.replace_abort(group).await;
+            }
+            result
+        }
+    }
+
+    /// Begins replacing the synced tables of `group` (a snapshot resync): opens one sink
+    /// transaction (or builds shadow tables) in which the synced tables start empty. Readers
+    /// keep seeing the old contents until [`Sink::replace_commit`].
+    ///
+    /// The synced tables are the *configured* tables (`[tables.<name>]`; with the SQLite
+    /// sink's `apply.other_tables = "create"`, also every table it created), never a service's
+    /// own tables, the applier's own tables or the database's internal ones.
+    ///
+    /// The default implementation refuses: a sink written by a service must implement the
+    /// replace methods to support `on_gap = "resync"` and the `resync` command.
+    fn replace_begin(&mut self, group: &str) -> impl Future<Output = Result<(), SinkError>> + Send {
+        let _ = group;
         async {
             Err(SinkError::Fatal {
-                reason: "this sink cannot replace its tables, so it cannot resync from a snapshot: implement Sink::replace, or set apply.on_gap = \"halt\"".to_owned(),
+                reason: "this sink cannot replace its tables, so it cannot resync from a snapshot: implement Sink::replace_begin/chunk/commit, or set apply.on_gap = \"halt\"".to_owned(),
             })
         }
+    }
+
+    /// Applies `changes` (ascending sequences) inside the replacement begun by
+    /// [`Sink::replace_begin`]. A permanently refused change is [`SinkError::Rejected`] with its
+    /// index: nothing of *this chunk* remains applied, earlier chunks stay, and the replacement
+    /// stays open (the engine parks that change and sends the chunk again without it). Any
+    /// other error ends the replacement (nothing of it remains; the engine starts over).
+    fn replace_chunk(
+        &mut self,
+        group: &str,
+        changes: &[Change],
+    ) -> impl Future<Output = Result<(), SinkError>> + Send {
+        let _ = (group, changes);
+        async {
+            Err(SinkError::Fatal {
+                reason: "this sink cannot replace its tables (Sink::replace_chunk)".to_owned(),
+            })
+        }
+    }
+
+    /// Sets the fence of `group` to `last_seq` and commits the replacement atomically: a reader
+    /// sees the old contents or the new ones, never a half-empty table.
+    fn replace_commit(
+        &mut self,
+        group: &str,
+        last_seq: u64,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send {
+        let _ = (group, last_seq);
+        async {
+            Err(SinkError::Fatal {
+                reason: "this sink cannot replace its tables (Sink::replace_commit)".to_owned(),
+            })
+        }
+    }
+
+    /// Abandons an open replacement (rolls it back); a no-op when none is open.
+    fn replace_abort(&mut self, group: &str) -> impl Future<Output = ()> + Send {
+        let _ = group;
+        async {}
+    }
+
+    /// Called by the engine when it has no event in hand (the applier caught up): a sink that
+    /// defers durability (the redb replica) makes its last commit durable now.
+    fn idle(&mut self) -> impl Future<Output = Result<(), SinkError>> + Send {
+        async { Ok(()) }
     }
 
     /// Sets the fence of `group` to `seq` without touching rows (`reset --to-seq`).

@@ -199,12 +199,19 @@ impl Default for StreamConfig {
 pub struct TableConfig {
     /// Name of the key column in the sink (the row key carried in the subject).
     pub key: String,
+    /// Postgres only: an upsert sets only the columns the event carries and keeps the others
+    /// (merge). Off by default, where an upsert replaces every synced column (columns the event
+    /// lacks take their default). Caveat: with merge, a row's content depends on which earlier
+    /// events an instance saw, so an instance that joined from a snapshot can differ from one
+    /// that replayed the history.
+    pub merge: bool,
 }
 
 impl Default for TableConfig {
     fn default() -> Self {
         TableConfig {
             key: DEFAULT_KEY_COLUMN.to_owned(),
+            merge: false,
         }
     }
 }
@@ -279,6 +286,31 @@ pub struct ApplyConfig {
     /// latest event of every row). `false` replays the whole history the stream holds instead,
     /// for databases whose side effects depend on seeing every stored event (audit triggers).
     pub bootstrap: bool,
+    /// Events for a table without a `[tables.<name>]` entry: `park` (default; parked with the
+    /// reason "table not synced here" and retried at start once a config lists the table),
+    /// `skip` (counted and acknowledged: this instance deliberately syncs only some tables),
+    /// or `create` (SQLite sink only: create and write any table the stream names; a publisher
+    /// can then create tables in the instance's database).
+    pub other_tables: OtherTables,
+    /// Most bytes of event bodies in one pull and one sink transaction (besides `batch_max`).
+    pub batch_max_bytes: u64,
+    /// Largest event body in bytes; a larger event is parked without being decoded.
+    pub max_event_bytes: u64,
+    /// Most columns in one row; an event with more is parked.
+    pub max_columns: usize,
+}
+
+/// Handling of events for tables that have no `[tables.<name>]` entry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OtherTables {
+    /// Park them ("table not synced here"); they are retried at start once the table is listed.
+    #[default]
+    Park,
+    /// Count and acknowledge them without applying them.
+    Skip,
+    /// SQLite sink only: create and write any table the stream names.
+    Create,
 }
 
 impl Default for ApplyConfig {
@@ -292,6 +324,10 @@ impl Default for ApplyConfig {
             heartbeat_ms: 5000,
             retry_max_backoff_ms: 5000,
             bootstrap: true,
+            other_tables: OtherTables::default(),
+            batch_max_bytes: 16 * 1024 * 1024,
+            max_event_bytes: 1024 * 1024,
+            max_columns: 1000,
         }
     }
 }
@@ -512,6 +548,13 @@ impl Config {
         }
         self.nats.validate()?;
         self.stream.validate()?;
+        if self.apply.other_tables == OtherTables::Create && self.sink.kind != SinkKind::Sqlite {
+            return Err(ConfigError::invalid(
+                "apply.other_tables",
+                "\"create\" works with the SQLite sink only: use \"park\" (default) or \"skip\", \
+                 and list every table to sync under [tables.<name>]",
+            ));
+        }
         for (name, table) in &self.tables {
             TableName::new(name)
                 .map_err(|err| ConfigError::invalid(format!("tables.{name}"), err.to_string()))?;
@@ -890,6 +933,33 @@ impl ApplyConfig {
             return Err(ConfigError::invalid(
                 "apply.retry_max_backoff_ms",
                 "must be positive (default 5000)",
+            ));
+        }
+        if self.max_event_bytes < 1024 {
+            return Err(ConfigError::invalid(
+                "apply.max_event_bytes",
+                format!(
+                    "{} is too small: use at least 1024 (default 1048576)",
+                    self.max_event_bytes
+                ),
+            ));
+        }
+        if self.batch_max_bytes < self.max_event_bytes {
+            return Err(ConfigError::invalid(
+                "apply.batch_max_bytes",
+                format!(
+                    "{} is below apply.max_event_bytes ({}): a batch must hold the largest event",
+                    self.batch_max_bytes, self.max_event_bytes
+                ),
+            ));
+        }
+        if !(1..=100_000).contains(&self.max_columns) {
+            return Err(ConfigError::invalid(
+                "apply.max_columns",
+                format!(
+                    "{} is out of range: use 1 to 100000 (default 1000)",
+                    self.max_columns
+                ),
             ));
         }
         Ok(())

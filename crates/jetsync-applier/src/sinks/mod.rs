@@ -111,6 +111,46 @@ impl Sink for AnySink {
         }
     }
 
+    async fn replace_begin(&mut self, group: &str) -> Result<(), SinkError> {
+        match self {
+            AnySink::Sqlite(s) => s.replace_begin(group).await,
+            AnySink::Redb(s) => s.replace_begin(group).await,
+            AnySink::Postgres(s) => s.replace_begin(group).await,
+        }
+    }
+
+    async fn replace_chunk(&mut self, group: &str, changes: &[Change]) -> Result<(), SinkError> {
+        match self {
+            AnySink::Sqlite(s) => s.replace_chunk(group, changes).await,
+            AnySink::Redb(s) => s.replace_chunk(group, changes).await,
+            AnySink::Postgres(s) => s.replace_chunk(group, changes).await,
+        }
+    }
+
+    async fn replace_commit(&mut self, group: &str, last_seq: u64) -> Result<(), SinkError> {
+        match self {
+            AnySink::Sqlite(s) => s.replace_commit(group, last_seq).await,
+            AnySink::Redb(s) => s.replace_commit(group, last_seq).await,
+            AnySink::Postgres(s) => s.replace_commit(group, last_seq).await,
+        }
+    }
+
+    async fn replace_abort(&mut self, group: &str) {
+        match self {
+            AnySink::Sqlite(s) => s.replace_abort(group).await,
+            AnySink::Redb(s) => s.replace_abort(group).await,
+            AnySink::Postgres(s) => s.replace_abort(group).await,
+        }
+    }
+
+    async fn idle(&mut self) -> Result<(), SinkError> {
+        match self {
+            AnySink::Sqlite(s) => s.idle().await,
+            AnySink::Redb(s) => s.idle().await,
+            AnySink::Postgres(s) => s.idle().await,
+        }
+    }
+
     async fn set_fence(&mut self, group: &str, seq: u64) -> Result<(), SinkError> {
         match self {
             AnySink::Sqlite(s) => s.set_fence(group, seq).await,
