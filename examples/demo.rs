@@ -34,8 +34,13 @@ fn config(url: &str, data: &Path, instance: &str) -> Config {
     c.nats.url = url.into();
     c.stream.name = STREAM.into();
     c.stream.subject_prefix = "inventory".into();
-    c.tables
-        .insert("items".into(), jetsync::TableConfig { key: "sku".into() });
+    c.tables.insert(
+        "items".into(),
+        jetsync::TableConfig {
+            key: "sku".into(),
+            ..Default::default()
+        },
+    );
     c
 }
 

@@ -69,9 +69,13 @@ async fn main() -> anyhow::Result<()> {
     config.stream.name = "EMBEDDED".into();
     config.stream.subject_prefix = "embedded".into();
     config.sink.kind = SinkKind::Redb;
-    config
-        .tables
-        .insert(TABLE.into(), TableConfig { key: "sku".into() });
+    config.tables.insert(
+        TABLE.into(),
+        TableConfig {
+            key: "sku".into(),
+            ..Default::default()
+        },
+    );
     config.validate()?;
 
     let client = Client::connect(&config).await?;

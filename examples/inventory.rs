@@ -380,6 +380,7 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
         .entry(TABLE.to_owned())
         .or_insert_with(|| TableConfig {
             key: KEY_COLUMN.to_owned(),
+            ..Default::default()
         });
     if table.key != KEY_COLUMN {
         bail!(
