@@ -175,12 +175,34 @@ async fn provision(config: &Config, json: bool) -> Result<(), Failure> {
 
 async fn digest(config: &Config, json: bool) -> Result<(), Failure> {
     let mut sink = build_sink(config).await.map_err(Failure::runtime)?;
-    let applied = sink
-        .fence(&config.stream.name)
-        .await
-        .map_err(Failure::runtime)?
-        .unwrap_or(0);
-    let tables = sink.digest().await.map_err(Failure::runtime)?;
+    // The digest is taken at one applied sequence: `run` may commit batches meanwhile, so the
+    // fence is read before and after the tables, and the digest is taken again until both
+    // reads agree (bounded; a busy applier commits every few milliseconds at most).
+    let group = &config.stream.name;
+    let mut attempts = 0;
+    let (applied, tables) = loop {
+        let before = sink
+            .fence(group)
+            .await
+            .map_err(Failure::runtime)?
+            .unwrap_or(0);
+        let tables = sink.digest().await.map_err(Failure::runtime)?;
+        let after = sink
+            .fence(group)
+            .await
+            .map_err(Failure::runtime)?
+            .unwrap_or(0);
+        attempts += 1;
+        if before == after {
+            break (after, tables);
+        }
+        if attempts >= 50 {
+            return Err(Failure::runtime(anyhow::anyhow!(
+                "the applier kept committing while the digest was taken ({attempts} attempts, \
+                 applied seq moved from {before} to {after}): stop `run` or retry when it is idle"
+            )));
+        }
+    };
     let result = serde_json::json!({
         "instance": config.instance,
         "applied_seq": applied,
