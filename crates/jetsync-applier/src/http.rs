@@ -49,6 +49,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "jetsync_batch_apply_duration_seconds",
     "jetsync_consumer_resets",
     "jetsync_resyncs",
+    "jetsync_events_skipped",
 ];
 
 /// Whether an engine with these counters is ready: connected, and at most `max_lag` events
@@ -199,6 +200,12 @@ impl Collector for StatsCollector {
             s.consumer_resets,
         )?;
         Self::counter(e, "resyncs", "Snapshot resyncs", s.resyncs)?;
+        Self::counter(
+            e,
+            "events_skipped",
+            "Events acknowledged without being applied (tables not synced here, apply.other_tables = \"skip\")",
+            s.events_skipped,
+        )?;
         Ok(())
     }
 }
@@ -382,6 +389,7 @@ mod tests {
             format!("jetsync_batch_apply_duration_seconds_bucket{{{l},le=\"+Inf\"}} 1\n"),
             format!("jetsync_consumer_resets_total{{{l}}} 0\n"),
             format!("jetsync_resyncs_total{{{l}}} 0\n"),
+            format!("jetsync_events_skipped_total{{{l}}} 0\n"),
         ] {
             assert!(text.contains(&want), "missing {want:?} in\n{text}");
         }

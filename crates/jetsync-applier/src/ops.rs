@@ -104,7 +104,10 @@ pub async fn retry_parked<S: Sink>(
                 format: event.format.as_deref(),
                 payload: &event.payload,
             };
-            match decode(&prefix, raw) {
+            let limits = jetsync::codec::DecodeLimits {
+                max_columns: config.apply.max_columns,
+            };
+            match decode(&prefix, raw, limits) {
                 Ok(change) => changes.push(change),
                 Err(f) => {
                     failed = Some((i, f.reason().to_owned()));
