@@ -245,6 +245,10 @@ pub(crate) async fn connect(
             let client = jetsync::Client::connect(config).await?;
             if config.stream.provision {
                 client.provision().await?;
+            } else {
+                // A stream someone else provisioned must still be one jetsync can rely on
+                // (DESIGN §5); a failed check is a configuration error naming stream.provision.
+                jetsync::check_existing_stream(client.jetstream(), &config.stream).await?;
             }
             Ok::<_, jetsync::Error>(client)
         };
