@@ -314,6 +314,11 @@ impl SchemaCache {
         Ok(())
     }
 
+    /// Whether `table` was looked up (and allowed) since the schema last changed.
+    pub(super) fn knows(&self, table: &str) -> bool {
+        self.tables.contains_key(table)
+    }
+
     /// The writable table `table`, `None` when it does not exist (see [`discover`]).
     pub(super) fn lookup(
         &mut self,
