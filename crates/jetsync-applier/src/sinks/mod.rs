@@ -37,6 +37,7 @@ pub async fn build_sink(config: &Config) -> Result<AnySink, SinkError> {
                 .iter()
                 .map(|(table, t)| (table.clone(), t.key.clone()))
                 .collect();
+            options.any_table = config.apply.other_tables == jetsync::OtherTables::Create;
             Ok(AnySink::Sqlite(SqliteSink::open(options)?))
         }
         SinkKind::Redb => Ok(AnySink::Redb(RedbSink::open(RedbOptions {
