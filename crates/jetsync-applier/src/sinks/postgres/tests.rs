@@ -731,8 +731,14 @@ impl PgSchema {
 
     /// A sink on this schema whose configured tables are `tables` (`(table, key column)`).
     async fn sink(&self, tables: &[(&str, &str)]) -> PostgresSink {
+        self.sink_of("test-instance", tables).await
+    }
+
+    /// [`Self::sink`] for instance `instance`.
+    async fn sink_of(&self, instance: &str, tables: &[(&str, &str)]) -> PostgresSink {
         let mut options = PostgresOptions::new(pg_url());
         options.schema = Some(self.name.clone());
+        options.instance = instance.to_owned();
         options.key_columns = tables
             .iter()
             .map(|(t, k)| ((*t).to_owned(), (*k).to_owned()))
@@ -797,7 +803,6 @@ fn replacement() -> Vec<Change> {
         up(5, "items", "d", &[("v", Value::I64(5))]),
         del(6, "items", "d"),
         up(7, "other", "2", &[("item", text("a"))]),
-        up(8, "extra", "e2", &[("w", text("y"))]),
         up(9, "items", "e", &[("v", Value::I64(9))]),
         del(10, "items", "never"),
         up(11, "items", "e", &[("v", Value::I64(11))]),
@@ -819,7 +824,6 @@ async fn replace_swaps_the_contents_and_sets_the_fence() {
             up(2, "items", "b", &[("v", Value::I64(2))]),
             up(3, "items", "c", &[("v", Value::I64(3))]),
             up(4, "other", "1", &[("item", text("b"))]),
-            up(5, "extra", "e1", &[("w", text("x"))]),
         ],
         10,
     )
@@ -858,12 +862,7 @@ async fn replace_swaps_the_contents_and_sets_the_fence() {
         sink.read_table("other").await.unwrap(),
         vec![pg_row(&[("id", Value::I64(2)), ("item", text("a"))])]
     );
-    // A table the changes name is replaced too, though not configured.
-    assert_eq!(
-        sink.read_table("extra").await.unwrap(),
-        vec![pg_row(&[("id", text("e2")), ("w", text("y"))])]
-    );
-    // A table that is neither configured nor named is not touched; indexes stay.
+    // A table that is not configured is not touched; indexes stay.
     assert_eq!(count(&client, "local").await, 1);
     let index: i64 = client
         .query_one(
@@ -887,10 +886,6 @@ async fn replace_swaps_the_contents_and_sets_the_fence() {
             .map(|d| (d.table.as_str(), d.rows))
             .collect::<Vec<_>>(),
         [("items", 2), ("other", 1)]
-    );
-    assert_eq!(
-        sink.read_table("extra").await.unwrap(),
-        fresh.read_table("extra").await.unwrap()
     );
 
     // Replacing with nothing empties the configured tables and sets the fence.
@@ -1058,4 +1053,269 @@ fn target_description_has_no_password() {
         .parse()
         .unwrap();
     assert_eq!(describe_target(&config), "app@db.internal:6543/shop");
+}
+
+const SERVICE_DDL: &str = "\
+    CREATE TABLE items (id text PRIMARY KEY, v bigint); \
+    CREATE TABLE local (id text PRIMARY KEY, note text); \
+    INSERT INTO local VALUES ('a', 'service row'), ('b', 'another');";
+
+fn expect_not_synced(err: SinkError, index: usize) {
+    match err {
+        SinkError::Rejected {
+            index: got, reason, ..
+        } => {
+            assert_eq!(got, index, "{reason}");
+            assert!(reason.contains("not synced here"), "{reason}");
+        }
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+}
+
+/// A service table in the schema that the group does not configure survives an event naming it,
+/// a delete tombstone for it, and a resync (streamed in chunks).
+#[tokio::test]
+async fn a_service_table_survives_events_tombstones_and_a_resync() {
+    let (schema, client) = PgSchema::new(SERVICE_DDL).await;
+    let mut sink = schema.sink(&[("items", "id")]).await;
+    let err = sink
+        .apply(
+            G,
+            &[
+                up(1, "items", "x", &[("v", Value::I64(1))]),
+                up(2, "local", "a", &[("note", text("overwritten"))]),
+            ],
+            2,
+        )
+        .await
+        .unwrap_err();
+    expect_not_synced(err, 1);
+    let err = sink.apply(G, &[del(3, "local", "b")], 3).await.unwrap_err();
+    expect_not_synced(err, 0);
+    assert_eq!(sink.fence(G).await.unwrap(), Some(0), "nothing of a rejected batch");
+    sink.apply(G, &[up(1, "items", "x", &[("v", Value::I64(1))])], 3)
+        .await
+        .unwrap();
+
+    // A streamed resync: a chunk naming the service table is rejected alone, the replacement
+    // stays open, the engine sends the chunk again without it.
+    sink.replace_begin(G).await.unwrap();
+    sink.replace_chunk(G, &[up(5, "items", "y", &[("v", Value::I64(5))])])
+        .await
+        .unwrap();
+    let chunk = [
+        up(6, "items", "z", &[("v", Value::I64(6))]),
+        del(7, "local", "a"),
+    ];
+    let err = sink.replace_chunk(G, &chunk).await.unwrap_err();
+    expect_not_synced(err, 1);
+    sink.replace_chunk(G, &chunk[..1]).await.unwrap();
+    sink.replace_commit(G, 9).await.unwrap();
+    assert_eq!(sink.fence(G).await.unwrap(), Some(9));
+    let keys: Vec<Value> = sink
+        .read_table("items")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|row| row["id"].clone())
+        .collect();
+    assert_eq!(keys, [text("y"), text("z")], "x cleared, both chunks applied");
+    let local: Vec<(String, String)> = client
+        .query("SELECT id, note FROM local ORDER BY id", &[])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        local,
+        [
+            ("a".to_owned(), "service row".to_owned()),
+            ("b".to_owned(), "another".to_owned())
+        ]
+    );
+    let digest = sink.digest().await.unwrap();
+    assert_eq!(
+        digest.iter().map(|d| d.table.as_str()).collect::<Vec<_>>(),
+        ["items"]
+    );
+}
+
+/// A replacement aborted half-way leaves the old rows and fence; a database error in a chunk
+/// rejects only that chunk.
+#[tokio::test]
+async fn an_aborted_replacement_leaves_everything_as_it_was() {
+    let (schema, _client) =
+        PgSchema::new("CREATE TABLE items (id text PRIMARY KEY, v bigint CHECK (v >= 0));").await;
+    let mut sink = schema.sink(&[("items", "id")]).await;
+    sink.apply(G, &[up(1, "items", "a", &[("v", Value::I64(1))])], 4)
+        .await
+        .unwrap();
+    let before = sink.digest().await.unwrap();
+    sink.replace_begin(G).await.unwrap();
+    sink.replace_chunk(G, &[up(5, "items", "b", &[("v", Value::I64(5))])])
+        .await
+        .unwrap();
+    let bad = [
+        up(6, "items", "c", &[("v", Value::I64(6))]),
+        up(7, "items", "d", &[("v", Value::I64(-1))]),
+        up(8, "items", "e", &[("v", Value::I64(8))]),
+    ];
+    let err = sink.replace_chunk(G, &bad).await.unwrap_err();
+    assert!(
+        matches!(&err, SinkError::Rejected { index: 1, seq: 7, reason, .. } if reason.contains("23514")),
+        "{err:?}"
+    );
+    sink.replace_abort(G).await;
+    assert_untouched(&mut sink, 4, &before).await;
+    // And a complete one after it.
+    sink.replace(G, &[up(9, "items", "f", &[("v", Value::I64(9))])], 9)
+        .await
+        .unwrap();
+    assert_eq!(sink.fence(G).await.unwrap(), Some(9));
+    assert_eq!(sink.read_table("items").await.unwrap().len(), 1);
+}
+
+/// An upsert replaces the synced columns: a column the event lacks takes its default, so the
+/// row does not depend on earlier events; a merging table keeps them.
+#[tokio::test]
+async fn upserts_replace_synced_columns_unless_the_table_merges() {
+    let (schema, _client) = PgSchema::new(
+        "CREATE TABLE r (id text PRIMARY KEY, a bigint, b bigint, c text DEFAULT 'dflt', \
+                         d bigint GENERATED ALWAYS AS (a * 2) STORED); \
+         CREATE TABLE m (id text PRIMARY KEY, a bigint, b bigint);",
+    )
+    .await;
+    let mut options = PostgresOptions::new(pg_url());
+    options.schema = Some(schema.name.clone());
+    options.key_columns = [("r", "id"), ("m", "id")]
+        .iter()
+        .map(|(t, k)| ((*t).to_owned(), (*k).to_owned()))
+        .collect();
+    options.merge_tables.insert("m".to_owned());
+    let mut sink = PostgresSink::connect(options).await.unwrap();
+    let both = [("a", Value::I64(1)), ("b", Value::I64(1)), ("c", text("x"))];
+    sink.apply(G, &[up(1, "r", "k", &both), up(2, "m", "k", &both[..2])], 2)
+        .await
+        .unwrap();
+    sink.apply(
+        G,
+        &[
+            up(3, "r", "k", &[("a", Value::I64(2))]),
+            up(4, "m", "k", &[("a", Value::I64(2))]),
+        ],
+        4,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        sink.read_table("r").await.unwrap(),
+        vec![pg_row(&[
+            ("id", text("k")),
+            ("a", Value::I64(2)),
+            ("b", Value::Null),
+            ("c", text("dflt")),
+            ("d", Value::I64(4)),
+        ])]
+    );
+    assert_eq!(
+        sink.read_table("m").await.unwrap(),
+        vec![pg_row(&[
+            ("id", text("k")),
+            ("a", Value::I64(2)),
+            ("b", Value::I64(1)),
+        ])]
+    );
+}
+
+/// Batches never move the fence back, even when a batch ends below it; only `set_fence`
+/// (`reset --to-seq`) does.
+#[tokio::test]
+async fn batches_never_move_the_fence_back() {
+    let (schema, _client) = PgSchema::new("CREATE TABLE items (id text PRIMARY KEY, v bigint);").await;
+    let mut sink = schema.sink(&[("items", "id")]).await;
+    sink.apply(G, &[up(1, "items", "a", &[("v", Value::I64(1))])], 10)
+        .await
+        .unwrap();
+    // The engine thinks it is at 3 (a killed session committed up to 10 meanwhile).
+    let mut other = schema.sink(&[("items", "id")]).await;
+    drop(sink);
+    assert!(
+        matches!(other.fence(G).await.unwrap(), Some(3..=10)),
+        "fence read"
+    );
+    other.groups.told.insert(G.to_owned(), 3);
+    let retry_lock = |e: &SinkError| matches!(e, SinkError::Unavailable { reason } if reason.contains("lock"));
+    let batch = [up(4, "items", "a", &[("v", Value::I64(4))])];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match other.apply(G, &batch, 5).await {
+            Err(e) if retry_lock(&e) && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            other => break other.unwrap(),
+        }
+    }
+    assert_eq!(other.fence(G).await.unwrap(), Some(10), "not moved back");
+    assert_eq!(
+        other.read_table("items").await.unwrap()[0]["v"],
+        Value::I64(1),
+        "event 4 is at or below the fence: not applied again"
+    );
+    other.set_fence(G, 2).await.unwrap();
+    assert_eq!(other.fence(G).await.unwrap(), Some(2), "explicit rewind");
+}
+
+/// The fence row records its instance: a second instance on the same schema and stream is
+/// refused, naming both.
+#[tokio::test]
+async fn a_second_instance_on_the_same_schema_is_refused() {
+    let (schema, client) = PgSchema::new("CREATE TABLE items (id text PRIMARY KEY, v bigint);").await;
+    let mut first = schema.sink_of("cat-1", &[("items", "id")]).await;
+    first
+        .apply(G, &[up(1, "items", "a", &[("v", Value::I64(1))])], 1)
+        .await
+        .unwrap();
+    drop(first);
+    let mut second = schema.sink_of("cat-2", &[("items", "id")]).await;
+    let err = second.fence(G).await.unwrap_err();
+    match &err {
+        SinkError::Fatal { reason } => {
+            assert!(reason.contains("\"cat-1\"") && reason.contains("\"cat-2\""), "{reason}");
+            assert!(reason.contains("own schema"), "{reason}");
+        }
+        other => panic!("expected Fatal, got {other:?}"),
+    }
+    // A fence table of an older version (no instance column) gets one and is adopted.
+    client
+        .batch_execute("ALTER TABLE jetsync_offsets DROP COLUMN instance; DELETE FROM jetsync_offsets")
+        .await
+        .unwrap();
+    let mut third = schema.sink_of("cat-3", &[("items", "id")]).await;
+    assert_eq!(third.fence(G).await.unwrap(), Some(0));
+    let owner: Option<String> = client
+        .query_one("SELECT count(*)::text FROM jetsync_offsets", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owner.as_deref(), Some("0"));
+}
+
+/// With no schema configured, the connection's current schema (its search_path) is used.
+#[tokio::test]
+async fn an_unset_schema_is_the_connections_current_schema() {
+    let (schema, _client) = PgSchema::new("CREATE TABLE items (id text PRIMARY KEY, v bigint);").await;
+    let separator = if pg_url().contains('?') { '&' } else { '?' };
+    let mut options = PostgresOptions::new(format!(
+        "{}{separator}options=-csearch_path%3D{}",
+        pg_url(),
+        schema.name
+    ));
+    options.key_columns.insert("items".to_owned(), "id".to_owned());
+    let mut sink = PostgresSink::connect(options).await.unwrap();
+    assert_eq!(sink.schema(), schema.name);
+    sink.apply(G, &[up(1, "items", "a", &[("v", Value::I64(1))])], 1)
+        .await
+        .unwrap();
+    assert_eq!(sink.read_table("items").await.unwrap().len(), 1);
 }
