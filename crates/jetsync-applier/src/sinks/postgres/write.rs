@@ -184,11 +184,11 @@ impl PostgresSink {
                 error,
             }) => match classify(&error) {
                 Class::Unavailable => return Err(self.op_error("apply a batch to", &error)),
-                _ if single => return Err(rejected(changes, index, describe(&error))),
                 Class::Schema => {
-                    // Whatever we knew about the tables may be out of date.
+                    // Whatever we knew about the tables may be out of date: look again.
                     self.tables.clear();
                 }
+                _ if single => return Err(rejected(changes, index, describe(&error))),
                 Class::Rejected | Class::Fatal => {}
             },
             Err(Failure::Other { what, error }) => match classify(&error) {
