@@ -1092,7 +1092,7 @@ pub async fn postgres_rows(
     key_column: &str,
 ) -> Result<BTreeMap<String, Row>> {
     let mut options = jetsync_applier::PostgresOptions::new(url);
-    options.schema = schema.to_owned();
+    options.schema = Some(schema.to_owned());
     options
         .key_columns
         .insert(table.to_owned(), key_column.to_owned());

@@ -107,7 +107,8 @@ impl TestSchema {
 
     fn options(&self) -> PostgresOptions {
         let mut options = PostgresOptions::new(url());
-        options.schema = self.name.clone();
+        options.schema = Some(self.name.clone());
+        options.instance = "test-instance".to_owned();
         options
     }
 }
@@ -202,7 +203,7 @@ fn expect_rejected(err: SinkError, index: usize, needle: &str) -> String {
 
 #[tokio::test]
 async fn upsert_and_delete_with_bigint_and_text_keys() {
-    let (_schema, _service, mut sink) = setup(
+    let (_schema, service, mut sink) = setup(
         "CREATE TABLE nums (id bigint PRIMARY KEY, name text, qty integer, \
                             note text DEFAULT 'local', \
                             updated_at timestamptz NOT NULL DEFAULT now()); \
@@ -247,7 +248,11 @@ async fn upsert_and_delete_with_bigint_and_text_keys() {
     assert!(matches!(nums[0]["updated_at"], Value::Text(_)));
     assert_eq!(nums[1]["qty"], Value::Null);
 
-    // Upserts set the columns they carry and leave the others alone.
+    // Upserts replace the synced columns: those they do not carry take their default.
+    service
+        .batch_execute("UPDATE nums SET note = 'changed locally'")
+        .await
+        .unwrap();
     apply(
         &mut sink,
         &[
@@ -259,9 +264,11 @@ async fn upsert_and_delete_with_bigint_and_text_keys() {
     .await
     .unwrap();
     let nums = sink.read_table("nums").await.unwrap();
-    assert_eq!(nums[0]["name"], Value::from("one"));
+    assert_eq!(nums[0]["name"], Value::Null, "not carried: its default");
     assert_eq!(nums[0]["qty"], Value::I64(10));
+    assert_eq!(nums[0]["note"], Value::from("local"), "back to its default");
     assert_eq!(nums[1]["name"], Value::Null);
+    assert_eq!(nums[1]["qty"], Value::Null);
 
     // Deletes by text subject key on both key types; deleting an absent row is a no-op.
     apply(
@@ -402,7 +409,7 @@ async fn every_column_type_is_converted_and_read_back() {
     apply(
         &mut sink,
         &[
-            del(6, "by_uuid", "67E55044-10B1-426F-9247-BB680E5FE0C8"),
+            del(6, "by_uuid", "67e55044-10b1-426f-9247-bb680e5fe0c8"),
             del(7, "by_int4", "7"),
         ],
     )
@@ -410,6 +417,22 @@ async fn every_column_type_is_converted_and_read_back() {
     .unwrap();
     assert_eq!(sink.read_table("by_uuid").await.unwrap().len(), 1);
     assert!(sink.read_table("by_int4").await.unwrap().is_empty());
+
+    // One row, one subject: another spelling of a key is refused, never merged onto the row.
+    for (table, key) in [
+        ("by_uuid", "00000000-0000-0000-0000-00000000000A"),
+        ("by_uuid", "{00000000-0000-0000-0000-000000000001}"),
+        ("by_int4", "042"),
+        ("by_int4", "+42"),
+        ("by_int4", " 42"),
+        ("by_int4", "4.2e1"),
+    ] {
+        let err = apply(&mut sink, &[up(8, table, key, &[("v", Value::I64(9))])])
+            .await
+            .unwrap_err();
+        expect_rejected(err, 0, "does not fit key column");
+    }
+    assert_eq!(sink.read_table("by_uuid").await.unwrap().len(), 1);
 
     // Values that do not convert, in the sink or in the database, reject their change only.
     let bad: [(&str, Value, &str); 9] = [
@@ -870,7 +893,7 @@ async fn connect_errors_say_what_to_fix_without_the_password() {
         other => panic!("{other:?}"),
     }
     let mut options = PostgresOptions::new(url());
-    options.schema = "jst_no_such_schema".to_owned();
+    options.schema = Some("jst_no_such_schema".to_owned());
     let err = PostgresSink::connect(options).await.unwrap_err();
     assert!(
         matches!(&err, SinkError::Fatal { reason } if reason.contains("jst_no_such_schema")),
@@ -1023,14 +1046,15 @@ fn to_change(seq: u64, op: &Op) -> Change {
 
 type Tables = BTreeMap<&'static str, BTreeMap<String, Row>>;
 
-/// The model: an upsert sets the columns it carries, keeps the others of an existing row and
-/// leaves them NULL (no default) on a new one; a delete removes the row.
+/// The model: an upsert replaces the row with the columns it carries, the others NULL (their
+/// default); a delete removes the row.
 fn model(changes: &[Change]) -> Tables {
     let mut tables: Tables = TABLES.iter().map(|t| (*t, BTreeMap::new())).collect();
     for change in changes {
         let table = tables.get_mut(change.table.as_str()).expect("known table");
         match &change.op {
             jetsync::Change::Upsert(row) => {
+                table.remove(&change.key);
                 let stored = table.entry(change.key.clone()).or_insert_with(|| {
                     let mut fresh: Row = COLUMNS
                         .iter()
@@ -1108,12 +1132,15 @@ fn model_random_batches_match_the_model_and_each_other() {
         runtime.block_on(async {
             for service in [&one_service, &many_service] {
                 service
-                    .batch_execute("TRUNCATE nums, texts, jetsync_offsets")
+                    .batch_execute("TRUNCATE nums, texts")
                     .await
                     .unwrap();
             }
             let mut guard = sinks.lock().await;
             let (one, many) = &mut *guard;
+            // A new history: the operator's explicit rewind (`reset --to-seq 0`).
+            one.set_fence(G, 0).await.unwrap();
+            many.set_fence(G, 0).await.unwrap();
             apply(one, &changes).await.unwrap();
             let mut rest = &changes[..];
             let mut split = splits.iter().cycle();
@@ -1159,8 +1186,6 @@ async fn a_batch_committed_by_a_previous_session_is_not_applied_again() {
         &[("items", "id")],
     )
     .await;
-    // This sink learns the fence (0), as the engine does at start.
-    assert_eq!(sink.fence(G).await.unwrap(), Some(0));
     let batch: Vec<Change> = (1..=10)
         .map(|i| {
             up(
@@ -1174,8 +1199,14 @@ async fn a_batch_committed_by_a_previous_session_is_not_applied_again() {
             )
         })
         .collect();
-    // Another session (the previous run) commits the batch and holds the lock meanwhile.
-    let mut previous = PostgresSink::connect(schema.options()).await.unwrap();
+    // Another session (the previous run) holds the lock; this sink reads the fence without it
+    // (0), as a restarted engine does while the old COMMIT is still in flight.
+    let mut options = schema.options();
+    options.key_columns.insert("items".to_owned(), "id".to_owned());
+    let mut previous = PostgresSink::connect(options).await.unwrap();
+    assert_eq!(previous.fence(G).await.unwrap(), Some(0));
+    assert_eq!(sink.fence(G).await.unwrap(), Some(0));
+    // The previous session commits the batch; this one may not write meanwhile.
     previous.apply(G, &batch, 10).await.unwrap();
     let busy = apply(&mut sink, &batch).await.unwrap_err();
     assert!(
@@ -1183,6 +1214,10 @@ async fn a_batch_committed_by_a_previous_session_is_not_applied_again() {
         "{busy:?}"
     );
     drop(previous);
+    // A shorter batch (a smaller batch_max after the restart), wholly at or below the fence
+    // the previous session reached: skipped, and the fence does not move back.
+    apply_once_free(&mut sink, &batch[..4]).await.unwrap();
+    assert_eq!(sink.fence(G).await.unwrap(), Some(10));
     // Once the old session is gone, the same batch plus two new events: only the new ones are
     // written.
     let mut more = batch.clone();
