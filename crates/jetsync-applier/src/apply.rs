@@ -292,6 +292,45 @@ impl<S: Sink> Applier<S> {
         Ok(true)
     }
 
+    /// Parks `event`, a message the NATS client library cannot parse (see `raw.rs`), and moves
+    /// the fence through it. Returns false when shutdown interrupted the fence move (the event
+    /// stays parked; the restart finds it again and parks it again under the same sequence).
+    ///
+    /// Crash windows: as for any parked event, the park is committed first (window 1 of this
+    /// module), then an empty sink transaction moves the fence to its sequence (window 2), then
+    /// the checkpoint follows (window 3). Its row, if its subject names one, is blocked.
+    pub(crate) async fn park_unparseable(
+        &mut self,
+        event: ParkedEvent,
+        shutdown: &mut Shutdown,
+    ) -> Result<bool, EngineError> {
+        if self.on_poison == OnPoison::Halt {
+            return Err(EngineError::Poison {
+                seq: event.seq,
+                subject: event.subject.clone(),
+                reason: event.error.clone(),
+            });
+        }
+        if event.seq <= self.applied {
+            return Ok(true);
+        }
+        self.offsets
+            .park(&self.group, std::slice::from_ref(&event))?;
+        if let Some(row) = &event.row {
+            self.blocked.entry(row.clone()).or_insert(event.seq);
+        }
+        tracing::warn!(
+            seq = event.seq,
+            subject = %event.subject,
+            error = %event.error,
+            "message the NATS client cannot parse parked; later events of its row are held behind it (see `jetsync-applier parked list`)"
+        );
+        let advanced = self.advance(event.seq, shutdown).await?;
+        self.stats
+            .set_parked(self.offsets.parked_count(&self.group)?);
+        Ok(advanced)
+    }
+
     /// Moves the fence to `through` without events (the stream holds nothing up to it).
     pub(crate) async fn advance(
         &mut self,

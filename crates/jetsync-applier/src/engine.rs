@@ -37,6 +37,7 @@ use crate::{
     backoff::Backoff,
     consumer::{self, ConsumerSpec},
     offsets::Offsets,
+    raw,
     shutdown::Shutdown,
     snapshot::Snapshot,
     EngineError, Sink, Stats,
@@ -44,6 +45,8 @@ use crate::{
 
 /// How often a catching-up engine logs its progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// How often a consumer session checks whether its NATS connection was re-established.
+const CONNECTION_CHECK: Duration = Duration::from_millis(200);
 /// Pull requests expire after this long (heartbeats keep idle pulls honest in between).
 const PULL_EXPIRES: Duration = Duration::from_secs(30);
 
@@ -134,8 +137,16 @@ impl<S: Sink> Engine<S> {
             stats: &stats,
         };
         let mut session_backoff = Backoff::new("consuming the stream", max_backoff);
+        let mut stuck = Stuck::default();
         while !shutdown.is_requested() {
-            match engine.session(&client, &mut state, &mut shutdown).await {
+            let before = state.applier.applied;
+            let ended = engine.session(&client, &mut state, &mut shutdown).await;
+            let failed = match &ended {
+                Ok(SessionEnd::Reset(_)) => true,
+                Err(e) => e.is_retryable(),
+                Ok(SessionEnd::Shutdown) => false,
+            };
+            match ended {
                 Ok(SessionEnd::Shutdown) => break,
                 Ok(SessionEnd::Reset(reason)) => {
                     stats.add_consumer_reset();
@@ -145,6 +156,31 @@ impl<S: Sink> Engine<S> {
                         "restarting consumption at applied + 1"
                     );
                     session_backoff.succeed();
+                }
+                Err(e) if e.is_retryable() => {
+                    if !session_backoff.fail(&e, &mut shutdown).await {
+                        break;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            // Sessions dying again and again at the same applied sequence: maybe a message the
+            // client library cannot parse (it drops the connection on delivery; see `raw.rs`).
+            if !stuck.observe(failed, before, state.applier.applied) {
+                continue;
+            }
+            match engine.unstick(&client, &mut state, &mut shutdown).await {
+                Ok(true) => {
+                    stuck = Stuck::default();
+                    session_backoff.succeed();
+                }
+                Ok(false) => {
+                    // Nothing to park: keep retrying, with backoff so that an unexplained
+                    // failure does not spin.
+                    let why = "consumer sessions keep ending at the same sequence";
+                    if !session_backoff.fail(&why, &mut shutdown).await {
+                        break;
+                    }
                 }
                 Err(e) if e.is_retryable() => {
                     if !session_backoff.fail(&e, &mut shutdown).await {
@@ -282,6 +318,33 @@ pub(crate) async fn get_stream(
     }
 }
 
+/// Consecutive consumer sessions that ended (a reset or a retryable error, not shutdown)
+/// without moving the applied sequence.
+#[derive(Debug, Default)]
+struct Stuck {
+    at: u64,
+    failures: u32,
+}
+
+impl Stuck {
+    /// Records a session that ran from applied sequence `before` to `after`; true when the
+    /// engine should look at the next message raw (see `raw.rs`).
+    fn observe(&mut self, failed: bool, before: u64, after: u64) -> bool {
+        if !failed || after != before {
+            *self = Stuck::default();
+            return false;
+        }
+        if self.failures == 0 || self.at != after {
+            *self = Stuck {
+                at: after,
+                failures: 0,
+            };
+        }
+        self.failures += 1;
+        self.failures >= raw::STUCK_AFTER
+    }
+}
+
 /// The read-only parts one consumer session needs.
 struct Session<'a> {
     config: &'a Config,
@@ -348,10 +411,30 @@ impl Session<'_> {
 
         let ready = consumer::reconcile(&stream, &state.spec, applied).await?;
         let mut expected_cseq = ready.next_consumer_seq;
+        // Pulls are bounded in bytes as well as events, but never below the largest message
+        // the server accepts (a pull smaller than one message would never deliver it).
+        let nats = client.nats();
+        let batch_max_bytes = self.config.apply.batch_max_bytes as usize;
+        let pull_bytes = batch_max_bytes.max(nats.server_info().max_payload + 64 * 1024);
+        // A reconnect during the session (the client library drops its connection on a
+        // message it cannot parse, see `raw.rs`) ends it: deliveries may have been lost, and
+        // the engine must see the failure at once rather than after `ack_wait`.
+        let connection = nats.statistics();
+        let connects = connection
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let reconnected = || {
+            connection
+                .connects
+                .load(std::sync::atomic::Ordering::Relaxed)
+                != connects
+        };
+        let mut connection_check = tokio::time::interval(CONNECTION_CHECK);
         let mut messages = ready
             .consumer
             .stream()
             .max_messages_per_batch(state.spec.batch_max)
+            .max_bytes_per_batch(pull_bytes)
             .heartbeat(Duration::from_millis(self.config.apply.heartbeat_ms))
             .expires(PULL_EXPIRES)
             .messages()
@@ -371,21 +454,31 @@ impl Session<'_> {
                     _ = shutdown.requested() => return Ok(SessionEnd::Shutdown),
                     next = messages.next() => break next,
                     _ = sleep_until(flush_at) => state.applier.offsets.flush()?,
+                    _ = connection_check.tick() => {
+                        if reconnected() {
+                            return Ok(SessionEnd::Reset("the NATS connection was lost and re-established".into()));
+                        }
+                    }
                 }
             };
             let mut batch: Vec<Pulled> = Vec::new();
+            let mut batch_bytes = 0usize;
             let mut anomaly: Option<String> = None;
             match first {
                 None => return Ok(SessionEnd::Reset("the pull stream ended".into())),
                 Some(Err(e)) => return Ok(SessionEnd::Reset(format!("pull failed: {e}"))),
                 Some(Ok(m)) => match Pulled::check(m, &mut expected_cseq) {
-                    Ok(p) => batch.push(p),
+                    Ok(p) => {
+                        batch_bytes += p.message.payload.len();
+                        batch.push(p);
+                    }
                     Err(reason) => return Ok(SessionEnd::Reset(reason)),
                 },
             }
             // Fill the batch: take what is already buffered without waiting; wait up to
-            // `batch_wait` only while the server says more events are pending.
-            while batch.len() < batch_max {
+            // `batch_wait` only while the server says more events are pending. A batch also
+            // ends once its bodies reach `apply.batch_max_bytes`.
+            while batch.len() < batch_max && batch_bytes < batch_max_bytes {
                 let next = match messages.next().now_or_never() {
                     Some(next) => next,
                     None => {
@@ -401,7 +494,10 @@ impl Session<'_> {
                 };
                 match next {
                     Some(Ok(m)) => match Pulled::check(m, &mut expected_cseq) {
-                        Ok(p) => batch.push(p),
+                        Ok(p) => {
+                            batch_bytes += p.message.payload.len();
+                            batch.push(p);
+                        }
                         Err(reason) => {
                             anomaly = Some(reason);
                             break;
@@ -449,8 +545,54 @@ impl Session<'_> {
             if let Some(reason) = anomaly {
                 return Ok(SessionEnd::Reset(reason));
             }
+            if reconnected() {
+                return Ok(SessionEnd::Reset(
+                    "the NATS connection was lost and re-established".into(),
+                ));
+            }
             if shutdown.is_requested() {
                 return Ok(SessionEnd::Shutdown);
+            }
+        }
+    }
+
+    /// Fetches the next message after the applied sequence raw (not through the client's
+    /// parser) and parks it if the client would refuse it. Returns true when it parked one.
+    async fn unstick<S: Sink>(
+        &self,
+        client: &jetsync::Client,
+        state: &mut LoopState<S>,
+        shutdown: &mut Shutdown,
+    ) -> Result<bool, EngineError> {
+        let applied = state.applier.applied;
+        let next = applied + 1;
+        let Some(message) = raw::fetch(
+            client.jetstream(),
+            &self.config.stream.name,
+            next,
+            &state.spec.filter,
+        )
+        .await?
+        else {
+            tracing::info!(
+                applied,
+                "consumer sessions keep ending, and no stored message follows the applied sequence"
+            );
+            return Ok(false);
+        };
+        let seq = message.seq;
+        match raw::refusal(&message.subject, message.headers.as_deref()) {
+            None => {
+                tracing::warn!(
+                    applied,
+                    seq,
+                    "consumer sessions keep ending at the same sequence, but the next message looks valid (not parked); retrying"
+                );
+                Ok(false)
+            }
+            Some(reason) => {
+                let event = raw::parked(message, &self.config.stream.subject_prefix, &reason);
+                state.applier.park_unparseable(event, shutdown).await
             }
         }
     }
