@@ -77,14 +77,9 @@ impl<S: Sink> Applier<S> {
         stats: Arc<Stats>,
     ) -> Result<Applier<S>, EngineError> {
         let group = config.stream.name.clone();
-        let parked = offsets.parked(&group)?;
-        let mut blocked = HashMap::new();
-        for event in &parked {
-            if let Some(row) = &event.row {
-                blocked.entry(row.clone()).or_insert(event.seq);
-            }
-        }
-        stats.set_parked(parked.len() as u64);
+        // From the parked-rows index: the parked bodies are not read.
+        let blocked = offsets.blocked_rows(&group)?;
+        stats.set_parked(offsets.parked_count(&group)?);
         Ok(Applier {
             sink,
             offsets,
@@ -329,6 +324,20 @@ impl<S: Sink> Applier<S> {
         self.stats
             .set_parked(self.offsets.parked_count(&self.group)?);
         Ok(advanced)
+    }
+
+    /// Reads the set of blocked rows again (after parked events were applied or dropped
+    /// outside the apply path).
+    pub(crate) fn reload_blocked(&mut self) -> Result<(), EngineError> {
+        self.blocked = self.offsets.blocked_rows(&self.group)?;
+        self.stats
+            .set_parked(self.offsets.parked_count(&self.group)?);
+        Ok(())
+    }
+
+    /// The rows held behind a parked event → the sequence of that first parked event.
+    pub(crate) fn blocked(&self) -> &HashMap<RowId, u64> {
+        &self.blocked
     }
 
     /// Moves the fence to `through` without events (the stream holds nothing up to it).

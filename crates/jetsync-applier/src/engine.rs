@@ -33,11 +33,11 @@ use futures::{FutureExt, StreamExt};
 use jetsync::{Config, OnGap};
 
 use crate::{
-    apply::{Applier, Mode},
+    apply::{Applier, Mode, NOT_SYNCED_HERE},
     backoff::Backoff,
     consumer::{self, ConsumerSpec},
     offsets::Offsets,
-    raw,
+    ops, raw,
     shutdown::Shutdown,
     snapshot::Snapshot,
     EngineError, Sink, Stats,
@@ -122,6 +122,7 @@ impl<S: Sink> Engine<S> {
         let mut applier = Applier::new(&config, sink, offsets, applied, stats.clone())?;
         // The sink's fence is the truth at start: the checkpoint may lag it (crash window 3).
         applier.lazy_checkpoint = has_fence;
+        retry_newly_synced(&config, &mut applier).await?;
         let mut state = LoopState {
             applier,
             spec: ConsumerSpec {
@@ -193,6 +194,45 @@ impl<S: Sink> Engine<S> {
         tracing::info!(applied = state.applier.applied, "applier stopped");
         Ok(())
     }
+}
+
+/// Applies the parked events of rows whose table the configuration now lists and which were
+/// parked as "table not synced here", through `parked retry`'s path (in sequence order per
+/// row, a failing one stays parked with the rest held behind it). A sink that is unavailable
+/// just leaves them for the next start.
+async fn retry_newly_synced<S: Sink>(
+    config: &Config,
+    applier: &mut Applier<S>,
+) -> Result<(), EngineError> {
+    let mut rows = Vec::new();
+    for (row, &first) in applier.blocked() {
+        if !applier.rules.syncs(&row.table) {
+            continue;
+        }
+        let head = applier.offsets.parked_event(&applier.group, first)?;
+        if head.is_some_and(|e| e.error == NOT_SYNCED_HERE) {
+            rows.push(row.clone());
+        }
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    rows.sort();
+    let fence = applier.applied;
+    match ops::retry_rows(config, &mut applier.sink, &applier.offsets, fence, &rows).await {
+        Ok(report) => tracing::info!(
+            rows = rows.len(),
+            applied = report.applied.len(),
+            still_parked = report.still_parked.len(),
+            "applied the parked events of tables the configuration now lists"
+        ),
+        Err(e) if e.is_retryable() => tracing::warn!(
+            error = %e,
+            "could not apply the parked events of tables the configuration now lists; the next start tries again"
+        ),
+        Err(e) => return Err(e),
+    }
+    applier.reload_blocked()
 }
 
 /// The sequence to resume after: the sink's fence where it keeps one (it describes the data
@@ -566,13 +606,12 @@ impl Session<'_> {
     ) -> Result<bool, EngineError> {
         let applied = state.applier.applied;
         let next = applied + 1;
-        let Some(message) = raw::fetch(
-            client.jetstream(),
-            &self.config.stream.name,
-            next,
-            &state.spec.filter,
-        )
-        .await?
+        let lookup = raw::Lookup::NextAfter {
+            seq: next,
+            filter: &state.spec.filter,
+        };
+        let Some(message) =
+            raw::fetch(client.jetstream(), &self.config.stream.name, lookup).await?
         else {
             tracing::info!(
                 applied,
