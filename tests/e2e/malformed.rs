@@ -163,6 +163,8 @@ fn messages_the_client_cannot_parse_are_parked() -> Result<()> {
         let root = tempfile::tempdir()?;
         let group = Group::new(server.url(), "MAL", "mal");
         let mut i = Instance::new(&group, root.path(), "i", SinkKind::Sqlite)?;
+        // Keep every event of a row: a later event must not supersede the parked one.
+        i.set_stream_option("history", "64")?;
         let (code, _, err) = i.cli(&["provision"])?;
         ensure!(code == 0, "provision: {err}");
         i.start()?;
@@ -270,6 +272,8 @@ fn events_over_the_limits_are_parked() -> Result<()> {
         let mut group = Group::new(server.url(), "LIM", "lim");
         group.extra_toml = "[apply]\nmax_event_bytes = 4194304\n".into();
         let mut i = Instance::new(&group, root.path(), "i", SinkKind::Sqlite)?;
+        // Keep every event of a row: a later event must not supersede the parked one.
+        i.set_stream_option("history", "64")?;
         let (code, _, err) = i.cli(&["provision"])?;
         ensure!(code == 0, "provision: {err}");
         i.start()?;
@@ -364,11 +368,19 @@ fn tables_not_synced_here() -> Result<()> {
         let mut park = Instance::new(&group, root.path(), "park", SinkKind::Sqlite)?;
         let mut skip = Instance::new(&group, root.path(), "skip", SinkKind::Sqlite)?;
         skip.set_option("apply", "other_tables", "\"skip\"")?;
+        for i in [&park, &skip] {
+            i.set_stream_option("history", "64")?;
+        }
         let (code, _, err) = park.cli(&["provision"])?;
         ensure!(code == 0, "provision: {err}");
         park.start()?;
         skip.start()?;
         let js = jetstream::new(async_nats::connect(server.url()).await?);
+        // Both consume the durable (past their bootstrap) before the events arrive.
+        let warm = publish(&js, "oth.items.warm", "json/1", valid(Format::Json1)?).await?;
+        for i in [&mut park, &mut skip] {
+            i.wait_applied("OTH", warm, PARK_WITHIN)?;
+        }
 
         let first = publish(&js, "oth.other.a", "json/1", valid(Format::Json1)?).await?;
         let second = publish(&js, "oth.other.a", "json/1", valid(Format::Json1)?).await?;
