@@ -8,6 +8,7 @@ mod downtime;
 mod examples;
 mod exit_codes;
 mod http;
+mod malformed;
 mod poison;
 mod postgres;
 mod security;

@@ -77,14 +77,9 @@ impl<S: Sink> Applier<S> {
         stats: Arc<Stats>,
     ) -> Result<Applier<S>, EngineError> {
         let group = config.stream.name.clone();
-        let parked = offsets.parked(&group)?;
-        let mut blocked = HashMap::new();
-        for event in &parked {
-            if let Some(row) = &event.row {
-                blocked.entry(row.clone()).or_insert(event.seq);
-            }
-        }
-        stats.set_parked(parked.len() as u64);
+        // From the parked-rows index: the parked bodies are not read.
+        let blocked = offsets.blocked_rows(&group)?;
+        stats.set_parked(offsets.parked_count(&group)?);
         Ok(Applier {
             sink,
             offsets,
@@ -290,6 +285,59 @@ impl<S: Sink> Applier<S> {
             "batch applied"
         );
         Ok(true)
+    }
+
+    /// Parks `event`, a message the NATS client library cannot parse (see `raw.rs`), and moves
+    /// the fence through it. Returns false when shutdown interrupted the fence move (the event
+    /// stays parked; the restart finds it again and parks it again under the same sequence).
+    ///
+    /// Crash windows: as for any parked event, the park is committed first (window 1 of this
+    /// module), then an empty sink transaction moves the fence to its sequence (window 2), then
+    /// the checkpoint follows (window 3). Its row, if its subject names one, is blocked.
+    pub(crate) async fn park_unparseable(
+        &mut self,
+        event: ParkedEvent,
+        shutdown: &mut Shutdown,
+    ) -> Result<bool, EngineError> {
+        if self.on_poison == OnPoison::Halt {
+            return Err(EngineError::Poison {
+                seq: event.seq,
+                subject: event.subject.clone(),
+                reason: event.error.clone(),
+            });
+        }
+        if event.seq <= self.applied {
+            return Ok(true);
+        }
+        self.offsets
+            .park(&self.group, std::slice::from_ref(&event))?;
+        if let Some(row) = &event.row {
+            self.blocked.entry(row.clone()).or_insert(event.seq);
+        }
+        tracing::warn!(
+            seq = event.seq,
+            subject = %event.subject,
+            error = %event.error,
+            "message the NATS client cannot parse parked; later events of its row are held behind it (see `jetsync-applier parked list`)"
+        );
+        let advanced = self.advance(event.seq, shutdown).await?;
+        self.stats
+            .set_parked(self.offsets.parked_count(&self.group)?);
+        Ok(advanced)
+    }
+
+    /// Reads the set of blocked rows again (after parked events were applied or dropped
+    /// outside the apply path).
+    pub(crate) fn reload_blocked(&mut self) -> Result<(), EngineError> {
+        self.blocked = self.offsets.blocked_rows(&self.group)?;
+        self.stats
+            .set_parked(self.offsets.parked_count(&self.group)?);
+        Ok(())
+    }
+
+    /// The rows held behind a parked event → the sequence of that first parked event.
+    pub(crate) fn blocked(&self) -> &HashMap<RowId, u64> {
+        &self.blocked
     }
 
     /// Moves the fence to `through` without events (the stream holds nothing up to it).

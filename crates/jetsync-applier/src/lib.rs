@@ -28,6 +28,7 @@ mod http;
 mod offsets;
 mod ops;
 mod parked;
+mod raw;
 mod shutdown;
 mod sink;
 mod sinks;

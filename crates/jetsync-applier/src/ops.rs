@@ -8,7 +8,7 @@ use jetsync::Config;
 use serde::Serialize;
 
 use crate::{
-    apply::Applier,
+    apply::{Applier, Rules, NOT_SYNCED_HERE},
     decode::{decode, RawEvent},
     engine::{self, ResyncDone, SnapshotProgress},
     offsets::Offsets,
@@ -73,13 +73,27 @@ pub async fn retry_parked<S: Sink>(
     rows: &[RowId],
 ) -> Result<RetryReport, EngineError> {
     let group = config.stream.name.clone();
-    let prefix = config.stream.subject_prefix.clone();
     let offsets = Offsets::open(&config.redb_path())?;
     let mut shutdown = Shutdown::spawn(std::future::pending());
     let max_backoff = Duration::from_millis(config.apply.retry_max_backoff_ms);
     let fence = engine::start_point(&mut sink, &offsets, &group, max_backoff, &mut shutdown)
         .await?
         .unwrap_or(0);
+    retry_rows(config, &mut sink, &offsets, fence, rows).await
+}
+
+/// [`retry_parked`] with an open checkpoint store and the sink's `fence` (also used by the
+/// engine at start, for rows of tables the configuration now lists).
+pub(crate) async fn retry_rows<S: Sink>(
+    config: &Config,
+    sink: &mut S,
+    offsets: &Offsets,
+    fence: u64,
+    rows: &[RowId],
+) -> Result<RetryReport, EngineError> {
+    let group = config.stream.name.clone();
+    let prefix = config.stream.subject_prefix.clone();
+    let rules = Rules::of(config);
     let parked = offsets.parked(&group)?;
     let wanted: BTreeSet<&RowId> = rows.iter().collect();
     let mut report = RetryReport {
@@ -96,6 +110,11 @@ pub async fn retry_parked<S: Sink>(
         for (i, event) in events.iter().enumerate() {
             if event.seq > fence {
                 failed = Some((i, event.error.clone()));
+                break;
+            }
+            // A table the configuration does not list stays parked.
+            if event.row.as_ref().is_some_and(|r| !rules.syncs(&r.table)) {
+                failed = Some((i, NOT_SYNCED_HERE.to_owned()));
                 break;
             }
             let raw = RawEvent {

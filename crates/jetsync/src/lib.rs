@@ -30,6 +30,7 @@ mod config;
 mod connect;
 mod error;
 mod event;
+pub mod raw_message;
 mod record;
 mod secret;
 mod stream;
