@@ -35,16 +35,18 @@ use jetsync::{Config, OnGap};
 use crate::{
     apply::{Applier, Mode, NOT_SYNCED_HERE},
     backoff::Backoff,
+    bootstrap::bootstrap,
     consumer::{self, ConsumerSpec},
     offsets::Offsets,
     ops, raw,
+    resync::resync,
     shutdown::Shutdown,
-    snapshot::Snapshot,
+    startup::{sink_is_empty, start_point_and_fence},
     EngineError, Sink, Stats,
 };
 
 /// How often a catching-up engine logs its progress.
-const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+pub(crate) const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// How often a consumer session checks whether its NATS connection was re-established.
 const CONNECTION_CHECK: Duration = Duration::from_millis(200);
 /// Pull requests expire after this long (heartbeats keep idle pulls honest in between).
@@ -233,80 +235,6 @@ async fn retry_newly_synced<S: Sink>(
         Err(e) => return Err(e),
     }
     applier.reload_blocked()
-}
-
-/// The sequence to resume after: the sink's fence where it keeps one (it describes the data
-/// actually there, so it wins over redb, which is brought to it), else the redb checkpoint.
-/// `None` when shutdown interrupted the wait for the sink.
-pub(crate) async fn start_point<S: Sink>(
-    sink: &mut S,
-    offsets: &Offsets,
-    group: &str,
-    max_backoff: Duration,
-    shutdown: &mut Shutdown,
-) -> Result<Option<u64>, EngineError> {
-    Ok(
-        start_point_and_fence(sink, offsets, group, max_backoff, shutdown)
-            .await?
-            .map(|(applied, _)| applied),
-    )
-}
-
-/// [`start_point`], and whether the sink keeps a fence.
-async fn start_point_and_fence<S: Sink>(
-    sink: &mut S,
-    offsets: &Offsets,
-    group: &str,
-    max_backoff: Duration,
-    shutdown: &mut Shutdown,
-) -> Result<Option<(u64, bool)>, EngineError> {
-    let mut backoff = Backoff::new("reading the sink's fence", max_backoff);
-    let fence = loop {
-        match sink.fence(group).await {
-            Ok(f) => break f,
-            Err(e) if e.is_retryable() => {
-                if !backoff.fail(&e, shutdown).await {
-                    return Ok(None);
-                }
-            }
-            Err(e) => return Err(e.into()),
-        }
-    };
-    backoff.succeed();
-    let checkpoint = offsets.applied(group)?;
-    Ok(Some(match fence {
-        Some(fence) => {
-            if fence != checkpoint {
-                tracing::info!(
-                    fence,
-                    checkpoint,
-                    "bringing the redb checkpoint to the sink's fence"
-                );
-                offsets.set(group, fence)?;
-            }
-            (fence, true)
-        }
-        None => (checkpoint, false),
-    }))
-}
-
-async fn sink_is_empty<S: Sink>(
-    sink: &mut S,
-    max_backoff: Duration,
-    shutdown: &mut Shutdown,
-) -> Result<Option<bool>, EngineError> {
-    let mut backoff = Backoff::new("inspecting the sink", max_backoff);
-    loop {
-        match sink.is_empty().await {
-            Ok(empty) => return Ok(Some(empty)),
-            Err(e) if e.is_retryable() => {
-                if !backoff.fail(&e, shutdown).await {
-                    return Ok(None);
-                }
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
 }
 
 /// Connects (retrying while the server is unreachable) and provisions the stream if asked.
@@ -761,134 +689,6 @@ fn first_jump(batch: &[Pulled], applied: u64) -> Option<usize> {
         prev = p.stream_seq;
     }
     None
-}
-
-/// Progress of a snapshot being read.
-#[derive(Debug, Clone, Copy)]
-pub struct SnapshotProgress {
-    /// Events read so far.
-    pub loaded: u64,
-    /// Rows the server reported when the snapshot started.
-    pub total: u64,
-}
-
-/// What a completed resync did.
-#[derive(Debug, Clone, Copy)]
-pub struct ResyncDone {
-    /// The sequence the rebuilt tables are at.
-    pub applied_seq: u64,
-    /// Events applied from the snapshot.
-    pub events: u64,
-}
-
-/// Starts a snapshot of `config`'s sync group through its consumer `<durable>_snapshot`.
-async fn start_snapshot(js: &jetstream::Context, config: &Config) -> Result<Snapshot, EngineError> {
-    Snapshot::start(
-        js,
-        &config.stream.name,
-        &jetsync::group_filter(&config.stream.subject_prefix),
-        &format!("{}_snapshot", config.consumer_name()),
-    )
-    .await
-}
-
-/// Events per sink call while bootstrapping, whatever `apply.batch_max`: each batch commits its
-/// fence, and a killed bootstrap resumes after the last one, so this bounds the work redone.
-const BOOTSTRAP_BATCH: usize = 5_000;
-
-/// Joins from a snapshot (S = 0 and an empty sink, or resuming an interrupted bootstrap): the
-/// latest event of every row, applied in ascending batches, each with its fence, so a crash
-/// resumes after the last one. Returns false on shutdown.
-pub(crate) async fn bootstrap<S: Sink>(
-    js: &jetstream::Context,
-    config: &Config,
-    applier: &mut Applier<S>,
-    shutdown: &mut Shutdown,
-) -> Result<bool, EngineError> {
-    let started = Instant::now();
-    let from = applier.applied;
-    let mut snapshot = start_snapshot(js, config).await?;
-    tracing::info!(
-        rows = snapshot.total(),
-        resuming_after = from,
-        "bootstrapping from a snapshot (latest event of every row)"
-    );
-    let mut last_log = Instant::now();
-    while let Some(batch) = snapshot.next_batch(BOOTSTRAP_BATCH, shutdown).await? {
-        let events: Vec<(u64, &jetstream::Message)> = batch.iter().map(|(s, m)| (*s, m)).collect();
-        let through = events.last().map(|e| e.0).unwrap_or(applier.applied);
-        if !applier
-            .apply(&events, through, Mode::Apply, false, shutdown)
-            .await?
-        {
-            return Ok(false);
-        }
-        if last_log.elapsed() >= PROGRESS_EVERY {
-            tracing::info!(
-                loaded = snapshot.delivered(),
-                rows = snapshot.total(),
-                "bootstrapping"
-            );
-            last_log = Instant::now();
-        }
-        if shutdown.is_requested() {
-            return Ok(false);
-        }
-    }
-    if !applier.advance(snapshot.last_seq(), shutdown).await? {
-        return Ok(false);
-    }
-    applier.offsets.set_bootstrapping(&applier.group, false)?;
-    tracing::info!(
-        events = snapshot.delivered(),
-        applied = applier.applied,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "bootstrap complete; continuing with the durable consumer"
-    );
-    Ok(true)
-}
-
-/// Rebuilds the synced tables from a snapshot in one sink transaction (`Sink::replace`), and
-/// replaces the parked events by those of the snapshot. Returns `None` on shutdown (nothing
-/// changed unless the replacement had begun, in which case a restart finishes it).
-pub(crate) async fn resync<S: Sink>(
-    js: &jetstream::Context,
-    config: &Config,
-    applier: &mut Applier<S>,
-    shutdown: &mut Shutdown,
-    progress: &mut (dyn FnMut(SnapshotProgress) + Send),
-) -> Result<Option<ResyncDone>, EngineError> {
-    let mut snapshot = start_snapshot(js, config).await?;
-    let mut all = Vec::new();
-    let mut last_report = Instant::now();
-    while let Some(batch) = snapshot.next_batch(BOOTSTRAP_BATCH, shutdown).await? {
-        all.extend(batch);
-        if last_report.elapsed() >= Duration::from_millis(200) {
-            progress(SnapshotProgress {
-                loaded: snapshot.delivered(),
-                total: snapshot.total(),
-            });
-            last_report = Instant::now();
-        }
-        if shutdown.is_requested() {
-            return Ok(None);
-        }
-    }
-    progress(SnapshotProgress {
-        loaded: snapshot.delivered(),
-        total: snapshot.total(),
-    });
-    let events: Vec<(u64, &jetstream::Message)> = all.iter().map(|(s, m)| (*s, m)).collect();
-    if !applier
-        .apply(&events, snapshot.last_seq(), Mode::Replace, false, shutdown)
-        .await?
-    {
-        return Ok(None);
-    }
-    Ok(Some(ResyncDone {
-        applied_seq: applier.applied,
-        events: events.len() as u64,
-    }))
 }
 
 /// Mutable state of the apply loop that outlives consumer sessions.

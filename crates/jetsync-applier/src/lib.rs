@@ -19,6 +19,7 @@
 
 mod apply;
 mod backoff;
+mod bootstrap;
 mod consumer;
 mod decode;
 mod digest;
@@ -29,15 +30,17 @@ mod offsets;
 mod ops;
 mod parked;
 mod raw;
+mod resync;
 mod shutdown;
 mod sink;
 mod sinks;
 mod snapshot;
+mod startup;
 mod stats;
 mod status;
 
 pub use digest::{row_hash, DigestBuilder};
-pub use engine::{run, Engine, ResyncDone, SnapshotProgress};
+pub use engine::{run, Engine};
 pub use error::EngineError;
 pub use http::{
     readiness, render_metrics, router, HttpEndpoint, METRICS_CONTENT_TYPE, METRIC_NAMES,
@@ -45,6 +48,7 @@ pub use http::{
 pub use offsets::{read_checkpoint, read_parked, Checkpoint, Offsets, OffsetsError};
 pub use ops::{drop_parked, resync_instance, retry_parked, RetryReport};
 pub use parked::{group_by_row, ParkedEvent, RowId};
+pub use resync::{ResyncDone, SnapshotProgress};
 pub use sink::{Change, Sink, SinkError, TableDigest};
 pub use sinks::postgres::{PostgresOptions, PostgresSink};
 pub use sinks::redb::{read_audit, RedbOptions, RedbSink, Replica, ReplicaError};

@@ -10,11 +10,12 @@ use serde::Serialize;
 use crate::{
     apply::{Applier, Rules, NOT_SYNCED_HERE},
     decode::{decode, RawEvent},
-    engine::{self, ResyncDone, SnapshotProgress},
+    engine,
     offsets::Offsets,
     parked::{group_by_row, ParkedEvent, RowId},
+    resync::{self, ResyncDone, SnapshotProgress},
     shutdown::Shutdown,
-    EngineError, Sink, SinkError, Stats,
+    startup, EngineError, Sink, SinkError, Stats,
 };
 
 /// Rebuilds the instance's synced tables from a snapshot of the stream (`jetsync-applier
@@ -32,7 +33,7 @@ pub async fn resync_instance<S: Sink>(
     let offsets = Offsets::open(&config.redb_path())?;
     let max_backoff = Duration::from_millis(config.apply.retry_max_backoff_ms);
     let Some(applied) =
-        engine::start_point(&mut sink, &offsets, &group, max_backoff, &mut shutdown).await?
+        startup::start_point(&mut sink, &offsets, &group, max_backoff, &mut shutdown).await?
     else {
         return Ok(None);
     };
@@ -40,7 +41,7 @@ pub async fn resync_instance<S: Sink>(
     let js = client.jetstream();
     engine::get_stream(js, &group).await?;
     let mut applier = Applier::new(config, sink, offsets, applied, Arc::new(Stats::default()))?;
-    let done = engine::resync(js, config, &mut applier, &mut shutdown, &mut progress).await?;
+    let done = resync::resync(js, config, &mut applier, &mut shutdown, &mut progress).await?;
     if done.is_some() {
         // A resync replaces whatever a bootstrap had started.
         applier.offsets.set_bootstrapping(&group, false)?;
@@ -76,7 +77,7 @@ pub async fn retry_parked<S: Sink>(
     let offsets = Offsets::open(&config.redb_path())?;
     let mut shutdown = Shutdown::spawn(std::future::pending());
     let max_backoff = Duration::from_millis(config.apply.retry_max_backoff_ms);
-    let fence = engine::start_point(&mut sink, &offsets, &group, max_backoff, &mut shutdown)
+    let fence = startup::start_point(&mut sink, &offsets, &group, max_backoff, &mut shutdown)
         .await?
         .unwrap_or(0);
     retry_rows(config, &mut sink, &offsets, fence, rows).await

@@ -25,6 +25,8 @@ use async_nats::jetstream::{
 };
 use futures::{FutureExt, StreamExt};
 
+use jetsync::Config;
+
 use crate::{shutdown::Shutdown, EngineError};
 
 /// How long a snapshot waits for the next event the server said is pending before giving up
@@ -35,6 +37,20 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 const HEARTBEAT: Duration = Duration::from_secs(5);
 /// The server removes an abandoned snapshot consumer after this long without pulls.
 const INACTIVE_THRESHOLD: Duration = Duration::from_secs(60);
+
+/// Starts a snapshot of `config`'s sync group through its consumer `<durable>_snapshot`.
+pub(crate) async fn start_snapshot(
+    js: &jetstream::Context,
+    config: &Config,
+) -> Result<Snapshot, EngineError> {
+    Snapshot::start(
+        js,
+        &config.stream.name,
+        &jetsync::group_filter(&config.stream.subject_prefix),
+        &format!("{}_snapshot", config.consumer_name()),
+    )
+    .await
+}
 
 /// A snapshot being read.
 pub(crate) struct Snapshot {
