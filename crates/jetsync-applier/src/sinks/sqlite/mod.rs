@@ -169,7 +169,7 @@ impl SqliteSink {
 
     /// Sets the fence of `group` to exactly `seq`, even below its current value: the explicit
     /// operator rewind of `reset --to-seq` (the next run applies the events after `seq` again).
-    /// Every other fence write ([`Sink::set_fence`] included) only ever raises it.
+    /// [`Sink::set_fence`] is this; every other fence write only ever raises it.
     pub fn rewind_fence(&mut self, group: &str, seq: u64) -> Result<(), SinkError> {
         let seq = fence::to_sql(seq)?;
         self.replacing = None;
@@ -198,21 +198,6 @@ impl SqliteSink {
             })
         })
         .transpose()
-    }
-
-    fn store_fence(&mut self, group: &str, seq: u64) -> Result<(), SinkError> {
-        let seq = fence::to_sql(seq)?;
-        self.replacing = None;
-        let result = (|| -> Result<(), Error> {
-            connection::begin_immediate(&self.conn)?;
-            fence::advance(&self.conn, group, seq)?;
-            self.conn.execute_batch("COMMIT")?;
-            Ok(())
-        })();
-        result.map_err(|e| {
-            connection::rollback(&self.conn);
-            self.error("set the fence in", e)
-        })
     }
 
     /// Runs `read` in one read transaction (so all tables are read at the same point in time
@@ -464,7 +449,7 @@ impl Sink for SqliteSink {
     }
 
     async fn set_fence(&mut self, group: &str, seq: u64) -> Result<(), SinkError> {
-        blocking(|| self.store_fence(group, seq))
+        blocking(|| self.rewind_fence(group, seq))
     }
 
     async fn digest(&mut self) -> Result<Vec<TableDigest>, SinkError> {

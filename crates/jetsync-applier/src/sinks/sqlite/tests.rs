@@ -321,10 +321,10 @@ fn fence_moves_with_apply_and_survives_reopen() {
     let mut sink = open_at(&path);
     assert_eq!(run(sink.fence(G)).unwrap(), Some(9));
     assert_eq!(run(sink.fence("OTHER")).unwrap(), Some(100));
-    // set_fence never moves the fence back; only the operator's explicit rewind does.
-    run(sink.set_fence(G, 2)).unwrap();
+    // Batches never move the fence back; `set_fence` (the operator's `reset --to-seq`) does.
+    run(sink.apply(G, &[], 5)).unwrap();
     assert_eq!(run(sink.fence(G)).unwrap(), Some(9));
-    sink.rewind_fence(G, 2).unwrap();
+    run(sink.set_fence(G, 2)).unwrap();
     assert_eq!(run(sink.fence(G)).unwrap(), Some(2));
     assert_eq!(sink.read_table("t").unwrap().len(), 1);
     // The fence table is no synced table.
