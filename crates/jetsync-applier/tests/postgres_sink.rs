@@ -1131,10 +1131,7 @@ fn model_random_batches_match_the_model_and_each_other() {
             .collect();
         runtime.block_on(async {
             for service in [&one_service, &many_service] {
-                service
-                    .batch_execute("TRUNCATE nums, texts")
-                    .await
-                    .unwrap();
+                service.batch_execute("TRUNCATE nums, texts").await.unwrap();
             }
             let mut guard = sinks.lock().await;
             let (one, many) = &mut *guard;
@@ -1202,7 +1199,9 @@ async fn a_batch_committed_by_a_previous_session_is_not_applied_again() {
     // Another session (the previous run) holds the lock; this sink reads the fence without it
     // (0), as a restarted engine does while the old COMMIT is still in flight.
     let mut options = schema.options();
-    options.key_columns.insert("items".to_owned(), "id".to_owned());
+    options
+        .key_columns
+        .insert("items".to_owned(), "id".to_owned());
     let mut previous = PostgresSink::connect(options).await.unwrap();
     assert_eq!(previous.fence(G).await.unwrap(), Some(0));
     assert_eq!(sink.fence(G).await.unwrap(), Some(0));

@@ -38,10 +38,7 @@ impl PostgresSink {
         let rows = client
             .query_typed(
                 DISCOVER,
-                &[
-                    (&self.schema, Type::TEXT),
-                    (&names, Type::TEXT_ARRAY),
-                ],
+                &[(&self.schema, Type::TEXT), (&names, Type::TEXT_ARRAY)],
             )
             .await
             .map_err(|e| self.op_error("read the columns of the synced tables in", &e))?;

@@ -172,7 +172,10 @@ fn url_password(url: &str) -> Option<&str> {
     if let Some((_, rest)) = url.split_once("://") {
         let authority = rest.split(['/', '?']).next().unwrap_or(rest);
         let userinfo = authority.rsplit_once('@')?.0;
-        return userinfo.split_once(':').map(|(_, p)| p).filter(|p| !p.is_empty());
+        return userinfo
+            .split_once(':')
+            .map(|(_, p)| p)
+            .filter(|p| !p.is_empty());
     }
     let start = url.find("password=")? + "password=".len();
     let value = url[start..].split_whitespace().next()?;

@@ -274,7 +274,12 @@ impl PostgresSink {
             return Err(self.foreign_owner(group, "another instance"));
         }
         if seq < before {
-            tracing::warn!(stream = group, from = before, to = seq, "fence moved back by request");
+            tracing::warn!(
+                stream = group,
+                from = before,
+                to = seq,
+                "fence moved back by request"
+            );
         }
         self.groups.stored.insert(group.to_owned(), seq);
         self.groups.told.insert(group.to_owned(), seq);

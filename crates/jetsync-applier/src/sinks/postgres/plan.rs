@@ -203,7 +203,12 @@ fn push_select_expr(sql: &mut String, position: usize, column: &ColumnInfo) {
 /// The upsert of `columns` (key first, then the carried columns in table order). Without
 /// `merge`, the update sets every synced column: the carried ones to the event's values, the
 /// others to `DEFAULT`, exactly as an insert would leave them.
-pub(super) fn upsert_sql(schema: &str, table: &TableInfo, columns: &[usize], merge: bool) -> String {
+pub(super) fn upsert_sql(
+    schema: &str,
+    table: &TableInfo,
+    columns: &[usize],
+    merge: bool,
+) -> String {
     let mut sql = String::with_capacity(128 + 48 * columns.len());
     sql.push_str("INSERT INTO ");
     push_quoted(&mut sql, schema);
@@ -373,9 +378,8 @@ fn prepare(
                 return Err(clash(other));
             }
             key_named = Some(name);
-            let cell = convert(column.kind, value).map_err(|e| {
-                Problem(format!("key column `{name}` ({}): {e}", column.type_name))
-            })?;
+            let cell = convert(column.kind, value)
+                .map_err(|e| Problem(format!("key column `{name}` ({}): {e}", column.type_name)))?;
             if cell != key_cell {
                 return Err(Problem(format!(
                     "key column `{name}` holds {}, which does not match the subject key {:?}",

@@ -59,7 +59,9 @@ fn tables() -> HashMap<String, Arc<TableInfo>> {
 fn options() -> PostgresOptions {
     let mut options = PostgresOptions::new("postgres://u:secret@localhost/db");
     for table in ["nums", "texts", "loose", "keyless"] {
-        options.key_columns.insert(table.to_owned(), "id".to_owned());
+        options
+            .key_columns
+            .insert(table.to_owned(), "id".to_owned());
     }
     options
 }
@@ -363,12 +365,26 @@ fn keys_are_accepted_only_in_canonical_spelling() {
         (K::Numeric, "numeric(10,2)", "3", Cell::Text("3".into())),
         (K::Bool, "boolean", "true", Cell::Bool(true)),
         (K::Bool, "boolean", "false", Cell::Bool(false)),
-        (K::Date, "date", "2024-02-29", Cell::Text("2024-02-29".into())),
+        (
+            K::Date,
+            "date",
+            "2024-02-29",
+            Cell::Text("2024-02-29".into()),
+        ),
         (K::Text, "text", " spaced ", Cell::Text(" spaced ".into())),
-        (K::Text, "character varying(10)", "a", Cell::Text("a".into())),
+        (
+            K::Text,
+            "character varying(10)",
+            "a",
+            Cell::Text("a".into()),
+        ),
     ];
     for (kind, type_name, key, cell) in ok {
-        assert_eq!(key_cell(kind, type_name, key), Ok(cell), "{type_name} {key:?}");
+        assert_eq!(
+            key_cell(kind, type_name, key),
+            Ok(cell),
+            "{type_name} {key:?}"
+        );
     }
     let bad = [
         (K::Int8, "bigint", "042"),
@@ -398,7 +414,11 @@ fn keys_are_accepted_only_in_canonical_spelling() {
         (K::Text, "character varying(3)", "ab "),
         (K::Text, "name", &"x".repeat(64)),
         (K::Float8, "double precision", "1.5"),
-        (K::Timestamptz, "timestamp with time zone", "2024-01-01T00:00:00Z"),
+        (
+            K::Timestamptz,
+            "timestamp with time zone",
+            "2024-01-01T00:00:00Z",
+        ),
         (K::Other, "citext", "abc"),
     ];
     for (kind, type_name, key) in bad {
@@ -594,7 +614,11 @@ fn content_errors_reject_the_change() {
     ] {
         assert!(rejects(code), "{code} is not a content error");
     }
-    assert_eq!(classify_code("42P01"), Class::Schema, "looked at again first");
+    assert_eq!(
+        classify_code("42P01"),
+        Class::Schema,
+        "looked at again first"
+    );
     assert_eq!(classify_code("54000"), Class::Rejected);
 }
 
@@ -706,10 +730,7 @@ impl PgSchema {
                     && !std::path::Path::new(&format!("/proc/{pid}")).exists()
                 {
                     let _ = client
-                        .batch_execute(&format!(
-                            "DROP SCHEMA IF EXISTS {} CASCADE",
-                            quote(&name)
-                        ))
+                        .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", quote(&name)))
                         .await;
                 }
             }
@@ -905,8 +926,7 @@ async fn assert_untouched(sink: &mut PostgresSink, fence: u64, digest: &[TableDi
 #[tokio::test]
 async fn replace_with_a_rejected_change_keeps_the_old_contents_and_fence() {
     let (schema, _client) =
-        PgSchema::new("CREATE TABLE items (id text PRIMARY KEY, v bigint CHECK (v >= 0));")
-            .await;
+        PgSchema::new("CREATE TABLE items (id text PRIMARY KEY, v bigint CHECK (v >= 0));").await;
     let mut sink = schema.sink(&[("items", "id")]).await;
     let old = [
         up(1, "items", "a", &[("v", Value::I64(1))]),
@@ -995,8 +1015,7 @@ async fn replace_with_a_rejected_change_keeps_the_old_contents_and_fence() {
 #[tokio::test]
 async fn apply_of_lower_sequences_at_the_fence_keeps_the_fence() {
     let (schema, _client) =
-        PgSchema::new("CREATE TABLE items (id text PRIMARY KEY, v bigint CHECK (v >= 0));")
-            .await;
+        PgSchema::new("CREATE TABLE items (id text PRIMARY KEY, v bigint CHECK (v >= 0));").await;
     let mut sink = schema.sink(&[("items", "id")]).await;
     sink.apply(
         G,
@@ -1092,7 +1111,11 @@ async fn a_service_table_survives_events_tombstones_and_a_resync() {
     expect_not_synced(err, 1);
     let err = sink.apply(G, &[del(3, "local", "b")], 3).await.unwrap_err();
     expect_not_synced(err, 0);
-    assert_eq!(sink.fence(G).await.unwrap(), Some(0), "nothing of a rejected batch");
+    assert_eq!(
+        sink.fence(G).await.unwrap(),
+        Some(0),
+        "nothing of a rejected batch"
+    );
     sink.apply(G, &[up(1, "items", "x", &[("v", Value::I64(1))])], 3)
         .await
         .unwrap();
@@ -1119,7 +1142,11 @@ async fn a_service_table_survives_events_tombstones_and_a_resync() {
         .into_iter()
         .map(|row| row["id"].clone())
         .collect();
-    assert_eq!(keys, [text("y"), text("z")], "x cleared, both chunks applied");
+    assert_eq!(
+        keys,
+        [text("y"), text("z")],
+        "x cleared, both chunks applied"
+    );
     let local: Vec<(String, String)> = client
         .query("SELECT id, note FROM local ORDER BY id", &[])
         .await
@@ -1232,7 +1259,8 @@ async fn upserts_replace_synced_columns_unless_the_table_merges() {
 /// (`reset --to-seq`) does.
 #[tokio::test]
 async fn batches_never_move_the_fence_back() {
-    let (schema, _client) = PgSchema::new("CREATE TABLE items (id text PRIMARY KEY, v bigint);").await;
+    let (schema, _client) =
+        PgSchema::new("CREATE TABLE items (id text PRIMARY KEY, v bigint);").await;
     let mut sink = schema.sink(&[("items", "id")]).await;
     sink.apply(G, &[up(1, "items", "a", &[("v", Value::I64(1))])], 10)
         .await
@@ -1245,7 +1273,8 @@ async fn batches_never_move_the_fence_back() {
         "fence read"
     );
     other.groups.told.insert(G.to_owned(), 3);
-    let retry_lock = |e: &SinkError| matches!(e, SinkError::Unavailable { reason } if reason.contains("lock"));
+    let retry_lock =
+        |e: &SinkError| matches!(e, SinkError::Unavailable { reason } if reason.contains("lock"));
     let batch = [up(4, "items", "a", &[("v", Value::I64(4))])];
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
@@ -1270,7 +1299,8 @@ async fn batches_never_move_the_fence_back() {
 /// refused, naming both.
 #[tokio::test]
 async fn a_second_instance_on_the_same_schema_is_refused() {
-    let (schema, client) = PgSchema::new("CREATE TABLE items (id text PRIMARY KEY, v bigint);").await;
+    let (schema, client) =
+        PgSchema::new("CREATE TABLE items (id text PRIMARY KEY, v bigint);").await;
     let mut first = schema.sink_of("cat-1", &[("items", "id")]).await;
     first
         .apply(G, &[up(1, "items", "a", &[("v", Value::I64(1))])], 1)
@@ -1281,14 +1311,19 @@ async fn a_second_instance_on_the_same_schema_is_refused() {
     let err = second.fence(G).await.unwrap_err();
     match &err {
         SinkError::Fatal { reason } => {
-            assert!(reason.contains("\"cat-1\"") && reason.contains("\"cat-2\""), "{reason}");
+            assert!(
+                reason.contains("\"cat-1\"") && reason.contains("\"cat-2\""),
+                "{reason}"
+            );
             assert!(reason.contains("own schema"), "{reason}");
         }
         other => panic!("expected Fatal, got {other:?}"),
     }
     // A fence table of an older version (no instance column) gets one and is adopted.
     client
-        .batch_execute("ALTER TABLE jetsync_offsets DROP COLUMN instance; DELETE FROM jetsync_offsets")
+        .batch_execute(
+            "ALTER TABLE jetsync_offsets DROP COLUMN instance; DELETE FROM jetsync_offsets",
+        )
         .await
         .unwrap();
     let mut third = schema.sink_of("cat-3", &[("items", "id")]).await;
@@ -1304,14 +1339,17 @@ async fn a_second_instance_on_the_same_schema_is_refused() {
 /// With no schema configured, the connection's current schema (its search_path) is used.
 #[tokio::test]
 async fn an_unset_schema_is_the_connections_current_schema() {
-    let (schema, _client) = PgSchema::new("CREATE TABLE items (id text PRIMARY KEY, v bigint);").await;
+    let (schema, _client) =
+        PgSchema::new("CREATE TABLE items (id text PRIMARY KEY, v bigint);").await;
     let separator = if pg_url().contains('?') { '&' } else { '?' };
     let mut options = PostgresOptions::new(format!(
         "{}{separator}options=-csearch_path%3D{}",
         pg_url(),
         schema.name
     ));
-    options.key_columns.insert("items".to_owned(), "id".to_owned());
+    options
+        .key_columns
+        .insert("items".to_owned(), "id".to_owned());
     let mut sink = PostgresSink::connect(options).await.unwrap();
     assert_eq!(sink.schema(), schema.name);
     sink.apply(G, &[up(1, "items", "a", &[("v", Value::I64(1))])], 1)

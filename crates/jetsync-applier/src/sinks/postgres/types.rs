@@ -287,7 +287,8 @@ pub(super) fn key_cell(kind: Kind, type_name: &str, key: &str) -> Result<Cell, S
             convert(kind, &Value::I64(i))
         }
         Kind::Uuid => {
-            let uuid = uuid::Uuid::parse_str(key).map_err(|e| format!("{key:?} is not a UUID: {e}"))?;
+            let uuid =
+                uuid::Uuid::parse_str(key).map_err(|e| format!("{key:?} is not a UUID: {e}"))?;
             let canonical = uuid.hyphenated().to_string();
             if canonical != key {
                 return Err(not_canonical(&canonical));
@@ -621,4 +622,3 @@ pub(super) fn date_text(raw: &[u8]) -> Result<String, Box<dyn std::error::Error 
             |d| d.format("%Y-%m-%d").to_string(),
         ))
 }
-

@@ -177,7 +177,9 @@ impl PostgresSink {
         match outcome {
             Ok(()) => return Ok(()),
             Err(Failure::Sink(e)) => return Err(e),
-            Err(Failure::Refused { index, reason }) => return Err(rejected(changes, index, reason)),
+            Err(Failure::Refused { index, reason }) => {
+                return Err(rejected(changes, index, reason))
+            }
             Err(Failure::Statement {
                 index,
                 single,
@@ -522,7 +524,11 @@ impl PostgresSink {
                 format!("RELEASE SAVEPOINT {CHUNK_SAVEPOINT}")
             };
             self.statements_sent += 1;
-            let ended = self.client().map_err(Failure::Sink)?.batch_execute(&end).await;
+            let ended = self
+                .client()
+                .map_err(Failure::Sink)?
+                .batch_execute(&end)
+                .await;
             sent?;
             ended.map_err(|error| Failure::Other {
                 what: "end a savepoint on",
@@ -570,10 +576,9 @@ impl PostgresSink {
                     })
             }
             Err(Failure::Sink(e)) => Err(e),
-            Err(
-                Failure::Other { error, .. }
-                | Failure::Statement { error, .. },
-            ) => Err(self.op_error("write the fence to", &error)),
+            Err(Failure::Other { error, .. } | Failure::Statement { error, .. }) => {
+                Err(self.op_error("write the fence to", &error))
+            }
             Err(Failure::Refused { reason, .. }) => Err(SinkError::Fatal { reason }),
         };
         self.groups.replacing = None;
