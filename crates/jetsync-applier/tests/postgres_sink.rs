@@ -896,13 +896,20 @@ async fn connect_errors_say_what_to_fix_without_the_password() {
     options.schema = Some("jst_no_such_schema".to_owned());
     let err = PostgresSink::connect(options).await.unwrap_err();
     assert!(
-        matches!(&err, SinkError::Fatal { reason } if reason.contains("jst_no_such_schema")),
+        matches!(&err, SinkError::Fatal { reason } if reason.starts_with("sink.schema: ")
+            && reason.contains("jst_no_such_schema")),
         "{err:?}"
     );
-    let err = PostgresSink::connect(PostgresOptions::new("postgres://host:notaport/db"))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, SinkError::Fatal { .. }), "{err:?}");
+    let err = PostgresSink::connect(PostgresOptions::new(
+        "postgres://app:sekrit@host:notaport/db",
+    ))
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&err, SinkError::Fatal { reason } if reason.starts_with("sink.url: ")
+            && !reason.contains("sekrit")),
+        "{err:?}"
+    );
 }
 
 const MODEL_DDL: &str = "\
@@ -1239,4 +1246,128 @@ async fn a_batch_committed_by_a_previous_session_is_not_applied_again() {
         .get(0);
     assert_eq!(applications, 12, "every event applied exactly once");
     assert_eq!(sink.fence(G).await.unwrap(), Some(12));
+}
+
+/// What an event contains is Rejected (poison) with its index and nothing of the batch
+/// applied, never Fatal: an index row too big (54000), a view (42809 / 0A000), a table without
+/// a usable key (42P10), permission denied on one table (42501).
+#[tokio::test]
+async fn content_errors_are_rejected_with_their_index() {
+    let (schema, service, mut sink) = setup(
+        "CREATE TABLE ok (id text PRIMARY KEY, v text); \
+         CREATE TABLE indexed (id text PRIMARY KEY, v text); \
+         CREATE INDEX indexed_v ON indexed (v); \
+         CREATE TABLE loose (id text, v text); \
+         CREATE VIEW a_view AS SELECT * FROM ok; \
+         CREATE TABLE guarded (id text PRIMARY KEY, v text);",
+        &[
+            ("ok", "id"),
+            ("indexed", "id"),
+            ("loose", "id"),
+            ("a_view", "id"),
+            ("guarded", "id"),
+        ],
+    )
+    .await;
+    // Incompressible, far over the ~2.7 kB a btree entry may hold.
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let huge: String = (0..20_000)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            char::from(b'a' + (state % 26) as u8)
+        })
+        .collect();
+    let cases: [(&str, &str); 3] = [
+        ("indexed", "54000"),
+        ("loose", "UNIQUE"),
+        ("a_view", "does not exist"),
+    ];
+    for (seq, (table, needle)) in (1u64..).zip(cases) {
+        let batch = [
+            up(seq, "ok", "a", &[("v", Value::from("fine"))]),
+            up(seq, table, "k", &[("v", Value::from(huge.as_str()))]),
+        ];
+        let err = apply(&mut sink, &batch).await.unwrap_err();
+        expect_rejected(err, 1, needle);
+    }
+    assert!(
+        sink.read_table("ok").await.unwrap().is_empty(),
+        "nothing of a batch"
+    );
+
+    // Permission denied on one table, for a user that may write the others.
+    let role = format!("jst_role_{}", std::process::id());
+    service
+        .batch_execute(&format!(
+            "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN; \
+             GRANT USAGE ON SCHEMA \"{0}\" TO {role}; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON \"{0}\".ok, \"{0}\".jetsync_offsets TO {role}; \
+             GRANT SELECT ON \"{0}\".guarded TO {role};",
+            schema.name
+        ))
+        .await
+        .unwrap();
+    let base: tokio_postgres::Config = url().parse().unwrap();
+    let host = match &base.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        other => panic!("{other:?}"),
+    };
+    let port = base.get_ports().first().copied().unwrap_or(5432);
+    let database = base.get_dbname().unwrap_or("test");
+    let mut options = schema.options();
+    options.url = format!("postgres://{role}@{host}:{port}/{database}");
+    options.key_columns = [("ok", "id"), ("guarded", "id")]
+        .iter()
+        .map(|(t, k)| ((*t).to_owned(), (*k).to_owned()))
+        .collect();
+    drop(sink);
+    let result = async {
+        let mut limited = PostgresSink::connect(options).await.unwrap();
+        let batch = [
+            up(10, "ok", "a", &[("v", Value::from("fine"))]),
+            up(11, "guarded", "k", &[("v", Value::from("no"))]),
+        ];
+        let err = once_lock_free!(apply(&mut limited, &batch).await).unwrap_err();
+        expect_rejected(err, 1, "42501");
+        apply(&mut limited, &batch[..1]).await.unwrap();
+        assert_eq!(limited.fence(G).await.unwrap(), Some(10));
+    };
+    result.await;
+    drop(schema);
+    let _ = service
+        .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE IF EXISTS {role}"))
+        .await;
+}
+
+/// Rows are independent of history (issue #12.2): an instance that replayed `{a:1,b:1}` then
+/// `{a:2}` holds the same row, and the same digest, as one that joined from a snapshot holding
+/// only `{a:2}`.
+#[tokio::test]
+async fn digests_do_not_depend_on_history() {
+    let ddl = "CREATE TABLE t (id text PRIMARY KEY, a bigint, b bigint);";
+    let (_replayed_schema, _s1, mut replayed) = setup(ddl, &[("t", "id")]).await;
+    let (_joined_schema, _s2, mut joined) = setup(ddl, &[("t", "id")]).await;
+    apply(
+        &mut replayed,
+        &[
+            up(1, "t", "k", &[("a", Value::I64(1)), ("b", Value::I64(1))]),
+            up(2, "t", "k", &[("a", Value::I64(2))]),
+        ],
+    )
+    .await
+    .unwrap();
+    joined
+        .replace(G, &[up(2, "t", "k", &[("a", Value::I64(2))])], 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        replayed.read_table("t").await.unwrap(),
+        joined.read_table("t").await.unwrap()
+    );
+    assert_eq!(
+        replayed.digest().await.unwrap(),
+        joined.digest().await.unwrap()
+    );
 }
