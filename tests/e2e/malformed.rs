@@ -13,7 +13,7 @@ use anyhow::{ensure, Context, Result};
 use async_nats::{jetstream, HeaderMap};
 use jetsync::codec::{encode, Format};
 use jetsync::{Event, Row, Value};
-use jetsync_e2e::{heavy, wait_until, Group, Instance, SinkKind};
+use jetsync_e2e::{heavy, http_get, wait_until, Group, Instance, SinkKind};
 use jetsync_testkit::NatsServer;
 
 /// How quickly a bad event must be parked once it is in the stream.
@@ -370,6 +370,7 @@ fn tables_not_synced_here() -> Result<()> {
         }
         let (code, _, err) = park.cli(&["provision"])?;
         ensure!(code == 0, "provision: {err}");
+        let metrics = skip.enable_http("")?;
         park.start()?;
         skip.start()?;
         let js = jetstream::new(async_nats::connect(server.url()).await?);
@@ -390,6 +391,13 @@ fn tables_not_synced_here() -> Result<()> {
         let p = wait_parked(&mut park, second)?;
         ensure!(p["held_behind"].as_u64() == Some(first), "{p}");
         ensure!(parked(&skip)?.is_empty(), "skip parks nothing");
+        // Skipped events are counted.
+        let text = http_get(metrics, "/metrics")?.body;
+        ensure!(
+            text.lines()
+                .any(|l| l.starts_with("jetsync_events_skipped_total{") && l.ends_with(" 2")),
+            "{text}"
+        );
         let tables = |i: &Instance| -> Result<Vec<String>> {
             let db = rusqlite::Connection::open(i.sqlite_path())?;
             let mut stmt = db.prepare("SELECT name FROM sqlite_master WHERE type = 'table'")?;
