@@ -50,15 +50,15 @@ pub(crate) struct Applier<S> {
     pub(crate) sink: S,
     pub(crate) offsets: Offsets,
     pub(crate) group: String,
-    prefix: String,
-    on_poison: OnPoison,
-    max_backoff: Duration,
+    pub(crate) prefix: String,
+    pub(crate) on_poison: OnPoison,
+    pub(crate) max_backoff: Duration,
     ack_wait: Duration,
     /// The last applied sequence (S).
     pub(crate) applied: u64,
     /// Rows with a parked event → the sequence of their first parked event.
-    blocked: HashMap<RowId, u64>,
-    stats: Arc<Stats>,
+    pub(crate) blocked: HashMap<RowId, u64>,
+    pub(crate) stats: Arc<Stats>,
     /// The sink keeps a fence, which is the truth at start: the redb checkpoint of applied
     /// batches may be committed lazily ([`Offsets::record`]). False (commit every batch at once)
     /// unless the engine says so.
@@ -307,7 +307,7 @@ impl<S: Sink> Applier<S> {
 }
 
 /// The parked record of a poison event.
-fn record(
+pub(crate) fn record(
     raw: RawEvent<'_>,
     message: &jetstream::Message,
     row: Option<RowId>,
@@ -328,7 +328,12 @@ fn record(
 }
 
 /// The parked record of an event held behind its row's parked event `first`.
-fn held(raw: RawEvent<'_>, message: &jetstream::Message, row: RowId, first: u64) -> ParkedEvent {
+pub(crate) fn held(
+    raw: RawEvent<'_>,
+    message: &jetstream::Message,
+    row: RowId,
+    first: u64,
+) -> ParkedEvent {
     record(
         raw,
         message,
