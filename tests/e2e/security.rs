@@ -174,7 +174,7 @@ async fn restricted_users_scenario() -> Result<()> {
     restrict(&one, "catalog-1", "_INBOX_catalog-1")?;
     one.set_option("nats", "password", &format!("{APPLIER_1_PASSWORD:?}"))?;
     // catalog-1 replays from the admin's durable (reusing it needs applied = 0 = its position);
-    // catalog-2 joins from a snapshot, through its own `_snapshot` consumer.
+    // catalog-2 joins from a snapshot, through its own `jetsync-snapshot_<instance>` consumer.
     one.set_option("apply", "bootstrap", "false")?;
     let mut two = Instance::new(&group, root.path(), "catalog-2", SinkKind::Sqlite)?;
     restrict(&two, "catalog-2", "_INBOX_catalog-2")?;

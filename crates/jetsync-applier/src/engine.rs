@@ -41,7 +41,7 @@ use crate::{
     ops, raw,
     resync::resync,
     shutdown::Shutdown,
-    startup::{sink_is_empty, start_point_and_fence},
+    startup::{sink_description, sink_is_empty, start_point_and_fence, NewStore},
     EngineError, Sink, Stats,
 };
 
@@ -101,8 +101,18 @@ impl<S: Sink> Engine<S> {
         let max_backoff = Duration::from_millis(config.apply.retry_max_backoff_ms);
         let offsets = Offsets::open(&config.redb_path())?;
 
-        let Some((applied, has_fence)) =
-            start_point_and_fence(&mut sink, &offsets, &group, max_backoff, &mut shutdown).await?
+        // A checkpoint store that knows nothing of the group beside a sink that applied events
+        // (a lost data_dir) is refused: its parked and held events would be forgotten.
+        let new_store = NewStore::Refuse(sink_description(&config));
+        let Some((applied, has_fence)) = start_point_and_fence(
+            &mut sink,
+            &offsets,
+            &group,
+            max_backoff,
+            &mut shutdown,
+            new_store,
+        )
+        .await?
         else {
             return Ok(());
         };
@@ -357,6 +367,14 @@ impl Session<'_> {
                 .await;
         }
         if state.applier.offsets.bootstrapping(&group)? {
+            // A bootstrap resumed after its first batches has rows up to `applied`: events after
+            // it that the limits removed meanwhile are a gap, as on a fresh start.
+            let (first, applied) = (info.state.first_sequence, state.applier.applied);
+            if applied > 0 && first > applied + 1 && limits {
+                return self
+                    .gap(js, state, shutdown, first, "resuming a bootstrap")
+                    .await;
+            }
             if !bootstrap(js, self.config, &mut state.applier, shutdown).await? {
                 return Ok(SessionEnd::Shutdown);
             }
