@@ -1092,7 +1092,7 @@ pub async fn postgres_rows(
     key_column: &str,
 ) -> Result<BTreeMap<String, Row>> {
     let mut options = jetsync_applier::PostgresOptions::new(url);
-    options.schema = schema.to_owned();
+    options.schema = Some(schema.to_owned());
     options
         .key_columns
         .insert(table.to_owned(), key_column.to_owned());
@@ -1109,4 +1109,188 @@ pub async fn postgres_rows(
         out.insert(key, row);
     }
     Ok(out)
+}
+
+// ---- Helpers for the history (type changes, restores) and isolation scenarios. ----
+
+/// `row` without its NULL columns: a NULL column and an absent one mean the same (a column only
+/// older events carried stays NULL on an instance that saw them, and is absent on one that did
+/// not).
+pub fn without_nulls(row: &Row) -> Row {
+    row.iter()
+        .filter(|(_, v)| !matches!(v, Value::Null))
+        .map(|(c, v)| (c.clone(), v.clone()))
+        .collect()
+}
+
+/// The row SQLite must hold for a published row, value by value with its storage class
+/// (`typeof()`): integer, real, text and blob stay what they are, a bool is the integer 0 or 1
+/// (SQLite has no boolean class), json is its text; NULL columns are left out (see
+/// [`without_nulls`]).
+pub fn sqlite_expected_row(row: &Row) -> Row {
+    row.iter()
+        .filter_map(|(c, v)| {
+            let v = match v {
+                Value::Null => return None,
+                Value::Bool(b) => Value::I64(i64::from(*b)),
+                Value::Json(j) => Value::Text(j.to_string()),
+                other => other.clone(),
+            };
+            Some((c.clone(), v))
+        })
+        .collect()
+}
+
+/// Asserts that two sets of rows (key → row) are equal value by value, types included (an
+/// integer 1, a real 1.0 and a text "1" all differ), NULL columns counting as absent. `have`
+/// is what an instance holds, `want` the expectation; the message names up to five differing
+/// rows.
+pub fn assert_rows_typed_equal(
+    what: &str,
+    have: &BTreeMap<String, Row>,
+    want: &BTreeMap<String, Row>,
+) -> Result<()> {
+    check_same_keys(what, have, want)?;
+    let mut diffs = Vec::new();
+    let mut count = 0;
+    for (key, want_row) in want {
+        let (h, w) = (without_nulls(&have[key]), without_nulls(want_row));
+        if h != w {
+            count += 1;
+            if diffs.len() < 5 {
+                let columns: Vec<String> = h
+                    .keys()
+                    .chain(w.keys())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .filter(|c| h.get(*c) != w.get(*c))
+                    .map(|c| format!("{c}: have {:?}, want {:?}", h.get(c), w.get(c)))
+                    .collect();
+                diffs.push(format!("row {key}: {}", columns.join("; ")));
+            }
+        }
+    }
+    if count > 0 {
+        bail!(
+            "{what}: {count} of {} rows differ, e.g.\n  {}",
+            want.len(),
+            diffs.join("\n  ")
+        );
+    }
+    Ok(())
+}
+
+impl Instance {
+    /// The instance's data files in its directory: every file named `<instance>.*` (the redb
+    /// checkpoint store, the SQLite file with its `-wal`/`-shm`, the redb replica); not the
+    /// config or the run logs.
+    pub fn data_files(&self) -> Result<Vec<PathBuf>> {
+        let prefix = format!("{}.", self.name);
+        let mut files = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file()
+                && entry.file_name().to_string_lossy().starts_with(&prefix)
+            {
+                files.push(entry.path());
+            }
+        }
+        files.sort();
+        Ok(files)
+    }
+
+    /// Copies the data files of this (stopped) instance into `backup` (created; emptied
+    /// first), as an operator's file-level backup would.
+    pub fn backup_files(&self, backup: &Path) -> Result<()> {
+        ensure!(
+            self.child.is_none(),
+            "instance {} must be stopped for a file backup",
+            self.name
+        );
+        if backup.exists() {
+            fs::remove_dir_all(backup)?;
+        }
+        fs::create_dir_all(backup)?;
+        for file in self.data_files()? {
+            let name = file.file_name().context("data file without a name")?;
+            fs::copy(&file, backup.join(name))
+                .with_context(|| format!("copying {}", file.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Puts a backup taken with [`Instance::backup_files`] back in place of this (stopped)
+    /// instance's data files: every current data file is removed (a newer `-wal` must not
+    /// survive next to an older database), then the copies are restored.
+    pub fn restore_files(&self, backup: &Path) -> Result<()> {
+        ensure!(
+            self.child.is_none(),
+            "instance {} must be stopped for a file restore",
+            self.name
+        );
+        for file in self.data_files()? {
+            fs::remove_file(&file).with_context(|| format!("removing {}", file.display()))?;
+        }
+        for entry in fs::read_dir(backup)? {
+            let entry = entry?;
+            fs::copy(entry.path(), self.dir.join(entry.file_name()))
+                .with_context(|| format!("restoring {}", entry.path().display()))?;
+        }
+        Ok(())
+    }
+
+    /// `parked list --json` of this instance (works while `run` is running).
+    pub fn parked(&self) -> Result<Vec<serde_json::Value>> {
+        let list = self.cli_json(&["parked", "list"])?;
+        list.as_array()
+            .cloned()
+            .with_context(|| format!("parked list --json is not an array: {list}"))
+    }
+}
+
+/// Copies every table of Postgres schema `from` into schema `to` (which must exist and be
+/// empty) with `CREATE TABLE .. AS TABLE ..`: a backup of an instance's database, fence
+/// (`jetsync_offsets`) included.
+pub fn postgres_backup_schema(url: &str, from: &str, to: &str) -> Result<()> {
+    postgres_exec(
+        url,
+        &format!(
+            "DO $$ DECLARE t text; BEGIN \
+               FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = '{from}' LOOP \
+                 EXECUTE format('CREATE TABLE %I.%I AS TABLE %I.%I', '{to}', t, '{from}', t); \
+               END LOOP; \
+             END $$;"
+        ),
+    )
+}
+
+/// Restores a backup taken with [`postgres_backup_schema`]: empties every table of schema
+/// `into`, then copies every table of `backup` back into it, in one transaction.
+pub fn postgres_restore_schema(url: &str, backup: &str, into: &str) -> Result<()> {
+    postgres_exec(
+        url,
+        &format!(
+            "DO $$ DECLARE t text; BEGIN \
+               FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = '{into}' LOOP \
+                 EXECUTE format('DELETE FROM %I.%I', '{into}', t); \
+               END LOOP; \
+               FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = '{backup}' LOOP \
+                 EXECUTE format('INSERT INTO %I.%I SELECT * FROM %I.%I', '{into}', t, '{backup}', t); \
+               END LOOP; \
+             END $$;"
+        ),
+    )
+}
+
+/// The first and last sequence a stream holds.
+pub async fn stream_bounds(url: &str, stream: &str) -> Result<(u64, u64)> {
+    let nats = async_nats::connect(url).await?;
+    let state = async_nats::jetstream::new(nats)
+        .get_stream(stream)
+        .await?
+        .info()
+        .await?
+        .state
+        .clone();
+    Ok((state.first_sequence, state.last_sequence))
 }

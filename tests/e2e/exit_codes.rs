@@ -368,3 +368,352 @@ fn publish_then_tail_round_trips_and_bad_json_exits_2() -> Result<()> {
     );
     Ok(())
 }
+
+/// Every subcommand (with a configuration that is read before anything else), as argument
+/// lists after `--config FILE`.
+const EVERY_COMMAND: &[&[&str]] = &[
+    &["run"],
+    &["status"],
+    &["provision"],
+    &["digest"],
+    &["reset", "--to-seq", "0"],
+    &["resync"],
+    &["parked", "list"],
+    &["parked", "retry"],
+    &["parked", "drop", "--all"],
+    &["publish", "--table", "items", "--key", "k", "--delete"],
+    &["tail", "--count", "1"],
+];
+
+/// Runs `args` (plus `--json` / `--json-output` when `json`) with `env`, bounded in time.
+fn cli_env(
+    dir: &Path,
+    args: &[&str],
+    json: bool,
+    env: &[(&str, &str)],
+) -> Result<(Option<i32>, String, String)> {
+    let mut cmd = std::process::Command::new(jetsync_e2e::applier_bin());
+    cmd.args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("JETSYNC_CONFIG");
+    if json {
+        cmd.arg(if args.contains(&"publish") {
+            "--json-output"
+        } else {
+            "--json"
+        });
+    }
+    for (name, value) in env {
+        cmd.env(name, value);
+    }
+    jetsync_e2e::run_with_timeout(cmd, dir, Duration::from_secs(30))
+}
+
+/// Secrets in a TOML syntax error, a type error or an invalid value, in the file or the
+/// environment, never reach stderr or stdout of any subcommand, text or `--json`; every case
+/// exits 2 and names the key or the line.
+#[test]
+fn configuration_errors_never_show_secrets() -> Result<()> {
+    const SECRET: &str = "S3CRETpw";
+    let dir = tempfile::tempdir()?;
+    let data = format!("data_dir = {:?}\n", dir.path().join("data"));
+    // (file body, environment, what the error must name)
+    let cases: Vec<(String, Vec<(&str, &str)>, &str)> = vec![
+        // Syntax errors on the secret's line.
+        (
+            format!("instance = \"x\"\n{data}[sink]\nkind = \"postgres\"\nurl = \"postgres://u:{SECRET}@h/db\n"),
+            vec![],
+            "line 5",
+        ),
+        (
+            format!("instance = \"x\"\n{data}[nats]\nuser = \"u\"\npassword = \"{SECRET}\" oops\n"),
+            vec![],
+            "line 5",
+        ),
+        (
+            format!("instance = \"x\"\n{data}[nats]\ntoken = {SECRET}\n"),
+            vec![],
+            "line 4",
+        ),
+        // Type errors and invalid values.
+        (
+            format!("instance = \"x\"\n{data}sink = \"postgres://u:{SECRET}@h/db\"\n"),
+            vec![],
+            "sink",
+        ),
+        (
+            format!("instance = \"x\"\n{data}[nats]\ntoken = [\"{SECRET}\"]\n"),
+            vec![],
+            "nats.token",
+        ),
+        (
+            format!("instance = \"x\"\n{data}[nats]\npassword = {{ v = \"{SECRET}\" }}\n"),
+            vec![],
+            "nats.password",
+        ),
+        (
+            format!("instance = \"x\"\n{data}[sink]\nkind = \"{SECRET}\"\n"),
+            vec![],
+            "sink.kind",
+        ),
+        // Through the environment.
+        (
+            format!("instance = \"x\"\n{data}"),
+            vec![("JETSYNC_APPLY__BATCH_MAX", "postgres://u:S3CRETpw@h/db")],
+            "JETSYNC_APPLY__BATCH_MAX",
+        ),
+        (
+            format!("instance = \"x\"\n{data}"),
+            vec![
+                ("JETSYNC_SINK__KIND", "postgres"),
+                ("JETSYNC_SINK__URL", "mysql://u:S3CRETpw@h/db"),
+            ],
+            "sink.url",
+        ),
+        (
+            format!("instance = \"x\"\n{data}"),
+            vec![
+                ("JETSYNC_NATS__USER", "u"),
+                ("JETSYNC_NATS__PASSWORD", "S3CRETpw"),
+                ("JETSYNC_NATS__TOKEN", "S3CRETpw"),
+            ],
+            "nats.token",
+        ),
+    ];
+    for (i, (body, env, names)) in cases.iter().enumerate() {
+        let path = config_file(dir.path(), &format!("secret{i}.toml"), body)?;
+        for command in EVERY_COMMAND {
+            for json in [false, true] {
+                let mut args = vec!["--config", path.as_str()];
+                args.extend_from_slice(command);
+                let (code, out, err) = cli_env(dir.path(), &args, json, env)?;
+                let what = format!("case {i} {command:?} json={json}");
+                assert!(
+                    !out.contains(SECRET) && !err.contains(SECRET),
+                    "{what}: the secret leaked"
+                );
+                assert_eq!(code, Some(2), "{what}: stdout: {out}\nstderr: {err}");
+                assert!(err.contains(names), "{what}: {names} not named: {err}");
+                if json {
+                    let body: serde_json::Value = serde_json::from_str(err.trim())
+                        .with_context(|| format!("{what}: stderr is not JSON: {err}"))?;
+                    assert_eq!(body["exit_code"], 2, "{what}: {body}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A sink setting that cannot work exits 2 naming the key, before connecting anywhere.
+#[test]
+fn bad_sink_settings_exit_2_naming_the_key() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let not_a_dir = dir.path().join("file");
+    std::fs::write(&not_a_dir, "x")?;
+    let data = format!("data_dir = {:?}\n", dir.path().join("data"));
+    let cases = [
+        (
+            format!("[sink]\nkind = \"postgres\"\nurl = \"mysql://u:S3CRETpw@h/db\"\n"),
+            "sink.url",
+        ),
+        (
+            format!("[sink]\nkind = \"postgres\"\nurl = \"postgres://u:S3CRETpw@h:notaport/db\"\n"),
+            "sink.url",
+        ),
+        (
+            format!("[sink]\nkind = \"postgres\"\nurl = \"h:5432/db\"\n"),
+            "sink.url",
+        ),
+        (
+            format!("[sink]\npath = {:?}\n", not_a_dir.join("sub").join("x.db")),
+            "sink.path",
+        ),
+        (
+            format!(
+                "[sink]\nkind = \"redb\"\npath = {:?}\n",
+                not_a_dir.join("x.redb")
+            ),
+            "sink.path",
+        ),
+        (format!("[sink]\npath = {:?}\n", dir.path()), "sink.path"),
+        (
+            format!(
+                "[sink]\nkind = \"postgres\"\nurl = \"postgres://u@h/db\"\nschema = \"no such\"\n"
+            ),
+            "sink.schema",
+        ),
+    ];
+    for (i, (sink, key)) in cases.iter().enumerate() {
+        let body = format!("instance = \"x\"\n{data}\n{sink}");
+        let path = config_file(dir.path(), &format!("sink{i}.toml"), &body)?;
+        for command in ["run", "digest", "status"] {
+            let (code, out, err) = cli_env(dir.path(), &["--config", &path, command], false, &[])?;
+            assert_eq!(
+                code,
+                Some(2),
+                "case {i} {command}: stdout: {out}\nstderr: {err}"
+            );
+            assert!(
+                err.contains(key),
+                "case {i} {command}: {key} not named: {err}"
+            );
+            assert!(
+                !err.contains("S3CRETpw"),
+                "case {i} {command}: secret leaked"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// With `stream.provision = false`, a stream that cannot back a sync group (interest
+/// retention, purges or deletes allowed, subjects not covering the prefix) stops `run`,
+/// `resync`, `tail` and `publish` with exit 2, naming `stream.provision` and every reason.
+#[test]
+fn unprovisioned_stream_that_does_not_fit_exits_2() -> Result<()> {
+    use async_nats::jetstream::stream::{Config as StreamDef, RetentionPolicy};
+    let server = NatsServer::start()?;
+    let root = tempfile::tempdir()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let js = rt.block_on(async {
+        let nats = async_nats::connect(server.url()).await?;
+        Ok::<_, anyhow::Error>(async_nats::jetstream::new(nats))
+    })?;
+    let cases: [(&str, &str, StreamDef, &[&str]); 3] = [
+        (
+            "INTEREST",
+            "interest",
+            StreamDef {
+                retention: RetentionPolicy::Interest,
+                deny_purge: true,
+                deny_delete: true,
+                ..Default::default()
+            },
+            &["retention is interest"],
+        ),
+        (
+            "PURGEABLE",
+            "purgeable",
+            StreamDef {
+                deny_purge: false,
+                deny_delete: true,
+                ..Default::default()
+            },
+            &["allows purges"],
+        ),
+        (
+            "LOOSE",
+            "loose",
+            StreamDef {
+                retention: RetentionPolicy::WorkQueue,
+                subjects: vec!["loose.items.>".into()],
+                ..Default::default()
+            },
+            &[
+                "retention is workqueue",
+                "allows purges",
+                "allows message deletes",
+                "do not cover loose.>",
+            ],
+        ),
+    ];
+    for (stream, prefix, mut def, reasons) in cases {
+        def.name = stream.into();
+        if def.subjects.is_empty() {
+            def.subjects = vec![format!("{prefix}.>")];
+        }
+        rt.block_on(js.create_stream(def))
+            .with_context(|| format!("creating {stream}"))?;
+        let group = Group::new(server.url(), stream, prefix);
+        let instance = Instance::new(
+            &group,
+            root.path(),
+            &stream.to_lowercase(),
+            SinkKind::Sqlite,
+        )?;
+        instance.set_option("stream", "provision", "false")?;
+        for args in [
+            &["run"][..],
+            &["resync"],
+            &["tail", "--count", "1"],
+            &["publish", "--table", "items", "--key", "k", "--delete"],
+        ] {
+            let (code, out, err) = instance.cli_timeout(args, Duration::from_secs(60))?;
+            let what = format!("{stream} {args:?}");
+            assert_eq!(code, Some(2), "{what}: stdout: {out}\nstderr: {err}");
+            assert!(err.contains("stream.provision"), "{what}: {err}");
+            for reason in reasons {
+                assert!(err.contains(reason), "{what}: {reason:?} missing: {err}");
+            }
+        }
+    }
+    // A stream that fits is used as is.
+    let group = Group::new(server.url(), "FITS", "fits");
+    rt.block_on(js.create_stream(jetsync::stream_definition(&group.stream_config())))?;
+    let instance = Instance::new(&group, root.path(), "fits", SinkKind::Sqlite)?;
+    instance.set_option("stream", "provision", "false")?;
+    let (code, _, err) =
+        instance.cli(&["publish", "--table", "items", "--key", "k", "--delete"])?;
+    assert_eq!(code, 0, "{err}");
+    Ok(())
+}
+
+/// Text output of `tail` and `parked list` shows control characters, ANSI escapes and bytes
+/// that are not UTF-8 escaped, never raw.
+#[test]
+fn text_output_escapes_control_characters() -> Result<()> {
+    let server = NatsServer::start()?;
+    let root = tempfile::tempdir()?;
+    let group = Group::new(server.url(), "ESC", "esc");
+    let mut instance = Instance::new(&group, root.path(), "e1", SinkKind::Sqlite)?;
+    let (code, _, err) = instance.cli(&["provision"])?;
+    assert_eq!(code, 0, "provision: {err}");
+    let nasty_key = "k\u{1b}[2J\r\0z";
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let client = group.client("e1").await?;
+        let mut row = Row::new();
+        row.insert(
+            "s".into(),
+            Value::Text("\u{1b}]0;title\u{7}\u{9b}31m".into()),
+        );
+        client.rows("items")?.upsert(nasty_key, &row).await?;
+        let nats = async_nats::connect(server.url()).await?;
+        let js = async_nats::jetstream::new(nats);
+        js.publish("esc.items.bad", b"\x1b[31mred\r\0\xff\xfe"[..].into())
+            .await?
+            .await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    let raw = |text: &str| text.contains(['\u{1b}', '\r', '\0', '\u{9b}', '\u{7}', '\u{fffd}']);
+
+    let (code, out, err) =
+        instance.cli_timeout(&["tail", "--all", "--count", "2"], Duration::from_secs(30))?;
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(!raw(&out), "tail printed raw control characters: {out:?}");
+    assert!(out.contains("\\x1b[2J\\x0d\\x00z"), "{out:?}");
+    assert!(out.contains("POISON"), "{out:?}");
+
+    instance.start()?;
+    let parked = wait_until(
+        "the bad event to be parked",
+        Duration::from_secs(60),
+        || {
+            let list = instance.cli_json(&["parked", "list"]).ok()?;
+            list.as_array()?
+                .iter()
+                .any(|e| e["subject"] == "esc.items.bad")
+                .then_some(list)
+        },
+    )?;
+    let (code, out, err) = instance.cli(&["parked", "list"])?;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !raw(&out),
+        "parked list printed raw control characters: {out:?}\n{parked}"
+    );
+    assert!(out.contains("\\x1b[31mred\\x0d\\x00\\xff\\xfe"), "{out:?}");
+    instance.stop(Duration::from_secs(30))?;
+    Ok(())
+}

@@ -557,3 +557,128 @@ fn unreachable_nats_is_healthy_not_ready() -> Result<()> {
     );
     Ok(())
 }
+
+// ---- The endpoint under abuse. ----
+
+/// The nats-server's current client connection count (`/varz`).
+fn nats_connections(server: &NatsServer) -> Result<u64> {
+    let varz: serde_json::Value = serde_json::from_str(&server.monitor_get("/varz")?)?;
+    varz["connections"]
+        .as_u64()
+        .with_context(|| format!("no connections in /varz: {varz}"))
+}
+
+/// One `GET path` over a fresh connection (HTTP/1.0: the server closes it after the answer);
+/// the status code.
+async fn get_code(addr: SocketAddr, path: &str) -> Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = Vec::new();
+    tcp.read_to_end(&mut response).await?;
+    let text = String::from_utf8_lossy(&response);
+    text.get(9..12)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("bad response to {path}: {text:?}"))
+}
+
+/// 2,000 parallel `/status` requests and 200 half-open connections (a partial request line,
+/// never finished): `/healthz` keeps answering within a second, the flood opens no NATS
+/// connection (the server's connection count stays within a handful), every `/status` is
+/// answered, and the half-open connections are closed by the header timeout.
+#[test]
+fn status_flood_and_half_open_connections() -> Result<()> {
+    let _heavy = heavy();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(flood())
+}
+
+async fn flood() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const STATUS_REQUESTS: usize = 2000;
+    const HALF_OPEN: usize = 200;
+    let server = NatsServer::start()?;
+    let root = tempfile::tempdir()?;
+    let group = Group::new(server.url(), "FLOOD", "flood");
+    let mut instance = Instance::new(&group, root.path(), "f1", SinkKind::Sqlite)?;
+    let addr = instance.enable_http("header_timeout_ms = 2000\n")?;
+    let (code, _, err) = instance.cli(&["provision"])?;
+    assert_eq!(code, 0, "provision: {err}");
+    let last = publish_backlog(&group, 20).await?;
+    instance.start()?;
+    wait_http_up(addr, Duration::from_secs(30))?;
+    instance.wait_applied("FLOOD", last, Duration::from_secs(60))?;
+    // The endpoint's own NATS connection is made by the first /status.
+    assert_eq!(get_code(addr, "/status").await?, 200);
+    let before = nats_connections(&server)?;
+
+    let mut half_open = Vec::with_capacity(HALF_OPEN);
+    for _ in 0..HALF_OPEN {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n")
+            .await?;
+        half_open.push(tcp);
+    }
+    let opened = Instant::now();
+    let requests: Vec<_> = (0..STATUS_REQUESTS)
+        .map(|_| tokio::spawn(get_code(addr, "/status")))
+        .collect();
+
+    // While the flood runs: /healthz within a second, the NATS connection count flat.
+    let mut most = before;
+    let mut probes = 0;
+    while probes < 5 || requests.iter().any(|r| !r.is_finished()) {
+        let started = Instant::now();
+        let code = tokio::time::timeout(Duration::from_secs(5), get_code(addr, "/healthz"))
+            .await
+            .context("/healthz did not answer within 5 s")??;
+        let took = started.elapsed();
+        ensure!(code == 200, "/healthz answered {code}");
+        ensure!(
+            took < Duration::from_secs(1),
+            "/healthz took {took:?} during the flood"
+        );
+        most = most.max(tokio::task::block_in_place(|| nats_connections(&server))?);
+        probes += 1;
+        if probes > 2000 {
+            bail!("the /status flood did not finish");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut codes = BTreeMap::new();
+    for request in requests {
+        *codes.entry(request.await??).or_insert(0) += 1;
+    }
+    assert_eq!(codes, BTreeMap::from([(200, STATUS_REQUESTS)]), "{codes:?}");
+    ensure!(
+        most <= before + 3,
+        "the NATS connection count grew from {before} to {most} during the flood"
+    );
+
+    // The header timeout (2 s) closes every half-open connection.
+    for mut tcp in half_open {
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(30), tcp.read_to_end(&mut buf)).await;
+        ensure!(
+            read.is_ok(),
+            "a half-open connection was still open {:?} after it started",
+            opened.elapsed()
+        );
+    }
+    ensure!(
+        opened.elapsed() >= Duration::from_millis(1500),
+        "half-open connections closed before the header timeout"
+    );
+    assert_eq!(get_code(addr, "/healthz").await?, 200);
+    assert_eq!(
+        instance.stop(Duration::from_secs(20))?,
+        0,
+        "{}",
+        instance.log()
+    );
+    Ok(())
+}

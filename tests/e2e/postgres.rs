@@ -5,6 +5,9 @@
 //!   20,000 events over 1,000 keys, and end equal to the reference with identical digests.
 //! - SIGKILL loop: three instances (one schema each) apply 20,000 events while every one of
 //!   them is SIGKILLed at random moments at least 20 times.
+//! - Killed COMMIT (issue #12.3): an applier SIGKILLed while the server holds its COMMIT open,
+//!   restarted with a smaller `apply.batch_max`, applies nothing twice and never moves the fence
+//!   back.
 //! - Poison: a CHECK constraint violation, a value too long for its `varchar` and a value out of
 //!   range for its `smallint` are parked with their rows' later events held behind them while
 //!   every other row advances; once the cause is fixed, `parked retry` applies them in order.
@@ -1041,4 +1044,145 @@ fn postgres_refused_rows_are_parked_then_retried() -> Result<()> {
         eprintln!("postgres_poison: passed after {:?}", started.elapsed());
         Ok(())
     })
+}
+
+/// The slow COMMIT of the killed-commit scenario: a deferred constraint trigger that sleeps
+/// when the batch wrote row `marker`, so the COMMIT of that batch hangs after the process that
+/// sent it is gone, then lands.
+const SLOW_COMMIT_DDL: &str = r#"
+CREATE FUNCTION {schema}.slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.id = 'marker' THEN
+    PERFORM pg_sleep(6);
+  END IF;
+  RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER items_slow_commit AFTER INSERT OR UPDATE ON {schema}.items
+  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {schema}.slow_commit();
+"#;
+
+/// The pid of the backend of `application` sleeping in the slow COMMIT, if any.
+async fn sleeping_commit(application: &str) -> Result<Option<i32>> {
+    let rows = pg_query(&format!(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = '{application}' \
+         AND wait_event = 'PgSleep' AND query = 'COMMIT'"
+    ))
+    .await?;
+    Ok(rows.first().map(|r| r.get(0)))
+}
+
+/// Whether backend `pid` still exists.
+async fn backend_alive(pid: i32) -> Result<bool> {
+    let rows = pg_query(&format!("SELECT 1 FROM pg_stat_activity WHERE pid = {pid}")).await?;
+    Ok(!rows.is_empty())
+}
+
+/// Issue #12.3: an applier SIGKILLed while its COMMIT is held open by the server (the COMMIT
+/// lands after the kill), restarted at once with a smaller `apply.batch_max` whose batches end
+/// below the fence that COMMIT reached: no event is applied twice (the audit trigger counts
+/// every apply per key and version), the fence never moves back, the rows equal the reference.
+#[test]
+fn postgres_killed_commit_lands_and_nothing_is_applied_twice() -> Result<()> {
+    let _heavy = heavy();
+    runtime()?.block_on(killed_commit())
+}
+
+async fn killed_commit() -> Result<()> {
+    jetsync_e2e::applier_bin();
+    let started = Instant::now();
+    let server = NatsServer::start()?;
+    let root = tempfile::tempdir()?;
+    let stream = "PGKILLC";
+    let group = group(&server.url(), stream);
+    let url = postgres_url();
+    let schema = PgSchema::create(&url, &schema_name("kc"), &format!("{DDL}{SLOW_COMMIT_DDL}"))?;
+    let application = format!("jse2e_kc_{}", std::process::id());
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let mut instance = Instance::new(&group, root.path(), "kc", SinkKind::Sqlite)?;
+    instance.use_postgres(
+        &format!("{url}{separator}application_name={application}"),
+        &schema.name,
+    )?;
+    instance.set_stream_option("history", &FULL_HISTORY.to_string())?;
+    instance.set_option("apply", "batch_max", "50")?;
+    let (code, _, err) = instance.cli(&["provision"])?;
+    ensure!(code == 0, "provision exited {code}: {err}");
+    instance.start()?;
+    let client = group.client("pg-kc").await?;
+    let mut acked = vec![warm_up(&client, std::slice::from_mut(&mut instance), stream).await?];
+    // Published while the instance is stopped, so that it pulls full batches of 50 on restart:
+    // the marker (event 60) is in the second one, which ends 40 events after it.
+    ensure!(instance.stop(STOP)? == 0, "{}", instance.log());
+    let mut rng = StdRng::seed_from_u64(seed("postgres_killed_commit"));
+    let mut events = random_events(&mut rng, 120, 1);
+    events[59] = Event {
+        table: "items",
+        key: "marker".into(),
+        row: Some(item_row("marker", 60, 0.5, Value::Null, 60)),
+        v: 60,
+    };
+    ensure_fits_history(&events, FULL_HISTORY)?;
+    acked.extend(publish(&client, events).await?);
+    let last = acked.iter().map(|(seq, _)| *seq).max().unwrap_or(0);
+    instance.start()?;
+
+    // The batch with the marker sits in its COMMIT; kill the process that sent it.
+    let deadline = Instant::now() + CATCH_UP;
+    let sleeper = loop {
+        if let Some(pid) = sleeping_commit(&application).await? {
+            break pid;
+        }
+        ensure!(
+            Instant::now() < deadline && instance.is_running(),
+            "the batch with the marker never reached its slow COMMIT:\n{}",
+            instance.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let fence_at_kill = fence_of(&schema.name, stream).await?.unwrap_or(0);
+    eprintln!(
+        "postgres_killed_commit: slow COMMIT after {:?}",
+        started.elapsed()
+    );
+    instance.kill();
+    instance.set_option("apply", "batch_max", "3")?;
+    instance.start()?;
+    ensure!(
+        backend_alive(sleeper).await?,
+        "the killed session's COMMIT finished before the restart: the scenario was not exercised"
+    );
+
+    instance.wait_applied(stream, last, CATCH_UP)?;
+    eprintln!(
+        "postgres_killed_commit: caught up after {:?}",
+        started.elapsed()
+    );
+    ensure!(instance.stop(STOP)? == 0, "{}", instance.log());
+    // The killed session's COMMIT did land (its backend wrote the marker).
+    let audit = audit_of(&schema.name).await?;
+    let marker = audit
+        .iter()
+        .find(|((table, key, _, op), _)| table == "items" && key == "marker" && op == "U")
+        .map(|(_, times)| times.clone())
+        .context("the marker was never applied")?;
+    ensure!(
+        marker.iter().any(|(_, pid)| *pid == sleeper),
+        "the marker was not written by the killed session's backend {sleeper}: {marker:?}"
+    );
+    let fence_after = fence_of(&schema.name, stream).await?.unwrap_or(0);
+    ensure!(fence_after >= fence_at_kill, "fence moved back");
+    let reference = reference_of(&acked);
+    assert_exactly_once(
+        "postgres_killed_commit",
+        &schema.name,
+        stream,
+        &reference,
+        &expected_audit(&acked),
+        last,
+    )
+    .await?;
+    eprintln!(
+        "postgres_killed_commit: COMMIT of backend {sleeper} landed after the kill (fence {fence_at_kill} before it), restart with batch_max 3 applied nothing twice, fence {last}"
+    );
+    Ok(())
 }

@@ -17,17 +17,17 @@
 //! by the engine (it is applied only by `parked retry`, which removes it).
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use async_nats::jetstream::{self, AckKind};
-use jetsync::OnPoison;
+use jetsync::{codec::DecodeLimits, OnPoison, OtherTables};
 
 use crate::{
     backoff::Backoff,
-    decode::{decode, header, row_of, DecodeFailure, RawEvent},
+    decode::{decode, header, row_of, RawEvent},
     offsets::Offsets,
     parked::{now_ms, ParkedEvent, RowId},
     shutdown::Shutdown,
@@ -50,7 +50,8 @@ pub(crate) struct Applier<S> {
     pub(crate) sink: S,
     pub(crate) offsets: Offsets,
     pub(crate) group: String,
-    pub(crate) prefix: String,
+    /// The per-event rules (table filter, limits, decoding).
+    pub(crate) rules: Rules,
     pub(crate) on_poison: OnPoison,
     pub(crate) max_backoff: Duration,
     ack_wait: Duration,
@@ -76,19 +77,14 @@ impl<S: Sink> Applier<S> {
         stats: Arc<Stats>,
     ) -> Result<Applier<S>, EngineError> {
         let group = config.stream.name.clone();
-        let parked = offsets.parked(&group)?;
-        let mut blocked = HashMap::new();
-        for event in &parked {
-            if let Some(row) = &event.row {
-                blocked.entry(row.clone()).or_insert(event.seq);
-            }
-        }
-        stats.set_parked(parked.len() as u64);
+        // From the parked-rows index: the parked bodies are not read.
+        let blocked = offsets.blocked_rows(&group)?;
+        stats.set_parked(offsets.parked_count(&group)?);
         Ok(Applier {
             sink,
             offsets,
             group,
-            prefix: config.stream.subject_prefix.clone(),
+            rules: Rules::of(config),
             on_poison: config.apply.on_poison,
             max_backoff: Duration::from_millis(config.apply.retry_max_backoff_ms),
             ack_wait: Duration::from_millis(config.apply.ack_wait_ms),
@@ -131,6 +127,7 @@ impl<S: Sink> Applier<S> {
         let mut changes: Vec<Change> = Vec::with_capacity(events.len());
         let mut sources: Vec<usize> = Vec::with_capacity(events.len());
         let mut parks: Vec<ParkedEvent> = Vec::new();
+        let mut skipped = 0u64;
         let mut last = floor;
         for (i, &(seq, message)) in events.iter().enumerate() {
             // Already applied (a redelivery, or a crash between commit and ack): skip; the
@@ -140,26 +137,14 @@ impl<S: Sink> Applier<S> {
             }
             last = seq;
             let raw = RawEvent::of_message(seq, message);
-            match row_of(&self.prefix, raw.subject) {
-                Err(reason) => parks.push(record(raw, message, None, reason, None)),
-                Ok(row) => match blocked.get(&row) {
-                    Some(&first) if seq > first => {
-                        parks.push(held(raw, message, row, first));
-                    }
-                    _ => match decode(&self.prefix, raw) {
-                        Ok(change) => {
-                            changes.push(change);
-                            sources.push(i);
-                        }
-                        Err(failure) => {
-                            let reason = failure.reason().to_owned();
-                            if let DecodeFailure::Body(row, _) = failure {
-                                blocked.insert(row.clone(), seq);
-                                parks.push(record(raw, message, Some(row), reason, None));
-                            }
-                        }
-                    },
-                },
+            let msg_id = header(message.headers.as_ref(), "Nats-Msg-Id");
+            match self.rules.classify(raw, msg_id, blocked) {
+                Verdict::Apply(change) => {
+                    changes.push(change);
+                    sources.push(i);
+                }
+                Verdict::Park(parked) => parks.push(parked),
+                Verdict::Skip => skipped += 1,
             }
         }
         let through = through.max(last);
@@ -227,7 +212,7 @@ impl<S: Sink> Applier<S> {
                     let raw = RawEvent::of_message(rseq, message);
                     let mut new_parks = vec![record(
                         raw,
-                        message,
+                        msg_id_of(message),
                         Some(row.clone()),
                         format!("rejected by the sink: {reason}"),
                         None,
@@ -238,7 +223,12 @@ impl<S: Sink> Applier<S> {
                         if changes[i].table == row.table && changes[i].key == row.key {
                             changes.remove(i);
                             let (s, m) = events[sources.remove(i)];
-                            new_parks.push(held(RawEvent::of_message(s, m), m, row.clone(), rseq));
+                            new_parks.push(held(
+                                RawEvent::of_message(s, m),
+                                msg_id_of(m),
+                                row.clone(),
+                                rseq,
+                            ));
                         } else {
                             i += 1;
                         }
@@ -283,6 +273,7 @@ impl<S: Sink> Applier<S> {
             );
         }
         // Counted before the sequence is published (see `Stats::snapshot`).
+        self.stats.add_skipped(skipped);
         self.stats.add_batch(&changes, started.elapsed());
         self.stats.set_applied(through);
         tracing::debug!(
@@ -296,6 +287,59 @@ impl<S: Sink> Applier<S> {
         Ok(true)
     }
 
+    /// Parks `event`, a message the NATS client library cannot parse (see `raw.rs`), and moves
+    /// the fence through it. Returns false when shutdown interrupted the fence move (the event
+    /// stays parked; the restart finds it again and parks it again under the same sequence).
+    ///
+    /// Crash windows: as for any parked event, the park is committed first (window 1 of this
+    /// module), then an empty sink transaction moves the fence to its sequence (window 2), then
+    /// the checkpoint follows (window 3). Its row, if its subject names one, is blocked.
+    pub(crate) async fn park_unparseable(
+        &mut self,
+        event: ParkedEvent,
+        shutdown: &mut Shutdown,
+    ) -> Result<bool, EngineError> {
+        if self.on_poison == OnPoison::Halt {
+            return Err(EngineError::Poison {
+                seq: event.seq,
+                subject: event.subject.clone(),
+                reason: event.error.clone(),
+            });
+        }
+        if event.seq <= self.applied {
+            return Ok(true);
+        }
+        self.offsets
+            .park(&self.group, std::slice::from_ref(&event))?;
+        if let Some(row) = &event.row {
+            self.blocked.entry(row.clone()).or_insert(event.seq);
+        }
+        tracing::warn!(
+            seq = event.seq,
+            subject = %event.subject,
+            error = %event.error,
+            "message the NATS client cannot parse parked; later events of its row are held behind it (see `jetsync-applier parked list`)"
+        );
+        let advanced = self.advance(event.seq, shutdown).await?;
+        self.stats
+            .set_parked(self.offsets.parked_count(&self.group)?);
+        Ok(advanced)
+    }
+
+    /// Reads the set of blocked rows again (after parked events were applied or dropped
+    /// outside the apply path).
+    pub(crate) fn reload_blocked(&mut self) -> Result<(), EngineError> {
+        self.blocked = self.offsets.blocked_rows(&self.group)?;
+        self.stats
+            .set_parked(self.offsets.parked_count(&self.group)?);
+        Ok(())
+    }
+
+    /// The rows held behind a parked event → the sequence of that first parked event.
+    pub(crate) fn blocked(&self) -> &HashMap<RowId, u64> {
+        &self.blocked
+    }
+
     /// Moves the fence to `through` without events (the stream holds nothing up to it).
     pub(crate) async fn advance(
         &mut self,
@@ -306,10 +350,116 @@ impl<S: Sink> Applier<S> {
     }
 }
 
+/// What the apply path does with one event.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Verdict {
+    /// Hand it to the sink.
+    Apply(Change),
+    /// Park it (poison, or held behind its row's parked event).
+    Park(ParkedEvent),
+    /// Acknowledge it without applying it (a table this instance skips, `apply.other_tables =
+    /// "skip"`); counted in [`Stats`].
+    Skip,
+}
+
+/// The per-event rules of one instance and sync group: which subjects map to rows, which
+/// tables are synced here, how large an event may be. What an event contains can only make it
+/// parked or skipped, never stop the engine.
+#[derive(Debug, Clone)]
+pub(crate) struct Rules {
+    prefix: String,
+    /// The tables listed in the configuration (`[tables.<name>]`).
+    tables: BTreeSet<String>,
+    other_tables: OtherTables,
+    max_event_bytes: u64,
+    limits: DecodeLimits,
+}
+
+/// The reason an event of an unconfigured table is parked (`apply.other_tables = "park"`).
+pub(crate) const NOT_SYNCED_HERE: &str = "table not synced here";
+
+impl Rules {
+    /// The rules of `config`.
+    pub(crate) fn of(config: &jetsync::Config) -> Rules {
+        Rules {
+            prefix: config.stream.subject_prefix.clone(),
+            tables: config.tables.keys().cloned().collect(),
+            other_tables: config.apply.other_tables,
+            max_event_bytes: config.apply.max_event_bytes,
+            limits: DecodeLimits {
+                max_columns: config.apply.max_columns,
+            },
+        }
+    }
+
+    /// Whether `table` is synced here (listed, or any table with `other_tables = "create"`).
+    pub(crate) fn syncs(&self, table: &str) -> bool {
+        self.other_tables == OtherTables::Create || self.tables.contains(table)
+    }
+
+    /// Classifies one event (`msg_id`: its `Nats-Msg-Id` header), in this order:
+    /// 1. a subject that maps to no row → parked, blocking nothing;
+    /// 2. a table not synced here with `other_tables = "skip"` → skipped;
+    /// 3. a row in `blocked` with an earlier parked event → parked, held behind it;
+    /// 4. a table not synced here (`"park"`) → parked "table not synced here";
+    /// 5. a body over `apply.max_event_bytes` → parked undecoded;
+    /// 6. a body that does not decode (format, syntax, `apply.max_columns`, nesting) → parked;
+    /// 7. otherwise → applied.
+    ///
+    /// An event parked at 4–6 blocks its row: it is added to `blocked`, so the later events of
+    /// the row are held behind it.
+    pub(crate) fn classify(
+        &self,
+        raw: RawEvent<'_>,
+        msg_id: Option<&str>,
+        blocked: &mut HashMap<RowId, u64>,
+    ) -> Verdict {
+        let seq = raw.seq;
+        let row = match row_of(&self.prefix, raw.subject) {
+            Ok(row) => row,
+            Err(reason) => return Verdict::Park(record(raw, msg_id, None, reason, None)),
+        };
+        let synced = self.syncs(&row.table);
+        if !synced && self.other_tables == OtherTables::Skip {
+            return Verdict::Skip;
+        }
+        if let Some(&first) = blocked.get(&row) {
+            if seq > first {
+                return Verdict::Park(held(raw, msg_id, row, first));
+            }
+        }
+        let refused = if !synced {
+            Some(NOT_SYNCED_HERE.to_owned())
+        } else if raw.payload.len() as u64 > self.max_event_bytes {
+            Some(format!(
+                "event body of {} bytes exceeds apply.max_event_bytes ({})",
+                raw.payload.len(),
+                self.max_event_bytes
+            ))
+        } else {
+            None
+        };
+        let reason = match refused {
+            Some(reason) => reason,
+            None => match decode(&self.prefix, raw, self.limits) {
+                Ok(change) => return Verdict::Apply(change),
+                Err(failure) => failure.reason().to_owned(),
+            },
+        };
+        blocked.insert(row.clone(), seq);
+        Verdict::Park(record(raw, msg_id, Some(row), reason, None))
+    }
+}
+
+/// The `Nats-Msg-Id` header of a delivered message.
+fn msg_id_of(message: &jetstream::Message) -> Option<&str> {
+    header(message.headers.as_ref(), "Nats-Msg-Id")
+}
+
 /// The parked record of a poison event.
 pub(crate) fn record(
     raw: RawEvent<'_>,
-    message: &jetstream::Message,
+    msg_id: Option<&str>,
     row: Option<RowId>,
     error: String,
     held_behind: Option<u64>,
@@ -319,26 +469,147 @@ pub(crate) fn record(
         subject: raw.subject.to_owned(),
         row,
         format: raw.format.map(str::to_owned),
-        msg_id: header(message.headers.as_ref(), "Nats-Msg-Id").map(str::to_owned),
+        msg_id: msg_id.map(str::to_owned),
         payload: raw.payload.to_vec(),
         error,
         held_behind,
         parked_at_ms: now_ms(),
+        raw_headers: None,
     }
 }
 
 /// The parked record of an event held behind its row's parked event `first`.
-pub(crate) fn held(
-    raw: RawEvent<'_>,
-    message: &jetstream::Message,
-    row: RowId,
-    first: u64,
-) -> ParkedEvent {
+pub(crate) fn held(raw: RawEvent<'_>, msg_id: Option<&str>, row: RowId, first: u64) -> ParkedEvent {
     record(
         raw,
-        message,
+        msg_id,
         Some(row),
         format!("held behind parked event {first} of the same row"),
         Some(first),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jetsync::{codec, Event, Row, TableConfig, Value};
+
+    fn config(other: OtherTables) -> jetsync::Config {
+        let mut config = jetsync::Config::default();
+        config.stream.subject_prefix = "g".into();
+        config.tables.insert("items".into(), TableConfig::default());
+        config.apply.other_tables = other;
+        config.apply.max_event_bytes = 2048;
+        config.apply.max_columns = 3;
+        config
+    }
+
+    fn body(columns: usize) -> Vec<u8> {
+        let mut row = Row::new();
+        for i in 0..columns {
+            row.insert(format!("c{i}"), Value::I64(i as i64));
+        }
+        codec::encode(&Event::upsert(row, "o"), codec::Format::Postcard1).unwrap()
+    }
+
+    fn classify(
+        rules: &Rules,
+        seq: u64,
+        subject: &str,
+        payload: &[u8],
+        blocked: &mut HashMap<RowId, u64>,
+    ) -> Verdict {
+        let raw = RawEvent {
+            seq,
+            subject,
+            format: Some("postcard/1"),
+            payload,
+        };
+        rules.classify(raw, Some("id"), blocked)
+    }
+
+    fn reason(verdict: &Verdict) -> (&str, Option<u64>) {
+        match verdict {
+            Verdict::Park(p) => (p.error.as_str(), p.held_behind),
+            other => panic!("not parked: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn events_are_classified_in_order_of_the_rules() {
+        let rules = Rules::of(&config(OtherTables::Park));
+        let mut blocked = HashMap::new();
+        let ok = body(2);
+        assert!(matches!(
+            classify(&rules, 1, "g.items.a", &ok, &mut blocked),
+            Verdict::Apply(Change { seq: 1, .. })
+        ));
+        // A subject that maps to no row blocks nothing.
+        let v = classify(&rules, 2, "g.items", &ok, &mut blocked);
+        assert!(matches!(&v, Verdict::Park(p) if p.row.is_none()));
+        assert!(blocked.is_empty());
+        // Limits: a body too large (undecoded), a row too wide; each blocks its row.
+        let big = vec![0u8; 2049];
+        assert_eq!(
+            reason(&classify(&rules, 3, "g.items.b", &big, &mut blocked)).0,
+            "event body of 2049 bytes exceeds apply.max_event_bytes (2048)"
+        );
+        assert_eq!(
+            reason(&classify(&rules, 4, "g.items.c", &body(4), &mut blocked)).0,
+            "row has 4 columns, more than apply.max_columns (3)"
+        );
+        // An unconfigured table is parked and its row held.
+        assert_eq!(
+            reason(&classify(&rules, 5, "g.other.d", &ok, &mut blocked)).0,
+            NOT_SYNCED_HERE
+        );
+        for (row, first) in [("items/b", 3), ("items/c", 4), ("other/d", 5)] {
+            let id: RowId = row.parse().unwrap();
+            assert_eq!(blocked.get(&id), Some(&first), "{row}");
+            let subject = format!("g.{}", row.replace('/', "."));
+            let v = classify(&rules, 10 + first, &subject, &ok, &mut blocked);
+            assert_eq!(
+                reason(&v),
+                (
+                    format!("held behind parked event {first} of the same row").as_str(),
+                    Some(first)
+                )
+            );
+            // An event at or before the row's first parked sequence (a redelivery after a
+            // crash) is classified afresh, not held behind itself.
+            let again = classify(&rules, first, &subject, &ok, &mut blocked);
+            assert!(!matches!(again, Verdict::Park(p) if p.held_behind.is_some()));
+        }
+        // Other rows still flow.
+        assert!(matches!(
+            classify(&rules, 20, "g.items.e", &ok, &mut blocked),
+            Verdict::Apply(_)
+        ));
+    }
+
+    #[test]
+    fn other_tables_skip_and_create() {
+        let skip = Rules::of(&config(OtherTables::Skip));
+        let mut blocked = HashMap::new();
+        let ok = body(1);
+        assert_eq!(
+            classify(&skip, 1, "g.other.a", &ok, &mut blocked),
+            Verdict::Skip
+        );
+        assert!(blocked.is_empty());
+        assert!(matches!(
+            classify(&skip, 2, "g.items.a", &ok, &mut blocked),
+            Verdict::Apply(_)
+        ));
+        let create = Rules::of(&config(OtherTables::Create));
+        assert!(matches!(
+            classify(&create, 3, "g.other.a", &ok, &mut blocked),
+            Verdict::Apply(Change { ref table, .. }) if table == "other"
+        ));
+        // Limits hold for every table.
+        assert!(matches!(
+            classify(&create, 4, "g.other.b", &body(4), &mut blocked),
+            Verdict::Park(_)
+        ));
+    }
 }

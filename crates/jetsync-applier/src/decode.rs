@@ -2,7 +2,7 @@
 //! body → event. Anything that fails here is a poison event, never a crash.
 
 use async_nats::{jetstream, HeaderMap};
-use jetsync::codec::{self, FORMAT_HEADER};
+use jetsync::codec::{self, DecodeLimits, FORMAT_HEADER};
 
 use crate::{parked::RowId, Change};
 
@@ -59,16 +59,24 @@ pub(crate) fn row_of(prefix: &str, subject: &str) -> Result<RowId, String> {
     })
 }
 
-/// Decodes `event` of the sync group with `prefix`.
-pub(crate) fn decode(prefix: &str, event: RawEvent<'_>) -> Result<Change, DecodeFailure> {
+/// Decodes `event` of the sync group with `prefix` within `limits`.
+pub(crate) fn decode(
+    prefix: &str,
+    event: RawEvent<'_>,
+    limits: DecodeLimits,
+) -> Result<Change, DecodeFailure> {
     let row = row_of(prefix, event.subject).map_err(DecodeFailure::Subject)?;
-    match codec::decode_message(event.format, event.payload) {
+    match codec::decode_message_with(event.format, event.payload, limits) {
         Ok(decoded) => Ok(Change {
             seq: event.seq,
             table: row.table,
             key: row.key,
             op: decoded.change,
         }),
+        Err(codec::DecodeError::TooManyColumns { columns, max }) => Err(DecodeFailure::Body(
+            row,
+            format!("row has {columns} columns, more than apply.max_columns ({max})"),
+        )),
         Err(e) => Err(DecodeFailure::Body(row, e.to_string())),
     }
 }

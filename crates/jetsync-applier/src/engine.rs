@@ -33,11 +33,12 @@ use futures::{FutureExt, StreamExt};
 use jetsync::{Config, OnGap};
 
 use crate::{
-    apply::{Applier, Mode},
+    apply::{Applier, Mode, NOT_SYNCED_HERE},
     backoff::Backoff,
     bootstrap::bootstrap,
     consumer::{self, ConsumerSpec},
     offsets::Offsets,
+    ops, raw,
     resync::resync,
     shutdown::Shutdown,
     startup::{sink_description, sink_is_empty, start_point_and_fence, NewStore},
@@ -46,6 +47,8 @@ use crate::{
 
 /// How often a catching-up engine logs its progress.
 pub(crate) const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// How often a consumer session checks whether its NATS connection was re-established.
+const CONNECTION_CHECK: Duration = Duration::from_millis(200);
 /// Pull requests expire after this long (heartbeats keep idle pulls honest in between).
 const PULL_EXPIRES: Duration = Duration::from_secs(30);
 
@@ -131,6 +134,7 @@ impl<S: Sink> Engine<S> {
         let mut applier = Applier::new(&config, sink, offsets, applied, stats.clone())?;
         // The sink's fence is the truth at start: the checkpoint may lag it (crash window 3).
         applier.lazy_checkpoint = has_fence;
+        retry_newly_synced(&config, &mut applier).await?;
         let mut state = LoopState {
             applier,
             spec: ConsumerSpec {
@@ -146,8 +150,16 @@ impl<S: Sink> Engine<S> {
             stats: &stats,
         };
         let mut session_backoff = Backoff::new("consuming the stream", max_backoff);
+        let mut stuck = Stuck::default();
         while !shutdown.is_requested() {
-            match engine.session(&client, &mut state, &mut shutdown).await {
+            let before = state.applier.applied;
+            let ended = engine.session(&client, &mut state, &mut shutdown).await;
+            let failed = match &ended {
+                Ok(SessionEnd::Reset(_)) => true,
+                Err(e) => e.is_retryable(),
+                Ok(SessionEnd::Shutdown) => false,
+            };
+            match ended {
                 Ok(SessionEnd::Shutdown) => break,
                 Ok(SessionEnd::Reset(reason)) => {
                     stats.add_consumer_reset();
@@ -165,10 +177,74 @@ impl<S: Sink> Engine<S> {
                 }
                 Err(e) => return Err(e),
             }
+            // Sessions dying again and again at the same applied sequence: maybe a message the
+            // client library cannot parse (it drops the connection on delivery; see `raw.rs`).
+            if !stuck.observe(failed, before, state.applier.applied) {
+                continue;
+            }
+            match engine.unstick(&client, &mut state, &mut shutdown).await {
+                Ok(true) => {
+                    stuck = Stuck::default();
+                    session_backoff.succeed();
+                }
+                Ok(false) => {
+                    // Nothing to park: keep retrying, with backoff so that an unexplained
+                    // failure does not spin.
+                    let why = "consumer sessions keep ending at the same sequence";
+                    if !session_backoff.fail(&why, &mut shutdown).await {
+                        break;
+                    }
+                }
+                Err(e) if e.is_retryable() => {
+                    if !session_backoff.fail(&e, &mut shutdown).await {
+                        break;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         }
         tracing::info!(applied = state.applier.applied, "applier stopped");
         Ok(())
     }
+}
+
+/// Applies the parked events of rows whose table the configuration now lists and which were
+/// parked as "table not synced here", through `parked retry`'s path (in sequence order per
+/// row, a failing one stays parked with the rest held behind it). A sink that is unavailable
+/// just leaves them for the next start.
+async fn retry_newly_synced<S: Sink>(
+    config: &Config,
+    applier: &mut Applier<S>,
+) -> Result<(), EngineError> {
+    let mut rows = Vec::new();
+    for (row, &first) in applier.blocked() {
+        if !applier.rules.syncs(&row.table) {
+            continue;
+        }
+        let head = applier.offsets.parked_event(&applier.group, first)?;
+        if head.is_some_and(|e| e.error == NOT_SYNCED_HERE) {
+            rows.push(row.clone());
+        }
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    rows.sort();
+    let fence = applier.applied;
+    match ops::retry_rows(config, &mut applier.sink, &applier.offsets, fence, &rows).await {
+        Ok(report) => tracing::info!(
+            rows = rows.len(),
+            applied = report.applied.len(),
+            still_parked = report.still_parked.len(),
+            "applied the parked events of tables the configuration now lists"
+        ),
+        Err(e) if e.is_retryable() => tracing::warn!(
+            error = %e,
+            "could not apply the parked events of tables the configuration now lists; the next start tries again"
+        ),
+        Err(e) => return Err(e),
+    }
+    applier.reload_blocked()
 }
 
 /// Connects (retrying while the server is unreachable) and provisions the stream if asked.
@@ -183,6 +259,10 @@ pub(crate) async fn connect(
             let client = jetsync::Client::connect(config).await?;
             if config.stream.provision {
                 client.provision().await?;
+            } else {
+                // A stream someone else provisioned must still be one jetsync can rely on
+                // (DESIGN §5); a failed check is a configuration error naming stream.provision.
+                jetsync::check_existing_stream(client.jetstream(), &config.stream).await?;
             }
             Ok::<_, jetsync::Error>(client)
         };
@@ -217,6 +297,33 @@ pub(crate) async fn get_stream(
             }
             Err(EngineError::nats("get stream", e))
         }
+    }
+}
+
+/// Consecutive consumer sessions that ended (a reset or a retryable error, not shutdown)
+/// without moving the applied sequence.
+#[derive(Debug, Default)]
+struct Stuck {
+    at: u64,
+    failures: u32,
+}
+
+impl Stuck {
+    /// Records a session that ran from applied sequence `before` to `after`; true when the
+    /// engine should look at the next message raw (see `raw.rs`).
+    fn observe(&mut self, failed: bool, before: u64, after: u64) -> bool {
+        if !failed || after != before {
+            *self = Stuck::default();
+            return false;
+        }
+        if self.failures == 0 || self.at != after {
+            *self = Stuck {
+                at: after,
+                failures: 0,
+            };
+        }
+        self.failures += 1;
+        self.failures >= raw::STUCK_AFTER
     }
 }
 
@@ -294,10 +401,30 @@ impl Session<'_> {
 
         let ready = consumer::reconcile(&stream, &state.spec, applied).await?;
         let mut expected_cseq = ready.next_consumer_seq;
+        // Pulls are bounded in bytes as well as events, but never below the largest message
+        // the server accepts (a pull smaller than one message would never deliver it).
+        let nats = client.nats();
+        let batch_max_bytes = self.config.apply.batch_max_bytes as usize;
+        let pull_bytes = batch_max_bytes.max(nats.server_info().max_payload + 64 * 1024);
+        // A reconnect during the session (the client library drops its connection on a
+        // message it cannot parse, see `raw.rs`) ends it: deliveries may have been lost, and
+        // the engine must see the failure at once rather than after `ack_wait`.
+        let connection = nats.statistics();
+        let connects = connection
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let reconnected = || {
+            connection
+                .connects
+                .load(std::sync::atomic::Ordering::Relaxed)
+                != connects
+        };
+        let mut connection_check = tokio::time::interval(CONNECTION_CHECK);
         let mut messages = ready
             .consumer
             .stream()
             .max_messages_per_batch(state.spec.batch_max)
+            .max_bytes_per_batch(pull_bytes)
             .heartbeat(Duration::from_millis(self.config.apply.heartbeat_ms))
             .expires(PULL_EXPIRES)
             .messages()
@@ -324,21 +451,31 @@ impl Session<'_> {
                         idle_at = None;
                         state.applier.sink.idle().await?;
                     }
+                    _ = connection_check.tick() => {
+                        if reconnected() {
+                            return Ok(SessionEnd::Reset("the NATS connection was lost and re-established".into()));
+                        }
+                    }
                 }
             };
             let mut batch: Vec<Pulled> = Vec::new();
+            let mut batch_bytes = 0usize;
             let mut anomaly: Option<String> = None;
             match first {
                 None => return Ok(SessionEnd::Reset("the pull stream ended".into())),
                 Some(Err(e)) => return Ok(SessionEnd::Reset(format!("pull failed: {e}"))),
                 Some(Ok(m)) => match Pulled::check(m, &mut expected_cseq) {
-                    Ok(p) => batch.push(p),
+                    Ok(p) => {
+                        batch_bytes += p.message.payload.len();
+                        batch.push(p);
+                    }
                     Err(reason) => return Ok(SessionEnd::Reset(reason)),
                 },
             }
             // Fill the batch: take what is already buffered without waiting; wait up to
-            // `batch_wait` only while the server says more events are pending.
-            while batch.len() < batch_max {
+            // `batch_wait` only while the server says more events are pending. A batch also
+            // ends once its bodies reach `apply.batch_max_bytes`.
+            while batch.len() < batch_max && batch_bytes < batch_max_bytes {
                 let next = match messages.next().now_or_never() {
                     Some(next) => next,
                     None => {
@@ -354,7 +491,10 @@ impl Session<'_> {
                 };
                 match next {
                     Some(Ok(m)) => match Pulled::check(m, &mut expected_cseq) {
-                        Ok(p) => batch.push(p),
+                        Ok(p) => {
+                            batch_bytes += p.message.payload.len();
+                            batch.push(p);
+                        }
                         Err(reason) => {
                             anomaly = Some(reason);
                             break;
@@ -402,8 +542,53 @@ impl Session<'_> {
             if let Some(reason) = anomaly {
                 return Ok(SessionEnd::Reset(reason));
             }
+            if reconnected() {
+                return Ok(SessionEnd::Reset(
+                    "the NATS connection was lost and re-established".into(),
+                ));
+            }
             if shutdown.is_requested() {
                 return Ok(SessionEnd::Shutdown);
+            }
+        }
+    }
+
+    /// Fetches the next message after the applied sequence raw (not through the client's
+    /// parser) and parks it if the client would refuse it. Returns true when it parked one.
+    async fn unstick<S: Sink>(
+        &self,
+        client: &jetsync::Client,
+        state: &mut LoopState<S>,
+        shutdown: &mut Shutdown,
+    ) -> Result<bool, EngineError> {
+        let applied = state.applier.applied;
+        let next = applied + 1;
+        let lookup = raw::Lookup::NextAfter {
+            seq: next,
+            filter: &state.spec.filter,
+        };
+        let Some(message) =
+            raw::fetch(client.jetstream(), &self.config.stream.name, lookup).await?
+        else {
+            tracing::info!(
+                applied,
+                "consumer sessions keep ending, and no stored message follows the applied sequence"
+            );
+            return Ok(false);
+        };
+        let seq = message.seq;
+        match raw::refusal(&message.subject, message.headers.as_deref()) {
+            None => {
+                tracing::warn!(
+                    applied,
+                    seq,
+                    "consumer sessions keep ending at the same sequence, but the next message looks valid (not parked); retrying"
+                );
+                Ok(false)
+            }
+            Some(reason) => {
+                let event = raw::parked(message, &self.config.stream.subject_prefix, &reason);
+                state.applier.park_unparseable(event, shutdown).await
             }
         }
     }

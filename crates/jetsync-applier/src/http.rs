@@ -10,8 +10,28 @@
 //!
 //! Metrics carry the constant labels `stream` and `instance`. Counters count since the process
 //! started (Prometheus handles the reset at a restart).
+//!
+//! Abuse bounds (`[http]`): a request header must arrive within `header_timeout_ms` (hyper's
+//! header read timeout; it also bounds how long a keep-alive connection may wait before its
+//! next request), a connection on which nothing is read or written for `idle_timeout_ms` is
+//! closed (a client that stops reading its response), and at most `max_connections` are
+//! served at once (further clients wait in the listen backlog). `/status` is served from a
+//! report cached for [`STATUS_CACHE_TTL`] and refreshed by one request at a time over one
+//! long-lived NATS connection of the endpoint, so a flood of `/status` requests opens no NATS
+//! connection and sends the server at most one round of requests per TTL.
 
-use std::{borrow::Cow, fmt, io, net::SocketAddr, sync::Arc};
+use std::{
+    borrow::Cow,
+    fmt, io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
 
 use axum::{
     extract::State,
@@ -28,7 +48,25 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::{stats::BATCH_SECONDS_BUCKETS, status::collect_status, Stats, StatsSnapshot};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    sync::{Mutex, OnceCell, Semaphore},
+};
+
+#[allow(unused_imports)] // named in the module docs
+use crate::status::collect_status;
+use crate::{
+    stats::BATCH_SECONDS_BUCKETS,
+    status::{collect_status_with, Remote},
+    Stats, StatsSnapshot, StatusReport,
+};
+
+/// How long `/status` serves a report before one request refreshes it.
+pub const STATUS_CACHE_TTL: Duration = Duration::from_millis(500);
+
+/// Listen backlog: clients beyond `http.max_connections` wait here rather than being refused.
+const LISTEN_BACKLOG: u32 = 4096;
 
 /// Content type of `/metrics`.
 pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -49,6 +87,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "jetsync_batch_apply_duration_seconds",
     "jetsync_consumer_resets",
     "jetsync_resyncs",
+    "jetsync_events_skipped",
 ];
 
 /// Whether an engine with these counters is ready: connected, and at most `max_lag` events
@@ -199,6 +238,12 @@ impl Collector for StatsCollector {
             s.consumer_resets,
         )?;
         Self::counter(e, "resyncs", "Snapshot resyncs", s.resyncs)?;
+        Self::counter(
+            e,
+            "events_skipped",
+            "Events acknowledged without being applied (tables not synced here, apply.other_tables = \"skip\")",
+            s.events_skipped,
+        )?;
         Ok(())
     }
 }
@@ -207,6 +252,60 @@ struct Shared {
     config: Config,
     stats: Arc<Stats>,
     registry: Registry,
+    status: StatusCache,
+}
+
+/// The `/status` report, refreshed at most every [`STATUS_CACHE_TTL`] by one request at a
+/// time (the others wait for it and share its result), over one NATS connection made at the
+/// first refresh and kept.
+struct StatusCache {
+    client: OnceCell<jetsync::Client>,
+    last: Mutex<Option<(Instant, Result<StatusReport, String>)>>,
+}
+
+impl StatusCache {
+    fn new() -> StatusCache {
+        StatusCache {
+            client: OnceCell::new(),
+            last: Mutex::new(None),
+        }
+    }
+
+    async fn report(&self, config: &Config) -> Result<StatusReport, String> {
+        // Holding the lock across the refresh makes concurrent requests wait for it instead
+        // of refreshing too.
+        let mut last = self.last.lock().await;
+        if let Some((at, report)) = last.as_ref() {
+            if at.elapsed() < STATUS_CACHE_TTL {
+                return report.clone();
+            }
+        }
+        let report = self.refresh(config).await;
+        *last = Some((Instant::now(), report.clone()));
+        report
+    }
+
+    async fn refresh(&self, config: &Config) -> Result<StatusReport, String> {
+        let connected = tokio::time::timeout(
+            crate::STATUS_NATS_TIMEOUT,
+            self.client
+                .get_or_try_init(|| async { jetsync::Client::connect(config).await }),
+        )
+        .await;
+        // Without a connection: the same report `status` prints when it cannot connect (the
+        // checkpoint half, the reason in `nats_error`); the next refresh connects again.
+        let remote = match connected {
+            Ok(Ok(client)) => Remote::Use(client),
+            Ok(Err(e)) => Remote::Unavailable(format!("{:#}", anyhow::Error::from(e))),
+            Err(_) => Remote::Unavailable(format!(
+                "timed out after {} s",
+                crate::STATUS_NATS_TIMEOUT.as_secs()
+            )),
+        };
+        collect_status_with(config, remote)
+            .await
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// The endpoint's routes, for `config`'s instance and the engine counters `stats`
@@ -217,6 +316,7 @@ pub fn router(config: Config, stats: Arc<Stats>) -> Router {
         config,
         stats,
         registry,
+        status: StatusCache::new(),
     });
     Router::new()
         .route("/metrics", get(metrics))
@@ -252,7 +352,7 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, String) {
 }
 
 async fn status(State(shared): State<Arc<Shared>>) -> Response {
-    match collect_status(&shared.config).await {
+    match shared.status.report(&shared.config).await {
         Ok(report) => {
             let code = if report.nats_available() {
                 StatusCode::OK
@@ -275,20 +375,29 @@ pub struct HttpEndpoint {
 }
 
 impl HttpEndpoint {
-    /// Binds `listen` and serves [`router`] on it in a background task.
+    /// Binds `listen` and serves [`router`] on it in a background task, within the limits of
+    /// `config.http` (see the module docs).
     pub async fn start(
         listen: SocketAddr,
         config: Config,
         stats: Arc<Stats>,
     ) -> io::Result<HttpEndpoint> {
-        let listener = tokio::net::TcpListener::bind(listen).await?;
+        let socket = if listen.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(listen)?;
+        let listener = socket.listen(LISTEN_BACKLOG)?;
         let local_addr = listener.local_addr()?;
+        let limits = Limits {
+            header_timeout: Duration::from_millis(config.http.header_timeout_ms),
+            idle_timeout: Duration::from_millis(config.http.idle_timeout_ms),
+            max_connections: config.http.max_connections,
+        };
         let app = router(config, stats);
-        let task = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "the HTTP endpoint stopped");
-            }
-        });
+        let task = tokio::spawn(serve(listener, app, limits));
         tracing::info!(%local_addr, "HTTP endpoint listening (/metrics, /healthz, /readyz, /status)");
         Ok(HttpEndpoint { local_addr, task })
     }
@@ -302,6 +411,160 @@ impl HttpEndpoint {
 impl Drop for HttpEndpoint {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// The `[http]` bounds on connections.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    header_timeout: Duration,
+    idle_timeout: Duration,
+    max_connections: usize,
+}
+
+/// Accepts connections while fewer than `max_connections` are open and serves each in a task
+/// of its own. Aborting this task leaves running connections to finish on their own (each is
+/// bounded by the timeouts).
+async fn serve(listener: tokio::net::TcpListener, app: Router, limits: Limits) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return; // never closed
+        };
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                // Out of file descriptors and the like: wait rather than spin.
+                tracing::warn!(error = %e, "HTTP endpoint: accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let app = app.clone();
+        tokio::spawn(async move {
+            serve_connection(tcp, app, limits).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Serves one connection until the client closes it, it breaks the header timeout, or nothing
+/// moves on it for the idle timeout.
+async fn serve_connection(tcp: TcpStream, app: Router, limits: Limits) {
+    let activity = Activity::new();
+    let io = hyper_util::rt::TokioIo::new(Tracked {
+        inner: tcp,
+        activity: activity.clone(),
+    });
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true)
+        .serve_connection(io, service);
+    tokio::pin!(conn);
+    loop {
+        let deadline = activity.last() + limits.idle_timeout;
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "HTTP connection ended with an error");
+                }
+                return;
+            }
+            () = tokio::time::sleep_until(deadline.into()) => {
+                if activity.last() + limits.idle_timeout <= Instant::now() {
+                    tracing::debug!("closing an idle HTTP connection");
+                    return; // dropping the connection closes the socket
+                }
+            }
+        }
+    }
+}
+
+/// When a connection last read or wrote something.
+#[derive(Clone)]
+struct Activity {
+    start: Instant,
+    /// Milliseconds after `start`.
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            start: Instant::now(),
+            last_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// A TCP stream that records its read and write activity.
+struct Tracked {
+    inner: TcpStream,
+    activity: Activity,
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(poll, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        poll
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        poll
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 
@@ -382,6 +645,7 @@ mod tests {
             format!("jetsync_batch_apply_duration_seconds_bucket{{{l},le=\"+Inf\"}} 1\n"),
             format!("jetsync_consumer_resets_total{{{l}}} 0\n"),
             format!("jetsync_resyncs_total{{{l}}} 0\n"),
+            format!("jetsync_events_skipped_total{{{l}}} 0\n"),
         ] {
             assert!(text.contains(&want), "missing {want:?} in\n{text}");
         }

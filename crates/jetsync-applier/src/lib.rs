@@ -29,6 +29,7 @@ mod http;
 mod offsets;
 mod ops;
 mod parked;
+mod raw;
 mod resync;
 mod shutdown;
 mod sink;

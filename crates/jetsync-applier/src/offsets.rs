@@ -25,7 +25,7 @@
 //!   they must be durable before the sink's fence passes them (see `apply.rs`).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
     sync::Mutex,
     time::{Duration, Instant},
@@ -36,7 +36,10 @@ use redb::{
     TableDefinition,
 };
 
-use crate::{parked::ParkedEvent, sinks::redb::blocking};
+use crate::{
+    parked::{ParkedEvent, RowId},
+    sinks::redb::blocking,
+};
 
 /// How old the last checkpoint commit may get before a recorded checkpoint is committed (see
 /// [`Offsets::record`]).
@@ -49,6 +52,12 @@ const APPLIED: TableDefinition<'_, &str, u64> = TableDefinition::new("applied");
 const APPLIED_EVENTS: TableDefinition<'_, &str, u64> = TableDefinition::new("applied_events");
 /// (group, stream sequence) → parked event (JSON, see `parked.rs`).
 const PARKED: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("parked");
+/// (group, stream sequence) → the row of the parked event (`table/key`, empty for an event
+/// whose subject maps to no row): an index of [`PARKED`] without the bodies, so that the engine
+/// rebuilds its set of blocked rows and `status` counts parked events without reading every
+/// parked body. Kept in the same transaction as `PARKED`; built from it when a store written
+/// before the index existed is opened.
+const PARKED_ROWS: TableDefinition<'_, (&str, u64), &str> = TableDefinition::new("parked_rows");
 /// group → 1 while a snapshot bootstrap is in progress (a restart resumes it).
 const BOOTSTRAP: TableDefinition<'_, &str, u64> = TableDefinition::new("bootstrap");
 /// group → target sequence while a snapshot resync is pending: the parked events already
@@ -137,8 +146,30 @@ impl Offsets {
             path: path.to_owned(),
             deferred: Mutex::new(Deferred::default()),
         };
+        // A store written before the parked-rows index existed gets it built once, here.
+        let has_index = {
+            let tx = offsets.db.begin_read().map_err(|e| offsets.err(e))?;
+            match tx.open_table(PARKED_ROWS) {
+                Ok(_) => true,
+                Err(redb::TableError::TableDoesNotExist(_)) => false,
+                Err(e) => return Err(offsets.err(e)),
+            }
+        };
         // Create the tables so read-only opens find them.
         let tx = offsets.db.begin_write().map_err(|e| offsets.err(e))?;
+        if !has_index {
+            let parked = tx.open_table(PARKED).map_err(|e| offsets.err(e))?;
+            let mut index = tx.open_table(PARKED_ROWS).map_err(|e| offsets.err(e))?;
+            for entry in parked.iter().map_err(|e| offsets.err(e))? {
+                let (key, value) = entry.map_err(|e| offsets.err(e))?;
+                let (group, seq) = key.value();
+                let event = ParkedEvent::from_bytes(value.value()).map_err(|e| offsets.err(e))?;
+                index
+                    .insert((group, seq), row_key(&event).as_str())
+                    .map_err(|e| offsets.err(e))?;
+            }
+        }
+        tx.open_table(PARKED_ROWS).map_err(|e| offsets.err(e))?;
         tx.open_table(APPLIED).map_err(|e| offsets.err(e))?;
         tx.open_table(APPLIED_EVENTS).map_err(|e| offsets.err(e))?;
         tx.open_table(PARKED).map_err(|e| offsets.err(e))?;
@@ -309,13 +340,49 @@ impl Offsets {
         let tx = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut parked = tx.open_table(PARKED).map_err(|e| self.err(e))?;
+            let mut index = tx.open_table(PARKED_ROWS).map_err(|e| self.err(e))?;
             for event in events {
                 parked
                     .insert((group, event.seq), event.to_bytes().as_slice())
                     .map_err(|e| self.err(e))?;
+                index
+                    .insert((group, event.seq), row_key(event).as_str())
+                    .map_err(|e| self.err(e))?;
             }
         }
         tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// The rows of `group` with parked events → the sequence of each one's first parked
+    /// event: the rows the engine holds. Read from the index, without the parked bodies.
+    pub(crate) fn blocked_rows(&self, group: &str) -> Result<HashMap<RowId, u64>, OffsetsError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let index = tx.open_table(PARKED_ROWS).map_err(|e| self.err(e))?;
+        let mut blocked = HashMap::new();
+        for entry in index
+            .range((group, 0)..=(group, u64::MAX))
+            .map_err(|e| self.err(e))?
+        {
+            let (key, row) = entry.map_err(|e| self.err(e))?;
+            if let Ok(row) = row.value().parse::<RowId>() {
+                blocked.entry(row).or_insert(key.value().1);
+            }
+        }
+        Ok(blocked)
+    }
+
+    /// The parked event of `group` at `seq`, if any.
+    pub(crate) fn parked_event(
+        &self,
+        group: &str,
+        seq: u64,
+    ) -> Result<Option<ParkedEvent>, OffsetsError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = tx.open_table(PARKED).map_err(|e| self.err(e))?;
+        let value = table.get((group, seq)).map_err(|e| self.err(e))?;
+        value
+            .map(|v| ParkedEvent::from_bytes(v.value()).map_err(|e| self.err(e)))
+            .transpose()
     }
 
     /// The parked events of `group`, in sequence order.
@@ -325,10 +392,10 @@ impl Offsets {
         collect_parked(&table, group).map_err(|e| self.err(e))
     }
 
-    /// How many events of `group` are parked (counted, not read).
+    /// How many events of `group` are parked (counted in the index, bodies not read).
     pub fn parked_count(&self, group: &str) -> Result<u64, OffsetsError> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = tx.open_table(PARKED).map_err(|e| self.err(e))?;
+        let table = tx.open_table(PARKED_ROWS).map_err(|e| self.err(e))?;
         count_parked(&table, group).map_err(|e| self.err(e))
     }
 
@@ -337,8 +404,10 @@ impl Offsets {
         let tx = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut parked = tx.open_table(PARKED).map_err(|e| self.err(e))?;
+            let mut index = tx.open_table(PARKED_ROWS).map_err(|e| self.err(e))?;
             for &seq in seqs {
                 parked.remove((group, seq)).map_err(|e| self.err(e))?;
+                index.remove((group, seq)).map_err(|e| self.err(e))?;
             }
         }
         tx.commit().map_err(|e| self.err(e))
@@ -356,17 +425,24 @@ impl Offsets {
         let tx = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut parked = tx.open_table(PARKED).map_err(|e| self.err(e))?;
-            let old: Vec<u64> = collect_parked(&parked, group)
+            let mut index = tx.open_table(PARKED_ROWS).map_err(|e| self.err(e))?;
+            let mut old: Vec<u64> = Vec::new();
+            for entry in index
+                .range((group, 0)..=(group, u64::MAX))
                 .map_err(|e| self.err(e))?
-                .iter()
-                .map(|p| p.seq)
-                .collect();
+            {
+                old.push(entry.map_err(|e| self.err(e))?.0.value().1);
+            }
             for seq in old {
                 parked.remove((group, seq)).map_err(|e| self.err(e))?;
+                index.remove((group, seq)).map_err(|e| self.err(e))?;
             }
             for event in parks {
                 parked
                     .insert((group, event.seq), event.to_bytes().as_slice())
+                    .map_err(|e| self.err(e))?;
+                index
+                    .insert((group, event.seq), row_key(event).as_str())
                     .map_err(|e| self.err(e))?;
             }
             let mut resync = tx.open_table(RESYNC).map_err(|e| self.err(e))?;
@@ -445,8 +521,13 @@ impl Drop for Offsets {
     }
 }
 
-fn count_parked(
-    table: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+/// The index value of a parked event's row: `table/key`, or empty without a row.
+fn row_key(event: &ParkedEvent) -> String {
+    event.row.as_ref().map(RowId::to_string).unwrap_or_default()
+}
+
+fn count_parked<V: redb::Value + 'static>(
+    table: &impl ReadableTable<(&'static str, u64), V>,
     group: &str,
 ) -> Result<u64, String> {
     let range = table
@@ -503,9 +584,14 @@ pub fn read_checkpoint(path: &Path, group: &str) -> Result<Checkpoint, OffsetsEr
             Err(e) => Err(storage(path, e)),
         }
     };
-    let parked = match tx.open_table(PARKED) {
+    let parked = match tx.open_table(PARKED_ROWS) {
         Ok(table) => count_parked(&table, group).map_err(|e| storage(path, e))?,
-        Err(redb::TableError::TableDoesNotExist(_)) => 0,
+        // A store written before the index existed (and not opened for writing since).
+        Err(redb::TableError::TableDoesNotExist(_)) => match tx.open_table(PARKED) {
+            Ok(table) => count_parked(&table, group).map_err(|e| storage(path, e))?,
+            Err(redb::TableError::TableDoesNotExist(_)) => 0,
+            Err(e) => return Err(storage(path, e)),
+        },
         Err(e) => return Err(storage(path, e)),
     };
     Ok(Checkpoint {
@@ -645,6 +731,99 @@ mod tests {
         // Reopening an existing file keeps it (and its mode).
         let offsets = Offsets::open(&path).unwrap();
         assert!(offsets.knows("G").unwrap());
+    }
+
+    fn event(seq: u64, row: Option<&str>, held_behind: Option<u64>) -> ParkedEvent {
+        ParkedEvent {
+            seq,
+            subject: format!("g.{}", row.unwrap_or("x").replace('/', ".")),
+            row: row.map(|r| r.parse().unwrap()),
+            format: None,
+            msg_id: None,
+            payload: vec![0; 1000],
+            error: "e".into(),
+            held_behind,
+            parked_at_ms: 1,
+            raw_headers: None,
+        }
+    }
+
+    #[test]
+    fn blocked_rows_come_from_the_index_and_follow_park_and_unpark() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.redb");
+        let offsets = Offsets::open(&path).unwrap();
+        offsets
+            .park(
+                "G",
+                &[
+                    event(5, Some("items/a"), None),
+                    event(7, None, None),
+                    event(9, Some("items/a"), Some(5)),
+                    event(11, Some("items/b/c"), None),
+                ],
+            )
+            .unwrap();
+        offsets
+            .park("H", &[event(1, Some("items/z"), None)])
+            .unwrap();
+        let blocked = offsets.blocked_rows("G").unwrap();
+        let want: HashMap<RowId, u64> = [
+            ("items/a".parse().unwrap(), 5),
+            ("items/b/c".parse().unwrap(), 11),
+        ]
+        .into();
+        assert_eq!(blocked, want);
+        assert_eq!(offsets.parked_count("G").unwrap(), 4);
+        assert_eq!(read_checkpoint(&path, "G").unwrap().parked, 4);
+        assert_eq!(offsets.parked_event("G", 7).unwrap().unwrap().seq, 7);
+        assert_eq!(offsets.parked_event("G", 8).unwrap(), None);
+        // Re-parking under the same sequence overwrites; unparking the head moves the row's
+        // first parked sequence to the next one.
+        offsets
+            .park("G", &[event(5, Some("items/a"), None)])
+            .unwrap();
+        assert_eq!(offsets.parked_count("G").unwrap(), 4);
+        offsets.unpark("G", &[5, 11]).unwrap();
+        let blocked = offsets.blocked_rows("G").unwrap();
+        assert_eq!(blocked, [("items/a".parse().unwrap(), 9)].into());
+        // A resync replaces the group's parked events and their index.
+        offsets
+            .begin_resync("G", 20, &[event(15, Some("items/q"), None)])
+            .unwrap();
+        assert_eq!(
+            offsets.blocked_rows("G").unwrap(),
+            [("items/q".parse().unwrap(), 15)].into()
+        );
+        assert_eq!(offsets.parked_count("G").unwrap(), 1);
+        assert_eq!(offsets.parked_count("H").unwrap(), 1);
+    }
+
+    #[test]
+    fn a_store_without_the_index_gets_it_built_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.redb");
+        {
+            // A store as written before the index existed: parked events only.
+            let db = builder().create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            {
+                let mut parked = tx.open_table(PARKED).unwrap();
+                for e in [event(3, Some("items/a"), None), event(4, None, None)] {
+                    parked
+                        .insert(("G", e.seq), e.to_bytes().as_slice())
+                        .unwrap();
+                }
+            }
+            tx.commit().unwrap();
+        }
+        assert_eq!(read_checkpoint(&path, "G").unwrap().parked, 2);
+        let offsets = Offsets::open(&path).unwrap();
+        assert_eq!(
+            offsets.blocked_rows("G").unwrap(),
+            [("items/a".parse().unwrap(), 3)].into()
+        );
+        assert_eq!(offsets.parked_count("G").unwrap(), 2);
     }
 
     #[test]

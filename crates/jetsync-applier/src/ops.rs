@@ -8,7 +8,7 @@ use jetsync::Config;
 use serde::Serialize;
 
 use crate::{
-    apply::Applier,
+    apply::{Applier, Rules, NOT_SYNCED_HERE},
     decode::{decode, RawEvent},
     engine,
     offsets::Offsets,
@@ -82,7 +82,6 @@ pub async fn retry_parked<S: Sink>(
     rows: &[RowId],
 ) -> Result<RetryReport, EngineError> {
     let group = config.stream.name.clone();
-    let prefix = config.stream.subject_prefix.clone();
     let offsets = Offsets::open(&config.redb_path())?;
     let mut shutdown = Shutdown::spawn(std::future::pending());
     let max_backoff = Duration::from_millis(config.apply.retry_max_backoff_ms);
@@ -97,6 +96,21 @@ pub async fn retry_parked<S: Sink>(
     )
     .await?
     .unwrap_or(0);
+    retry_rows(config, &mut sink, &offsets, fence, rows).await
+}
+
+/// [`retry_parked`] with an open checkpoint store and the sink's `fence` (also used by the
+/// engine at start, for rows of tables the configuration now lists).
+pub(crate) async fn retry_rows<S: Sink>(
+    config: &Config,
+    sink: &mut S,
+    offsets: &Offsets,
+    fence: u64,
+    rows: &[RowId],
+) -> Result<RetryReport, EngineError> {
+    let group = config.stream.name.clone();
+    let prefix = config.stream.subject_prefix.clone();
+    let rules = Rules::of(config);
     let parked = offsets.parked(&group)?;
     let wanted: BTreeSet<&RowId> = rows.iter().collect();
     let mut report = RetryReport {
@@ -115,13 +129,21 @@ pub async fn retry_parked<S: Sink>(
                 failed = Some((i, event.error.clone()));
                 break;
             }
+            // A table the configuration does not list stays parked.
+            if event.row.as_ref().is_some_and(|r| !rules.syncs(&r.table)) {
+                failed = Some((i, NOT_SYNCED_HERE.to_owned()));
+                break;
+            }
             let raw = RawEvent {
                 seq: event.seq,
                 subject: &event.subject,
                 format: event.format.as_deref(),
                 payload: &event.payload,
             };
-            match decode(&prefix, raw) {
+            let limits = jetsync::codec::DecodeLimits {
+                max_columns: config.apply.max_columns,
+            };
+            match decode(&prefix, raw, limits) {
                 Ok(change) => changes.push(change),
                 Err(f) => {
                     failed = Some((i, f.reason().to_owned()));

@@ -64,6 +64,12 @@ pub struct ParkedEvent {
     pub held_behind: Option<u64>,
     /// When it was parked (milliseconds since the Unix epoch).
     pub parked_at_ms: u64,
+    /// The raw header block (`NATS/1.0\r\n…`) of a message the NATS client library could not
+    /// parse, fetched through the stream's message-get API; base64 like `payload`. `None` for
+    /// every other event (whose headers the other fields carry), and in records written before
+    /// this field existed.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "b64_opt")]
+    pub raw_headers: Option<Vec<u8>>,
 }
 
 impl ParkedEvent {
@@ -123,6 +129,28 @@ mod b64 {
     }
 }
 
+mod b64_opt {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match bytes {
+            Some(bytes) => super::b64::serialize(bytes, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            Some(text) => base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+            None => Ok(None),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,8 +180,17 @@ mod tests {
             error: "missing Jetsync-Format".into(),
             held_behind: None,
             parked_at_ms: 1,
+            raw_headers: None,
         };
         assert_eq!(ParkedEvent::from_bytes(&e.to_bytes()).unwrap(), e);
         assert!(ParkedEvent::from_bytes(b"nope").is_err());
+        // Raw header bytes round-trip, and a record without the field reads as None.
+        let raw = ParkedEvent {
+            raw_headers: Some(b"NATS/1.0\r\nX-Bad: \xff\r\n\r\n".to_vec()),
+            ..e.clone()
+        };
+        assert_eq!(ParkedEvent::from_bytes(&raw.to_bytes()).unwrap(), raw);
+        let old = br#"{"seq":7,"subject":"g.items.A","row":{"table":"items","key":"A"},"format":null,"msg_id":"m","payload":"AJ+Slv8=","error":"missing Jetsync-Format","held_behind":null,"parked_at_ms":1}"#;
+        assert_eq!(ParkedEvent::from_bytes(old).unwrap(), e);
     }
 }

@@ -31,10 +31,10 @@ use async_nats::jetstream;
 use jetsync::{Config, OnPoison};
 
 use crate::{
-    apply::{held, record, Applier},
+    apply::{held, record, Applier, Verdict},
     backoff::Backoff,
     bootstrap::BOOTSTRAP_BATCH,
-    decode::{decode, row_of, DecodeFailure, RawEvent},
+    decode::{header, RawEvent},
     parked::{ParkedEvent, RowId},
     shutdown::Shutdown,
     snapshot::start_snapshot,
@@ -187,7 +187,8 @@ async fn stream<S: Sink>(
     Ok(true)
 }
 
-/// Classifies one snapshot batch like Apply mode does, parks what cannot be applied (durably,
+/// Classifies one snapshot batch like Apply mode does ([`Rules::classify`](crate::apply::Rules):
+/// poison, tables not synced here, oversized events, held rows), parks what cannot be applied (durably,
 /// before the sink sees the chunk, so the commit can never pass an unrecorded park) and sends
 /// the rest as one chunk. A change the sink rejects is parked (with the later changes of its
 /// row in the chunk held behind it) and the chunk is sent again without them.
@@ -203,24 +204,14 @@ async fn chunk<S: Sink>(
     let mut parks: Vec<ParkedEvent> = Vec::new();
     for (i, &(seq, message)) in events.iter().enumerate() {
         let raw = RawEvent::of_message(seq, message);
-        match row_of(&applier.prefix, raw.subject) {
-            Err(reason) => parks.push(record(raw, message, None, reason, None)),
-            Ok(row) => match state.blocked.get(&row) {
-                Some(&first) if seq > first => parks.push(held(raw, message, row, first)),
-                _ => match decode(&applier.prefix, raw) {
-                    Ok(change) => {
-                        changes.push(change);
-                        sources.push(i);
-                    }
-                    Err(DecodeFailure::Body(row, reason)) => {
-                        state.blocked.insert(row.clone(), seq);
-                        parks.push(record(raw, message, Some(row), reason, None));
-                    }
-                    Err(DecodeFailure::Subject(reason)) => {
-                        parks.push(record(raw, message, None, reason, None))
-                    }
-                },
-            },
+        let msg_id = header(message.headers.as_ref(), "Nats-Msg-Id");
+        match applier.rules.classify(raw, msg_id, &mut state.blocked) {
+            Verdict::Apply(change) => {
+                changes.push(change);
+                sources.push(i);
+            }
+            Verdict::Park(parked) => parks.push(parked),
+            Verdict::Skip => {}
         }
     }
     if applier.on_poison == OnPoison::Halt {
@@ -261,7 +252,7 @@ async fn chunk<S: Sink>(
                 };
                 let mut new_parks = vec![record(
                     RawEvent::of_message(rseq, message),
-                    message,
+                    header(message.headers.as_ref(), "Nats-Msg-Id"),
                     Some(row.clone()),
                     format!("rejected by the sink: {reason}"),
                     None,
@@ -272,7 +263,12 @@ async fn chunk<S: Sink>(
                     if changes[i].table == row.table && changes[i].key == row.key {
                         changes.remove(i);
                         let (s, m) = events[sources.remove(i)];
-                        new_parks.push(held(RawEvent::of_message(s, m), m, row.clone(), rseq));
+                        new_parks.push(held(
+                            RawEvent::of_message(s, m),
+                            header(m.headers.as_ref(), "Nats-Msg-Id"),
+                            row.clone(),
+                            rseq,
+                        ));
                     } else {
                         i += 1;
                     }

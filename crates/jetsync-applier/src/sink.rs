@@ -197,7 +197,9 @@ pub trait Sink: Send {
         async { Ok(()) }
     }
 
-    /// Sets the fence of `group` to `seq` without touching rows (`reset --to-seq`).
+    /// Sets the fence of `group` to exactly `seq` without touching rows: the operator's explicit
+    /// `reset --to-seq`, which may move it back (the next run applies the events after `seq`
+    /// again). Every other fence write (`apply`, `replace_commit`) only ever raises the fence.
     fn set_fence(
         &mut self,
         group: &str,

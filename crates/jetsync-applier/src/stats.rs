@@ -27,6 +27,7 @@ pub struct Stats {
     events_applied: AtomicU64,
     batches: AtomicU64,
     consumer_resets: AtomicU64,
+    events_skipped: AtomicU64,
     resyncs: AtomicU64,
     parked: AtomicU64,
     connected: AtomicBool,
@@ -50,6 +51,9 @@ pub struct StatsSnapshot {
     pub batches: u64,
     /// Times the durable consumer was recreated by this run (reconnects, lost deliveries).
     pub consumer_resets: u64,
+    /// Events acknowledged without being applied by this run: tables this instance does not
+    /// sync, with `apply.other_tables = "skip"`.
+    pub events_skipped: u64,
     /// Snapshot resyncs done by this run.
     pub resyncs: u64,
     /// Events currently parked (poison events and the events held behind them).
@@ -163,6 +167,7 @@ impl Stats {
             events_applied: self.events_applied.load(Ordering::Relaxed),
             batches: self.batches.load(Ordering::Relaxed),
             consumer_resets: self.consumer_resets.load(Ordering::Relaxed),
+            events_skipped: self.events_skipped.load(Ordering::Relaxed),
             resyncs: self.resyncs.load(Ordering::Relaxed),
             parked: self.parked.load(Ordering::Relaxed),
             connected: self.connected.load(Ordering::Relaxed),
@@ -225,6 +230,13 @@ impl Stats {
         self.events_applied
             .fetch_add(changes.len() as u64, Ordering::Relaxed);
         self.batches.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts events skipped (not applied, acknowledged) by a batch.
+    pub(crate) fn add_skipped(&self, events: u64) {
+        if events > 0 {
+            self.events_skipped.fetch_add(events, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn add_consumer_reset(&self) {

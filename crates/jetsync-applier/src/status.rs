@@ -3,7 +3,8 @@
 //!
 //! It reads the redb checkpoint read-only (which works while `run` holds it for writing, in
 //! another process or in the same one) and asks NATS for the stream's and the durable
-//! consumer's state over a connection of its own.
+//! consumer's state over a connection of its own (the CLI) or a connection it is given (the
+//! HTTP endpoint, which keeps one).
 
 use std::time::Duration;
 
@@ -118,6 +119,29 @@ impl StatusReport {
 /// reports 0) and, within [`STATUS_NATS_TIMEOUT`], the stream and consumer state. NATS problems
 /// are reported in `nats_error`, not as an error; only an unreadable checkpoint store fails.
 pub async fn collect_status(config: &Config) -> Result<StatusReport, OffsetsError> {
+    collect(config, Remote::Connect).await
+}
+
+/// Where the NATS half of a status comes from.
+pub(crate) enum Remote<'a> {
+    /// A connection of its own (the CLI).
+    Connect,
+    /// An existing connection (the HTTP endpoint).
+    Use(&'a jetsync::Client),
+    /// Unavailable for this reason: only the checkpoint half is reported.
+    Unavailable(String),
+}
+
+/// [`collect_status`] over an existing connection `client` instead of a connection of its
+/// own: what the HTTP endpoint's `/status` uses, so that requests open no NATS connection.
+pub(crate) async fn collect_status_with(
+    config: &Config,
+    remote: Remote<'_>,
+) -> Result<StatusReport, OffsetsError> {
+    collect(config, remote).await
+}
+
+async fn collect(config: &Config, remote: Remote<'_>) -> Result<StatusReport, OffsetsError> {
     let group = config.stream.name.clone();
     let redb_path = config.redb_path();
     let checkpoint = {
@@ -152,8 +176,22 @@ pub async fn collect_status(config: &Config) -> Result<StatusReport, OffsetsErro
         parked: checkpoint.parked,
         nats_error: None,
     };
+    let client = match remote {
+        Remote::Connect => None,
+        Remote::Use(client) => Some(client.clone()),
+        Remote::Unavailable(reason) => {
+            g.nats_error = Some(reason);
+            return Ok(StatusReport {
+                instance: config.instance.clone(),
+                groups: vec![g],
+            });
+        }
+    };
     let remote = async {
-        let client = jetsync::Client::connect(config).await?;
+        let client = match client {
+            Some(client) => client,
+            None => jetsync::Client::connect(config).await?,
+        };
         let js = client.jetstream();
         let mut stream = js
             .get_stream(&group)

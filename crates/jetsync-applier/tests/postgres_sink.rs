@@ -107,7 +107,8 @@ impl TestSchema {
 
     fn options(&self) -> PostgresOptions {
         let mut options = PostgresOptions::new(url());
-        options.schema = self.name.clone();
+        options.schema = Some(self.name.clone());
+        options.instance = "test-instance".to_owned();
         options
     }
 }
@@ -202,7 +203,7 @@ fn expect_rejected(err: SinkError, index: usize, needle: &str) -> String {
 
 #[tokio::test]
 async fn upsert_and_delete_with_bigint_and_text_keys() {
-    let (_schema, _service, mut sink) = setup(
+    let (_schema, service, mut sink) = setup(
         "CREATE TABLE nums (id bigint PRIMARY KEY, name text, qty integer, \
                             note text DEFAULT 'local', \
                             updated_at timestamptz NOT NULL DEFAULT now()); \
@@ -247,7 +248,11 @@ async fn upsert_and_delete_with_bigint_and_text_keys() {
     assert!(matches!(nums[0]["updated_at"], Value::Text(_)));
     assert_eq!(nums[1]["qty"], Value::Null);
 
-    // Upserts set the columns they carry and leave the others alone.
+    // Upserts replace the synced columns: those they do not carry take their default.
+    service
+        .batch_execute("UPDATE nums SET note = 'changed locally'")
+        .await
+        .unwrap();
     apply(
         &mut sink,
         &[
@@ -259,9 +264,11 @@ async fn upsert_and_delete_with_bigint_and_text_keys() {
     .await
     .unwrap();
     let nums = sink.read_table("nums").await.unwrap();
-    assert_eq!(nums[0]["name"], Value::from("one"));
+    assert_eq!(nums[0]["name"], Value::Null, "not carried: its default");
     assert_eq!(nums[0]["qty"], Value::I64(10));
+    assert_eq!(nums[0]["note"], Value::from("local"), "back to its default");
     assert_eq!(nums[1]["name"], Value::Null);
+    assert_eq!(nums[1]["qty"], Value::Null);
 
     // Deletes by text subject key on both key types; deleting an absent row is a no-op.
     apply(
@@ -402,7 +409,7 @@ async fn every_column_type_is_converted_and_read_back() {
     apply(
         &mut sink,
         &[
-            del(6, "by_uuid", "67E55044-10B1-426F-9247-BB680E5FE0C8"),
+            del(6, "by_uuid", "67e55044-10b1-426f-9247-bb680e5fe0c8"),
             del(7, "by_int4", "7"),
         ],
     )
@@ -410,6 +417,22 @@ async fn every_column_type_is_converted_and_read_back() {
     .unwrap();
     assert_eq!(sink.read_table("by_uuid").await.unwrap().len(), 1);
     assert!(sink.read_table("by_int4").await.unwrap().is_empty());
+
+    // One row, one subject: another spelling of a key is refused, never merged onto the row.
+    for (table, key) in [
+        ("by_uuid", "00000000-0000-0000-0000-00000000000A"),
+        ("by_uuid", "{00000000-0000-0000-0000-000000000001}"),
+        ("by_int4", "042"),
+        ("by_int4", "+42"),
+        ("by_int4", " 42"),
+        ("by_int4", "4.2e1"),
+    ] {
+        let err = apply(&mut sink, &[up(8, table, key, &[("v", Value::I64(9))])])
+            .await
+            .unwrap_err();
+        expect_rejected(err, 0, "does not fit key column");
+    }
+    assert_eq!(sink.read_table("by_uuid").await.unwrap().len(), 1);
 
     // Values that do not convert, in the sink or in the database, reject their change only.
     let bad: [(&str, Value, &str); 9] = [
@@ -870,16 +893,23 @@ async fn connect_errors_say_what_to_fix_without_the_password() {
         other => panic!("{other:?}"),
     }
     let mut options = PostgresOptions::new(url());
-    options.schema = "jst_no_such_schema".to_owned();
+    options.schema = Some("jst_no_such_schema".to_owned());
     let err = PostgresSink::connect(options).await.unwrap_err();
     assert!(
-        matches!(&err, SinkError::Fatal { reason } if reason.contains("jst_no_such_schema")),
+        matches!(&err, SinkError::Fatal { reason } if reason.starts_with("sink.schema: ")
+            && reason.contains("jst_no_such_schema")),
         "{err:?}"
     );
-    let err = PostgresSink::connect(PostgresOptions::new("postgres://host:notaport/db"))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, SinkError::Fatal { .. }), "{err:?}");
+    let err = PostgresSink::connect(PostgresOptions::new(
+        "postgres://app:sekrit@host:notaport/db",
+    ))
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&err, SinkError::Fatal { reason } if reason.starts_with("sink.url: ")
+            && !reason.contains("sekrit")),
+        "{err:?}"
+    );
 }
 
 const MODEL_DDL: &str = "\
@@ -1023,14 +1053,15 @@ fn to_change(seq: u64, op: &Op) -> Change {
 
 type Tables = BTreeMap<&'static str, BTreeMap<String, Row>>;
 
-/// The model: an upsert sets the columns it carries, keeps the others of an existing row and
-/// leaves them NULL (no default) on a new one; a delete removes the row.
+/// The model: an upsert replaces the row with the columns it carries, the others NULL (their
+/// default); a delete removes the row.
 fn model(changes: &[Change]) -> Tables {
     let mut tables: Tables = TABLES.iter().map(|t| (*t, BTreeMap::new())).collect();
     for change in changes {
         let table = tables.get_mut(change.table.as_str()).expect("known table");
         match &change.op {
             jetsync::Change::Upsert(row) => {
+                table.remove(&change.key);
                 let stored = table.entry(change.key.clone()).or_insert_with(|| {
                     let mut fresh: Row = COLUMNS
                         .iter()
@@ -1107,13 +1138,13 @@ fn model_random_batches_match_the_model_and_each_other() {
             .collect();
         runtime.block_on(async {
             for service in [&one_service, &many_service] {
-                service
-                    .batch_execute("TRUNCATE nums, texts, jetsync_offsets")
-                    .await
-                    .unwrap();
+                service.batch_execute("TRUNCATE nums, texts").await.unwrap();
             }
             let mut guard = sinks.lock().await;
             let (one, many) = &mut *guard;
+            // A new history: the operator's explicit rewind (`reset --to-seq 0`).
+            one.set_fence(G, 0).await.unwrap();
+            many.set_fence(G, 0).await.unwrap();
             apply(one, &changes).await.unwrap();
             let mut rest = &changes[..];
             let mut split = splits.iter().cycle();
@@ -1159,8 +1190,6 @@ async fn a_batch_committed_by_a_previous_session_is_not_applied_again() {
         &[("items", "id")],
     )
     .await;
-    // This sink learns the fence (0), as the engine does at start.
-    assert_eq!(sink.fence(G).await.unwrap(), Some(0));
     let batch: Vec<Change> = (1..=10)
         .map(|i| {
             up(
@@ -1174,8 +1203,16 @@ async fn a_batch_committed_by_a_previous_session_is_not_applied_again() {
             )
         })
         .collect();
-    // Another session (the previous run) commits the batch and holds the lock meanwhile.
-    let mut previous = PostgresSink::connect(schema.options()).await.unwrap();
+    // Another session (the previous run) holds the lock; this sink reads the fence without it
+    // (0), as a restarted engine does while the old COMMIT is still in flight.
+    let mut options = schema.options();
+    options
+        .key_columns
+        .insert("items".to_owned(), "id".to_owned());
+    let mut previous = PostgresSink::connect(options).await.unwrap();
+    assert_eq!(previous.fence(G).await.unwrap(), Some(0));
+    assert_eq!(sink.fence(G).await.unwrap(), Some(0));
+    // The previous session commits the batch; this one may not write meanwhile.
     previous.apply(G, &batch, 10).await.unwrap();
     let busy = apply(&mut sink, &batch).await.unwrap_err();
     assert!(
@@ -1183,6 +1220,10 @@ async fn a_batch_committed_by_a_previous_session_is_not_applied_again() {
         "{busy:?}"
     );
     drop(previous);
+    // A shorter batch (a smaller batch_max after the restart), wholly at or below the fence
+    // the previous session reached: skipped, and the fence does not move back.
+    apply_once_free(&mut sink, &batch[..4]).await.unwrap();
+    assert_eq!(sink.fence(G).await.unwrap(), Some(10));
     // Once the old session is gone, the same batch plus two new events: only the new ones are
     // written.
     let mut more = batch.clone();
@@ -1205,4 +1246,128 @@ async fn a_batch_committed_by_a_previous_session_is_not_applied_again() {
         .get(0);
     assert_eq!(applications, 12, "every event applied exactly once");
     assert_eq!(sink.fence(G).await.unwrap(), Some(12));
+}
+
+/// What an event contains is Rejected (poison) with its index and nothing of the batch
+/// applied, never Fatal: an index row too big (54000), a view (42809 / 0A000), a table without
+/// a usable key (42P10), permission denied on one table (42501).
+#[tokio::test]
+async fn content_errors_are_rejected_with_their_index() {
+    let (schema, service, mut sink) = setup(
+        "CREATE TABLE ok (id text PRIMARY KEY, v text); \
+         CREATE TABLE indexed (id text PRIMARY KEY, v text); \
+         CREATE INDEX indexed_v ON indexed (v); \
+         CREATE TABLE loose (id text, v text); \
+         CREATE VIEW a_view AS SELECT * FROM ok; \
+         CREATE TABLE guarded (id text PRIMARY KEY, v text);",
+        &[
+            ("ok", "id"),
+            ("indexed", "id"),
+            ("loose", "id"),
+            ("a_view", "id"),
+            ("guarded", "id"),
+        ],
+    )
+    .await;
+    // Incompressible, far over the ~2.7 kB a btree entry may hold.
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let huge: String = (0..20_000)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            char::from(b'a' + (state % 26) as u8)
+        })
+        .collect();
+    let cases: [(&str, &str); 3] = [
+        ("indexed", "54000"),
+        ("loose", "UNIQUE"),
+        ("a_view", "does not exist"),
+    ];
+    for (seq, (table, needle)) in (1u64..).zip(cases) {
+        let batch = [
+            up(seq, "ok", "a", &[("v", Value::from("fine"))]),
+            up(seq, table, "k", &[("v", Value::from(huge.as_str()))]),
+        ];
+        let err = apply(&mut sink, &batch).await.unwrap_err();
+        expect_rejected(err, 1, needle);
+    }
+    assert!(
+        sink.read_table("ok").await.unwrap().is_empty(),
+        "nothing of a batch"
+    );
+
+    // Permission denied on one table, for a user that may write the others.
+    let role = format!("jst_role_{}", std::process::id());
+    service
+        .batch_execute(&format!(
+            "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN; \
+             GRANT USAGE ON SCHEMA \"{0}\" TO {role}; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON \"{0}\".ok, \"{0}\".jetsync_offsets TO {role}; \
+             GRANT SELECT ON \"{0}\".guarded TO {role};",
+            schema.name
+        ))
+        .await
+        .unwrap();
+    let base: tokio_postgres::Config = url().parse().unwrap();
+    let host = match &base.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        other => panic!("{other:?}"),
+    };
+    let port = base.get_ports().first().copied().unwrap_or(5432);
+    let database = base.get_dbname().unwrap_or("test");
+    let mut options = schema.options();
+    options.url = format!("postgres://{role}@{host}:{port}/{database}");
+    options.key_columns = [("ok", "id"), ("guarded", "id")]
+        .iter()
+        .map(|(t, k)| ((*t).to_owned(), (*k).to_owned()))
+        .collect();
+    drop(sink);
+    let result = async {
+        let mut limited = PostgresSink::connect(options).await.unwrap();
+        let batch = [
+            up(10, "ok", "a", &[("v", Value::from("fine"))]),
+            up(11, "guarded", "k", &[("v", Value::from("no"))]),
+        ];
+        let err = once_lock_free!(apply(&mut limited, &batch).await).unwrap_err();
+        expect_rejected(err, 1, "42501");
+        apply(&mut limited, &batch[..1]).await.unwrap();
+        assert_eq!(limited.fence(G).await.unwrap(), Some(10));
+    };
+    result.await;
+    drop(schema);
+    let _ = service
+        .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE IF EXISTS {role}"))
+        .await;
+}
+
+/// Rows are independent of history (issue #12.2): an instance that replayed `{a:1,b:1}` then
+/// `{a:2}` holds the same row, and the same digest, as one that joined from a snapshot holding
+/// only `{a:2}`.
+#[tokio::test]
+async fn digests_do_not_depend_on_history() {
+    let ddl = "CREATE TABLE t (id text PRIMARY KEY, a bigint, b bigint);";
+    let (_replayed_schema, _s1, mut replayed) = setup(ddl, &[("t", "id")]).await;
+    let (_joined_schema, _s2, mut joined) = setup(ddl, &[("t", "id")]).await;
+    apply(
+        &mut replayed,
+        &[
+            up(1, "t", "k", &[("a", Value::I64(1)), ("b", Value::I64(1))]),
+            up(2, "t", "k", &[("a", Value::I64(2))]),
+        ],
+    )
+    .await
+    .unwrap();
+    joined
+        .replace(G, &[up(2, "t", "k", &[("a", Value::I64(2))])], 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        replayed.read_table("t").await.unwrap(),
+        joined.read_table("t").await.unwrap()
+    );
+    assert_eq!(
+        replayed.digest().await.unwrap(),
+        joined.digest().await.unwrap()
+    );
 }

@@ -4,12 +4,14 @@
 //! Phases: publish (client vs raw pipelined publish), replay (engine into redb / SQLite vs a raw
 //! AckAll pull consumer), live (publish-to-applied latency with three appliers at paced rates),
 //! bootstrap (a fresh instance on a compacted stream) and memory (peak RSS of the real
-//! `jetsync-applier` binary replaying a backlog). Writes `target/bench/report.json` and prints a
+//! `jetsync-applier` binary replaying a backlog, applying a flood of 1 MiB events, and running
+//! `resync` over 1,000,000 rows). Writes `target/bench/report.json` and prints a
 //! table with DESIGN 9's targets marked met or missed.
 //!
 //! ```text
 //! just bench quick                      # < 2 min: smaller backlogs, 3 s per live rate
-//! just bench                            # full: 500k replay, 1M memory backlog, 10 s per rate
+//! just bench                            # full: 500k replay, 1M memory backlog, 10 s per rate,
+//!                                       #   200 x 1 MiB flood, 1M-row resync (quick: 50, 100k)
 //! just bench quick --only live,replay   # some phases only
 //! just bench --no-build                 # use the existing target/release/jetsync-applier
 //! just bench quick --batch-max 5000     # experiment: apply.batch_max of every engine
@@ -18,6 +20,7 @@
 //! The server comes from `NATS_SERVER_BIN`, else `PATH`, else `/usr/sbin/nats-server`.
 
 mod bootstrap;
+mod flood;
 mod harness;
 mod live;
 mod memory;
@@ -25,6 +28,7 @@ mod probe;
 mod publish;
 mod replay;
 mod report;
+mod resync;
 mod workload;
 
 use std::{
@@ -104,6 +108,8 @@ fn sizes(quick: bool) -> Sizes {
             live_seconds_per_rate: 3.0,
             bootstrap_rows: 20_000,
             memory_backlog: 100_000,
+            flood_events: 50,
+            resync_rows: 100_000,
             key_space: workload::KEY_SPACE,
             engine_batch_max: harness::batch_max(),
         }
@@ -116,6 +122,8 @@ fn sizes(quick: bool) -> Sizes {
             live_seconds_per_rate: 10.0,
             bootstrap_rows: 100_000,
             memory_backlog: 1_000_000,
+            flood_events: 200,
+            resync_rows: 1_000_000,
             key_space: workload::KEY_SPACE,
             engine_batch_max: harness::batch_max(),
         }
@@ -178,7 +186,12 @@ fn real_main() -> anyhow::Result<bool> {
         None
     };
 
-    let server = NatsServer::start().context("starting nats-server")?;
+    // Payloads up to 4 MiB: the memory phase floods the applier with events of about 1 MiB
+    // (the default limit is exactly 1 MiB, headers included).
+    let server = NatsServer::builder()
+        .extra_config("max_payload: 4194304")
+        .start()
+        .context("starting nats-server")?;
     eprintln!("nats-server {} at {}", server.version(), server.url());
     let mut report = Report {
         server: Server {
@@ -237,13 +250,33 @@ fn real_main() -> anyhow::Result<bool> {
             report.bootstrap = report.outcome("bootstrap", phase, result);
         }
         if let Some(applier) = &applier {
+            let mut memory = memory::MemoryReport::default();
             eprintln!(
                 "memory: jetsync-applier replaying {} events ...",
                 sizes.memory_backlog
             );
             let phase = Instant::now();
             let result = memory::run(&bench, sizes.memory_backlog, applier).await;
-            report.memory = report.outcome("memory", phase, result);
+            memory.backlog = report.outcome("memory", phase, result);
+            eprintln!(
+                "memory: jetsync-applier applying a flood of {} events of ~1 MiB ...",
+                sizes.flood_events
+            );
+            let phase = Instant::now();
+            let result = flood::run(&bench, sizes.flood_events, applier).await;
+            if let Some(flood) = report.outcome("memory-flood", phase, result) {
+                memory.set_flood(flood);
+            }
+            eprintln!(
+                "memory: jetsync-applier resync of {} rows ...",
+                sizes.resync_rows
+            );
+            let phase = Instant::now();
+            let result = resync::run(&bench, sizes.resync_rows, applier).await;
+            if let Some(resync) = report.outcome("memory-resync", phase, result) {
+                memory.set_resync(resync);
+            }
+            report.memory = Some(memory);
         }
         anyhow::Ok(())
     };

@@ -25,9 +25,56 @@ const STREAM: &str = "BENCH_MEM";
 const PREFIX: &str = "benchmem";
 const INSTANCE: &str = "bench-mem";
 
-/// Outcome of the memory phase.
-#[derive(Debug, Clone, Serialize)]
+/// Outcome of the memory phase: the backlog replay (this module), the flood of 1 MiB events
+/// (`flood.rs`) and the resync (`resync.rs`); a part that failed is left out (its error is in
+/// the report's `errors`).
+#[derive(Debug, Clone, Default, Serialize)]
 pub(crate) struct MemoryReport {
+    /// The backlog replay: `backlog`, `peak_rss_mib`, `sink`, `replay_eps`, `binary_fresh`.
+    #[serde(flatten)]
+    pub(crate) backlog: Option<BacklogReport>,
+    /// Events of about 1 MiB in the flood.
+    pub(crate) flood_events: Option<u64>,
+    /// Bytes of every flood event body.
+    pub(crate) flood_event_bytes: Option<u64>,
+    /// Peak RSS of `jetsync-applier run` through the flood.
+    pub(crate) flood_peak_rss_mib: Option<f64>,
+    /// Body bytes applied per second through the flood.
+    pub(crate) flood_mib_per_s: Option<f64>,
+    /// Rows of the resync.
+    pub(crate) resync_rows: Option<u64>,
+    /// Peak RSS of `jetsync-applier resync`.
+    pub(crate) resync_peak_rss_mib: Option<f64>,
+    /// Wall time of the `resync` command, process start included.
+    pub(crate) resync_s: Option<f64>,
+    /// Peak RSS of the `run` that bootstrapped the same rows before the resync.
+    pub(crate) resync_bootstrap_peak_rss_mib: Option<f64>,
+    /// Wall time of that bootstrap.
+    pub(crate) resync_bootstrap_s: Option<f64>,
+}
+
+impl MemoryReport {
+    /// Takes the flood's figures.
+    pub(crate) fn set_flood(&mut self, flood: crate::flood::FloodReport) {
+        self.flood_events = Some(flood.events);
+        self.flood_event_bytes = Some(flood.event_bytes);
+        self.flood_peak_rss_mib = Some(flood.peak_rss_mib);
+        self.flood_mib_per_s = Some(flood.mib_per_s);
+    }
+
+    /// Takes the resync's figures.
+    pub(crate) fn set_resync(&mut self, resync: crate::resync::ResyncReport) {
+        self.resync_rows = Some(resync.rows);
+        self.resync_peak_rss_mib = Some(resync.peak_rss_mib);
+        self.resync_s = Some(resync.resync_s);
+        self.resync_bootstrap_peak_rss_mib = Some(resync.bootstrap_peak_rss_mib);
+        self.resync_bootstrap_s = Some(resync.bootstrap_s);
+    }
+}
+
+/// Outcome of the backlog replay.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct BacklogReport {
     pub(crate) backlog: u64,
     pub(crate) peak_rss_mib: f64,
     /// The sink the binary ran with.
@@ -143,29 +190,16 @@ pub(crate) async fn run(
     bench: &Bench,
     backlog: u64,
     applier: &Applier,
-) -> anyhow::Result<MemoryReport> {
+) -> anyhow::Result<BacklogReport> {
     let stream = replay::fill_backlog(bench, STREAM, PREFIX, backlog, 0x5eed_0004).await?;
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
-    let config_path = dir.path().join("jetsync.toml");
-    fs::write(
-        &config_path,
-        format!(
-            "instance = {instance:?}\n\
-             data_dir = {data:?}\n\
-             \n[nats]\nurl = {url:?}\n\
-             \n[stream]\nname = {name:?}\nsubject_prefix = {prefix:?}\nhistory = {history}\nprovision = false\n\
-             \n[sink]\nkind = \"sqlite\"\n\
-             \n[apply]\nbatch_max = {batch_max}\nbootstrap = false\n\
-             \n[log]\nlevel = \"warn\"\n",
-            instance = INSTANCE,
-            data = data.to_string_lossy(),
-            url = bench.url,
-            name = stream.name,
-            prefix = stream.subject_prefix,
-            history = stream.history,
-            batch_max = crate::harness::batch_max(),
-        ),
+    let config_path = write_config(
+        dir.path(),
+        INSTANCE,
+        &bench.url,
+        &stream,
+        "bootstrap = false\n",
     )?;
     let log_path = dir.path().join("applier.log");
     let checkpoint = data.join(format!("{INSTANCE}.redb"));
@@ -212,7 +246,7 @@ pub(crate) async fn run(
         );
     }
     bench.delete_stream(STREAM).await;
-    Ok(MemoryReport {
+    Ok(BacklogReport {
         backlog,
         peak_rss_mib: peak_kib as f64 / 1024.0,
         sink: "sqlite",
@@ -221,8 +255,86 @@ pub(crate) async fn run(
     })
 }
 
+/// Writes `<dir>/jetsync.toml` for instance `instance` (data in `<dir>/data`, SQLite sink, the
+/// bench's `apply.batch_max`, `apply_extra` appended to `[apply]`, warnings only) on `stream`,
+/// which the bench created (`provision = false`); returns its path.
+pub(crate) fn write_config(
+    dir: &Path,
+    instance: &str,
+    url: &str,
+    stream: &jetsync::StreamConfig,
+    apply_extra: &str,
+) -> anyhow::Result<PathBuf> {
+    let data = dir.join("data");
+    let config_path = dir.join("jetsync.toml");
+    fs::write(
+        &config_path,
+        format!(
+            "instance = {instance:?}\n\
+             data_dir = {data:?}\n\
+             \n[nats]\nurl = {url:?}\n\
+             \n[stream]\nname = {name:?}\nsubject_prefix = {prefix:?}\nhistory = {history}\nprovision = false\n\
+             \n[sink]\nkind = \"sqlite\"\n\
+             \n[apply]\nbatch_max = {batch_max}\n{apply_extra}\
+             \n[log]\nlevel = \"warn\"\n",
+            data = data.to_string_lossy(),
+            name = stream.name,
+            prefix = stream.subject_prefix,
+            history = stream.history,
+            batch_max = crate::harness::batch_max(),
+        ),
+    )?;
+    Ok(config_path)
+}
+
+/// Samples the peak resident memory of `process` every 20 ms until `done()` returns `Some`
+/// (checked every 100 ms), the process exits (an error unless `exit_ok`), or `timeout` passes
+/// (an error). Returns the peak in KiB, `done`'s value (`None` when the process exited) and
+/// the elapsed time.
+pub(crate) async fn sample_peak<T>(
+    process: &mut Process,
+    log: &Path,
+    timeout: Duration,
+    exit_ok: bool,
+    mut done: impl FnMut() -> Option<T>,
+) -> anyhow::Result<(u64, Option<T>, Duration)> {
+    let started = Instant::now();
+    let pid = process.child.id();
+    let mut peak_kib = 0u64;
+    let mut tick = 0u64;
+    loop {
+        // VmHWM is the kernel's high-water mark: read before the exit check, so the last
+        // sample of a process that just exited is not lost (while it is a zombie it reads 0).
+        peak_kib = peak_kib.max(resident_peak_kib(pid));
+        if let Some(status) = process.child.try_wait()? {
+            process.done = true;
+            if exit_ok && status.success() {
+                return Ok((peak_kib, None, started.elapsed()));
+            }
+            bail!(
+                "jetsync-applier exited ({status}):\n{}",
+                tail(&fs::read_to_string(log).unwrap_or_default(), 30)
+            );
+        }
+        if tick.is_multiple_of(5) {
+            if let Some(value) = done() {
+                peak_kib = peak_kib.max(resident_peak_kib(pid));
+                return Ok((peak_kib, Some(value), started.elapsed()));
+            }
+            if started.elapsed() >= timeout {
+                bail!(
+                    "jetsync-applier did not finish within {timeout:?}:\n{}",
+                    tail(&fs::read_to_string(log).unwrap_or_default(), 30)
+                );
+            }
+        }
+        tick += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// max(VmHWM, VmRSS) of `pid` in KiB (0 when unreadable).
-fn resident_peak_kib(pid: u32) -> u64 {
+pub(crate) fn resident_peak_kib(pid: u32) -> u64 {
     let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
         return 0;
     };
@@ -235,20 +347,36 @@ fn resident_peak_kib(pid: u32) -> u64 {
 }
 
 /// A spawned applier that is killed (SIGKILL) and reaped if the phase fails before stopping it.
-struct Process {
-    child: Child,
+pub(crate) struct Process {
+    pub(crate) child: Child,
     done: bool,
 }
 
 impl Process {
-    fn spawn(binary: &Path, config: &Path, log: &Path) -> anyhow::Result<Process> {
+    pub(crate) fn spawn(binary: &Path, config: &Path, log: &Path) -> anyhow::Result<Process> {
+        Process::spawn_command(binary, config, &["run"], None, log)
+    }
+
+    /// Starts `binary --config <config> <args>`, its stderr into `log` and its stdout into
+    /// `stdout` (discarded when `None`).
+    pub(crate) fn spawn_command(
+        binary: &Path,
+        config: &Path,
+        args: &[&str],
+        stdout: Option<&Path>,
+        log: &Path,
+    ) -> anyhow::Result<Process> {
         let log = fs::File::create(log)?;
+        let stdout = match stdout {
+            Some(path) => Stdio::from(fs::File::create(path)?),
+            None => Stdio::null(),
+        };
         let child = Command::new(binary)
             .arg("--config")
             .arg(config)
-            .arg("run")
+            .args(args)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(log)
             .env_remove("RUST_LOG")
             .spawn()
@@ -257,7 +385,7 @@ impl Process {
     }
 
     /// SIGTERM, then wait up to `grace` (SIGKILL after it).
-    fn terminate(&mut self, grace: Duration) -> anyhow::Result<ExitStatus> {
+    pub(crate) fn terminate(&mut self, grace: Duration) -> anyhow::Result<ExitStatus> {
         signal(&self.child.id().to_string(), "TERM");
         let status = match wait_deadline(&mut self.child, Instant::now() + grace)? {
             Some(status) => status,
@@ -307,7 +435,7 @@ fn wait_deadline(child: &mut Child, deadline: Instant) -> anyhow::Result<Option<
 }
 
 /// The last `lines` lines of `text`.
-fn tail(text: &str, lines: usize) -> String {
+pub(crate) fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }

@@ -45,6 +45,10 @@ pub(crate) struct Sizes {
     pub(crate) live_seconds_per_rate: f64,
     pub(crate) bootstrap_rows: u64,
     pub(crate) memory_backlog: u64,
+    /// Events of about 1 MiB in the memory phase's flood.
+    pub(crate) flood_events: u64,
+    /// Rows of the memory phase's resync.
+    pub(crate) resync_rows: u64,
     pub(crate) key_space: u64,
     /// `apply.batch_max` of the engines and the applier binary.
     pub(crate) engine_batch_max: usize,
@@ -156,10 +160,10 @@ impl Report {
                 .map(|p| p.p99_ms),
             |v| v <= 5.0,
         );
-        let backlog = self
-            .memory
-            .as_ref()
-            .map_or(self.events.memory_backlog, |m| m.backlog);
+        let memory = self.memory.as_ref();
+        let backlog = memory
+            .and_then(|m| m.backlog.as_ref())
+            .map_or(self.events.memory_backlog, |b| b.backlog);
         let scope = if backlog == 1_000_000 {
             String::new()
         } else {
@@ -168,8 +172,35 @@ impl Report {
         add(
             format!("applier peak RSS replaying a backlog (MiB){scope}"),
             "< 64",
-            self.memory.as_ref().map(|m| m.peak_rss_mib),
+            memory
+                .and_then(|m| m.backlog.as_ref())
+                .map(|b| b.peak_rss_mib),
             |v| v < 64.0,
+        );
+        add(
+            format!(
+                "applier peak RSS through a flood of 1 MiB events (MiB) [{} events]",
+                memory
+                    .and_then(|m| m.flood_events)
+                    .unwrap_or(self.events.flood_events)
+            ),
+            "< 128",
+            memory.and_then(|m| m.flood_peak_rss_mib),
+            |v| v < 128.0,
+        );
+        let rows = memory
+            .and_then(|m| m.resync_rows)
+            .unwrap_or(self.events.resync_rows);
+        let scope = if rows == 1_000_000 {
+            String::new()
+        } else {
+            format!(" [{rows} rows, not the 1M of the target]")
+        };
+        add(
+            format!("`resync` peak RSS (MiB){scope}"),
+            "< 128",
+            memory.and_then(|m| m.resync_peak_rss_mib),
+            |v| v < 128.0,
         );
         self.targets = targets;
     }
@@ -249,13 +280,38 @@ impl Report {
                 b.method
             );
         }
-        if let Some(m) = &self.memory {
+        if let Some(m) = self.memory.as_ref().and_then(|m| m.backlog.as_ref()) {
             let _ = writeln!(
                 w,
                 "memory     peak RSS {:.1} MiB   jetsync-applier binary, {} sink, {} ev backlog, replayed at {} ev/s{}",
                 m.peak_rss_mib, m.sink, m.backlog, int(m.replay_eps),
                 if m.binary_fresh { "" } else { " (binary NOT rebuilt)" }
             );
+        }
+        if let Some(m) = &self.memory {
+            if let (Some(events), Some(bytes), Some(peak), Some(rate)) = (
+                m.flood_events,
+                m.flood_event_bytes,
+                m.flood_peak_rss_mib,
+                m.flood_mib_per_s,
+            ) {
+                let _ = writeln!(
+                    w,
+                    "           peak RSS {peak:.1} MiB   through a flood of {events} events of {bytes} B, applied at {rate:.1} MiB/s"
+                );
+            }
+            if let (Some(rows), Some(peak), Some(secs), Some(boot), Some(boot_s)) = (
+                m.resync_rows,
+                m.resync_peak_rss_mib,
+                m.resync_s,
+                m.resync_bootstrap_peak_rss_mib,
+                m.resync_bootstrap_s,
+            ) {
+                let _ = writeln!(
+                    w,
+                    "           peak RSS {peak:.1} MiB   `resync` of {rows} rows ({secs:.1} s); the bootstrap of the same rows before it {boot:.1} MiB ({boot_s:.1} s)"
+                );
+            }
         }
         let phases: Vec<String> = self
             .phase_s

@@ -48,6 +48,7 @@
 //! be written ([`EncodeError::ReservedBytesShape`]), nor can a non-finite float
 //! ([`EncodeError::NonFiniteFloat`]); `postcard/1` carries both.
 
+use std::cell::Cell;
 use std::fmt;
 use std::str::FromStr;
 
@@ -135,6 +136,15 @@ pub enum DecodeError {
     UnknownFormat {
         /// The header value.
         value: String,
+    },
+    /// The row has more columns than the reader's [`DecodeLimits::max_columns`]; the row was
+    /// not built.
+    #[error("row has {columns} columns, more than the limit of {max}")]
+    TooManyColumns {
+        /// How many columns the body holds.
+        columns: u64,
+        /// The limit.
+        max: usize,
     },
     /// The body is not a valid event in the named format.
     #[error("malformed {format} event body: {reason}")]
@@ -242,18 +252,59 @@ pub fn encode_ref(event: EventRef<'_>, format: Format) -> Result<Vec<u8>, Encode
     }
 }
 
+/// How deeply JSON values (a json/1 body, a json value inside a postcard/1 body) may nest. It is
+/// serde_json's own recursion limit, which both decoders rely on: a body nested deeper is
+/// [`DecodeError::Malformed`], never a stack overflow (pinned by the `deep_nesting_*` tests).
+pub const MAX_JSON_DEPTH: usize = 128;
+
+/// Bounds a reader of untrusted bodies sets on what a decoder builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeLimits {
+    /// The most columns a row may have; a body with more is refused with
+    /// [`DecodeError::TooManyColumns`] before its row is built (postcard/1 reads the count
+    /// from the row's length prefix; json/1 counts the remaining keys without keeping them).
+    pub max_columns: usize,
+}
+
+impl Default for DecodeLimits {
+    /// No column limit.
+    fn default() -> Self {
+        DecodeLimits {
+            max_columns: usize::MAX,
+        }
+    }
+}
+
 /// Decodes a body in `format`.
 pub fn decode(body: &[u8], format: Format) -> Result<Event, DecodeError> {
+    decode_with(body, format, DecodeLimits::default())
+}
+
+/// Decodes a body in `format` within `limits`.
+pub fn decode_with(
+    body: &[u8],
+    format: Format,
+    limits: DecodeLimits,
+) -> Result<Event, DecodeError> {
     match format {
-        Format::Postcard1 => decode_postcard(body),
-        Format::Json1 => decode_json(body),
+        Format::Postcard1 => decode_postcard(body, limits),
+        Format::Json1 => decode_json(body, limits),
     }
 }
 
 /// Decodes a message body given the value of its [`FORMAT_HEADER`] header, if any.
 pub fn decode_message(format_header: Option<&str>, body: &[u8]) -> Result<Event, DecodeError> {
+    decode_message_with(format_header, body, DecodeLimits::default())
+}
+
+/// [`decode_message`] within `limits`.
+pub fn decode_message_with(
+    format_header: Option<&str>,
+    body: &[u8],
+    limits: DecodeLimits,
+) -> Result<Event, DecodeError> {
     let format = Format::parse(format_header.ok_or(DecodeError::MissingFormat)?)?;
-    decode(body, format)
+    decode_with(body, format, limits)
 }
 
 fn malformed(format: Format, reason: impl fmt::Display) -> DecodeError {
@@ -398,8 +449,32 @@ fn deserialize_bytes<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u
     deserializer.deserialize_byte_buf(BytesVisitor)
 }
 
-fn decode_postcard(body: &[u8]) -> Result<Event, DecodeError> {
+/// The column count a postcard/1 upsert body announces (the length prefix of its row), read
+/// before anything is built. `None` for anything else (a delete, a body too short or malformed:
+/// the decoder reports those).
+fn postcard_row_len(body: &[u8]) -> Option<u64> {
+    // op = Upsert (varint 0), row = Some (1), then the row's length as a varint.
+    let rest = body.strip_prefix(&[0, 1])?;
+    let mut n: u64 = 0;
+    for (i, &byte) in rest.iter().take(10).enumerate() {
+        n |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some(n);
+        }
+    }
+    None
+}
+
+fn decode_postcard(body: &[u8], limits: DecodeLimits) -> Result<Event, DecodeError> {
     const F: Format = Format::Postcard1;
+    if let Some(columns) = postcard_row_len(body) {
+        if columns > limits.max_columns as u64 {
+            return Err(DecodeError::TooManyColumns {
+                columns,
+                max: limits.max_columns,
+            });
+        }
+    }
     let (wire, rest): (WireEvent<'_>, &[u8]) =
         postcard::take_from_bytes(body).map_err(|e| malformed(F, e))?;
     if !rest.is_empty() {
@@ -604,8 +679,20 @@ impl<'de> Deserialize<'de> for JsonRow {
             }
 
             fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<JsonRow, A::Error> {
+                let max = MAX_COLUMNS.with(Cell::get);
                 let mut row = Row::new();
                 while let Some(column) = access.next_key::<String>()? {
+                    if row.len() == max {
+                        // Over the limit: count the rest without keeping anything.
+                        let mut columns = row.len() as u64 + 1;
+                        access.next_value::<de::IgnoredAny>()?;
+                        while access.next_key::<de::IgnoredAny>()?.is_some() {
+                            access.next_value::<de::IgnoredAny>()?;
+                            columns += 1;
+                        }
+                        TOO_MANY_COLUMNS.with(|c| c.set(Some(columns)));
+                        return Err(de::Error::custom("too many columns"));
+                    }
                     let json: serde_json::Value = access.next_value()?;
                     let value = value_from_json(json).map_err(|reason| {
                         de::Error::custom(format_args!("column {column:?}: {reason}"))
@@ -624,9 +711,32 @@ impl<'de> Deserialize<'de> for JsonRow {
     }
 }
 
-fn decode_json(body: &[u8]) -> Result<Event, DecodeError> {
+thread_local! {
+    /// The column limit of the json/1 decode running on this thread: serde's derived
+    /// `Deserialize` cannot carry state down to [`JsonRow`], so [`decode_json`] sets it here.
+    static MAX_COLUMNS: Cell<usize> = const { Cell::new(usize::MAX) };
+    /// Set by [`JsonRow`] when it refused a row for its column count (the count).
+    static TOO_MANY_COLUMNS: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+fn decode_json(body: &[u8], limits: DecodeLimits) -> Result<Event, DecodeError> {
     const F: Format = Format::Json1;
-    let event: JsonEvent = serde_json::from_slice(body).map_err(|e| malformed(F, e))?;
+    let previous = MAX_COLUMNS.with(|m| m.replace(limits.max_columns));
+    TOO_MANY_COLUMNS.with(|c| c.set(None));
+    let parsed = serde_json::from_slice::<JsonEvent>(body);
+    MAX_COLUMNS.with(|m| m.set(previous));
+    let event = match parsed {
+        Ok(event) => event,
+        Err(e) => {
+            return Err(match TOO_MANY_COLUMNS.with(Cell::take) {
+                Some(columns) => DecodeError::TooManyColumns {
+                    columns,
+                    max: limits.max_columns,
+                },
+                None => malformed(F, e),
+            })
+        }
+    };
     let change = match (event.op, event.row) {
         (Op::Upsert, Some(JsonRow(row))) => Change::Upsert(row),
         (Op::Upsert, None) => return Err(malformed(F, "an upsert event has no \"row\"")),
@@ -976,6 +1086,102 @@ mod tests {
         );
         // The wrong format is a typed error, not a crash.
         assert!(decode_message(Some("json/1"), &body).is_err());
+    }
+
+    fn wide_row(columns: usize) -> Event {
+        let mut row = Row::new();
+        for i in 0..columns {
+            row.insert(format!("c{i}"), Value::Null);
+        }
+        Event {
+            change: Change::Upsert(row),
+            origin: "o".into(),
+            ts_ms: 1,
+            schema: 1,
+        }
+    }
+
+    #[test]
+    fn column_limit_is_enforced_by_both_decoders() {
+        let limits = DecodeLimits { max_columns: 1000 };
+        for format in [Format::Postcard1, Format::Json1] {
+            let at = encode(&wide_row(1000), format).unwrap();
+            assert!(decode_with(&at, format, limits).unwrap() == wide_row(1000));
+            let over = encode(&wide_row(2001), format).unwrap();
+            assert_eq!(
+                decode_with(&over, format, limits),
+                Err(DecodeError::TooManyColumns {
+                    columns: 2001,
+                    max: 1000
+                }),
+                "{format}"
+            );
+            // Without limits the same body decodes, and a delete has no row to count.
+            assert!(decode(&over, format).is_ok());
+            let del = encode(&Event::delete("o"), format).unwrap();
+            assert!(decode_with(&del, format, DecodeLimits { max_columns: 1 }).is_ok());
+        }
+        // The limit is per call: a later unlimited json/1 decode on this thread is unaffected.
+        let over = encode(&wide_row(5), Format::Json1).unwrap();
+        assert!(decode_with(&over, Format::Json1, DecodeLimits { max_columns: 2 }).is_err());
+        assert!(decode(&over, Format::Json1).is_ok());
+    }
+
+    #[test]
+    fn a_megabyte_of_null_columns_is_refused_from_its_length_prefix() {
+        // postcard/1 announces 200,000 columns up front: refused without reading them (the
+        // body is even truncated here, which the prefix check never looks at).
+        let body = encode(&wide_row(200_000), Format::Postcard1).unwrap();
+        assert!(body.len() > 1_000_000);
+        let limits = DecodeLimits { max_columns: 1000 };
+        assert_eq!(
+            decode_with(&body[..100], Format::Postcard1, limits),
+            Err(DecodeError::TooManyColumns {
+                columns: 200_000,
+                max: 1000
+            })
+        );
+        let json = encode(&wide_row(200_000), Format::Json1).unwrap();
+        assert!(matches!(
+            decode_with(&json, Format::Json1, limits),
+            Err(DecodeError::TooManyColumns {
+                columns: 200_000,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn deep_nesting_is_malformed_not_a_stack_overflow() {
+        let depth = 100_000;
+        let nested = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        // json/1: a deeply nested column value.
+        let body = format!(r#"{{"op":"upsert","row":{{"a":{nested}}}}}"#);
+        let err = decode(body.as_bytes(), Format::Json1).unwrap_err();
+        assert!(
+            matches!(err, DecodeError::Malformed { ref reason, .. } if reason.contains("recursion limit")),
+            "{err}"
+        );
+        // postcard/1: the same JSON as the text of a json value.
+        let mut body = vec![0, 1, 1, 1, b'a', 6];
+        let mut len = nested.len();
+        while len >= 0x80 {
+            body.push((len as u8 & 0x7f) | 0x80);
+            len >>= 7;
+        }
+        body.push(len as u8);
+        body.extend_from_slice(nested.as_bytes());
+        body.extend_from_slice(&[0, 0, 1]);
+        let err = decode(&body, Format::Postcard1).unwrap_err();
+        assert!(
+            matches!(err, DecodeError::Malformed { ref reason, .. } if reason.contains("recursion limit")),
+            "{err}"
+        );
+        // Just within the limit still decodes.
+        let ok = MAX_JSON_DEPTH - 3;
+        let nested = format!("{}{}", "[".repeat(ok), "]".repeat(ok));
+        let body = format!(r#"{{"op":"upsert","row":{{"a":{nested}}}}}"#);
+        assert!(decode(body.as_bytes(), Format::Json1).is_ok());
     }
 
     #[test]

@@ -362,6 +362,13 @@ pub struct HttpConfig {
     pub listen: Option<SocketAddr>,
     /// `/readyz` fails while the applier is more than this many events behind the stream.
     pub ready_max_lag: u64,
+    /// A client must send a request's complete header within this many ms of starting it, or
+    /// the connection is closed (slow or half-open clients cannot hold connections).
+    pub header_timeout_ms: u64,
+    /// A keep-alive connection with no request in flight is closed after this many ms.
+    pub idle_timeout_ms: u64,
+    /// Most connections served at once; further clients wait in the listen backlog.
+    pub max_connections: usize,
 }
 
 impl Default for HttpConfig {
@@ -369,7 +376,37 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: None,
             ready_max_lag: 1000,
+            header_timeout_ms: 5000,
+            idle_timeout_ms: 60_000,
+            max_connections: 256,
         }
+    }
+}
+
+impl HttpConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.header_timeout_ms == 0 {
+            return Err(ConfigError::invalid(
+                "http.header_timeout_ms",
+                "must be positive (default 5000)",
+            ));
+        }
+        if self.idle_timeout_ms == 0 {
+            return Err(ConfigError::invalid(
+                "http.idle_timeout_ms",
+                "must be positive (default 60000)",
+            ));
+        }
+        if !(1..=65_536).contains(&self.max_connections) {
+            return Err(ConfigError::invalid(
+                "http.max_connections",
+                format!(
+                    "{} is out of range: use 1 to 65536 (default 256)",
+                    self.max_connections
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -459,12 +496,33 @@ impl ConfigError {
                 }
                 format!("unknown key; valid keys here are: {}", expected.join(", "))
             }
-            figment::error::Kind::UnknownVariant(found, expected) => {
+            // The value itself is never repeated (it may be a secret given to the wrong key,
+            // e.g. a password in `sink.kind`): the key and the choices say enough.
+            figment::error::Kind::UnknownVariant(_, expected) => {
+                format!("unknown value; expected one of: {}", expected.join(", "))
+            }
+            figment::error::Kind::InvalidType(actual, expected) => {
                 format!(
-                    "unknown value `{found}`; expected one of: {}",
-                    expected.join(", ")
+                    "invalid type: found {}, expected {expected}",
+                    kind_of(actual)
                 )
             }
+            figment::error::Kind::InvalidValue(actual, expected) => {
+                format!(
+                    "invalid value: found {}, expected {expected}",
+                    kind_of(actual)
+                )
+            }
+            figment::error::Kind::ISizeOutOfRange(_) | figment::error::Kind::USizeOutOfRange(_) => {
+                "the number is out of range for this key".to_owned()
+            }
+            figment::error::Kind::Unsupported(actual) => {
+                format!("unsupported value: {}", kind_of(actual))
+            }
+            figment::error::Kind::UnsupportedKey(actual, _) => {
+                format!("unsupported key: {}", kind_of(actual))
+            }
+            figment::error::Kind::Message(message) => without_quoted_source(message),
             kind => kind.to_string().trim_end().to_owned(),
         };
         let origin = match &error.metadata {
@@ -486,6 +544,42 @@ impl ConfigError {
             message: format!("{message}{origin}"),
         }
     }
+}
+
+/// What kind of value `actual` is, without the value itself (which may be a secret).
+fn kind_of(actual: &figment::error::Actual) -> &'static str {
+    use figment::error::Actual;
+    match actual {
+        Actual::Bool(_) => "a boolean",
+        Actual::Unsigned(_) | Actual::Signed(_) => "an integer",
+        Actual::Float(_) => "a floating-point number",
+        Actual::Char(_) => "a character",
+        Actual::Str(_) | Actual::Other(_) => "a string",
+        Actual::Bytes(_) => "bytes",
+        Actual::Unit | Actual::Option => "no value",
+        Actual::Seq => "an array",
+        Actual::Map => "a table",
+        _ => "another kind of value",
+    }
+}
+
+/// A parse error message without the source text it quotes: a TOML syntax error shows the
+/// offending line (which may hold a password, a token or a database URL) between `|` gutter
+/// lines. Only the position (`TOML parse error at line 3, column 12`) and the description are
+/// kept.
+fn without_quoted_source(message: &str) -> String {
+    let is_gutter = |line: &str| {
+        let rest = line
+            .trim_start()
+            .trim_start_matches(|c: char| c.is_ascii_digit());
+        rest.trim_start().starts_with('|')
+    };
+    let kept: Vec<&str> = message
+        .lines()
+        .filter(|line| !is_gutter(line) && !line.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    kept.join(": ")
 }
 
 impl Config {
@@ -571,6 +665,7 @@ impl Config {
         }
         self.sink.validate()?;
         self.apply.validate()?;
+        self.http.validate()?;
         if self.log.level.trim().is_empty() {
             return Err(ConfigError::invalid(
                 "log.level",
@@ -885,6 +980,12 @@ impl SinkConfig {
                  postgres://user:password@host:5432/database",
             ));
         }
+        if let Some(url) = &self.url {
+            if self.kind == SinkKind::Postgres {
+                check_postgres_url(url.expose())
+                    .map_err(|reason| ConfigError::invalid("sink.url", reason))?;
+            }
+        }
         if self.path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
             return Err(ConfigError::invalid(
                 "sink.path",
@@ -903,6 +1004,41 @@ impl SinkConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// Checks the shape of a Postgres connection string without connecting: a
+/// `postgres://`/`postgresql://` URL with a host part, or a libpq `key=value` list. The error
+/// never repeats the string (it usually carries a password).
+fn check_postgres_url(url: &str) -> Result<(), String> {
+    let url = url.trim();
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            if !scheme.eq_ignore_ascii_case("postgres") && !scheme.eq_ignore_ascii_case("postgresql")
+            {
+                let shown = if scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+                {
+                    format!("`{scheme}://`")
+                } else {
+                    "the scheme".to_owned()
+                };
+                return Err(format!(
+                    "{shown} is not a Postgres URL scheme: use postgres://user:password@host:5432/database"
+                ));
+            }
+            if rest.chars().any(char::is_whitespace) {
+                return Err(
+                    "the URL contains whitespace: percent-encode it (%20), e.g. in the password"
+                        .to_owned(),
+                );
+            }
+            Ok(())
+        }
+        None if url.contains('=') => Ok(()),
+        None => Err(
+            "not a Postgres connection string: use postgres://user:password@host:5432/database              (or libpq key=value pairs)"
+                .to_owned(),
+        ),
     }
 }
 
@@ -1637,6 +1773,117 @@ mod tests {
             }
             Ok(())
         });
+    }
+
+    /// Every way a secret can reach a configuration error: a TOML syntax error on its line, a
+    /// value of the wrong type, a value given to an enum key, through the file and the
+    /// environment. The error still names the key (or the line) and the source.
+    #[test]
+    fn config_errors_never_echo_values() {
+        const SECRET: &str = "SECRETVALUE";
+        let cases: &[(&str, Option<&str>)] = &[
+            // Syntax errors on the secret's line.
+            ("instance = \"a\"\n[sink]\nurl = \"postgres://u:SECRETVALUE@h/db\n", Some("line 3")),
+            ("instance = \"a\"\n[nats]\npassword = \"SECRETVALUE\" x\n", Some("line 3")),
+            ("instance = \"a\"\n[nats]\ntoken = SECRETVALUE\n", Some("line 3")),
+            // Wrong types.
+            ("instance = \"a\"\nsink = \"postgres://u:SECRETVALUE@h/db\"\n", Some("sink")),
+            ("instance = \"a\"\n[apply]\nbatch_max = \"SECRETVALUE\"\n", Some("apply.batch_max")),
+            ("instance = \"a\"\n[nats]\ntoken = 123456789\n", Some("nats.token")),
+            ("instance = \"a\"\n[sink]\nkind = \"SECRETVALUE\"\n", Some("sink.kind")),
+            ("instance = \"a\"\n[sink]\nkind = \"postgres\"\nurl = \"mysql://u:SECRETVALUE@h/db\"\n", Some("sink.url")),
+        ];
+        Jail::expect_with(|jail| {
+            for (toml, names) in cases {
+                let err = load_in_jail(jail, Some(toml)).unwrap_err();
+                let text = err.to_string();
+                for secret in [SECRET, "123456789"] {
+                    assert!(
+                        !text.contains(secret),
+                        "{secret} leaked for {toml:?}: {text}"
+                    );
+                }
+                if let Some(name) = names {
+                    assert!(text.contains(name), "{name} not named for {toml:?}: {text}");
+                }
+            }
+            for (var, value) in [
+                ("JETSYNC_APPLY__BATCH_MAX", "postgres://u:SECRETVALUE@h/db"),
+                ("JETSYNC_SINK__KIND", "SECRETVALUE"),
+                ("JETSYNC_NATS__PASSWORD__X", "SECRETVALUE"),
+                ("JETSYNC_HTTP__LISTEN", "SECRETVALUE"),
+            ] {
+                jail.clear_env();
+                jail.set_env("JETSYNC_INSTANCE", "a");
+                jail.set_env(var, value);
+                let text = Config::load(None).unwrap_err().to_string();
+                assert!(!text.contains(SECRET), "{var} leaked: {text}");
+                let named = var.trim_end_matches("__X");
+                assert!(text.contains(named), "{named} not named: {text}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn toml_syntax_errors_keep_position_and_description() {
+        Jail::expect_with(|jail| {
+            let err =
+                load_in_jail(jail, Some("instance = \"a\"\n[nats]\npassword = \"x\n")).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.contains("TOML parse error at line 3, column"),
+                "{text}"
+            );
+            assert!(!text.contains('|'), "{text}");
+            assert!(text.contains("jetsync.toml"), "{text}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn postgres_url_shape_is_checked_up_front() {
+        for (url, ok) in [
+            ("postgres://u:p@h:5432/db", true),
+            ("postgresql://h/db", true),
+            ("host=h user=u password=p dbname=db", true),
+            ("mysql://u:p@h/db", false),
+            ("h:5432/db", false),
+            ("postgres://u:p w@h/db", false),
+        ] {
+            assert_eq!(check_postgres_url(url).is_ok(), ok, "{url}");
+            if let Err(e) = check_postgres_url(url) {
+                assert!(!e.contains("u:p"), "{e}");
+            }
+        }
+    }
+
+    #[test]
+    fn http_limits_are_validated() {
+        let mut c = Config {
+            instance: "i-1".into(),
+            ..Config::default()
+        };
+        assert_eq!(c.http.header_timeout_ms, 5000);
+        assert_eq!(c.http.idle_timeout_ms, 60_000);
+        assert_eq!(c.http.max_connections, 256);
+        c.http.max_connections = 0;
+        assert_eq!(
+            c.validate().unwrap_err().key(),
+            Some("http.max_connections")
+        );
+        c.http.max_connections = 1;
+        c.http.header_timeout_ms = 0;
+        assert_eq!(
+            c.validate().unwrap_err().key(),
+            Some("http.header_timeout_ms")
+        );
+        c.http.header_timeout_ms = 1;
+        c.http.idle_timeout_ms = 0;
+        assert_eq!(
+            c.validate().unwrap_err().key(),
+            Some("http.idle_timeout_ms")
+        );
     }
 
     #[test]

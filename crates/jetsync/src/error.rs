@@ -98,6 +98,17 @@ pub enum Error {
         /// The subject involved.
         subject: String,
     },
+    /// The stored message at `seq` is one the NATS client library cannot parse (`reason`;
+    /// written by a publisher speaking the NATS protocol directly), so the row cannot be read
+    /// until a valid event overwrites it. The client's connection was dropped and re-established
+    /// once while reading it.
+    #[error("the stored message at seq {seq} is malformed ({reason}): the NATS client cannot parse it; write the row again (upsert or delete) to replace it")]
+    Malformed {
+        /// Its stream sequence.
+        seq: u64,
+        /// What the client refuses in it.
+        reason: String,
+    },
     /// Any other NATS failure.
     #[error("{operation} failed: {source}")]
     Nats {

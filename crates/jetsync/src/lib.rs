@@ -30,6 +30,7 @@ mod config;
 mod connect;
 mod error;
 mod event;
+pub mod raw_message;
 mod record;
 mod secret;
 mod stream;
@@ -44,7 +45,10 @@ pub use error::Error;
 pub use event::{Change, Event, Op};
 pub use record::{from_row, row_from_json, row_to_json, to_row, RecordError};
 pub use secret::Secret;
-pub use stream::{has_limits as stream_has_limits, stream_definition, Provisioned};
+pub use stream::{
+    check_existing_stream, check_unprovisioned, has_limits as stream_has_limits, stream_definition,
+    Provisioned, StreamProblem, UnprovisionedStreamError,
+};
 pub use subject::{
     decode_key, encode_key, group_filter, parse_subject, row_subject, table_filter,
     validate_prefix, SubjectError, TableName, MAX_KEY_LEN, MAX_PLAIN_KEY_LEN,

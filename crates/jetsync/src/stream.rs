@@ -5,7 +5,7 @@
 //! with a shape jetsync cannot use (other subjects, another storage type) is reported as
 //! [`Error::StreamConflict`] rather than silently rewritten: it may belong to someone else.
 
-use std::time::Duration;
+use std::{fmt, time::Duration};
 
 use async_nats::jetstream::{
     self,
@@ -13,7 +13,10 @@ use async_nats::jetstream::{
     stream::{DiscardPolicy, RetentionPolicy, StorageType},
 };
 
-use crate::{config::StreamConfig, subject, Error};
+use crate::{
+    config::{ConfigError, StreamConfig},
+    subject, Error,
+};
 
 /// JetStream API error code: "stream not found".
 const STREAM_NOT_FOUND: u64 = 10059;
@@ -63,6 +66,166 @@ pub fn stream_definition(cfg: &StreamConfig) -> jetstream::stream::Config {
 /// seen yet can disappear before it reads them (gap detection only matters then).
 pub fn has_limits(info: &jetstream::stream::Config) -> bool {
     info.max_messages > 0 || info.max_bytes > 0 || !info.max_age.is_zero()
+}
+
+/// One reason a stream the applier did not provision (`stream.provision = false`) cannot back a
+/// sync group (DESIGN §5 "Streams the applier did not provision").
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StreamProblem {
+    /// Retention is not `limits`: interest or work-queue retention removes events once they are
+    /// consumed, so a late or rebuilt instance would miss them.
+    Retention(RetentionPolicy),
+    /// `deny_purge` is false: a purge would remove rows' latest events, which instances that have
+    /// not read them yet would never learn about.
+    PurgeAllowed,
+    /// `deny_delete` is false: deleting single events would silently drop row changes.
+    DeleteAllowed,
+    /// The stream's subjects do not capture every subject of the sync group.
+    SubjectsDoNotCover {
+        /// The stream's subjects.
+        subjects: Vec<String>,
+        /// The filter they must cover (`<subject_prefix>.>`).
+        needed: String,
+    },
+}
+
+impl fmt::Display for StreamProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StreamProblem::Retention(r) => write!(
+                f,
+                "its retention is {}, jetsync needs limits (events must stay after they are consumed)",
+                match r {
+                    RetentionPolicy::Limits => "limits",
+                    RetentionPolicy::Interest => "interest",
+                    RetentionPolicy::WorkQueue => "workqueue",
+                }
+            ),
+            StreamProblem::PurgeAllowed => {
+                f.write_str("it allows purges (set deny_purge: true on the stream)")
+            }
+            StreamProblem::DeleteAllowed => {
+                f.write_str("it allows message deletes (set deny_delete: true on the stream)")
+            }
+            StreamProblem::SubjectsDoNotCover { subjects, needed } => write!(
+                f,
+                "its subjects {subjects:?} do not cover {needed} (add {needed:?} to the stream's subjects)"
+            ),
+        }
+    }
+}
+
+/// A stream the applier did not provision cannot back the sync group; lists every problem.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "stream {stream} (used as is because stream.provision = false) cannot back a sync group: {}; fix the stream, or set stream.provision = true to let jetsync create it",
+    problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+)]
+pub struct UnprovisionedStreamError {
+    /// The stream name.
+    pub stream: String,
+    /// Every problem found (never empty).
+    pub problems: Vec<StreamProblem>,
+}
+
+impl From<UnprovisionedStreamError> for ConfigError {
+    fn from(e: UnprovisionedStreamError) -> Self {
+        ConfigError::Invalid {
+            key: "stream.provision".to_owned(),
+            reason: format!(
+                "false, but {}",
+                e.to_string()
+                    .replace(" (used as is because stream.provision = false)", "")
+            ),
+        }
+    }
+}
+
+/// Whether the subject pattern `pattern` (a stream subject, possibly with `*` and `>`) matches
+/// every subject the filter `filter` matches.
+fn covers(pattern: &str, filter: &str) -> bool {
+    let pattern: Vec<&str> = pattern.split('.').collect();
+    let filter: Vec<&str> = filter.split('.').collect();
+    for (i, want) in filter.iter().enumerate() {
+        let Some(have) = pattern.get(i) else {
+            return false;
+        };
+        if *have == ">" {
+            return true;
+        }
+        if *want == ">" {
+            // The filter takes any number of further tokens; only `>` does as well.
+            return false;
+        }
+        if *have != "*" && have != want {
+            return false;
+        }
+    }
+    pattern.len() == filter.len()
+}
+
+/// Checks an existing stream that jetsync is told not to provision: limits retention, purges
+/// and deletes denied, subjects covering `<subject_prefix>.>`. Returns every problem found.
+pub fn check_unprovisioned(
+    cfg: &StreamConfig,
+    have: &jetstream::stream::Config,
+) -> Result<(), UnprovisionedStreamError> {
+    let mut problems = Vec::new();
+    if have.retention != RetentionPolicy::Limits {
+        problems.push(StreamProblem::Retention(have.retention));
+    }
+    if !have.deny_purge {
+        problems.push(StreamProblem::PurgeAllowed);
+    }
+    if !have.deny_delete {
+        problems.push(StreamProblem::DeleteAllowed);
+    }
+    let needed = subject::group_filter(&cfg.subject_prefix);
+    if !have.subjects.iter().any(|s| covers(s, &needed)) {
+        problems.push(StreamProblem::SubjectsDoNotCover {
+            subjects: have.subjects.clone(),
+            needed,
+        });
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(UnprovisionedStreamError {
+            stream: cfg.name.clone(),
+            problems,
+        })
+    }
+}
+
+/// Fetches the sync group's stream and runs [`check_unprovisioned`] on it: the check `run`,
+/// `resync`, `tail` and `publish` do when `stream.provision = false`. A failed check is a
+/// configuration error naming `stream.provision` ([`Error::Config`]); a missing stream is
+/// [`Error::StreamNotFound`].
+pub async fn check_existing_stream(
+    js: &jetstream::Context,
+    cfg: &StreamConfig,
+) -> Result<(), Error> {
+    let mut stream = match js.get_stream(&cfg.name).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            return Err(match e.kind() {
+                GetStreamErrorKind::JetStream(js_err)
+                    if js_err.error_code().0 == STREAM_NOT_FOUND =>
+                {
+                    Error::StreamNotFound {
+                        stream: cfg.name.clone(),
+                    }
+                }
+                _ => Error::nats("get stream", e),
+            })
+        }
+    };
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| Error::nats("stream info", e))?;
+    check_unprovisioned(cfg, &info.config).map_err(|e| Error::Config(e.into()))
 }
 
 /// Differences between the wanted definition and an existing stream that provisioning may fix
@@ -175,4 +338,71 @@ fn stream_error(
         };
     }
     Error::nats(operation, e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> StreamConfig {
+        StreamConfig {
+            name: "CATALOG".into(),
+            subject_prefix: "catalog".into(),
+            ..StreamConfig::default()
+        }
+    }
+
+    #[test]
+    fn what_jetsync_provisions_passes() {
+        assert_eq!(
+            check_unprovisioned(&cfg(), &stream_definition(&cfg())),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn subject_coverage() {
+        for (pattern, ok) in [
+            ("catalog.>", true),
+            (">", true),
+            ("*.>", true),
+            ("catalog.*", false),
+            ("catalog.products.>", false),
+            ("catalog", false),
+            ("other.>", false),
+            ("catalog.*.>", false),
+        ] {
+            assert_eq!(covers(pattern, "catalog.>"), ok, "{pattern}");
+        }
+        assert!(covers("a.*.>", "a.b.>"));
+        assert!(!covers("a.*.*", "a.b.>"));
+    }
+
+    #[test]
+    fn every_problem_is_listed() {
+        let mut have = stream_definition(&cfg());
+        have.retention = RetentionPolicy::Interest;
+        have.deny_purge = false;
+        have.deny_delete = false;
+        have.subjects = vec!["catalog.products.>".into(), "other.>".into()];
+        let err = check_unprovisioned(&cfg(), &have).unwrap_err();
+        assert_eq!(err.problems.len(), 4, "{err:?}");
+        let config: ConfigError = err.into();
+        assert_eq!(config.key(), Some("stream.provision"));
+        let text = config.to_string();
+        for want in [
+            "stream.provision: false, but stream CATALOG cannot back a sync group",
+            "retention is interest",
+            "allows purges",
+            "allows message deletes",
+            "do not cover catalog.>",
+        ] {
+            assert!(text.contains(want), "{want:?} missing in {text}");
+        }
+        have.retention = RetentionPolicy::WorkQueue;
+        assert!(check_unprovisioned(&cfg(), &have)
+            .unwrap_err()
+            .to_string()
+            .contains("retention is workqueue"));
+    }
 }

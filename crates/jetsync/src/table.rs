@@ -330,10 +330,37 @@ async fn last_message(client: &Client, subject: &str) -> Result<Option<StreamMes
         .get_stream_no_info(&inner.stream.name)
         .await
         .map_err(|e| Error::nats("get stream", e))?;
+    let connects = || {
+        inner
+            .nats
+            .statistics()
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let before = connects();
     let e = match stream.direct_get_last_for_subject(subject).await {
         Ok(message) => return Ok(Some(message)),
         Err(e) => e,
     };
+    // The client library drops its connection on a reply it cannot parse (a stored message
+    // with bad header bytes, see `raw_message.rs`), and the get then times out: read the
+    // subject's last message through the JSON message-get API and say what is wrong with it.
+    if connects() != before
+        || inner.nats.connection_state() != async_nats::connection::State::Connected
+    {
+        let lookup = crate::raw_message::Lookup::LastFor(subject);
+        let read = crate::raw_message::fetch(&inner.js, &inner.stream.name, lookup);
+        if let Ok(Ok(Some(message))) = tokio::time::timeout(inner.timeout, read).await {
+            if let Some(reason) =
+                crate::raw_message::refusal(&message.subject, message.headers.as_deref())
+            {
+                return Err(Error::Malformed {
+                    seq: message.seq,
+                    reason,
+                });
+            }
+        }
+    }
     let timeout = Error::Timeout {
         operation: "get",
         after: Some(inner.timeout),

@@ -780,3 +780,65 @@ async fn connect_from_config() -> Result<()> {
     );
     Ok(())
 }
+
+/// A stored row the NATS client library cannot parse (bad header bytes, published on the raw
+/// protocol): `get` returns the typed `Malformed` error naming its sequence, other rows still
+/// read, and a valid write replaces it.
+#[tokio::test]
+async fn get_of_a_malformed_stored_message_is_a_typed_error() -> Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+
+    let server = NatsServer::start()?;
+    let nats = async_nats::connect(server.url()).await?;
+    let client = Client::builder(nats, stream_config(), "test-1")
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    client.provision().await?;
+    let products = client.table::<Product>("products")?;
+    let good = products.upsert("B-2", &product("B-2", 2)).await?;
+
+    // HPUB on a plain TCP connection: the header holds bytes that are not UTF-8.
+    let port = server.port();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        let mut reader = BufReader::new(tcp.try_clone()?);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let headers: &[u8] = b"NATS/1.0\r\nX-Bad: \xff\xfe\r\n\r\n";
+        let mut out = b"CONNECT {\"verbose\":false,\"headers\":true,\"protocol\":1}\r\n".to_vec();
+        out.extend_from_slice(
+            format!(
+                "HPUB catalog.products.A-1 {} {}\r\n",
+                headers.len(),
+                headers.len() + 2
+            )
+            .as_bytes(),
+        );
+        out.extend_from_slice(headers);
+        out.extend_from_slice(b"{}\r\nPING\r\n");
+        tcp.write_all(&out)?;
+        loop {
+            line.clear();
+            reader.read_line(&mut line)?;
+            anyhow::ensure!(!line.is_empty() && !line.starts_with("-ERR"), "{line}");
+            if line.starts_with("PONG") {
+                return Ok(());
+            }
+        }
+    })
+    .await??;
+    let bad_seq = good.seq + 1;
+
+    match products.get("A-1").await {
+        Err(Error::Malformed { seq, reason }) => {
+            assert_eq!(seq, bad_seq);
+            assert!(reason.contains("not valid UTF-8"), "{reason}");
+        }
+        other => panic!("expected Malformed, got {other:?}"),
+    }
+    // The client reconnected: other rows read, and a valid write replaces the bad one.
+    assert_eq!(products.get("B-2").await?.map(|c| c.seq), Some(good.seq));
+    let fixed = products.upsert("A-1", &product("A-1", 1)).await?;
+    assert_eq!(products.get("A-1").await?.map(|c| c.seq), Some(fixed.seq));
+    Ok(())
+}

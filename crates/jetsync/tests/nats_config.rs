@@ -207,7 +207,7 @@ async fn create_typed(
         .iter()
         .filter(|(_, c, _)| c.num_replicas == replicas)
     {
-        js.create_stream(config.clone())
+        create_stream_when_placeable(js, config)
             .await
             .with_context(|| format!("creating {rel}"))?;
         let client = jetsync::Client::from_nats(nats.clone(), jetsync_stream(config)?, "test")?;
@@ -235,6 +235,35 @@ async fn create_typed(
         "no stream definition with {replicas} replicas"
     );
     Ok(created)
+}
+
+/// JetStream API error code: "insufficient resources" / "no suitable peers for placement".
+const NO_SUITABLE_PEERS: u64 = 10005;
+
+/// Creates `config`'s stream, retrying for up to [`READY`] while the cluster reports no
+/// suitable peers for its replicas: under load (seen on 2.12.8) the meta leader may count a
+/// peer as current before its placement info is fresh, and refuse an R3 stream for a moment.
+async fn create_stream_when_placeable(
+    js: &jetstream::Context,
+    config: &stream::Config,
+) -> Result<()> {
+    let deadline = Instant::now() + READY;
+    loop {
+        match js.create_stream(config.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                let placeable_later = matches!(
+                    e.kind(),
+                    jetstream::context::CreateStreamErrorKind::JetStream(ref j)
+                        if j.error_code().0 == NO_SUITABLE_PEERS
+                );
+                if !placeable_later || Instant::now() >= deadline {
+                    return Err(e.into());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 /// A raw JetStream API request (`$JS.API.<what>`); fails on an error response.
@@ -308,6 +337,13 @@ async fn json_definitions_create_on_a_server() -> Result<()> {
 
     // The replicated definitions on a 3-node cluster.
     let cluster = Cluster::start(3)?;
+    // Every node must also report itself healthy before an R3 stream can be placed on it.
+    for i in 0..cluster.len() {
+        ensure!(
+            cluster.wait_node_healthy(i, READY),
+            "cluster node {i} not healthy within {READY:?}"
+        );
+    }
     let nats = async_nats::connect(cluster.urls()).await?;
     let js = jetstream::new(nats.clone());
     let replicated = create_typed(&js, &nats, &defs, 3).await?;

@@ -5,14 +5,128 @@ use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use futures::StreamExt;
 use jetsync::{codec, Config, LogFormat};
 use jetsync_applier::{
-    build_sink, collect_status, Engine, HttpEndpoint, Offsets, Sink, StatusReport,
+    build_sink, collect_status, AnySink, Engine, EngineError, HttpEndpoint, Offsets, Sink,
+    SinkError, StatusReport,
 };
 
-use super::{output::emit, Cli, Command, Failure, ParkedAction};
+use super::{
+    output::{emit, escape_bytes, escape_text},
+    Cli, Command, Failure, ParkedAction,
+};
 
 /// Loads the configuration; any problem is a configuration error (exit 2).
 fn load_config(cli: &Cli) -> Result<Config, Failure> {
-    Config::load(cli.global.config.as_deref()).map_err(Failure::usage)
+    let config = Config::load(cli.global.config.as_deref()).map_err(Failure::usage)?;
+    check_sink_setup(&config)?;
+    Ok(config)
+}
+
+/// The sink settings that can be checked without connecting, beyond [`Config::validate`]: the
+/// Postgres URL parses as tokio-postgres reads it, and a `sink.path` lies in a directory that
+/// exists or can be created. A problem is a configuration error (exit 2) naming the key; the
+/// URL itself is never shown.
+fn check_sink_setup(config: &Config) -> Result<(), Failure> {
+    use std::str::FromStr;
+    match config.sink.kind {
+        jetsync::SinkKind::Postgres => {
+            if let Some(url) = &config.sink.url {
+                tokio_postgres::Config::from_str(url.expose()).map_err(|e| {
+                    Failure::usage(anyhow!(
+                        "sink.url: not a valid Postgres connection string ({e}): use \
+                         postgres://user:password@host:5432/database"
+                    ))
+                })?;
+            }
+        }
+        jetsync::SinkKind::Sqlite | jetsync::SinkKind::Redb => {
+            if let Some(path) = &config.sink.path {
+                check_sink_path(path).map_err(|reason| {
+                    Failure::usage(anyhow!("sink.path: {}: {reason}", path.display()))
+                })?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether the sink can create or open its file at `path`: the file, if it exists, is a
+/// regular file; the nearest existing ancestor directory is a directory the process may
+/// write to (missing directories below it are created by the sink).
+fn check_sink_path(path: &std::path::Path) -> Result<(), String> {
+    if let Ok(meta) = std::fs::metadata(path) {
+        return if meta.is_dir() {
+            Err("is a directory; give the database file's path".into())
+        } else {
+            Ok(())
+        };
+    }
+    let mut dir = path.parent();
+    while let Some(d) = dir {
+        let d = if d.as_os_str().is_empty() {
+            std::path::Path::new(".")
+        } else {
+            d
+        };
+        match std::fs::metadata(d) {
+            Ok(meta) if meta.is_dir() => {
+                // Probe with a file of our own: permission bits alone miss read-only mounts,
+                // ACLs and root's privileges.
+                let probe = d.join(format!(".jetsync-write-check-{}", std::process::id()));
+                return match std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&probe)
+                {
+                    Ok(_) => {
+                        let _ = std::fs::remove_file(&probe);
+                        Ok(())
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+                    Err(e) => Err(format!("directory {} is not writable: {e}", d.display())),
+                };
+            }
+            Ok(_) => {
+                return Err(format!(
+                    "{} is not a directory, so the file cannot be created below it",
+                    d.display()
+                ))
+            }
+            Err(_) if d == std::path::Path::new(".") => break,
+            Err(_) => dir = d.parent(),
+        }
+    }
+    Err("no existing directory above it".into())
+}
+
+/// A sink that cannot start: configuration problems (the sink names the key: `sink.url: ...`)
+/// exit 2, everything else 1.
+fn sink_failure(e: SinkError) -> Failure {
+    match &e {
+        SinkError::Fatal { reason } if names_sink_key(reason) => Failure::usage(e),
+        _ => Failure::runtime(e),
+    }
+}
+
+fn names_sink_key(reason: &str) -> bool {
+    ["sink.url:", "sink.path:", "sink.schema:", "sink.kind:"]
+        .iter()
+        .any(|key| reason.starts_with(key))
+}
+
+/// An engine failure: configuration problems found on the way (a stream that does not suit
+/// `stream.provision = false`, a sink setting the sink refused) exit 2, everything else 1.
+fn engine_failure(e: EngineError) -> Failure {
+    match &e {
+        EngineError::Client(jetsync::Error::Config(_)) => Failure::usage(e),
+        EngineError::Sink(SinkError::Fatal { reason }) if names_sink_key(reason) => {
+            Failure::usage(e)
+        }
+        _ => Failure::runtime(e),
+    }
+}
+
+async fn open_sink(config: &Config) -> Result<AnySink, Failure> {
+    build_sink(config).await.map_err(sink_failure)
 }
 
 fn init_logging(config: &Config, default_level: &str) {
@@ -121,7 +235,7 @@ fn termination() -> impl std::future::Future<Output = ()> + Send + 'static {
 async fn run(config: Config) -> Result<(), Failure> {
     // First, so that SIGTERM during start-up still means "stop cleanly".
     let stop = termination();
-    let sink = build_sink(&config).await.map_err(Failure::runtime)?;
+    let sink = open_sink(&config).await?;
     let engine = Engine::new(config.clone(), sink);
     // Serves until the engine stops (dropping the endpoint stops it).
     let _http = match config.http.listen {
@@ -133,7 +247,7 @@ async fn run(config: Config) -> Result<(), Failure> {
         ),
         None => None,
     };
-    engine.run(stop).await.map_err(Failure::runtime)
+    engine.run(stop).await.map_err(engine_failure)
 }
 
 async fn connect(config: &Config) -> Result<jetsync::Client, Failure> {
@@ -141,6 +255,26 @@ async fn connect(config: &Config) -> Result<jetsync::Client, Failure> {
         .await
         .with_context(|| format!("connecting to {}", config.nats.url))
         .map_err(Failure::runtime)
+}
+
+/// Connects and, with `stream.provision = false`, checks that the existing stream can back
+/// the sync group (exit 2 naming `stream.provision` when it cannot): for the commands that
+/// read or write the stream.
+async fn connect_checked(config: &Config) -> Result<jetsync::Client, Failure> {
+    let client = connect(config).await?;
+    if !config.stream.provision {
+        check_stream(&client, config).await?;
+    }
+    Ok(client)
+}
+
+async fn check_stream(client: &jetsync::Client, config: &Config) -> Result<(), Failure> {
+    jetsync::check_existing_stream(client.jetstream(), &config.stream)
+        .await
+        .map_err(|e| match e {
+            jetsync::Error::Config(_) => Failure::usage(e),
+            e => Failure::runtime(e),
+        })
 }
 
 /// `status`: the report [`collect_status`] builds (the same one `/status` serves); exit 1 after
@@ -174,7 +308,7 @@ async fn provision(config: &Config, json: bool) -> Result<(), Failure> {
 }
 
 async fn digest(config: &Config, json: bool) -> Result<(), Failure> {
-    let mut sink = build_sink(config).await.map_err(Failure::runtime)?;
+    let mut sink = open_sink(config).await?;
     // The digest is taken at one applied sequence: `run` may commit batches meanwhile, so the
     // fence is read before and after the tables, and the digest is taken again until both
     // reads agree (bounded; a busy applier commits every few milliseconds at most).
@@ -222,7 +356,7 @@ async fn reset(config: &Config, to_seq: u64, json: bool) -> Result<(), Failure> 
     let group = &config.stream.name;
     // Opening the checkpoint store for writing fails while `run` holds it.
     let offsets = Offsets::open(&config.redb_path()).map_err(Failure::runtime)?;
-    let mut sink = build_sink(config).await.map_err(Failure::runtime)?;
+    let mut sink = open_sink(config).await?;
     let before = offsets.applied(group).map_err(Failure::runtime)?;
     sink.set_fence(group, to_seq)
         .await
@@ -268,7 +402,7 @@ async fn publish(
     };
     jetsync::TableName::new(table).map_err(Failure::usage)?;
     jetsync::encode_key(key).map_err(Failure::usage)?;
-    let client = connect(config).await?;
+    let client = connect_checked(config).await?;
     let handle = client.rows(table).map_err(Failure::usage)?;
     let options = jetsync::WriteOptions {
         msg_id,
@@ -304,7 +438,7 @@ async fn tail(
         }
         None => jetsync::group_filter(prefix),
     };
-    let client = connect(config).await?;
+    let client = connect_checked(config).await?;
     let stream = client
         .jetstream()
         .get_stream(&config.stream.name)
@@ -365,6 +499,7 @@ async fn tail(
             println!("{line}");
         } else {
             match decoded {
+                // Everything but the sequence comes from the event: escaped for the terminal.
                 Ok((t, k, ev)) => println!(
                     "{seq:>8} {:<6} {}/{} {}",
                     match ev.op() {
@@ -372,12 +507,18 @@ async fn tail(
                         jetsync::Op::Delete => "delete",
                     },
                     t,
-                    k,
-                    ev.row()
-                        .map(|r| jetsync::row_to_json(r).to_string())
-                        .unwrap_or_default()
+                    escape_text(&k),
+                    escape_text(
+                        &ev.row()
+                            .map(|r| jetsync::row_to_json(r).to_string())
+                            .unwrap_or_default()
+                    )
                 ),
-                Err(e) => println!("{seq:>8} POISON {subject}: {e}"),
+                Err(e) => println!(
+                    "{seq:>8} POISON {}: {}",
+                    escape_text(&subject),
+                    escape_text(&e)
+                ),
             }
         }
         seen += 1;
@@ -390,7 +531,10 @@ async fn tail(
 async fn resync(config: &Config, json: bool) -> Result<(), Failure> {
     use std::io::IsTerminal;
     let stop = termination();
-    let sink = build_sink(config).await.map_err(Failure::runtime)?;
+    if !config.stream.provision {
+        check_stream(&connect(config).await?, config).await?;
+    }
+    let sink = open_sink(config).await?;
     let bar = (!json && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
@@ -417,7 +561,7 @@ async fn resync(config: &Config, json: bool) -> Result<(), Failure> {
     };
     let done = jetsync_applier::resync_instance(config, sink, progress, stop)
         .await
-        .map_err(Failure::runtime)?;
+        .map_err(engine_failure)?;
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
@@ -464,15 +608,25 @@ fn parked_text(events: &[jetsync_applier::ParkedEvent]) -> String {
         return "no parked events".to_owned();
     }
     let mut out = String::new();
+    // Subjects, keys, bodies and reasons come from events: escaped for the terminal.
     for e in events {
         let row = e
             .row
             .as_ref()
             .map(|r| r.to_string())
             .unwrap_or_else(|| format!("(no row) {}", e.subject));
-        out.push_str(&format!("{:>10}  {row}  {}\n", e.seq, e.error));
+        out.push_str(&format!(
+            "{:>10}  {}  {}\n",
+            e.seq,
+            escape_text(&row),
+            escape_text(&e.error)
+        ));
         if e.held_behind.is_none() {
-            out.push_str(&format!("{:>10}  body: {}\n", "", e.payload_preview(120)));
+            out.push_str(&format!(
+                "{:>10}  body: {}\n",
+                "",
+                escape_bytes(&e.payload, 120)
+            ));
         }
     }
     let held = events.iter().filter(|e| e.held_behind.is_some()).count();
@@ -502,10 +656,10 @@ async fn parked_retry(
     rows: &[jetsync_applier::RowId],
     json: bool,
 ) -> Result<(), Failure> {
-    let sink = build_sink(config).await.map_err(Failure::runtime)?;
+    let sink = open_sink(config).await?;
     let report = jetsync_applier::retry_parked(config, sink, rows)
         .await
-        .map_err(Failure::runtime)?;
+        .map_err(engine_failure)?;
     let value = serde_json::json!({
         "applied": report.applied,
         "still_parked": report.still_parked.iter().map(parked_json).collect::<Vec<_>>(),

@@ -37,6 +37,7 @@ pub async fn build_sink(config: &Config) -> Result<AnySink, SinkError> {
                 .iter()
                 .map(|(table, t)| (table.clone(), t.key.clone()))
                 .collect();
+            options.any_table = config.apply.other_tables == jetsync::OtherTables::Create;
             Ok(AnySink::Sqlite(SqliteSink::open(options)?))
         }
         SinkKind::Redb => Ok(AnySink::Redb(RedbSink::open(RedbOptions {
@@ -53,14 +54,18 @@ pub async fn build_sink(config: &Config) -> Result<AnySink, SinkError> {
                     reason: "sink.url: required with kind = \"postgres\"".into(),
                 })?;
             let mut options = PostgresOptions::new(url.expose());
-            if let Some(schema) = &config.sink.schema {
-                options.schema = schema.clone();
-            }
-            options.default_key_column = jetsync::DEFAULT_KEY_COLUMN.to_owned();
+            options.schema = config.sink.schema.clone();
+            options.instance = config.instance.clone();
             options.key_columns = config
                 .tables
                 .iter()
                 .map(|(table, t)| (table.clone(), t.key.clone()))
+                .collect();
+            options.merge_tables = config
+                .tables
+                .iter()
+                .filter(|(_, t)| t.merge)
+                .map(|(table, _)| table.clone())
                 .collect();
             options.unknown_columns = config.sink.unknown_columns;
             Ok(AnySink::Postgres(PostgresSink::connect(options).await?))
