@@ -437,6 +437,9 @@ impl Session<'_> {
         loop {
             // Wait for the first message of a batch, or shutdown; commit a lazily recorded
             // checkpoint once it is due, so that an idle applier's file (`status`) is exact.
+            // After 50 ms with nothing in hand, a sink that defers durability (the redb replica)
+            // makes its last commits durable (`Sink::idle`).
+            let mut idle_at = Some(Instant::now() + Duration::from_millis(50));
             let first = loop {
                 let flush_at = state.applier.offsets.flush_due();
                 tokio::select! {
@@ -444,6 +447,10 @@ impl Session<'_> {
                     _ = shutdown.requested() => return Ok(SessionEnd::Shutdown),
                     next = messages.next() => break next,
                     _ = sleep_until(flush_at) => state.applier.offsets.flush()?,
+                    _ = sleep_until(idle_at) => {
+                        idle_at = None;
+                        state.applier.sink.idle().await?;
+                    }
                     _ = connection_check.tick() => {
                         if reconnected() {
                             return Ok(SessionEnd::Reset("the NATS connection was lost and re-established".into()));

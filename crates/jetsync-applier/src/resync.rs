@@ -187,7 +187,8 @@ async fn stream<S: Sink>(
     Ok(true)
 }
 
-/// Classifies one snapshot batch like Apply mode does, parks what cannot be applied (durably,
+/// Classifies one snapshot batch like Apply mode does ([`Rules::classify`](crate::apply::Rules):
+/// poison, tables not synced here, oversized events, held rows), parks what cannot be applied (durably,
 /// before the sink sees the chunk, so the commit can never pass an unrecorded park) and sends
 /// the rest as one chunk. A change the sink rejects is parked (with the later changes of its
 /// row in the chunk held behind it) and the chunk is sent again without them.
@@ -265,7 +266,12 @@ async fn chunk<S: Sink>(
                     if changes[i].table == row.table && changes[i].key == row.key {
                         changes.remove(i);
                         let (s, m) = events[sources.remove(i)];
-                        new_parks.push(held(RawEvent::of_message(s, m), msg_id_of(m), row.clone(), rseq));
+                        new_parks.push(held(
+                            RawEvent::of_message(s, m),
+                            msg_id_of(m),
+                            row.clone(),
+                            rseq,
+                        ));
                     } else {
                         i += 1;
                     }
