@@ -231,7 +231,8 @@ pub struct SinkConfig {
     pub path: Option<PathBuf>,
     /// Connection URL for `postgres` (`postgres://user:pass@host/db`); required for it.
     pub url: Option<Secret>,
-    /// Postgres schema for the synced tables and `jetsync_offsets` (default `public`).
+    /// Postgres schema for the synced tables and `jetsync_offsets` (default: the connection's
+    /// `current_schema()`, so a `search_path` given in the URL is honoured).
     pub schema: Option<String>,
     /// redb replica only: keep a per-sequence apply count, so tests can prove nothing was
     /// applied twice.

@@ -108,7 +108,7 @@ fn sink_failure(e: SinkError) -> Failure {
 }
 
 fn names_sink_key(reason: &str) -> bool {
-    ["sink.url:", "sink.path:", "sink.schema:", "sink.kind:"]
+    ["sink.url:", "sink.path:", "sink.schema:", "sink.kind:", "tables."]
         .iter()
         .any(|key| reason.starts_with(key))
 }
