@@ -52,14 +52,14 @@ pub(crate) struct Applier<S> {
     pub(crate) group: String,
     /// The per-event rules (table filter, limits, decoding).
     pub(crate) rules: Rules,
-    on_poison: OnPoison,
-    max_backoff: Duration,
+    pub(crate) on_poison: OnPoison,
+    pub(crate) max_backoff: Duration,
     ack_wait: Duration,
     /// The last applied sequence (S).
     pub(crate) applied: u64,
     /// Rows with a parked event → the sequence of their first parked event.
-    blocked: HashMap<RowId, u64>,
-    stats: Arc<Stats>,
+    pub(crate) blocked: HashMap<RowId, u64>,
+    pub(crate) stats: Arc<Stats>,
     /// The sink keeps a fence, which is the truth at start: the redb checkpoint of applied
     /// batches may be committed lazily ([`Offsets::record`]). False (commit every batch at once)
     /// unless the engine says so.
@@ -452,7 +452,7 @@ impl Rules {
 }
 
 /// The `Nats-Msg-Id` header of a delivered message.
-fn msg_id_of(message: &jetstream::Message) -> Option<&str> {
+pub(crate) fn msg_id_of(message: &jetstream::Message) -> Option<&str> {
     header(message.headers.as_ref(), "Nats-Msg-Id")
 }
 

@@ -41,7 +41,7 @@ use crate::{
     ops, raw,
     resync::resync,
     shutdown::Shutdown,
-    startup::{sink_is_empty, start_point_and_fence},
+    startup::{sink_description, sink_is_empty, start_point_and_fence, NewStore},
     EngineError, Sink, Stats,
 };
 
@@ -101,8 +101,18 @@ impl<S: Sink> Engine<S> {
         let max_backoff = Duration::from_millis(config.apply.retry_max_backoff_ms);
         let offsets = Offsets::open(&config.redb_path())?;
 
-        let Some((applied, has_fence)) =
-            start_point_and_fence(&mut sink, &offsets, &group, max_backoff, &mut shutdown).await?
+        // A checkpoint store that knows nothing of the group beside a sink that applied events
+        // (a lost data_dir) is refused: its parked and held events would be forgotten.
+        let new_store = NewStore::Refuse(sink_description(&config));
+        let Some((applied, has_fence)) = start_point_and_fence(
+            &mut sink,
+            &offsets,
+            &group,
+            max_backoff,
+            &mut shutdown,
+            new_store,
+        )
+        .await?
         else {
             return Ok(());
         };
@@ -357,6 +367,14 @@ impl Session<'_> {
                 .await;
         }
         if state.applier.offsets.bootstrapping(&group)? {
+            // A bootstrap resumed after its first batches has rows up to `applied`: events after
+            // it that the limits removed meanwhile are a gap, as on a fresh start.
+            let (first, applied) = (info.state.first_sequence, state.applier.applied);
+            if applied > 0 && first > applied + 1 && limits {
+                return self
+                    .gap(js, state, shutdown, first, "resuming a bootstrap")
+                    .await;
+            }
             if !bootstrap(js, self.config, &mut state.applier, shutdown).await? {
                 return Ok(SessionEnd::Shutdown);
             }
@@ -419,6 +437,9 @@ impl Session<'_> {
         loop {
             // Wait for the first message of a batch, or shutdown; commit a lazily recorded
             // checkpoint once it is due, so that an idle applier's file (`status`) is exact.
+            // After 50 ms with nothing in hand, a sink that defers durability (the redb replica)
+            // makes its last commits durable (`Sink::idle`).
+            let mut idle_at = Some(Instant::now() + Duration::from_millis(50));
             let first = loop {
                 let flush_at = state.applier.offsets.flush_due();
                 tokio::select! {
@@ -426,6 +447,10 @@ impl Session<'_> {
                     _ = shutdown.requested() => return Ok(SessionEnd::Shutdown),
                     next = messages.next() => break next,
                     _ = sleep_until(flush_at) => state.applier.offsets.flush()?,
+                    _ = sleep_until(idle_at) => {
+                        idle_at = None;
+                        state.applier.sink.idle().await?;
+                    }
                     _ = connection_check.tick() => {
                         if reconnected() {
                             return Ok(SessionEnd::Reset("the NATS connection was lost and re-established".into()));

@@ -80,6 +80,20 @@ pub enum OffsetsError {
         /// The redb file.
         path: PathBuf,
     },
+    /// The store was just created (or holds nothing for the group) while the sink's fence says
+    /// events were applied: `data_dir` was lost or points elsewhere, and with it the parked and
+    /// held events. Starting would silently forget them.
+    #[error("the checkpoint store {path} knows nothing of stream {group}, but the sink ({sink}) has applied up to seq {fence}: data_dir was lost or changed, and with it the parked and held events. Restore {path} from a backup (or fix data_dir), or rebuild this instance with `jetsync-applier resync` (which rebuilds the tables and the parked events from a snapshot), or start over with a new, empty sink")]
+    Lost {
+        /// The redb file.
+        path: PathBuf,
+        /// The sync group.
+        group: String,
+        /// The sink's fence.
+        fence: u64,
+        /// The sink (its file, or its kind).
+        sink: String,
+    },
     /// Any other redb failure.
     #[error("checkpoint store {path}: {reason}")]
     Storage {
@@ -114,11 +128,13 @@ fn builder() -> Builder {
 }
 
 impl Offsets {
-    /// Opens (creating if needed) the store at `path`.
+    /// Opens (creating if needed) the store at `path`. A new file is created readable and
+    /// writable by its owner only (mode 0600 on Unix): parked events hold event payloads.
     pub fn open(path: &Path) -> Result<Offsets, OffsetsError> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| storage(path, e))?;
         }
+        create_private(path).map_err(|e| storage(path, e))?;
         let db = builder().create(path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => OffsetsError::InUse {
                 path: path.to_owned(),
@@ -161,6 +177,25 @@ impl Offsets {
         tx.open_table(RESYNC).map_err(|e| offsets.err(e))?;
         tx.commit().map_err(|e| offsets.err(e))?;
         Ok(offsets)
+    }
+
+    /// Whether this store knows `group`: an applied sequence (even 0), a parked event or a
+    /// pending bootstrap or resync. A store that does not, beside a sink whose fence is above 0,
+    /// is a lost `data_dir` ([`OffsetsError::Lost`]). The engine records the applied sequence at
+    /// start before the sink can commit anything, so a store that was used always knows it.
+    pub fn knows(&self, group: &str) -> Result<bool, OffsetsError> {
+        if self.deferred().groups.contains_key(group) {
+            return Ok(true);
+        }
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        for def in [APPLIED, BOOTSTRAP, RESYNC] {
+            let table = tx.open_table(def).map_err(|e| self.err(e))?;
+            if table.get(group).map_err(|e| self.err(e))?.is_some() {
+                return Ok(true);
+            }
+        }
+        let parked = tx.open_table(PARKED).map_err(|e| self.err(e))?;
+        Ok(count_parked(&parked, group).map_err(|e| self.err(e))? > 0)
     }
 
     fn err(&self, e: impl std::fmt::Display) -> OffsetsError {
@@ -416,12 +451,24 @@ impl Offsets {
         tx.commit().map_err(|e| self.err(e))
     }
 
-    /// Ends a resync: the sink was replaced up to `seq` (`events` applied).
+    /// Starts (or starts over) a streamed snapshot resync of `group` towards about `target`:
+    /// every parked event of `group` is removed (the snapshot's own are parked chunk by chunk
+    /// with [`park`](Self::park) before the sink sees the chunk) and the resync is marked
+    /// pending, in one transaction. Until [`finish_resync`](Self::finish_resync) runs, a restart
+    /// must redo the resync: the parked events no longer describe the sink's contents.
+    pub fn start_resync(&self, group: &str, target: u64) -> Result<(), OffsetsError> {
+        self.begin_resync(group, target, &[])
+    }
+
+    /// Ends a resync: the sink was replaced up to `seq` (`events` applied). A bootstrap that
+    /// was in progress is over too (the tables were rebuilt from a whole snapshot).
     pub fn finish_resync(&self, group: &str, seq: u64, events: u64) -> Result<(), OffsetsError> {
         let tx = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut resync = tx.open_table(RESYNC).map_err(|e| self.err(e))?;
             resync.remove(group).map_err(|e| self.err(e))?;
+            let mut bootstrap = tx.open_table(BOOTSTRAP).map_err(|e| self.err(e))?;
+            bootstrap.remove(group).map_err(|e| self.err(e))?;
         }
         tx.commit().map_err(|e| self.err(e))?;
         self.commit(group, seq, events)
@@ -570,6 +617,20 @@ pub fn read_parked(path: &Path, group: &str) -> Result<Vec<ParkedEvent>, Offsets
         Ok(table) => collect_parked(&table, group).map_err(|e| storage(path, e)),
         Err(redb::TableError::TableDoesNotExist(_)) => Ok(Vec::new()),
         Err(e) => Err(storage(path, e)),
+    }
+}
+
+/// Creates `path` empty with mode 0600 (owner only) on Unix when it does not exist yet, so that
+/// redb never creates it with the umask's wider default. An existing file is left alone.
+pub(crate) fn create_private(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
@@ -736,6 +797,33 @@ mod tests {
             [("items/a".parse().unwrap(), 3)].into()
         );
         assert_eq!(offsets.parked_count("G").unwrap(), 2);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_new_store_is_private_and_knows_no_group() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.redb");
+        let offsets = Offsets::open(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        assert!(!offsets.knows("G").unwrap());
+        offsets.set("G", 0).unwrap();
+        assert!(offsets.knows("G").unwrap());
+        assert!(!offsets.knows("H").unwrap());
+        offsets.set_bootstrapping("H", true).unwrap();
+        assert!(offsets.knows("H").unwrap());
+        // finish_resync ends a bootstrap too.
+        offsets.start_resync("H", 9).unwrap();
+        assert_eq!(offsets.resync_pending("H").unwrap(), Some(9));
+        offsets.finish_resync("H", 9, 1).unwrap();
+        assert_eq!(offsets.resync_pending("H").unwrap(), None);
+        assert!(!offsets.bootstrapping("H").unwrap());
+        drop(offsets);
+        // Reopening an existing file keeps it (and its mode).
+        let offsets = Offsets::open(&path).unwrap();
+        assert!(offsets.knows("G").unwrap());
     }
 
     #[test]

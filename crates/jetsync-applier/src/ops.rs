@@ -32,8 +32,16 @@ pub async fn resync_instance<S: Sink>(
     let group = config.stream.name.clone();
     let offsets = Offsets::open(&config.redb_path())?;
     let max_backoff = Duration::from_millis(config.apply.retry_max_backoff_ms);
-    let Some(applied) =
-        startup::start_point(&mut sink, &offsets, &group, max_backoff, &mut shutdown).await?
+    let Some(applied) = startup::start_point(
+        &mut sink,
+        &offsets,
+        &group,
+        max_backoff,
+        &mut shutdown,
+        // A resync rebuilds the parked events too: the remedy for a lost data_dir.
+        startup::NewStore::Adopt,
+    )
+    .await?
     else {
         return Ok(None);
     };
@@ -77,9 +85,17 @@ pub async fn retry_parked<S: Sink>(
     let offsets = Offsets::open(&config.redb_path())?;
     let mut shutdown = Shutdown::spawn(std::future::pending());
     let max_backoff = Duration::from_millis(config.apply.retry_max_backoff_ms);
-    let fence = startup::start_point(&mut sink, &offsets, &group, max_backoff, &mut shutdown)
-        .await?
-        .unwrap_or(0);
+    let new_store = startup::NewStore::Refuse(startup::sink_description(config));
+    let fence = startup::start_point(
+        &mut sink,
+        &offsets,
+        &group,
+        max_backoff,
+        &mut shutdown,
+        new_store,
+    )
+    .await?
+    .unwrap_or(0);
     retry_rows(config, &mut sink, &offsets, fence, rows).await
 }
 

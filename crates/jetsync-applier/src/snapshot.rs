@@ -1,7 +1,8 @@
 //! Snapshots: the latest event of every row of a sync group, read through an ephemeral pull
 //! consumer with `DeliverPolicy::LastPerSubject` and no acknowledgements.
 //!
-//! The consumer is named after the instance's durable (`<durable>_snapshot`), so a
+//! The consumer is named after the instance (`jetsync-snapshot_<instance>`, see
+//! [`snapshot_name`]), so a
 //! least-privilege applier user needs rights on that one extra name only (nats-config's
 //! accounts.conf), and a leftover of an interrupted run is deleted before a new one is created
 //! (reusing it would resume its delivery instead of starting the snapshot over). Any delivery
@@ -38,7 +39,7 @@ const HEARTBEAT: Duration = Duration::from_secs(5);
 /// The server removes an abandoned snapshot consumer after this long without pulls.
 const INACTIVE_THRESHOLD: Duration = Duration::from_secs(60);
 
-/// Starts a snapshot of `config`'s sync group through its consumer `<durable>_snapshot`.
+/// Starts a snapshot of `config`'s sync group through its consumer [`snapshot_name`].
 pub(crate) async fn start_snapshot(
     js: &jetstream::Context,
     config: &Config,
@@ -47,9 +48,19 @@ pub(crate) async fn start_snapshot(
         js,
         &config.stream.name,
         &jetsync::group_filter(&config.stream.subject_prefix),
-        &format!("{}_snapshot", config.consumer_name()),
+        &snapshot_name(config),
     )
     .await
+}
+
+/// The snapshot consumer's name: `jetsync-snapshot_<instance>` (the instance sanitised as for
+/// the durable). Every durable is `jetsync_<instance>` with `_` as its 8th character, so this
+/// name (`-` there) can never be another instance's durable; `<durable>_snapshot` could
+/// (instance `a`'s snapshot was instance `a_snapshot`'s durable).
+pub(crate) fn snapshot_name(config: &Config) -> String {
+    let durable = config.consumer_name();
+    let instance = durable.strip_prefix("jetsync_").unwrap_or(&durable);
+    format!("jetsync-snapshot_{instance}")
 }
 
 /// A snapshot being read.
@@ -148,6 +159,11 @@ impl Snapshot {
             stop_at,
             done: false,
         })
+    }
+
+    /// The stream's last sequence when the snapshot started (where it ends at the latest).
+    pub(crate) fn stop_at(&self) -> u64 {
+        self.stop_at
     }
 
     /// Rows the server reported at the start.
@@ -265,5 +281,29 @@ impl Snapshot {
             let _ = self.stream.delete_consumer(&self.name).await;
         }
         Ok(Some(batch))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::snapshot_name;
+
+    #[test]
+    fn the_snapshot_name_is_never_a_durable() {
+        let config = |instance: &str| jetsync::Config {
+            instance: instance.to_owned(),
+            ..jetsync::Config::default()
+        };
+        assert_eq!(snapshot_name(&config("a")), "jetsync-snapshot_a");
+        // Instance `a`'s snapshot and instance `a_snapshot`'s durable used to be one name.
+        assert_ne!(
+            snapshot_name(&config("a")),
+            config("a_snapshot").consumer_name()
+        );
+        for instance in ["a", "a_snapshot", "snapshot_a", "-snapshot_a", "x.y"] {
+            let name = snapshot_name(&config(instance));
+            assert!(!name.starts_with("jetsync_"), "{name}");
+            assert!(config(instance).consumer_name().starts_with("jetsync_"));
+        }
     }
 }

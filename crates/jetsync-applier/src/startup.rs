@@ -3,7 +3,31 @@
 
 use std::time::Duration;
 
-use crate::{backoff::Backoff, offsets::Offsets, shutdown::Shutdown, EngineError, Sink};
+use crate::{
+    backoff::Backoff,
+    offsets::{Offsets, OffsetsError},
+    shutdown::Shutdown,
+    EngineError, Sink,
+};
+
+/// What to do with a checkpoint store that knows nothing of the group while the sink's fence is
+/// above 0 (a lost `data_dir`: the parked and held events are gone with it).
+#[derive(Debug, Clone)]
+pub(crate) enum NewStore {
+    /// Refuse to start ([`OffsetsError::Lost`]), naming the sink (its file or kind): `run` and
+    /// `parked retry`.
+    Refuse(String),
+    /// Accept it: `resync` rebuilds the tables and the parked events from a snapshot.
+    Adopt,
+}
+
+/// How a sink is named in messages: its file, else its kind.
+pub(crate) fn sink_description(config: &jetsync::Config) -> String {
+    match config.sink_path() {
+        Some(path) => path.display().to_string(),
+        None => format!("{:?} sink", config.sink.kind).to_lowercase(),
+    }
+}
 
 /// The sequence to resume after: the sink's fence where it keeps one (it describes the data
 /// actually there, so it wins over redb, which is brought to it), else the redb checkpoint.
@@ -14,21 +38,27 @@ pub(crate) async fn start_point<S: Sink>(
     group: &str,
     max_backoff: Duration,
     shutdown: &mut Shutdown,
+    new_store: NewStore,
 ) -> Result<Option<u64>, EngineError> {
     Ok(
-        start_point_and_fence(sink, offsets, group, max_backoff, shutdown)
+        start_point_and_fence(sink, offsets, group, max_backoff, shutdown, new_store)
             .await?
             .map(|(applied, _)| applied),
     )
 }
 
 /// [`start_point`], and whether the sink keeps a fence.
+///
+/// The store is made to know the group (its applied sequence is committed, 0 on a first start)
+/// before anything can be applied, so that a store without it beside a sink whose fence is above
+/// 0 can only be a lost or replaced `data_dir` (see [`NewStore`]).
 pub(crate) async fn start_point_and_fence<S: Sink>(
     sink: &mut S,
     offsets: &Offsets,
     group: &str,
     max_backoff: Duration,
     shutdown: &mut Shutdown,
+    new_store: NewStore,
 ) -> Result<Option<(u64, bool)>, EngineError> {
     let mut backoff = Backoff::new("reading the sink's fence", max_backoff);
     let fence = loop {
@@ -44,9 +74,19 @@ pub(crate) async fn start_point_and_fence<S: Sink>(
     };
     backoff.succeed();
     let checkpoint = offsets.applied(group)?;
+    let known = offsets.knows(group)?;
+    if let (false, Some(fence @ 1..), NewStore::Refuse(sink)) = (known, fence, &new_store) {
+        return Err(OffsetsError::Lost {
+            path: offsets.path().to_owned(),
+            group: group.to_owned(),
+            fence,
+            sink: sink.clone(),
+        }
+        .into());
+    }
     Ok(Some(match fence {
         Some(fence) => {
-            if fence != checkpoint {
+            if fence != checkpoint || !known {
                 tracing::info!(
                     fence,
                     checkpoint,
@@ -56,7 +96,12 @@ pub(crate) async fn start_point_and_fence<S: Sink>(
             }
             (fence, true)
         }
-        None => (checkpoint, false),
+        None => {
+            if !known {
+                offsets.set(group, checkpoint)?;
+            }
+            (checkpoint, false)
+        }
     }))
 }
 

@@ -32,9 +32,15 @@
 //! for the fence thus do not also wait for the fsync; the engine still learns of the batch only
 //! once it is durable. If that second commit fails, the sink reports [`SinkError::Fatal`]: the
 //! rows are visible in this process but may not survive it. A commit that does not move a fence
-//! forward (`parked retry` applying parked events at the fence), a [`Sink::replace`] and
+//! forward (`parked retry` applying parked events at the fence), a replacement's commit and
 //! [`Sink::set_fence`] are always durable in one step, as is the close of the file (redb makes
-//! pending commits durable when the last handle is dropped).
+//! pending commits durable when the last handle is dropped). When the engine goes idle it calls
+//! [`Sink::idle`], which makes the last deferred commits durable with an empty durable commit:
+//! the end of a catch-up does not wait for the next event to become crash-safe.
+//!
+//! The fence never decreases: a batch whose `last_seq` is below it leaves it, and so does a
+//! replacement committed below it; only [`Sink::set_fence`] (`reset --to-seq`, an explicit
+//! operator rewind) moves it down.
 //! - Killed before a commit: nothing of the batch is visible, on disk or to readers; the fence
 //!   still names the previous batch, so the engine replays this one.
 //! - Killed after a durable commit returned: rows, fence and audit moved together; the engine
@@ -53,10 +59,14 @@
 //! The in-process fence seen by replicas is published only after the commit returned, so a
 //! [`Replica`] never reports a sequence whose rows it cannot read.
 //!
-//! [`Sink::replace`] (snapshot resync) is the same single write transaction, preceded by removing
-//! every row of every table: readers see the old rows until the commit, the new ones after it.
-//! With [`RedbOptions::audit`] it counts the sequences it applies like [`Sink::apply`] does (a
-//! resync re-applies sequences, so their counts may exceed 1 afterwards).
+//! A snapshot resync is one write transaction held open across chunks
+//! ([`Sink::replace_begin`] drops and recreates the rows table in it, each
+//! [`Sink::replace_chunk`] writes into it, [`Sink::replace_commit`] sets the fence and commits
+//! durably): readers see the old rows until the commit, the new ones after it; a kill or an
+//! abort before the commit leaves the old rows and fence. A chunk's rows are encoded and checked
+//! before any is written, so a refused row ([`SinkError::Rejected`]) leaves nothing of its chunk
+//! and the replacement open. With [`RedbOptions::audit`] it counts the sequences it applies like
+//! [`Sink::apply`] does (a resync re-applies sequences, so their counts may exceed 1 afterwards).
 //!
 //! # Locking
 //!
@@ -74,7 +84,7 @@ use jetsync::codec::{self, Format};
 use jetsync::{Event, Row};
 use redb::{
     Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata,
-    StorageError, TableDefinition, TableError,
+    StorageError, TableDefinition, TableError, WriteTransaction,
 };
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
@@ -139,6 +149,16 @@ pub struct RedbSink {
     durable_at: Option<Instant>,
     /// Changes committed without durability since the last durable commit.
     undurable_changes: usize,
+    /// The open replacement of a streamed resync ([`Sink::replace_begin`] until
+    /// [`Sink::replace_commit`] or [`Sink::replace_abort`]): one write transaction held across
+    /// chunks. Dropping it aborts it.
+    replacing: Option<Box<Replacement>>,
+}
+
+/// A replacement in progress: its write transaction (the rows table already emptied in it).
+struct Replacement {
+    txn: WriteTransaction,
+    group: String,
 }
 
 impl fmt::Debug for RedbSink {
@@ -167,6 +187,10 @@ impl RedbSink {
                 ),
             })?;
         }
+        // Owner-only (0600) when new: the replica holds the synced rows.
+        crate::offsets::create_private(&path).map_err(|e| SinkError::Fatal {
+            reason: format!("cannot create redb replica {}: {e}", path.display()),
+        })?;
         let db = Database::create(&path).map_err(|e| open_error(&path, e))?;
 
         // Create the tables up front (one small durable commit) so that readers never have to
@@ -200,6 +224,7 @@ impl RedbSink {
             applied,
             durable_at: None,
             undurable_changes: 0,
+            replacing: None,
         })
     }
 
@@ -246,24 +271,26 @@ impl RedbSink {
         rows.is_empty().map_err(|e| sink_error("count rows", e))
     }
 
-    /// One batch in one write transaction with the fence (and the audit counts):
-    /// [`Sink::apply`] (`clear == false`) or [`Sink::replace`] (`clear == true`: every row of
-    /// every table is removed first).
+    /// One batch ([`Sink::apply`]) in one write transaction with the fence (and the audit
+    /// counts). The fence never decreases: a `last_seq` below it (`parked retry` applying events
+    /// parked earlier) leaves it where it is.
     fn write_batch(
         &mut self,
         group: &str,
         changes: &[Change],
         last_seq: u64,
-        clear: bool,
     ) -> Result<(), SinkError> {
         const WHAT: &str = "apply a batch";
-        let advances = self.fences.get(group).is_none_or(|&fence| last_seq > fence);
+        self.abort_replacement();
+        let current = self.fences.get(group).copied();
+        let advances = current.is_none_or(|fence| last_seq > fence);
+        let last_seq = current.map_or(last_seq, |fence| fence.max(last_seq));
         let since_durable = self.undurable_changes + changes.len();
-        let durable = clear || !advances || durable_now(since_durable, self.durable_at);
+        let durable = !advances || durable_now(since_durable, self.durable_at);
         // A durable commit that only moves the fence forward is split: the batch commits without
         // durability (visible at once), then an empty durable commit makes it crash-safe, so
         // readers waiting for the fence do not also wait for the fsync.
-        let split = durable && advances && !clear;
+        let split = durable && advances;
         let mut txn = self.db.begin_write().map_err(|e| sink_error(WHAT, e))?;
         txn.set_durability(if durable && !split {
             Durability::Immediate
@@ -272,13 +299,6 @@ impl RedbSink {
         })
         .map_err(|e| sink_error(WHAT, e))?;
         {
-            if clear {
-                // All synced tables live in this one redb table: drop it (freeing its pages in
-                // bulk) and start an empty one. Readers keep seeing the old rows until the
-                // commit.
-                txn.delete_table(ROWS)
-                    .map_err(|e| sink_error("clear the rows", e))?;
-            }
             // One open_table per table per transaction, however many changes.
             let mut rows = txn.open_table(ROWS).map_err(|e| sink_error(WHAT, e))?;
             apply_changes(&mut rows, changes)?;
@@ -289,20 +309,10 @@ impl RedbSink {
                 .map_err(|e| sink_error(WHAT, e))?;
 
             if self.audit {
-                let mut audit = txn.open_table(AUDIT).map_err(|e| sink_error(WHAT, e))?;
-                for change in changes {
-                    let count = audit
-                        .get(change.seq)
-                        .map_err(|e| sink_error(WHAT, e))?
-                        .map_or(0, |c| c.value());
-                    audit
-                        .insert(change.seq, count + 1)
-                        .map_err(|e| sink_error(WHAT, e))?;
-                }
+                count_applied(&txn, changes)?;
             }
         }
-        // Crash window: before this returns nothing of the batch is visible or durable (for a
-        // replace: the old rows are all still there); after it, rows, fence and audit are
+        // Crash window: before this returns nothing of the batch is visible or durable; after it, rows, fence and audit are
         // visible, and on disk if `durable` (else from the next durable commit on; see the
         // module docs). An error above drops `txn`, which aborts it.
         txn.commit().map_err(|e| sink_error(WHAT, e))?;
@@ -330,8 +340,119 @@ impl RedbSink {
         Ok(())
     }
 
+    /// Ends an open replacement, if any (dropping its transaction aborts it). A write
+    /// transaction outside it would otherwise wait for it forever.
+    fn abort_replacement(&mut self) {
+        if let Some(r) = self.replacing.take() {
+            tracing::debug!(group = %r.group, "redb replica: replacement aborted");
+        }
+    }
+
+    /// [`Sink::replace_begin`]: one write transaction in which the rows table starts empty.
+    fn replace_begin_blocking(&mut self, group: &str) -> Result<(), SinkError> {
+        const WHAT: &str = "begin replacing the rows";
+        self.abort_replacement();
+        let txn = self.db.begin_write().map_err(|e| sink_error(WHAT, e))?;
+        // All synced tables live in this one redb table: drop it (freeing its pages in bulk)
+        // and start an empty one. Readers keep seeing the old rows until the commit.
+        txn.delete_table(ROWS).map_err(|e| sink_error(WHAT, e))?;
+        txn.open_table(ROWS).map_err(|e| sink_error(WHAT, e))?;
+        self.replacing = Some(Box::new(Replacement {
+            txn,
+            group: group.to_owned(),
+        }));
+        Ok(())
+    }
+
+    /// [`Sink::replace_chunk`]: every row is encoded and checked before anything is written,
+    /// so a [`SinkError::Rejected`] leaves nothing of the chunk in the replacement (which stays
+    /// open); any other error ends the replacement.
+    fn replace_chunk_blocking(&mut self, changes: &[Change]) -> Result<(), SinkError> {
+        const WHAT: &str = "replace the rows";
+        let Some(replacement) = self.replacing.as_ref() else {
+            return Err(SinkError::Fatal {
+                reason: "redb replica: replace_chunk without replace_begin (an engine bug)".into(),
+            });
+        };
+        let encoded = encode_changes(changes)?;
+        let written = (|| {
+            {
+                let mut rows = replacement
+                    .txn
+                    .open_table(ROWS)
+                    .map_err(|e| sink_error(WHAT, e))?;
+                write_encoded(&mut rows, changes, &encoded)?;
+            }
+            if self.audit {
+                count_applied(&replacement.txn, changes)?;
+            }
+            Ok(())
+        })();
+        if written.is_err() {
+            self.abort_replacement();
+        }
+        written
+    }
+
+    /// [`Sink::replace_commit`]: the fence (never lower than before) and the rows in one durable
+    /// commit.
+    fn replace_commit_blocking(&mut self, group: &str, last_seq: u64) -> Result<(), SinkError> {
+        const WHAT: &str = "commit the replaced rows";
+        let Some(mut txn) = self.replacing.take().map(|r| r.txn) else {
+            return Err(SinkError::Fatal {
+                reason: "redb replica: replace_commit without replace_begin (an engine bug)".into(),
+            });
+        };
+        let fence = self
+            .fences
+            .get(group)
+            .map_or(last_seq, |&f| f.max(last_seq));
+        txn.set_durability(Durability::Immediate)
+            .map_err(|e| sink_error(WHAT, e))?;
+        {
+            let mut offsets = txn.open_table(OFFSETS).map_err(|e| sink_error(WHAT, e))?;
+            offsets
+                .insert(group, fence)
+                .map_err(|e| sink_error(WHAT, e))?;
+        }
+        // Crash window: before this returns the old rows and fence are all still there (on
+        // disk and for readers); after it, the new ones, durably (and every earlier commit).
+        txn.commit().map_err(|e| sink_error(WHAT, e))?;
+        self.durable_at = Some(Instant::now());
+        self.undurable_changes = 0;
+        self.committed_fence(group, fence);
+        Ok(())
+    }
+
+    /// [`Sink::idle`]: makes the last non-durable commits durable (an empty durable commit), so
+    /// an applier that caught up with big batches and then went idle is crash-safe at once
+    /// rather than only at its next batch.
+    fn idle_blocking(&mut self) -> Result<(), SinkError> {
+        if self.undurable_changes == 0 || self.replacing.is_some() {
+            return Ok(());
+        }
+        let persist = || -> Result<(), redb::Error> {
+            let mut txn = self.db.begin_write()?;
+            txn.set_durability(Durability::Immediate)?;
+            txn.commit()?;
+            Ok(())
+        };
+        persist().map_err(|e| sink_error("make the last commits durable", e))?;
+        self.durable_at = Some(Instant::now());
+        self.undurable_changes = 0;
+        Ok(())
+    }
+
+    /// Whether every commit of this handle is durable (nothing waits for a deferred fsync).
+    pub fn is_durable(&self) -> bool {
+        self.undurable_changes == 0
+    }
+
+    /// Sets the fence to `seq`, up or down: the explicit operator rewind of `reset --to-seq`
+    /// (the only way a fence moves backwards).
     fn set_fence_blocking(&mut self, group: &str, seq: u64) -> Result<(), SinkError> {
         const WHAT: &str = "set the fence";
+        self.abort_replacement();
         let mut txn = self.db.begin_write().map_err(|e| sink_error(WHAT, e))?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| sink_error(WHAT, e))?;
@@ -415,16 +536,27 @@ impl Sink for RedbSink {
         changes: &[Change],
         last_seq: u64,
     ) -> Result<(), SinkError> {
-        blocking(|| self.write_batch(group, changes, last_seq, false))
+        blocking(|| self.write_batch(group, changes, last_seq))
     }
 
-    async fn replace(
-        &mut self,
-        group: &str,
-        changes: &[Change],
-        last_seq: u64,
-    ) -> Result<(), SinkError> {
-        blocking(|| self.write_batch(group, changes, last_seq, true))
+    async fn replace_begin(&mut self, group: &str) -> Result<(), SinkError> {
+        blocking(|| self.replace_begin_blocking(group))
+    }
+
+    async fn replace_chunk(&mut self, _group: &str, changes: &[Change]) -> Result<(), SinkError> {
+        blocking(|| self.replace_chunk_blocking(changes))
+    }
+
+    async fn replace_commit(&mut self, group: &str, last_seq: u64) -> Result<(), SinkError> {
+        blocking(|| self.replace_commit_blocking(group, last_seq))
+    }
+
+    async fn replace_abort(&mut self, _group: &str) {
+        self.abort_replacement();
+    }
+
+    async fn idle(&mut self) -> Result<(), SinkError> {
+        blocking(|| self.idle_blocking())
     }
 
     async fn set_fence(&mut self, group: &str, seq: u64) -> Result<(), SinkError> {
@@ -657,18 +789,55 @@ fn apply_changes(
     rows: &mut redb::Table<'_, (&'static str, &'static str), &'static [u8]>,
     changes: &[Change],
 ) -> Result<(), SinkError> {
+    let encoded = encode_changes(changes)?;
+    write_encoded(rows, changes, &encoded)
+}
+
+/// The largest row this sink stores: redb's value size limit (3 GiB), checked before writing so
+/// that a refused row leaves nothing of its batch or chunk behind.
+const MAX_ROW_BYTES: usize = 3 * 1024 * 1024 * 1024;
+
+/// Encodes every upsert of `changes` (`None` for a delete), refusing a row that cannot be
+/// encoded or stored with [`SinkError::Rejected`] before anything is written.
+fn encode_changes(changes: &[Change]) -> Result<Vec<Option<Vec<u8>>>, SinkError> {
+    changes
+        .iter()
+        .enumerate()
+        .map(|(index, change)| match &change.op {
+            jetsync::Change::Upsert(row) => {
+                let encoded = encode_row(row).map_err(|reason| rejected(index, change, reason))?;
+                if encoded.len() > MAX_ROW_BYTES {
+                    return Err(rejected(
+                        index,
+                        change,
+                        format!(
+                            "the encoded row ({} bytes) exceeds redb's value size limit",
+                            encoded.len()
+                        ),
+                    ));
+                }
+                Ok(Some(encoded))
+            }
+            jetsync::Change::Delete => Ok(None),
+        })
+        .collect()
+}
+
+/// Writes `changes` (encoded by [`encode_changes`]) to the rows table, in key order.
+fn write_encoded(
+    rows: &mut redb::Table<'_, (&'static str, &'static str), &'static [u8]>,
+    changes: &[Change],
+    encoded: &[Option<Vec<u8>>],
+) -> Result<(), SinkError> {
     const WHAT: &str = "apply a batch";
     let mut order: Vec<usize> = (0..changes.len()).collect();
     order.sort_by_key(|&i| (changes[i].table.as_str(), changes[i].key.as_str()));
     for index in order {
         let change = &changes[index];
         let key = (change.table.as_str(), change.key.as_str());
-        let written = match &change.op {
-            jetsync::Change::Upsert(row) => {
-                let encoded = encode_row(row).map_err(|reason| rejected(index, change, reason))?;
-                rows.insert(key, encoded.as_slice()).map(drop)
-            }
-            jetsync::Change::Delete => rows.remove(key).map(drop),
+        let written = match &encoded[index] {
+            Some(bytes) => rows.insert(key, bytes.as_slice()).map(drop),
+            None => rows.remove(key).map(drop),
         };
         written.map_err(|e| match e {
             StorageError::ValueTooLarge(len) => rejected(
@@ -678,6 +847,22 @@ fn apply_changes(
             ),
             other => sink_error(WHAT, other),
         })?;
+    }
+    Ok(())
+}
+
+/// Adds one to the audit count of every change's sequence (see [`RedbOptions::audit`]).
+fn count_applied(txn: &WriteTransaction, changes: &[Change]) -> Result<(), SinkError> {
+    const WHAT: &str = "count applied sequences";
+    let mut audit = txn.open_table(AUDIT).map_err(|e| sink_error(WHAT, e))?;
+    for change in changes {
+        let count = audit
+            .get(change.seq)
+            .map_err(|e| sink_error(WHAT, e))?
+            .map_or(0, |c| c.value());
+        audit
+            .insert(change.seq, count + 1)
+            .map_err(|e| sink_error(WHAT, e))?;
     }
     Ok(())
 }
@@ -1172,6 +1357,112 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(sink.fence(GROUP).await.unwrap(), Some(11));
+    }
+
+    /// The rows of `changes`, keys k0..kn of table t, sequences from `first`.
+    fn many(first: u64, n: usize) -> Vec<Change> {
+        (0..n)
+            .map(|i| {
+                upsert(
+                    first + i as u64,
+                    "t",
+                    &format!("k{i}"),
+                    row(&[("v", Value::I64(i as i64))]),
+                )
+            })
+            .collect()
+    }
+
+    /// The fence of a copy of the file taken now: what a kill at this moment would leave (the
+    /// copy reopens at the last durable commit).
+    fn fence_after_a_crash_now(path: &Path) -> u64 {
+        let copy_dir = tempfile::tempdir().unwrap();
+        let copy = copy_dir.path().join("copy.redb");
+        std::fs::copy(path, &copy).unwrap();
+        let db = Database::create(&copy).unwrap();
+        let txn = db.begin_read().unwrap();
+        let offsets = txn.open_table(OFFSETS).unwrap();
+        let fence = offsets.get(GROUP).unwrap().map_or(0, |v| v.value());
+        fence
+    }
+
+    #[tokio::test]
+    async fn idle_makes_a_deferred_catch_up_commit_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = open(&dir, false);
+        let path = sink.path().to_owned();
+        // The first commit is durable; the next big one within DURABLE_EVERY is deferred.
+        sink.apply(GROUP, &many(1, 300), 300).await.unwrap();
+        sink.apply(GROUP, &many(301, 300), 600).await.unwrap();
+        if !sink.is_durable() {
+            assert_eq!(fence_after_a_crash_now(&path), 300);
+        }
+        sink.idle().await.unwrap();
+        assert!(sink.is_durable());
+        assert_eq!(fence_after_a_crash_now(&path), 600);
+        // Idle with nothing deferred is a no-op.
+        sink.idle().await.unwrap();
+        assert_eq!(sink.fence(GROUP).await.unwrap(), Some(600));
+    }
+
+    #[tokio::test]
+    async fn streamed_replace_keeps_old_rows_until_commit_and_never_lowers_the_fence() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = open(&dir, false);
+        let replica = sink.replica();
+        let v = |v: i64| row(&[("v", Value::I64(v))]);
+        sink.apply(GROUP, &[upsert(1, "old", "k", v(1))], 5)
+            .await
+            .unwrap();
+        sink.replace_begin(GROUP).await.unwrap();
+        sink.replace_chunk(GROUP, &[upsert(2, "a", "k1", v(2))])
+            .await
+            .unwrap();
+        // Readers still see the old rows while the replacement is open.
+        assert_eq!(replica.get("old", "k").unwrap(), Some(v(1)));
+        assert_eq!(replica.get("a", "k1").unwrap(), None);
+        sink.replace_chunk(
+            GROUP,
+            &[upsert(3, "a", "k2", v(3)), upsert(4, "a", "k3", v(4))],
+        )
+        .await
+        .unwrap();
+        // A commit below the fence keeps the fence (it never decreases).
+        sink.replace_commit(GROUP, 4).await.unwrap();
+        assert_eq!(sink.fence(GROUP).await.unwrap(), Some(5));
+        assert_eq!(replica.get("old", "k").unwrap(), None);
+        assert_eq!(replica.scan("a").unwrap().len(), 3);
+        assert!(sink.is_durable());
+
+        // An abort leaves everything as it was; the sink stays usable.
+        sink.replace_begin(GROUP).await.unwrap();
+        sink.replace_chunk(GROUP, &[upsert(9, "z", "k", v(9))])
+            .await
+            .unwrap();
+        sink.replace_abort(GROUP).await;
+        assert_eq!(replica.scan("a").unwrap().len(), 3);
+        assert!(replica.scan("z").unwrap().is_empty());
+        sink.apply(GROUP, &[upsert(10, "z", "k", v(10))], 10)
+            .await
+            .unwrap();
+        assert_eq!(sink.fence(GROUP).await.unwrap(), Some(10));
+        // apply below the fence keeps it; only set_fence (reset --to-seq) rewinds it.
+        sink.apply(GROUP, &[upsert(3, "z", "k", v(3))], 3)
+            .await
+            .unwrap();
+        assert_eq!(sink.fence(GROUP).await.unwrap(), Some(10));
+        sink.set_fence(GROUP, 2).await.unwrap();
+        assert_eq!(sink.fence(GROUP).await.unwrap(), Some(2));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_new_replica_file_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let sink = open(&dir, false);
+        let mode = std::fs::metadata(sink.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
     }
 
     #[test]
