@@ -62,7 +62,7 @@ const HISTORY_B: u64 = 5;
 const KILLS: usize = 10;
 /// Delay between a chunk's acknowledgement and the kill, milliseconds: the instance is
 /// usually applying that chunk then.
-const KILL_DELAY_MS: std::ops::RangeInclusive<u64> = 20..=300;
+const KILL_DELAY_MS: std::ops::RangeInclusive<u64> = 0..=150;
 /// Chunk after which `gap` is stopped (it applied everything up to there).
 const GAP_STOP_CHUNK: usize = 0;
 /// Chunk after which `restored`'s files are copied.

@@ -96,12 +96,13 @@ pub(crate) async fn run(
         "jetsync-applier did not exit cleanly on SIGTERM ({status}):\n{}",
         memory::tail(&fs::read_to_string(&log).unwrap_or_default(), 30)
     );
-    let parked = jetsync_applier::read_parked(&checkpoint, STREAM)
-        .map(|p| p.len())
-        .unwrap_or(0);
+    let parked = jetsync_applier::read_parked(&checkpoint, STREAM).unwrap_or_default();
     ensure!(
-        parked == 0,
-        "flood: {parked} events parked instead of applied"
+        parked.is_empty(),
+        "flood: {} events parked instead of applied, e.g. seq {:?}: {:?}",
+        parked.len(),
+        parked.first().map(|p| p.seq),
+        parked.first().map(|p| &p.error)
     );
     bench.delete_stream(STREAM).await;
     Ok(FloodReport {

@@ -255,7 +255,8 @@ pub(crate) async fn run(
     })
 }
 
-/// Writes `<dir>/jetsync.toml` for instance `instance` (data in `<dir>/data`, SQLite sink, the
+/// Writes `<dir>/jetsync.toml` for instance `instance` (data in `<dir>/data`, table `items`
+/// keyed by `id` (an unconfigured table's events would only be parked), SQLite sink, the
 /// bench's `apply.batch_max`, `apply_extra` appended to `[apply]`, warnings only) on `stream`,
 /// which the bench created (`provision = false`); returns its path.
 pub(crate) fn write_config(
@@ -274,10 +275,12 @@ pub(crate) fn write_config(
              data_dir = {data:?}\n\
              \n[nats]\nurl = {url:?}\n\
              \n[stream]\nname = {name:?}\nsubject_prefix = {prefix:?}\nhistory = {history}\nprovision = false\n\
+             \n[tables.{table}]\nkey = \"id\"\n\
              \n[sink]\nkind = \"sqlite\"\n\
              \n[apply]\nbatch_max = {batch_max}\n{apply_extra}\
              \n[log]\nlevel = \"warn\"\n",
             data = data.to_string_lossy(),
+            table = crate::workload::TABLE,
             name = stream.name,
             prefix = stream.subject_prefix,
             history = stream.history,
