@@ -343,10 +343,17 @@ async fn isolation(backend: Backend) -> Result<()> {
     instance.start()?;
     let want_orders: BTreeMap<String, i64> =
         [("o1".to_owned(), 999), ("o3".to_owned(), 300)].into();
+    // Each row's events are applied, then removed from the parked list: wait for both.
+    let orders_parked = |parked: &[serde_json::Value]| {
+        parked
+            .iter()
+            .any(|p| p["row"].as_str().is_some_and(|r| r.starts_with("orders/")))
+    };
     let deadline = Instant::now() + Duration::from_secs(60);
     let orders_now = loop {
         let now = orders(backend, &instance, schema).await?;
-        if now == want_orders || Instant::now() >= deadline {
+        let done = now == want_orders && !orders_parked(&instance.parked()?);
+        if done || Instant::now() >= deadline {
             break now;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

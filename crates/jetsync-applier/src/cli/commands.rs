@@ -108,9 +108,15 @@ fn sink_failure(e: SinkError) -> Failure {
 }
 
 fn names_sink_key(reason: &str) -> bool {
-    ["sink.url:", "sink.path:", "sink.schema:", "sink.kind:", "tables."]
-        .iter()
-        .any(|key| reason.starts_with(key))
+    [
+        "sink.url:",
+        "sink.path:",
+        "sink.schema:",
+        "sink.kind:",
+        "tables.",
+    ]
+    .iter()
+    .any(|key| reason.starts_with(key))
 }
 
 /// An engine failure: configuration problems found on the way (a stream that does not suit
