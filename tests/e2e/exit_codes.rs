@@ -418,7 +418,8 @@ fn configuration_errors_never_show_secrets() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let data = format!("data_dir = {:?}\n", dir.path().join("data"));
     // (file body, environment, what the error must name)
-    let cases: Vec<(String, Vec<(&str, &str)>, &str)> = vec![
+    type Case<'a> = (String, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case<'_>> = vec![
         // Syntax errors on the secret's line.
         (
             format!("instance = \"x\"\n{data}[sink]\nkind = \"postgres\"\nurl = \"postgres://u:{SECRET}@h/db\n"),
@@ -514,15 +515,16 @@ fn bad_sink_settings_exit_2_naming_the_key() -> Result<()> {
     let data = format!("data_dir = {:?}\n", dir.path().join("data"));
     let cases = [
         (
-            format!("[sink]\nkind = \"postgres\"\nurl = \"mysql://u:S3CRETpw@h/db\"\n"),
+            "[sink]\nkind = \"postgres\"\nurl = \"mysql://u:S3CRETpw@h/db\"\n".to_owned(),
             "sink.url",
         ),
         (
-            format!("[sink]\nkind = \"postgres\"\nurl = \"postgres://u:S3CRETpw@h:notaport/db\"\n"),
+            "[sink]\nkind = \"postgres\"\nurl = \"postgres://u:S3CRETpw@h:notaport/db\"\n"
+                .to_owned(),
             "sink.url",
         ),
         (
-            format!("[sink]\nkind = \"postgres\"\nurl = \"h:5432/db\"\n"),
+            "[sink]\nkind = \"postgres\"\nurl = \"h:5432/db\"\n".to_owned(),
             "sink.url",
         ),
         (
@@ -538,9 +540,8 @@ fn bad_sink_settings_exit_2_naming_the_key() -> Result<()> {
         ),
         (format!("[sink]\npath = {:?}\n", dir.path()), "sink.path"),
         (
-            format!(
-                "[sink]\nkind = \"postgres\"\nurl = \"postgres://u@h/db\"\nschema = \"no such\"\n"
-            ),
+            "[sink]\nkind = \"postgres\"\nurl = \"postgres://u@h/db\"\nschema = \"no such\"\n"
+                .to_owned(),
             "sink.schema",
         ),
     ];

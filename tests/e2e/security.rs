@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use async_nats::jetstream::{self, consumer::pull};
+use futures::StreamExt;
 use jetsync::{Error, NatsConfig, Row, Secret, Value};
 use jetsync_e2e::{
     accounts_extra_config, assert_no_secrets, assert_sqlite_matches, heavy, nats_config_file,
@@ -617,5 +618,177 @@ fn wrong_password_fails_fast_naming_server_and_method() -> Result<()> {
 
     outputs.extend(instance.run_logs());
     assert_no_secrets(&outputs, ALL_SECRETS)?;
+    Ok(())
+}
+
+/// What a consumer-create request by restricted applier `catalog-1` answered, raw.
+async fn create_as_applier(
+    applier: &async_nats::Client,
+    subject: &str,
+    config: serde_json::Value,
+) -> Result<serde_json::Value> {
+    let body = serde_json::json!({ "stream_name": "CATALOG", "config": config });
+    let reply = tokio::time::timeout(
+        PROMPT,
+        applier.request(subject.to_owned(), body.to_string().into()),
+    )
+    .await
+    .context("consumer create timed out")??;
+    Ok(serde_json::from_slice(&reply.payload)?)
+}
+
+const ORDERS_PASSWORD: &str = "ord-Wp3$pw-1732";
+
+/// A server with the users of nats-config/accounts.conf plus another service's account,
+/// `ORDERS`, whose user `orders-svc` may subscribe to anything in it.
+fn secured_server_with_orders() -> Result<NatsServer> {
+    let extra = accounts_extra_config(&[
+        ("JETSYNC_ADMIN_PASSWORD", ADMIN_PASSWORD),
+        ("CATALOG_PUB_PASSWORD", PUB_PASSWORD),
+        ("CATALOG_1_PASSWORD", APPLIER_1_PASSWORD),
+        ("CATALOG_2_PASSWORD", APPLIER_2_PASSWORD),
+    ])?;
+    // Add the ORDERS account to the `accounts` block (its last closing brace).
+    let end = extra
+        .rfind('}')
+        .context("no accounts block in accounts.conf")?;
+    let orders = format!(
+        "  ORDERS: {{\n    users: [ {{ user: orders-svc, password: {ORDERS_PASSWORD:?} }} ]\n  }}\n"
+    );
+    let extra = format!("{}{orders}{}", &extra[..end], &extra[end..]);
+    Ok(NatsServer::builder().extra_config(extra).start()?)
+}
+
+/// The push-consumer attack (#11.8): a restricted applier may create its durable, and a
+/// consumer config with a `deliver_subject` makes the server push the stream's events to that
+/// subject, which the server does not check against the creator's publish permissions. On
+/// 2.9.10 and 2.12.8 the server accepts such a config on every create subject the applier is
+/// allowed (so no permission layout on the API subjects can stop it); what stops it is the
+/// account boundary of `accounts.conf`: one account per service, so the deliveries stay in the
+/// sync group's own account and never reach another service's subscribers. A deliver subject
+/// inside the stream's own subjects is refused by the server (a cycle).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_consumer_cannot_deliver_into_another_services_subjects() -> Result<()> {
+    let server = secured_server_with_orders()?;
+    let url = server.url();
+    let mut admin_config = client_config(
+        &url,
+        "CATALOG",
+        "catalog",
+        "admin",
+        ADMIN_PASSWORD,
+        "_INBOX",
+    );
+    admin_config.stream.provision = true;
+    jetsync::Client::connect(&admin_config)
+        .await?
+        .provision()
+        .await?;
+    let publisher = jetsync::Client::connect(&client_config(
+        &url,
+        "CATALOG",
+        "catalog",
+        "catalog-pub",
+        PUB_PASSWORD,
+        "_INBOX_catalog_pub",
+    ))
+    .await?;
+    publisher.rows("items")?.upsert("a", &row("a", 1)).await?;
+
+    // The other service listens on a fixed subject of its own.
+    let orders = async_nats::ConnectOptions::with_user_and_password(
+        "orders-svc".into(),
+        ORDERS_PASSWORD.into(),
+    )
+    .connect(url.as_str())
+    .await?;
+    let mut victim = orders.subscribe("orders.created").await?;
+    orders.flush().await?;
+
+    let applier = jetsync::connect(
+        &nats_user(
+            &url,
+            "catalog-1",
+            APPLIER_1_PASSWORD,
+            Some("_INBOX_catalog-1"),
+        ),
+        "catalog-1",
+    )
+    .await?;
+    let delete = || async {
+        applier
+            .request(
+                "$JS.API.CONSUMER.DELETE.CATALOG.jetsync_catalog-1".to_owned(),
+                "".into(),
+            )
+            .await
+    };
+    let push = |deliver: &str, subject: &str| {
+        let mut config = serde_json::json!({
+            "durable_name": "jetsync_catalog-1",
+            "deliver_subject": deliver,
+            "deliver_policy": "all",
+            "ack_policy": "none",
+        });
+        if subject.ends_with(".catalog.>") {
+            config["filter_subject"] = "catalog.>".into();
+        }
+        config
+    };
+    for subject in [
+        "$JS.API.CONSUMER.CREATE.CATALOG.jetsync_catalog-1",
+        "$JS.API.CONSUMER.CREATE.CATALOG.jetsync_catalog-1.catalog.>",
+        "$JS.API.CONSUMER.DURABLE.CREATE.CATALOG.jetsync_catalog-1",
+    ] {
+        // The server takes the push config from the restricted user...
+        let answer = create_as_applier(&applier, subject, push("orders.created", subject)).await?;
+        assert!(
+            answer.get("error").is_none(),
+            "{subject}: the server refused the push consumer (the layout may be simplified): {answer}"
+        );
+        assert_eq!(
+            answer["config"]["deliver_subject"], "orders.created",
+            "{answer}"
+        );
+        // ... but nothing reaches the other service's subscriber.
+        let leaked = tokio::time::timeout(Duration::from_secs(2), victim.next()).await;
+        assert!(
+            leaked.is_err(),
+            "{subject}: an event reached the ORDERS account: {:?}",
+            leaked.ok().flatten().map(|m| m.subject)
+        );
+        delete().await?;
+    }
+
+    // Control: inside the catalog account a push consumer does deliver where someone listens
+    // (here the applier's own inbox, which it may read anyway), so the silence above is the
+    // account boundary, not a consumer that never delivers.
+    let mut own = applier.subscribe("_INBOX_catalog-1.push").await?;
+    applier.flush().await?;
+    let subject = "$JS.API.CONSUMER.CREATE.CATALOG.jetsync_catalog-1";
+    let answer =
+        create_as_applier(&applier, subject, push("_INBOX_catalog-1.push", subject)).await?;
+    assert!(answer.get("error").is_none(), "{answer}");
+    let delivered = tokio::time::timeout(PROMPT, own.next())
+        .await
+        .context("the control push consumer delivered nothing")?
+        .context("subscription closed")?;
+    // A push delivery keeps the event's own subject.
+    assert_eq!(delivered.subject.as_str(), "catalog.items.a");
+    delete().await?;
+
+    // Into the stream's own subjects (which would write events): refused as a cycle.
+    let answer =
+        create_as_applier(&applier, subject, push("catalog.items.forged", subject)).await?;
+    assert_eq!(answer["error"]["err_code"], 10081, "{answer}");
+    let last = admin(&url)
+        .await?
+        .get_stream("CATALOG")
+        .await?
+        .info()
+        .await?
+        .state
+        .last_sequence;
+    assert_eq!(last, 1, "the CATALOG stream holds only the published event");
     Ok(())
 }

@@ -452,7 +452,7 @@ impl Rules {
 }
 
 /// The `Nats-Msg-Id` header of a delivered message.
-fn msg_id_of(message: &jetstream::Message) -> Option<&str> {
+pub(crate) fn msg_id_of(message: &jetstream::Message) -> Option<&str> {
     header(message.headers.as_ref(), "Nats-Msg-Id")
 }
 

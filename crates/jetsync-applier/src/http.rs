@@ -6,7 +6,7 @@
 //! - `GET /readyz`: `200 ready` once a consumer session is running and the lag is at most
 //!   `http.ready_max_lag`; else `503` with a one-line reason.
 //! - `GET /status`: exactly what `jetsync-applier status --json` prints (same collection
-//!   code, [`collect_status`]); `503` with the same body when NATS is unavailable.
+//!   code, [`collect_status`](crate::collect_status)); `503` with the same body when NATS is unavailable.
 //!
 //! Metrics carry the constant labels `stream` and `instance`. Counters count since the process
 //! started (Prometheus handles the reset at a restart).
@@ -54,8 +54,6 @@ use tokio::{
     sync::{Mutex, OnceCell, Semaphore},
 };
 
-#[allow(unused_imports)] // named in the module docs
-use crate::status::collect_status;
 use crate::{
     stats::BATCH_SECONDS_BUCKETS,
     status::{collect_status_with, Remote},

@@ -706,33 +706,6 @@ mod tests {
         assert_eq!((seen.applied, seen.applied_events), (40, 30));
     }
 
-    #[cfg(unix)]
-    #[test]
-    fn a_new_store_is_private_and_knows_no_group() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("i.redb");
-        let offsets = Offsets::open(&path).unwrap();
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
-        assert!(!offsets.knows("G").unwrap());
-        offsets.set("G", 0).unwrap();
-        assert!(offsets.knows("G").unwrap());
-        assert!(!offsets.knows("H").unwrap());
-        offsets.set_bootstrapping("H", true).unwrap();
-        assert!(offsets.knows("H").unwrap());
-        // finish_resync ends a bootstrap too.
-        offsets.start_resync("H", 9).unwrap();
-        assert_eq!(offsets.resync_pending("H").unwrap(), Some(9));
-        offsets.finish_resync("H", 9, 1).unwrap();
-        assert_eq!(offsets.resync_pending("H").unwrap(), None);
-        assert!(!offsets.bootstrapping("H").unwrap());
-        drop(offsets);
-        // Reopening an existing file keeps it (and its mode).
-        let offsets = Offsets::open(&path).unwrap();
-        assert!(offsets.knows("G").unwrap());
-    }
-
     fn event(seq: u64, row: Option<&str>, held_behind: Option<u64>) -> ParkedEvent {
         ParkedEvent {
             seq,
@@ -824,6 +797,33 @@ mod tests {
             [("items/a".parse().unwrap(), 3)].into()
         );
         assert_eq!(offsets.parked_count("G").unwrap(), 2);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_new_store_is_private_and_knows_no_group() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.redb");
+        let offsets = Offsets::open(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        assert!(!offsets.knows("G").unwrap());
+        offsets.set("G", 0).unwrap();
+        assert!(offsets.knows("G").unwrap());
+        assert!(!offsets.knows("H").unwrap());
+        offsets.set_bootstrapping("H", true).unwrap();
+        assert!(offsets.knows("H").unwrap());
+        // finish_resync ends a bootstrap too.
+        offsets.start_resync("H", 9).unwrap();
+        assert_eq!(offsets.resync_pending("H").unwrap(), Some(9));
+        offsets.finish_resync("H", 9, 1).unwrap();
+        assert_eq!(offsets.resync_pending("H").unwrap(), None);
+        assert!(!offsets.bootstrapping("H").unwrap());
+        drop(offsets);
+        // Reopening an existing file keeps it (and its mode).
+        let offsets = Offsets::open(&path).unwrap();
+        assert!(offsets.knows("G").unwrap());
     }
 
     #[test]

@@ -31,10 +31,10 @@ use async_nats::jetstream;
 use jetsync::{Config, OnPoison};
 
 use crate::{
-    apply::{held, record, Applier, Verdict},
+    apply::{held, msg_id_of, record, Applier, Verdict},
     backoff::Backoff,
     bootstrap::BOOTSTRAP_BATCH,
-    decode::{header, RawEvent},
+    decode::RawEvent,
     parked::{ParkedEvent, RowId},
     shutdown::Shutdown,
     snapshot::start_snapshot,
@@ -204,13 +204,16 @@ async fn chunk<S: Sink>(
     let mut parks: Vec<ParkedEvent> = Vec::new();
     for (i, &(seq, message)) in events.iter().enumerate() {
         let raw = RawEvent::of_message(seq, message);
-        let msg_id = header(message.headers.as_ref(), "Nats-Msg-Id");
-        match applier.rules.classify(raw, msg_id, &mut state.blocked) {
+        match applier
+            .rules
+            .classify(raw, msg_id_of(message), &mut state.blocked)
+        {
             Verdict::Apply(change) => {
                 changes.push(change);
                 sources.push(i);
             }
             Verdict::Park(parked) => parks.push(parked),
+            // A table this instance deliberately skips holds no rows here.
             Verdict::Skip => {}
         }
     }
@@ -252,7 +255,7 @@ async fn chunk<S: Sink>(
                 };
                 let mut new_parks = vec![record(
                     RawEvent::of_message(rseq, message),
-                    header(message.headers.as_ref(), "Nats-Msg-Id"),
+                    msg_id_of(message),
                     Some(row.clone()),
                     format!("rejected by the sink: {reason}"),
                     None,
@@ -265,7 +268,7 @@ async fn chunk<S: Sink>(
                         let (s, m) = events[sources.remove(i)];
                         new_parks.push(held(
                             RawEvent::of_message(s, m),
-                            header(m.headers.as_ref(), "Nats-Msg-Id"),
+                            msg_id_of(m),
                             row.clone(),
                             rseq,
                         ));

@@ -53,8 +53,9 @@ pub struct Config {
     pub nats: NatsConfig,
     /// The JetStream stream (sync group) holding the change events.
     pub stream: StreamConfig,
-    /// Per-table settings, keyed by table name (`[a-z][a-z0-9_]{0,62}`). Tables not listed here
-    /// still sync, with the key column `id`.
+    /// The synced tables and their settings, keyed by table name (`[a-z][a-z0-9_]{0,62}`). Only
+    /// listed tables are written; events of other tables follow `apply.other_tables` (parked by
+    /// default, retried at start once the table is listed).
     pub tables: BTreeMap<String, TableConfig>,
     /// Where the applier writes the rows.
     pub sink: SinkConfig,
