@@ -11,7 +11,7 @@
 //! before it returns leaves the previous checkpoint (redb's commit is atomic). The checkpoint
 //! lags the sink's fence: the engine records a sequence here only after the sink committed it.
 //! It can lead the fence only after a kill of a sink that defers its own durability (the redb
-//! replica's non-durable commits, see `sinks/redb.rs`), whose fence then falls back to its last
+//! replica's non-durable commits, see `sinks/redb/`), whose fence then falls back to its last
 //! durable commit. Either way, at start the engine brings this store to the sink's fence.
 //! - With a sink that keeps a fence, the engine [`record`](Offsets::record)s each batch: the
 //!   checkpoint is committed at once when the last commit is [`CHECKPOINT_EVERY`] old (or there

@@ -66,6 +66,9 @@ pub struct RetryReport {
     pub still_parked: Vec<ParkedEvent>,
     /// The sink's fence, unchanged by a retry.
     pub fence: u64,
+    /// Events after the fence that were held behind an event this retry applied: no longer
+    /// parked; the engine delivers them again after the fence and applies them in order.
+    pub released: Vec<u64>,
 }
 
 /// Applies parked events again, oldest first per row (`parked retry`); `rows` empty means every
@@ -169,18 +172,28 @@ pub(crate) async fn retry_rows<S: Sink>(
         let applied: Vec<u64> = events[..applied_n].iter().map(|e| e.seq).collect();
         offsets.unpark(&group, &applied)?;
         report.applied.extend(&applied);
-        // The rest stays parked: the first one with its new error, the others held behind it.
+        // Events after the fence are not applied by a retry. Once nothing of the row at or
+        // below the fence is parked any more, they are released: held behind an event that is
+        // no longer parked, they would block the row for good; the engine delivers them again
+        // after the fence (they were parked in crash window 1 of `apply.rs`) and classifies
+        // them afresh.
+        if let Some((at, _)) = failed.as_ref().filter(|(at, _)| events[*at].seq > fence) {
+            let released: Vec<u64> = events[*at..].iter().map(|e| e.seq).collect();
+            offsets.unpark(&group, &released)?;
+            report.released.extend(released);
+            continue;
+        }
+        // The rest stays parked: the first one (at or below the fence) with its new error as
+        // the row's head, the others held behind it.
         if let Some((at, error)) = failed {
             let head = events[at].seq;
             let mut rest: Vec<ParkedEvent> = Vec::new();
             for (i, e) in events[at..].iter().enumerate() {
                 let mut e = (*e).clone();
                 if i == 0 {
-                    if e.seq <= fence {
-                        e.error = error.clone();
-                        e.held_behind = None;
-                    }
-                } else if e.held_behind.is_some() {
+                    e.error = error.clone();
+                    e.held_behind = None;
+                } else if row.is_some() {
                     e.held_behind = Some(head);
                     e.error = format!("held behind parked event {head} of the same row");
                 }
@@ -212,4 +225,108 @@ pub fn drop_parked(
     let seqs: Vec<u64> = dropped.iter().map(|e| e.seq).collect();
     offsets.unpark(group, &seqs)?;
     Ok(dropped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{RedbOptions, RedbSink};
+
+    fn config() -> Config {
+        let mut config = Config::default();
+        config.stream.name = "G".into();
+        config.stream.subject_prefix = "g".into();
+        config
+            .tables
+            .insert("items".into(), jetsync::TableConfig::default());
+        config
+    }
+
+    fn parked(seq: u64, body: &str, held_behind: Option<u64>) -> ParkedEvent {
+        ParkedEvent {
+            seq,
+            subject: "g.items.a".into(),
+            row: Some("items/a".parse().unwrap()),
+            format: Some("json/1".into()),
+            msg_id: None,
+            payload: body.as_bytes().to_vec(),
+            error: "e".into(),
+            held_behind,
+            parked_at_ms: 1,
+            raw_headers: None,
+        }
+    }
+
+    fn upsert(v: i64) -> String {
+        format!(r#"{{"op":"upsert","row":{{"v":{v}}},"origin":"t","ts_ms":0}}"#)
+    }
+
+    /// Retrying a row's head must not leave the events held behind it pointing at an event
+    /// that is no longer parked.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retried_head_releases_or_rewrites_the_events_held_behind_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config();
+        let offsets = Offsets::open(&dir.path().join("o.redb")).unwrap();
+        let mut sink = RedbSink::open(RedbOptions::new(dir.path().join("r.redb"))).unwrap();
+        let replica = sink.replica();
+        sink.apply("G", &[], 5).await.unwrap();
+
+        // Head 3 and held 4 at or below the fence, held 7 after it (parked before a kill).
+        offsets
+            .park(
+                "G",
+                &[
+                    parked(3, &upsert(3), None),
+                    parked(4, &upsert(4), Some(3)),
+                    parked(7, &upsert(7), Some(3)),
+                ],
+            )
+            .unwrap();
+        let report = retry_rows(&config, &mut sink, &offsets, 5, &[])
+            .await
+            .unwrap();
+        assert_eq!(report.applied, [3, 4]);
+        assert_eq!(report.released, [7]);
+        assert!(offsets.parked("G").unwrap().is_empty());
+        assert_eq!(
+            replica.get("items", "a").unwrap().unwrap()["v"],
+            jetsync::Value::I64(4)
+        );
+        assert_eq!(
+            sink.fence("G").await.unwrap(),
+            Some(5),
+            "retry never moves the fence"
+        );
+
+        // Head 3 applies, 4 still fails: 4 becomes the head, 7 is held behind 4.
+        offsets
+            .park(
+                "G",
+                &[
+                    parked(3, &upsert(30), None),
+                    parked(4, "not json", Some(3)),
+                    parked(7, &upsert(7), Some(3)),
+                ],
+            )
+            .unwrap();
+        let report = retry_rows(&config, &mut sink, &offsets, 5, &[])
+            .await
+            .unwrap();
+        assert_eq!(report.applied, [3]);
+        let left = offsets.parked("G").unwrap();
+        assert_eq!(left.len(), 2);
+        assert_eq!((left[0].seq, left[0].held_behind), (4, None));
+        assert_ne!(left[0].error, "e");
+        assert_eq!((left[1].seq, left[1].held_behind), (7, Some(4)));
+        assert_eq!(
+            offsets
+                .blocked_rows("G")
+                .unwrap()
+                .values()
+                .copied()
+                .collect::<Vec<_>>(),
+            [4]
+        );
+    }
 }

@@ -123,3 +123,53 @@ pub(crate) async fn sink_is_empty<S: Sink>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{RedbOptions, RedbSink};
+
+    /// A lost data_dir (a new checkpoint store beside a sink that applied events) is refused,
+    /// naming both; `resync` adopts it; a store that was used is never refused.
+    #[tokio::test]
+    async fn a_new_store_beside_an_applied_sink_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = RedbSink::open(RedbOptions::new(dir.path().join("r.redb"))).unwrap();
+        let mut shutdown = Shutdown::spawn(std::future::pending());
+        let max = Duration::from_millis(100);
+        let refuse = || NewStore::Refuse("r.redb".into());
+
+        // First start: fence 0, new store → accepted, and the store learns the group.
+        let offsets = Offsets::open(&dir.path().join("a.redb")).unwrap();
+        let start = start_point_and_fence(&mut sink, &offsets, "G", max, &mut shutdown, refuse())
+            .await
+            .unwrap();
+        assert_eq!(start, Some((0, true)));
+        assert!(offsets.knows("G").unwrap());
+        sink.apply("G", &[], 9).await.unwrap();
+        let start = start_point_and_fence(&mut sink, &offsets, "G", max, &mut shutdown, refuse())
+            .await
+            .unwrap();
+        assert_eq!(start, Some((9, true)));
+
+        // data_dir lost: a new store beside fence 9.
+        let lost = Offsets::open(&dir.path().join("b.redb")).unwrap();
+        let err = start_point_and_fence(&mut sink, &lost, "G", max, &mut shutdown, refuse())
+            .await
+            .unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.contains("b.redb") && message.contains("r.redb"),
+            "{message}"
+        );
+        assert!(message.contains("resync"), "{message}");
+        assert!(!lost.knows("G").unwrap(), "a refusal records nothing");
+        // `resync` adopts it.
+        let start =
+            start_point_and_fence(&mut sink, &lost, "G", max, &mut shutdown, NewStore::Adopt)
+                .await
+                .unwrap();
+        assert_eq!(start, Some((9, true)));
+        assert!(lost.knows("G").unwrap());
+    }
+}

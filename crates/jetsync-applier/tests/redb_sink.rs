@@ -21,6 +21,9 @@ const GROUP: &str = "crash";
 const TABLES: [&str; 2] = ["alpha", "beta"];
 /// Environment variable that turns this binary into the child's writer loop.
 const CHILD_ENV: &str = "JETSYNC_REDB_CRASH_CHILD";
+/// Environment variable that turns this binary into the child that catches up, goes idle and
+/// waits to be killed.
+const IDLE_CHILD_ENV: &str = "JETSYNC_REDB_IDLE_CHILD";
 /// What the child prints once it has committed its first batch.
 const READY: &str = "jetsync-redb-crash-child-ready";
 
@@ -70,12 +73,16 @@ fn options(path: &Path) -> RedbOptions {
 }
 
 fn main() {
+    if let Some(path) = std::env::var_os(IDLE_CHILD_ENV) {
+        return idle_child(PathBuf::from(path));
+    }
     match std::env::var_os(CHILD_ENV) {
         Some(path) => crash_child(PathBuf::from(path)),
         None => {
             survives_kill_9();
+            idle_after_a_catch_up_is_durable();
             // The plain closing line test-output readers understand (a failure panics above).
-            println!("test result: ok. 1 passed; 0 failed");
+            println!("test result: ok. 2 passed; 0 failed");
         }
     }
 }
@@ -166,5 +173,68 @@ fn survives_kill_9() {
         drop(replica);
         drop(sink);
         last_fence = fence;
+    }
+}
+
+/// The child of `idle_after_a_catch_up_is_durable`: catches up in batches of more than
+/// `DURABLE_UP_TO` changes (all but the first commit deferred), goes idle (`Sink::idle`, as the
+/// engine does when it has no event in hand), prints its fence, and waits to be killed.
+fn idle_child(path: PathBuf) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut sink = RedbSink::open(options(&path)).unwrap();
+        let mut next = 1;
+        for _ in 0..5 {
+            let batch: Vec<Change> = (next..next + 400).map(event).collect();
+            sink.apply(GROUP, &batch, next + 399).await.unwrap();
+            next += 400;
+        }
+        let deferred = !sink.is_durable();
+        sink.idle().await.unwrap();
+        assert!(sink.is_durable());
+        println!("idle {} deferred={deferred}", next - 1);
+        std::io::stdout().flush().unwrap();
+        std::future::pending::<()>().await;
+    });
+}
+
+/// #12.5: the last catch-up batch is made durable when the applier goes idle, so a SIGKILL
+/// right after loses nothing: the reopened file holds the whole catch-up.
+fn idle_after_a_catch_up_is_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idle.redb");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .env(IDLE_CHILD_ENV, &path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let line = stdout
+        .lines()
+        .map_while(Result::ok)
+        .find(|line| line.starts_with("idle "))
+        .expect("the idle child exited before going idle");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    eprintln!("idle child: {line}");
+    let fence: u64 = line.split(' ').nth(1).unwrap().parse().unwrap();
+    assert_eq!(fence, 2000);
+    let audit = read_audit(&path).unwrap();
+    assert_eq!(
+        audit.len(),
+        2000,
+        "every change of the catch-up survived the kill"
+    );
+    let sink = RedbSink::open(options(&path)).unwrap();
+    assert_eq!(sink.replica().applied_seq(), 2000);
+    let want = model(2000);
+    let replica = sink.replica();
+    for table in TABLES {
+        let got: BTreeMap<String, Row> = replica.scan(table).unwrap().into_iter().collect();
+        assert_eq!(&got, want.get(table).unwrap_or(&BTreeMap::new()));
     }
 }
