@@ -11,6 +11,7 @@ mod history;
 mod http;
 mod isolation;
 mod malformed;
+mod pg_content;
 mod poison;
 mod postgres;
 mod security;
