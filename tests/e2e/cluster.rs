@@ -63,8 +63,10 @@ const BEHIND: Duration = Duration::from_secs(10);
 /// while a node was down one at a time, about 30 per second, for minutes (once in CI more than
 /// 240 s for ~5,000 events). An instance that stops advancing fails sooner, after `STALLED`.
 const CLUSTER_CATCH_UP: Duration = Duration::from_secs(600);
-/// An instance that has not advanced for this long while catching up has stalled.
-const STALLED: Duration = Duration::from_secs(60);
+/// An instance that has not advanced for this long while catching up has stalled. 2.9.10 was
+/// seen (a clean-clone CI run) to time out every stream-info request of one instance for over
+/// 60 s after a leader kill while its message gets were answered; the instance then resumes.
+const STALLED: Duration = Duration::from_secs(180);
 
 /// What one publisher had acknowledged.
 #[derive(Default)]
