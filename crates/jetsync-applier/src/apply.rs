@@ -203,36 +203,8 @@ impl<S: Sink> Applier<S> {
                     }
                     // Park the refused change and hold the later changes of its row behind it;
                     // then apply the rest again.
-                    let rejected = changes.remove(index);
-                    let (rseq, message) = events[sources.remove(index)];
-                    let row = RowId {
-                        table: rejected.table,
-                        key: rejected.key,
-                    };
-                    let raw = RawEvent::of_message(rseq, message);
-                    let mut new_parks = vec![record(
-                        raw,
-                        msg_id_of(message),
-                        Some(row.clone()),
-                        format!("rejected by the sink: {reason}"),
-                        None,
-                    )];
-                    blocked.insert(row.clone(), rseq);
-                    let mut i = index;
-                    while i < changes.len() {
-                        if changes[i].table == row.table && changes[i].key == row.key {
-                            changes.remove(i);
-                            let (s, m) = events[sources.remove(i)];
-                            new_parks.push(held(
-                                RawEvent::of_message(s, m),
-                                msg_id_of(m),
-                                row.clone(),
-                                rseq,
-                            ));
-                        } else {
-                            i += 1;
-                        }
-                    }
+                    let new_parks =
+                        take_rejected(&mut changes, &mut sources, events, index, &reason, blocked);
                     self.offsets.park(&self.group, &new_parks)?;
                     parks.extend(new_parks);
                 }
@@ -454,6 +426,50 @@ impl Rules {
 /// The `Nats-Msg-Id` header of a delivered message.
 pub(crate) fn msg_id_of(message: &jetstream::Message) -> Option<&str> {
     header(message.headers.as_ref(), "Nats-Msg-Id")
+}
+
+/// Removes the change at `index` that the sink refused for good from `changes` (and its entry of
+/// `sources`, the positions in `events`), together with the later changes of its row, and
+/// returns their parked records: the refused one with `reason`, the others held behind it. Its
+/// row is recorded in `blocked`. Shared by the durable consumer's batches and the resync.
+pub(crate) fn take_rejected(
+    changes: &mut Vec<Change>,
+    sources: &mut Vec<usize>,
+    events: &[(u64, &jetstream::Message)],
+    index: usize,
+    reason: &str,
+    blocked: &mut HashMap<RowId, u64>,
+) -> Vec<ParkedEvent> {
+    let rejected = changes.remove(index);
+    let (rseq, message) = events[sources.remove(index)];
+    let row = RowId {
+        table: rejected.table,
+        key: rejected.key,
+    };
+    let mut parks = vec![record(
+        RawEvent::of_message(rseq, message),
+        msg_id_of(message),
+        Some(row.clone()),
+        format!("rejected by the sink: {reason}"),
+        None,
+    )];
+    blocked.insert(row.clone(), rseq);
+    let mut i = index;
+    while i < changes.len() {
+        if changes[i].table == row.table && changes[i].key == row.key {
+            changes.remove(i);
+            let (s, m) = events[sources.remove(i)];
+            parks.push(held(
+                RawEvent::of_message(s, m),
+                msg_id_of(m),
+                row.clone(),
+                rseq,
+            ));
+        } else {
+            i += 1;
+        }
+    }
+    parks
 }
 
 /// The parked record of a poison event.

@@ -31,7 +31,7 @@ use async_nats::jetstream;
 use jetsync::{Config, OnPoison};
 
 use crate::{
-    apply::{held, msg_id_of, record, Applier, Verdict},
+    apply::{msg_id_of, take_rejected, Applier, Verdict},
     backoff::Backoff,
     bootstrap::BOOTSTRAP_BATCH,
     decode::RawEvent,
@@ -247,35 +247,14 @@ async fn chunk<S: Sink>(
                         reason,
                     });
                 }
-                let rejected = changes.remove(index);
-                let (rseq, message) = events[sources.remove(index)];
-                let row = RowId {
-                    table: rejected.table,
-                    key: rejected.key,
-                };
-                let mut new_parks = vec![record(
-                    RawEvent::of_message(rseq, message),
-                    msg_id_of(message),
-                    Some(row.clone()),
-                    format!("rejected by the sink: {reason}"),
-                    None,
-                )];
-                state.blocked.insert(row.clone(), rseq);
-                let mut i = index;
-                while i < changes.len() {
-                    if changes[i].table == row.table && changes[i].key == row.key {
-                        changes.remove(i);
-                        let (s, m) = events[sources.remove(i)];
-                        new_parks.push(held(
-                            RawEvent::of_message(s, m),
-                            msg_id_of(m),
-                            row.clone(),
-                            rseq,
-                        ));
-                    } else {
-                        i += 1;
-                    }
-                }
+                let new_parks = take_rejected(
+                    &mut changes,
+                    &mut sources,
+                    events,
+                    index,
+                    &reason,
+                    &mut state.blocked,
+                );
                 park(applier, state, &new_parks)?;
             }
             Err(e) => return Err(e.into()),
