@@ -176,6 +176,10 @@ pub struct StreamConfig {
     pub max_bytes: i64,
     /// Maximum event age in ms, 0 for unlimited. Same caveat as `max_msgs`.
     pub max_age_ms: u64,
+    /// Multi-row transactions: provisioning enables atomic batch publish (`allow_atomic`) on
+    /// the stream. Needs nats-server 2.12.1 or later. Provisioning never turns it off again
+    /// (another publisher may rely on it).
+    pub transactions: bool,
 }
 
 impl Default for StreamConfig {
@@ -190,6 +194,7 @@ impl Default for StreamConfig {
             max_msgs: -1,
             max_bytes: -1,
             max_age_ms: 0,
+            transactions: false,
         }
     }
 }

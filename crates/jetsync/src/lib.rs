@@ -36,6 +36,7 @@ mod secret;
 mod stream;
 mod subject;
 mod table;
+pub mod transaction;
 mod value;
 
 pub use client::{Client, ClientBuilder};
