@@ -529,3 +529,59 @@ async fn missing_stream_is_stream_not_found() -> Result<()> {
     }
     Ok(())
 }
+
+/// 9. The README's "Transactions from other languages (json/1)" recipe, sent with plain NATS
+/// requests: the first member's reply is empty, the commit's is the batch acknowledgement, and
+/// the rows read back through the client.
+#[tokio::test]
+async fn json_transaction_from_another_language() -> Result<()> {
+    if !has_transactions("json_transaction_from_another_language")? {
+        return Ok(());
+    }
+    let (_server, client) = setup(Format::Json1, true).await?;
+    let nats = client.nats();
+    let member = |msg_id: &str, seq: &str, commit: bool| {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", msg_id);
+        headers.insert("Jetsync-Format", "json/1");
+        headers.insert("Nats-Batch-Id", "tx-7f3c9a.1");
+        headers.insert("Nats-Batch-Sequence", seq);
+        if commit {
+            headers.insert("Nats-Batch-Commit", "1");
+        }
+        headers
+    };
+    let first = nats
+        .request_with_headers(
+            "catalog.products.A-1",
+            member("tx-7f3c9a-1", "1", false),
+            r#"{"op":"upsert","row":{"sku":"A-1","stock":4},"origin":"billing-1","ts_ms":1764000000000,"schema":1}"#.into(),
+        )
+        .await?;
+    assert!(first.payload.is_empty(), "{:?}", first.payload);
+    let mut commit_headers = member("tx-7f3c9a-2", "2", true);
+    commit_headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
+    let ack = nats
+        .request_with_headers(
+            "catalog.orders.o-1",
+            commit_headers,
+            r#"{"op":"upsert","row":{"total":60},"origin":"billing-1","ts_ms":1764000000000,"schema":1}"#.into(),
+        )
+        .await?;
+    let ack: serde_json::Value = serde_json::from_slice(&ack.payload)?;
+    eprintln!("commit acknowledgement: {ack}");
+    assert_eq!(
+        ack,
+        serde_json::json!({"stream": "CATALOG", "seq": 2, "batch": "tx-7f3c9a.1", "count": 2})
+    );
+    let products = client.table::<Product>("products")?;
+    assert_eq!(
+        products.get("A-1").await?.map(|c| (c.seq, c.row)),
+        Some((1, product("A-1", 4)))
+    );
+    assert_eq!(
+        client.rows("orders")?.get("o-1").await?.map(|c| c.row),
+        Some(order(60))
+    );
+    Ok(())
+}
