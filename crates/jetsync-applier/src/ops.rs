@@ -254,6 +254,7 @@ mod tests {
             held_behind,
             parked_at_ms: 1,
             raw_headers: None,
+            txn: None,
         }
     }
 
