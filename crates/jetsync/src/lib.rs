@@ -23,6 +23,19 @@
 //! assert_eq!(current.row.name, "Chair");
 //! # Ok(()) }
 //! ```
+//!
+//! Several row changes, in any tables of the sync group, are stored all or nothing with a
+//! [`Transaction`] (nats-server 2.12.1 or later, `stream.transactions = true`):
+//!
+//! ```no_run
+//! # async fn demo(client: jetsync::Client, products: jetsync::Table<jetsync::Row>,
+//! #     orders: jetsync::Table<jetsync::Row>, row: jetsync::Row, seen: u64) -> Result<(), jetsync::Error> {
+//! let mut tx = client.transaction();
+//! tx.upsert_if(&products, "A-1", &row, seen)?
+//!     .upsert(&orders, "o-17", &row)?;
+//! let committed = tx.commit().await?; // Error::Conflict: nothing stored, re-read and retry
+//! # Ok(()) }
+//! ```
 
 mod client;
 pub mod codec;

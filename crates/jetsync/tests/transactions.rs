@@ -585,3 +585,64 @@ async fn json_transaction_from_another_language() -> Result<()> {
     );
     Ok(())
 }
+
+/// Resumes a stopped server process when dropped, also when the test fails.
+struct Resume(u32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
+/// 10. A server that stops answering: the commit retries whole within its bound and ends in
+/// `Timeout`; once the server is back, the partial attempts (it received only their first
+/// members) are never stored, and committing the same transaction again stores it once.
+#[tokio::test]
+async fn unanswered_commit_times_out_and_recommits_once() -> Result<()> {
+    if !has_transactions("unanswered_commit_times_out_and_recommits_once")? {
+        return Ok(());
+    }
+    let server = NatsServer::start()?;
+    let nats = async_nats::connect(server.url()).await?;
+    let timeout = Duration::from_millis(500);
+    let client = Client::builder(nats, stream_config(true), "test-1")
+        .timeout(timeout)
+        .build()?;
+    client.provision().await?;
+    let orders = client.rows("orders")?;
+    let mut tx = client.transaction();
+    for i in 0..5 {
+        tx.upsert(&orders, &format!("o-{i}"), &order(i))?;
+    }
+
+    let pid = server.pid().context("server pid")?;
+    let stopped = std::process::Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()?;
+    anyhow::ensure!(stopped.success(), "could not stop the server");
+    let resume = Resume(pid);
+    let started = std::time::Instant::now();
+    let outcome = tx.commit().await;
+    let took = started.elapsed();
+    drop(resume);
+    match outcome {
+        Err(err @ Error::Timeout { .. }) => assert!(err.is_retryable()),
+        other => panic!("server stopped: expected Timeout, got {other:?}"),
+    }
+    // 3 attempts of one timeout each, with room for a slow machine.
+    assert!(
+        took >= timeout * 3 && took < timeout * 3 + Duration::from_secs(5),
+        "gave up after {took:?}"
+    );
+
+    let committed = tx.commit().await?;
+    assert_eq!((committed.count, committed.duplicate), (5, false));
+    assert_eq!(stream_state(&client).await?, (5, committed.seq));
+    assert_eq!(committed.first_seq, committed.seq - 4);
+    assert!(tx.commit().await?.duplicate);
+    assert_eq!(stream_state(&client).await?, (5, committed.seq));
+    Ok(())
+}
