@@ -328,6 +328,11 @@ impl Report {
                     );
                     let _ = writeln!(
                         w,
+                        "           one transaction at a time: commit p50 {:.2} ms p99 {:.2} ms",
+                        f.sequential_commit_p50_ms, f.sequential_commit_p99_ms
+                    );
+                    let _ = writeln!(
+                        w,
                         "           replay redb single {:>9} ev/s  txn {:>9} ev/s ({:.2})   sqlite single {:>9} ev/s  txn {:>9} ev/s ({:.2})",
                         int(f.replay_redb_single_eps), int(f.replay_redb_txn_eps), f.replay_redb_ratio,
                         int(f.replay_sqlite_single_eps), int(f.replay_sqlite_txn_eps), f.replay_sqlite_ratio
