@@ -56,7 +56,8 @@ struct Args {
 
 const USAGE: &str =
     "usage: jetsync-bench [quick|full] [--only publish,replay,live,bootstrap,memory,txn] \
-                     [--no-build] [--batch-max N (apply.batch_max of the engines; default 1000)]";
+                     [--no-build] [--batch-max N (apply.batch_max of the engines; default 1000)] \
+                     [--txn-in-flight N (transactions in flight in the txn phase; default 4)]";
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
@@ -77,6 +78,14 @@ fn parse_args() -> anyhow::Result<Args> {
                     .parse()
                     .context("--batch-max needs a number")?;
                 let _ = harness::BATCH_MAX.set(n);
+            }
+            "--txn-in-flight" => {
+                let n: usize = it
+                    .next()
+                    .context("--txn-in-flight needs a number")?
+                    .parse()
+                    .context("--txn-in-flight needs a number")?;
+                let _ = txn::IN_FLIGHT.set(n);
             }
             "--only" => {
                 let list = it.next().context("--only needs a list of phases")?;
