@@ -31,7 +31,7 @@ use crate::{
     offsets::Offsets,
     parked::{now_ms, ParkedEvent, RowId},
     shutdown::Shutdown,
-    Change, EngineError, Sink, SinkError, Stats,
+    txn, Change, EngineError, Sink, SinkError, Stats,
 };
 
 /// How a run of events reaches the sink.
@@ -124,29 +124,13 @@ impl<S: Sink> Applier<S> {
             Mode::Apply => &mut self.blocked,
             Mode::Replace => &mut resync_blocked,
         };
-        let mut changes: Vec<Change> = Vec::with_capacity(events.len());
-        let mut sources: Vec<usize> = Vec::with_capacity(events.len());
-        let mut parks: Vec<ParkedEvent> = Vec::new();
-        let mut skipped = 0u64;
-        let mut last = floor;
-        for (i, &(seq, message)) in events.iter().enumerate() {
-            // Already applied (a redelivery, or a crash between commit and ack): skip; the
-            // final ack still covers it.
-            if seq <= last {
-                continue;
-            }
-            last = seq;
-            let raw = RawEvent::of_message(seq, message);
-            let msg_id = header(message.headers.as_ref(), "Nats-Msg-Id");
-            match self.rules.classify(raw, msg_id, blocked) {
-                Verdict::Apply(change) => {
-                    changes.push(change);
-                    sources.push(i);
-                }
-                Verdict::Park(parked) => parks.push(parked),
-                Verdict::Skip => skipped += 1,
-            }
-        }
+        let Classified {
+            mut changes,
+            mut sources,
+            mut parks,
+            skipped,
+            last,
+        } = self.rules.classify_run(events, floor, blocked);
         let through = through.max(last);
         if self.on_poison == OnPoison::Halt {
             if let Some(p) = parks.first() {
@@ -215,18 +199,18 @@ impl<S: Sink> Applier<S> {
         // Crash window 3: the sink holds `through`, redb still says an older sequence (until the
         // checkpoint is committed, at once or within `CHECKPOINT_EVERY`); startup takes the
         // fence.
+        let (n, txns) = (changes.len() as u64, transactions_in(events, &sources));
         match mode {
             Mode::Apply if self.lazy_checkpoint => {
                 self.offsets
-                    .record(&self.group, through, changes.len() as u64)?;
+                    .record_counting(&self.group, through, n, txns)?;
             }
             Mode::Apply => self
                 .offsets
-                .commit(&self.group, through, changes.len() as u64)?,
-            Mode::Replace => {
-                self.offsets
-                    .finish_resync(&self.group, through, changes.len() as u64)?
-            }
+                .commit_counting(&self.group, through, n, txns)?,
+            Mode::Replace => self
+                .offsets
+                .finish_resync_counting(&self.group, through, n, txns)?,
         }
         self.applied = through;
         if mode == Mode::Replace {
@@ -246,6 +230,7 @@ impl<S: Sink> Applier<S> {
         }
         // Counted before the sequence is published (see `Stats::snapshot`).
         self.stats.add_skipped(skipped);
+        self.stats.add_transactions(txns);
         self.stats.add_batch(&changes, started.elapsed());
         self.stats.set_applied(through);
         tracing::debug!(
@@ -423,15 +408,140 @@ impl Rules {
     }
 }
 
+/// A run of events sorted out by [`Rules::classify_run`].
+#[derive(Debug, Default)]
+pub(crate) struct Classified {
+    /// What the sink gets, in order.
+    pub(crate) changes: Vec<Change>,
+    /// For each change, its index in the run.
+    pub(crate) sources: Vec<usize>,
+    /// What is parked (poison, held, or part of a transaction with a parked member).
+    pub(crate) parks: Vec<ParkedEvent>,
+    /// Events of tables this instance skips.
+    pub(crate) skipped: u64,
+    /// The highest sequence looked at (`floor` when none was above it).
+    pub(crate) last: u64,
+}
+
+impl Rules {
+    /// Classifies the events of `events` above `floor` (ascending; lower ones are redeliveries
+    /// and left out) with [`Rules::classify`], a transaction at a time: when any member of a
+    /// transaction is parked (poison, or held behind an earlier parked event of its row), every
+    /// member is parked, each with the transaction's id, and every row it touches is blocked,
+    /// so the later events of those rows are held behind it. A transaction is thus applied
+    /// whole or not at all.
+    pub(crate) fn classify_run(
+        &self,
+        events: &[(u64, &jetstream::Message)],
+        floor: u64,
+        blocked: &mut HashMap<RowId, u64>,
+    ) -> Classified {
+        let mut out = Classified {
+            changes: Vec::with_capacity(events.len()),
+            sources: Vec::with_capacity(events.len()),
+            last: floor,
+            ..Classified::default()
+        };
+        let mut i = 0;
+        while i < events.len() {
+            let id = txn::batch_id(events[i].1);
+            let mut end = i + 1;
+            if let Some(id) = id {
+                while end < events.len() && txn::batch_id(events[end].1) == Some(id) {
+                    end += 1;
+                }
+            }
+            let mut verdicts = Vec::with_capacity(end - i);
+            for (k, &(seq, message)) in events.iter().enumerate().take(end).skip(i) {
+                // Already applied (a redelivery, or a crash between commit and ack): skip; the
+                // final ack still covers it.
+                if seq <= out.last {
+                    continue;
+                }
+                out.last = seq;
+                let raw = RawEvent::of_message(seq, message);
+                verdicts.push((k, self.classify(raw, msg_id_of(message), blocked)));
+            }
+            if let Some(id) = id {
+                park_whole_transaction(id, events, &mut verdicts, blocked);
+            }
+            for (k, verdict) in verdicts {
+                match verdict {
+                    Verdict::Apply(change) => {
+                        out.changes.push(change);
+                        out.sources.push(k);
+                    }
+                    Verdict::Park(parked) => out.parks.push(parked),
+                    Verdict::Skip => out.skipped += 1,
+                }
+            }
+            i = end;
+        }
+        out
+    }
+}
+
+/// When a member of transaction `id` is parked, parks the others too (blocking their rows) and
+/// tags every parked member with the transaction.
+fn park_whole_transaction(
+    id: &str,
+    events: &[(u64, &jetstream::Message)],
+    verdicts: &mut [(usize, Verdict)],
+    blocked: &mut HashMap<RowId, u64>,
+) {
+    let Some(cause) = verdicts.iter().find_map(|(_, v)| match v {
+        Verdict::Park(p) => Some(p.seq),
+        _ => None,
+    }) else {
+        return;
+    };
+    for (k, verdict) in verdicts.iter_mut() {
+        if let Verdict::Apply(change) = verdict {
+            let (seq, message) = events[*k];
+            let row = RowId {
+                table: change.table.clone(),
+                key: change.key.clone(),
+            };
+            blocked.entry(row.clone()).or_insert(seq);
+            *verdict = Verdict::Park(record(
+                RawEvent::of_message(seq, message),
+                msg_id_of(message),
+                Some(row),
+                format!("part of transaction {id}, whose member at seq {cause} is parked"),
+                None,
+            ));
+        }
+        if let Verdict::Park(parked) = verdict {
+            parked.txn = Some(id.to_owned());
+        }
+    }
+}
+
+/// How many transactions the changes at `sources` (indexes into `events`) belong to.
+fn transactions_in(events: &[(u64, &jetstream::Message)], sources: &[usize]) -> u64 {
+    let mut n = 0;
+    let mut previous: Option<&str> = None;
+    for &k in sources {
+        let id = txn::batch_id(events[k].1);
+        if id.is_some() && id != previous {
+            n += 1;
+        }
+        previous = id;
+    }
+    n
+}
+
 /// The `Nats-Msg-Id` header of a delivered message.
 pub(crate) fn msg_id_of(message: &jetstream::Message) -> Option<&str> {
     header(message.headers.as_ref(), "Nats-Msg-Id")
 }
 
 /// Removes the change at `index` that the sink refused for good from `changes` (and its entry of
-/// `sources`, the positions in `events`), together with the later changes of its row, and
-/// returns their parked records: the refused one with `reason`, the others held behind it. Its
-/// row is recorded in `blocked`. Shared by the durable consumer's batches and the resync.
+/// `sources`, the positions in `events`) and returns the parked records of everything that must
+/// wait with it: the refused change with `reason` and the other members of its transaction (a
+/// transaction is parked whole), then every later change of a row so blocked (held behind its
+/// first parked event), each together with the rest of its own transaction. The rows are
+/// recorded in `blocked`. Shared by the durable consumer's batches and the resync.
 pub(crate) fn take_rejected(
     changes: &mut Vec<Change>,
     sources: &mut Vec<usize>,
@@ -440,36 +550,126 @@ pub(crate) fn take_rejected(
     reason: &str,
     blocked: &mut HashMap<RowId, u64>,
 ) -> Vec<ParkedEvent> {
-    let rejected = changes.remove(index);
-    let (rseq, message) = events[sources.remove(index)];
-    let row = RowId {
-        table: rejected.table,
-        key: rejected.key,
-    };
-    let mut parks = vec![record(
-        RawEvent::of_message(rseq, message),
-        msg_id_of(message),
-        Some(row.clone()),
-        format!("rejected by the sink: {reason}"),
-        None,
-    )];
-    blocked.insert(row.clone(), rseq);
-    let mut i = index;
-    while i < changes.len() {
-        if changes[i].table == row.table && changes[i].key == row.key {
-            changes.remove(i);
-            let (s, m) = events[sources.remove(i)];
-            parks.push(held(
-                RawEvent::of_message(s, m),
-                msg_id_of(m),
-                row.clone(),
-                rseq,
-            ));
+    let rseq = changes[index].seq;
+    let (lo, hi) = group_around(sources, events, index);
+    let id = txn::batch_id(events[sources[index]].1);
+    let mut parks = Vec::new();
+    for k in lo..hi {
+        let why = if k == index {
+            format!("rejected by the sink: {reason}")
         } else {
-            i += 1;
+            format!(
+                "part of transaction {}, whose member at seq {rseq} was rejected by the sink",
+                id.unwrap_or_default()
+            )
+        };
+        parks.push(park_change(
+            &changes[k],
+            events[sources[k]],
+            why,
+            None,
+            blocked,
+        ));
+    }
+    changes.drain(lo..hi);
+    sources.drain(lo..hi);
+    // The later changes of the rows blocked now wait behind them, with their transactions.
+    let mut i = lo;
+    while i < changes.len() {
+        let (_, end) = group_around(sources, events, i);
+        let held_at = (i..end).find(|&k| {
+            let c = &changes[k];
+            let row = RowId {
+                table: c.table.clone(),
+                key: c.key.clone(),
+            };
+            blocked.get(&row).is_some_and(|&first| first < c.seq)
+        });
+        let Some(held_at) = held_at else {
+            i = end;
+            continue;
+        };
+        let id = txn::batch_id(events[sources[i]].1).unwrap_or_default();
+        for k in i..end {
+            let c = &changes[k];
+            let first = blocked
+                .get(&RowId {
+                    table: c.table.clone(),
+                    key: c.key.clone(),
+                })
+                .copied()
+                .filter(|&first| first < c.seq);
+            let (why, behind) = match first {
+                Some(first) => (
+                    format!("held behind parked event {first} of the same row"),
+                    Some(first),
+                ),
+                None => (
+                    format!(
+                        "part of transaction {id}, whose member at seq {} is held",
+                        changes[held_at].seq
+                    ),
+                    None,
+                ),
+            };
+            parks.push(park_change(
+                &changes[k],
+                events[sources[k]],
+                why,
+                behind,
+                blocked,
+            ));
         }
+        changes.drain(i..end);
+        sources.drain(i..end);
     }
     parks
+}
+
+/// The range of `changes` indexes (through `sources`) of the transaction containing change
+/// `at`, or just `at` outside a transaction.
+fn group_around(
+    sources: &[usize],
+    events: &[(u64, &jetstream::Message)],
+    at: usize,
+) -> (usize, usize) {
+    let Some(id) = txn::batch_id(events[sources[at]].1) else {
+        return (at, at + 1);
+    };
+    let same = |k: usize| txn::batch_id(events[sources[k]].1) == Some(id);
+    let mut lo = at;
+    while lo > 0 && same(lo - 1) {
+        lo -= 1;
+    }
+    let mut hi = at + 1;
+    while hi < sources.len() && same(hi) {
+        hi += 1;
+    }
+    (lo, hi)
+}
+
+/// The parked record of `change` (delivered as `event`), blocking its row.
+fn park_change(
+    change: &Change,
+    (seq, message): (u64, &jetstream::Message),
+    why: String,
+    held_behind: Option<u64>,
+    blocked: &mut HashMap<RowId, u64>,
+) -> ParkedEvent {
+    let row = RowId {
+        table: change.table.clone(),
+        key: change.key.clone(),
+    };
+    blocked.entry(row.clone()).or_insert(seq);
+    let mut parked = record(
+        RawEvent::of_message(seq, message),
+        msg_id_of(message),
+        Some(row),
+        why,
+        held_behind,
+    );
+    parked.txn = txn::batch_id(message).map(str::to_owned);
+    parked
 }
 
 /// The parked record of a poison event.
@@ -491,6 +691,7 @@ pub(crate) fn record(
         held_behind,
         parked_at_ms: now_ms(),
         raw_headers: None,
+        txn: None,
     }
 }
 

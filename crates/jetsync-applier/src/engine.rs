@@ -42,7 +42,7 @@ use crate::{
     resync::resync,
     shutdown::Shutdown,
     startup::{sink_description, sink_is_empty, start_point_and_fence, NewStore},
-    EngineError, Sink, Stats,
+    txn, EngineError, Sink, Stats,
 };
 
 /// How often a catching-up engine logs its progress.
@@ -433,44 +433,52 @@ impl Session<'_> {
         let _connected = self.stats.session_started(); // `connected` (readiness) until the session ends
         let batch_wait = Duration::from_millis(self.config.apply.batch_wait_ms);
         let batch_max = state.spec.batch_max;
+        // The message that completed the last batch's final transaction, which starts the next.
+        let mut carry: Option<Pulled> = None;
 
         loop {
             // Wait for the first message of a batch, or shutdown; commit a lazily recorded
             // checkpoint once it is due, so that an idle applier's file (`status`) is exact.
             // After 50 ms with nothing in hand, a sink that defers durability (the redb replica)
             // makes its last commits durable (`Sink::idle`).
-            let mut idle_at = Some(Instant::now() + Duration::from_millis(50));
-            let first = loop {
-                let flush_at = state.applier.offsets.flush_due();
-                tokio::select! {
-                    biased;
-                    _ = shutdown.requested() => return Ok(SessionEnd::Shutdown),
-                    next = messages.next() => break next,
-                    _ = sleep_until(flush_at) => state.applier.offsets.flush()?,
-                    _ = sleep_until(idle_at) => {
-                        idle_at = None;
-                        state.applier.sink.idle().await?;
-                    }
-                    _ = connection_check.tick() => {
-                        if reconnected() {
-                            return Ok(SessionEnd::Reset("the NATS connection was lost and re-established".into()));
-                        }
-                    }
-                }
-            };
             let mut batch: Vec<Pulled> = Vec::new();
             let mut batch_bytes = 0usize;
             let mut anomaly: Option<String> = None;
-            match first {
-                None => return Ok(SessionEnd::Reset("the pull stream ended".into())),
-                Some(Err(e)) => return Ok(SessionEnd::Reset(format!("pull failed: {e}"))),
-                Some(Ok(m)) => match Pulled::check(m, &mut expected_cseq) {
-                    Ok(p) => {
-                        batch_bytes += p.message.payload.len();
-                        batch.push(p);
+            if let Some(p) = carry.take() {
+                // The message that completed the previous batch's last transaction.
+                batch_bytes += p.message.payload.len();
+                batch.push(p);
+            } else {
+                let mut idle_at = Some(Instant::now() + Duration::from_millis(50));
+                let first = loop {
+                    let flush_at = state.applier.offsets.flush_due();
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.requested() => return Ok(SessionEnd::Shutdown),
+                        next = messages.next() => break next,
+                        _ = sleep_until(flush_at) => state.applier.offsets.flush()?,
+                        _ = sleep_until(idle_at) => {
+                            idle_at = None;
+                            state.applier.sink.idle().await?;
+                        }
+                        _ = connection_check.tick() => {
+                            if reconnected() {
+                                return Ok(SessionEnd::Reset("the NATS connection was lost and re-established".into()));
+                            }
+                        }
                     }
-                    Err(reason) => return Ok(SessionEnd::Reset(reason)),
-                },
+                };
+                match first {
+                    None => return Ok(SessionEnd::Reset("the pull stream ended".into())),
+                    Some(Err(e)) => return Ok(SessionEnd::Reset(format!("pull failed: {e}"))),
+                    Some(Ok(m)) => match Pulled::check(m, &mut expected_cseq) {
+                        Ok(p) => {
+                            batch_bytes += p.message.payload.len();
+                            batch.push(p);
+                        }
+                        Err(reason) => return Ok(SessionEnd::Reset(reason)),
+                    },
+                }
             }
             // Fill the batch: take what is already buffered without waiting; wait up to
             // `batch_wait` only while the server says more events are pending. A batch also
@@ -510,11 +518,40 @@ impl Session<'_> {
                     }
                 }
             }
+            // A transaction is applied whole: a batch never ends inside one (see `txn.rs`).
+            // What ends the stretch early (shutdown, a delivery anomaly, a reconnect) leaves the
+            // open transaction out of this batch; it is delivered again after applied + 1.
+            let mut stop = None;
+            if anomaly.is_none() {
+                let stretched = stretch(
+                    &mut messages,
+                    &mut batch,
+                    &mut carry,
+                    &mut expected_cseq,
+                    batch_max_bytes,
+                    shutdown,
+                    &mut connection_check,
+                    &reconnected,
+                )
+                .await;
+                match stretched {
+                    Stretched::Complete => {}
+                    Stretched::Anomaly(reason) => anomaly = Some(reason),
+                    Stretched::Shutdown => stop = Some(SessionEnd::Shutdown),
+                }
+            }
+            if let Some(open) = txn::open_tail(&txn::tags(batch.iter().map(|p| &p.message))) {
+                if anomaly.is_some() || stop.is_some() {
+                    batch.truncate(open);
+                }
+            }
             // A stream-sequence jump on a stream with limits may be a gap (events removed by
             // the limits before this instance got them): apply what precedes the jump, then
             // ask the server where the stream starts now.
             if limits {
                 if let Some(cut) = first_jump(&batch, state.applier.applied) {
+                    // Not inside a transaction: the part before its start is applied first.
+                    let cut = txn::start_of(&txn::tags(batch.iter().map(|p| &p.message)), cut);
                     let rest = batch.split_off(cut);
                     let before = if cut == 0 {
                         state.applier.applied
@@ -538,6 +575,9 @@ impl Session<'_> {
             }
             if !self.apply_batch(state, batch, shutdown).await? {
                 return Ok(SessionEnd::Shutdown);
+            }
+            if let Some(end) = stop {
+                return Ok(end);
             }
             if let Some(reason) = anomaly {
                 return Ok(SessionEnd::Reset(reason));
@@ -689,6 +729,100 @@ impl Session<'_> {
         }
         state.progress.maybe_log(state.applier.applied, pending);
         Ok(true)
+    }
+}
+
+/// How [`stretch`] ended.
+enum Stretched {
+    /// The batch ends at a transaction boundary (or the open transaction timed out, or grew
+    /// past the stretch limits, and is applied as it is, with a warning).
+    Complete,
+    /// A delivery anomaly: the session must end (the open transaction is not applied).
+    Anomaly(String),
+    /// Shutdown was requested (the open transaction is not applied).
+    Shutdown,
+}
+
+/// Stretches `batch` to the end of the transaction its last message leaves open: pulls until
+/// the commit member arrives (added to the batch) or a message outside the transaction (kept in
+/// `carry` to start the next batch). Waits at most [`txn::OPEN_TIMEOUT`] for each message: a
+/// transaction still open then was never an atomic batch (see `txn.rs`) and is applied as
+/// stored. Beyond [`txn::MAX_STRETCH`] further events or four times `batch_max_bytes`, the run
+/// is applied in parts, with a warning.
+#[allow(clippy::too_many_arguments)]
+async fn stretch(
+    messages: &mut jetstream::consumer::pull::Stream,
+    batch: &mut Vec<Pulled>,
+    carry: &mut Option<Pulled>,
+    expected_cseq: &mut u64,
+    batch_max_bytes: usize,
+    shutdown: &mut Shutdown,
+    connection_check: &mut tokio::time::Interval,
+    reconnected: &(dyn Fn() -> bool + Sync),
+) -> Stretched {
+    let Some(open) = txn::open_tail(&txn::tags(batch.iter().map(|p| &p.message))) else {
+        return Stretched::Complete;
+    };
+    let id = txn::batch_id(&batch[open].message)
+        .unwrap_or_default()
+        .to_owned();
+    let first_seq = batch[open].stream_seq;
+    let mut bytes: usize = batch.iter().map(|p| p.message.payload.len()).sum();
+    let mut added = 0usize;
+    loop {
+        if added >= txn::MAX_STRETCH || bytes >= batch_max_bytes.saturating_mul(4) {
+            tracing::warn!(
+                txn = %id,
+                first_seq,
+                events = batch.len() - open,
+                "transaction too large to apply in one sink transaction (more than {} events or {} bytes in hand); applying it in parts",
+                txn::MAX_STRETCH,
+                batch_max_bytes.saturating_mul(4)
+            );
+            return Stretched::Complete;
+        }
+        let next = tokio::select! {
+            biased;
+            _ = shutdown.requested() => return Stretched::Shutdown,
+            next = tokio::time::timeout(txn::OPEN_TIMEOUT, messages.next()) => next,
+            _ = connection_check.tick() => {
+                if reconnected() {
+                    return Stretched::Anomaly("the NATS connection was lost and re-established".into());
+                }
+                continue;
+            }
+        };
+        let message = match next {
+            Err(_) => {
+                tracing::warn!(
+                    txn = %id,
+                    first_seq,
+                    events = batch.len() - open,
+                    "transaction without a commit and nothing after it for {:?}: applying its stored members (an atomic batch is stored whole at once; these batch headers were probably stored by a server without atomic publish)",
+                    txn::OPEN_TIMEOUT
+                );
+                return Stretched::Complete;
+            }
+            Ok(None) => return Stretched::Anomaly("the pull stream ended".into()),
+            Ok(Some(Err(e))) => return Stretched::Anomaly(format!("pull failed: {e}")),
+            Ok(Some(Ok(m))) => m,
+        };
+        let pulled = match Pulled::check(message, expected_cseq) {
+            Ok(p) => p,
+            Err(reason) => return Stretched::Anomaly(reason),
+        };
+        if txn::batch_id(&pulled.message) != Some(id.as_str()) {
+            // Complete: a later message outside it arrived; it starts the next batch.
+            *carry = Some(pulled);
+            return Stretched::Complete;
+        }
+        let commit = txn::tag(&pulled.message).is_some_and(|t| t.commit);
+        bytes += pulled.message.payload.len();
+        added += 1;
+        batch.push(pulled);
+        if commit {
+            return Stretched::Complete;
+        }
     }
 }
 

@@ -38,6 +38,7 @@ mod snapshot;
 mod startup;
 mod stats;
 mod status;
+mod txn;
 
 pub use digest::{row_hash, DigestBuilder};
 pub use engine::{run, Engine};

@@ -70,6 +70,10 @@ pub struct ParkedEvent {
     /// this field existed.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "b64_opt")]
     pub raw_headers: Option<Vec<u8>>,
+    /// The transaction (its `Nats-Batch-Id`) the event belongs to, if any. A transaction is
+    /// parked whole when any member is, and `parked retry` applies it whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub txn: Option<String>,
 }
 
 impl ParkedEvent {
@@ -181,6 +185,7 @@ mod tests {
             held_behind: None,
             parked_at_ms: 1,
             raw_headers: None,
+            txn: None,
         };
         assert_eq!(ParkedEvent::from_bytes(&e.to_bytes()).unwrap(), e);
         assert!(ParkedEvent::from_bytes(b"nope").is_err());

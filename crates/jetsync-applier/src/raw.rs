@@ -50,6 +50,7 @@ pub(crate) fn parked(message: StoredMessage, prefix: &str, reason: &str) -> Park
         held_behind: None,
         parked_at_ms: now_ms(),
         raw_headers: message.headers,
+        txn: None,
     }
 }
 

@@ -31,14 +31,13 @@ use async_nats::jetstream;
 use jetsync::{Config, OnPoison};
 
 use crate::{
-    apply::{msg_id_of, take_rejected, Applier, Verdict},
+    apply::{take_rejected, Applier, Classified},
     backoff::Backoff,
     bootstrap::BOOTSTRAP_BATCH,
-    decode::RawEvent,
     parked::{ParkedEvent, RowId},
     shutdown::Shutdown,
     snapshot::start_snapshot,
-    Change, EngineError, Sink, SinkError,
+    EngineError, Sink, SinkError,
 };
 
 /// Progress of a snapshot being read.
@@ -199,24 +198,14 @@ async fn chunk<S: Sink>(
     shutdown: &mut Shutdown,
 ) -> Result<bool, EngineError> {
     let group = applier.group.clone();
-    let mut changes: Vec<Change> = Vec::with_capacity(events.len());
-    let mut sources: Vec<usize> = Vec::with_capacity(events.len());
-    let mut parks: Vec<ParkedEvent> = Vec::new();
-    for (i, &(seq, message)) in events.iter().enumerate() {
-        let raw = RawEvent::of_message(seq, message);
-        match applier
-            .rules
-            .classify(raw, msg_id_of(message), &mut state.blocked)
-        {
-            Verdict::Apply(change) => {
-                changes.push(change);
-                sources.push(i);
-            }
-            Verdict::Park(parked) => parks.push(parked),
-            // A table this instance deliberately skips holds no rows here.
-            Verdict::Skip => {}
-        }
-    }
+    // A table this instance deliberately skips holds no rows here; a transaction with a parked
+    // member is parked whole.
+    let Classified {
+        mut changes,
+        mut sources,
+        parks,
+        ..
+    } = applier.rules.classify_run(events, 0, &mut state.blocked);
     if applier.on_poison == OnPoison::Halt {
         if let Some(p) = parks.first() {
             return Err(EngineError::Poison {

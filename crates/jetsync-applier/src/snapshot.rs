@@ -28,7 +28,7 @@ use futures::{FutureExt, StreamExt};
 
 use jetsync::Config;
 
-use crate::{shutdown::Shutdown, EngineError};
+use crate::{shutdown::Shutdown, txn, EngineError};
 
 /// How long a snapshot waits for the next event the server said is pending before giving up
 /// (the caller retries the snapshot from the start or from where it got).
@@ -81,6 +81,8 @@ pub(crate) struct Snapshot {
     /// last-per-subject consumers while events arrive).
     stop_at: u64,
     done: bool,
+    /// A delivery that completed the previous batch's last transaction and starts the next.
+    carry: Option<(u64, jetstream::Message, u64)>,
 }
 
 impl Snapshot {
@@ -115,6 +117,7 @@ impl Snapshot {
                 last_seq: info.state.last_sequence,
                 stop_at: info.state.last_sequence,
                 done: true,
+                carry: None,
             });
         }
         // A leftover of an interrupted snapshot would resume where it stopped: remove it.
@@ -158,6 +161,7 @@ impl Snapshot {
             last_seq: 0,
             stop_at,
             done: false,
+            carry: None,
         })
     }
 
@@ -198,7 +202,14 @@ impl Snapshot {
         };
         let mut batch = Vec::new();
         let started = Instant::now();
-        while batch.len() < max {
+        let last_before = self.last_seq;
+        if let Some((seq, message, pending)) = self.carry.take() {
+            self.last_seq = seq;
+            self.delivered += 1;
+            batch.push((seq, message));
+            self.done = pending == 0 || seq >= self.stop_at;
+        }
+        while !self.done && batch.len() < max {
             let next = if batch.is_empty() {
                 let next = tokio::select! {
                     _ = shutdown.requested() => return Ok(Some(batch)),
@@ -276,11 +287,104 @@ impl Snapshot {
                 break;
             }
         }
+        if !self.finish_transaction(&mut batch, shutdown).await? {
+            // Shutdown: the open transaction is left out; the batch ends before it.
+            self.last_seq = batch.last().map(|e| e.0).unwrap_or(last_before);
+            return Ok(Some(batch));
+        }
         if self.done && self.messages.take().is_some() {
             // Done with it; the inactive threshold would remove it too.
             let _ = self.stream.delete_consumer(&self.name).await;
         }
         Ok(Some(batch))
+    }
+}
+
+impl Snapshot {
+    /// Stretches `batch` to the end of the transaction its last event leaves open (a
+    /// transaction is applied whole, see `txn.rs`), reading on past the snapshot's end if need
+    /// be (the consumer keeps delivering what is published after it started: any prefix of its
+    /// delivery is a valid snapshot). A message outside the open transaction completes it and
+    /// starts the next batch (or, once the snapshot is done, is left to the durable consumer).
+    /// Returns false on shutdown.
+    async fn finish_transaction(
+        &mut self,
+        batch: &mut Vec<(u64, jetstream::Message)>,
+        shutdown: &mut Shutdown,
+    ) -> Result<bool, EngineError> {
+        let Some(open) = txn::open_tail(&txn::tags(batch.iter().map(|(_, m)| m))) else {
+            return Ok(true);
+        };
+        let Some(messages) = self.messages.as_mut() else {
+            return Ok(true);
+        };
+        let id = txn::batch_id(&batch[open].1).unwrap_or_default().to_owned();
+        let mut added = 0usize;
+        loop {
+            if added >= txn::MAX_STRETCH {
+                tracing::warn!(txn = %id, "transaction too large to apply in one sink transaction; applying it in parts");
+                return Ok(true);
+            }
+            let next = tokio::select! {
+                _ = shutdown.requested() => {
+                    batch.truncate(open);
+                    return Ok(false);
+                }
+                next = tokio::time::timeout(txn::OPEN_TIMEOUT, messages.next()) => next,
+            };
+            let message = match next {
+                Err(_) => {
+                    tracing::warn!(
+                        txn = %id,
+                        "transaction without a commit and nothing after it for {:?}: applying its stored members",
+                        txn::OPEN_TIMEOUT
+                    );
+                    return Ok(true);
+                }
+                Ok(Some(Ok(m))) => m,
+                Ok(Some(Err(e))) => return Err(EngineError::nats("read the snapshot", e)),
+                Ok(None) => {
+                    return Err(EngineError::nats(
+                        "read the snapshot",
+                        std::io::Error::other("the snapshot consumer ended"),
+                    ))
+                }
+            };
+            let info = message.info().map_err(|e| {
+                EngineError::nats(
+                    "read the snapshot's delivery metadata",
+                    std::io::Error::other(e.to_string()),
+                )
+            })?;
+            if info.consumer_sequence != self.next_cseq {
+                return Err(EngineError::nats(
+                    "read the snapshot",
+                    std::io::Error::other(format!(
+                        "delivery {} of the snapshot went missing (got {}); starting over",
+                        self.next_cseq, info.consumer_sequence
+                    )),
+                ));
+            }
+            self.next_cseq += 1;
+            let (seq, pending) = (info.stream_sequence, info.pending);
+            if seq <= self.last_seq {
+                continue;
+            }
+            if txn::batch_id(&message) != Some(id.as_str()) {
+                if !self.done {
+                    self.carry = Some((seq, message, pending));
+                }
+                return Ok(true);
+            }
+            let commit = txn::tag(&message).is_some_and(|t| t.commit);
+            self.last_seq = seq;
+            self.delivered += 1;
+            added += 1;
+            batch.push((seq, message));
+            if commit {
+                return Ok(true);
+            }
+        }
     }
 }
 

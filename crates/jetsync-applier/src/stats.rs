@@ -29,6 +29,7 @@ pub struct Stats {
     consumer_resets: AtomicU64,
     events_skipped: AtomicU64,
     resyncs: AtomicU64,
+    transactions_applied: AtomicU64,
     parked: AtomicU64,
     connected: AtomicBool,
     /// table → events applied, indexed by `OpKind as usize`.
@@ -56,6 +57,8 @@ pub struct StatsSnapshot {
     pub events_skipped: u64,
     /// Snapshot resyncs done by this run.
     pub resyncs: u64,
+    /// Transactions (atomic batches) applied by this run, each in one sink transaction.
+    pub transactions_applied: u64,
     /// Events currently parked (poison events and the events held behind them).
     pub parked: u64,
     /// Whether a consumer session is running: connected to NATS, consumer reconciled, pulling.
@@ -169,6 +172,7 @@ impl Stats {
             consumer_resets: self.consumer_resets.load(Ordering::Relaxed),
             events_skipped: self.events_skipped.load(Ordering::Relaxed),
             resyncs: self.resyncs.load(Ordering::Relaxed),
+            transactions_applied: self.transactions_applied.load(Ordering::Relaxed),
             parked: self.parked.load(Ordering::Relaxed),
             connected: self.connected.load(Ordering::Relaxed),
         }
@@ -230,6 +234,13 @@ impl Stats {
         self.events_applied
             .fetch_add(changes.len() as u64, Ordering::Relaxed);
         self.batches.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts transactions applied by a batch.
+    pub(crate) fn add_transactions(&self, n: u64) {
+        if n > 0 {
+            self.transactions_applied.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
     /// Counts events skipped (not applied, acknowledged) by a batch.

@@ -5,7 +5,8 @@
 //! AckAll pull consumer), live (publish-to-applied latency with three appliers at paced rates),
 //! bootstrap (a fresh instance on a compacted stream) and memory (peak RSS of the real
 //! `jetsync-applier` binary replaying a backlog, applying a flood of 1 MiB events, and running
-//! `resync` over 1,000,000 rows). Writes `target/bench/report.json` and prints a
+//! `resync` over 1,000,000 rows), and txn (transactions of 10 rows against single writes of the
+//! same rows, published and replayed; nats-server >= 2.12.1, else skipped with a note). Writes `target/bench/report.json` and prints a
 //! table with DESIGN 9's targets marked met or missed.
 //!
 //! ```text
@@ -13,6 +14,7 @@
 //! just bench                            # full: 500k replay, 1M memory backlog, 10 s per rate,
 //!                                       #   200 x 1 MiB flood, 1M-row resync (quick: 50, 100k)
 //! just bench quick --only live,replay   # some phases only
+//! just bench quick --only txn           # transactions (needs nats-server >= 2.12.1)
 //! just bench --no-build                 # use the existing target/release/jetsync-applier
 //! just bench quick --batch-max 5000     # experiment: apply.batch_max of every engine
 //! ```
@@ -29,6 +31,7 @@ mod publish;
 mod replay;
 mod report;
 mod resync;
+mod txn;
 mod workload;
 
 use std::{
@@ -42,7 +45,7 @@ use jetsync_testkit::NatsServer;
 
 use crate::report::{Machine, Report, Server, Sizes};
 
-const PHASES: [&str; 5] = ["publish", "replay", "live", "bootstrap", "memory"];
+const PHASES: [&str; 6] = ["publish", "replay", "live", "bootstrap", "memory", "txn"];
 
 #[derive(Debug)]
 struct Args {
@@ -52,7 +55,7 @@ struct Args {
 }
 
 const USAGE: &str =
-    "usage: jetsync-bench [quick|full] [--only publish,replay,live,bootstrap,memory] \
+    "usage: jetsync-bench [quick|full] [--only publish,replay,live,bootstrap,memory,txn] \
                      [--no-build] [--batch-max N (apply.batch_max of the engines; default 1000)]";
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -110,6 +113,7 @@ fn sizes(quick: bool) -> Sizes {
             memory_backlog: 100_000,
             flood_events: 50,
             resync_rows: 100_000,
+            txn_rows: 20_000,
             key_space: workload::KEY_SPACE,
             engine_batch_max: harness::batch_max(),
         }
@@ -124,6 +128,7 @@ fn sizes(quick: bool) -> Sizes {
             memory_backlog: 1_000_000,
             flood_events: 200,
             resync_rows: 1_000_000,
+            txn_rows: 100_000,
             key_space: workload::KEY_SPACE,
             engine_batch_max: harness::batch_max(),
         }
@@ -202,6 +207,7 @@ fn real_main() -> anyhow::Result<bool> {
         live: None,
         bootstrap: None,
         memory: None,
+        txn: None,
         mode: if args.quick { "quick" } else { "full" },
         events: sizes.clone(),
         machine: Machine::probe(),
@@ -248,6 +254,23 @@ fn real_main() -> anyhow::Result<bool> {
             let phase = Instant::now();
             let result = bootstrap::run(&bench, sizes.bootstrap_rows).await;
             report.bootstrap = report.outcome("bootstrap", phase, result);
+        }
+        if wants("txn") {
+            eprintln!(
+                "txn: {} rows as transactions of {} vs single writes, {} runs per side ...",
+                sizes.txn_rows,
+                txn::TXN_ROWS,
+                sizes.publish_rounds
+            );
+            let phase = Instant::now();
+            let result = txn::run(
+                &bench,
+                &report.server.version,
+                sizes.txn_rows,
+                sizes.publish_rounds,
+            )
+            .await;
+            report.txn = report.outcome("txn", phase, result);
         }
         if let Some(applier) = &applier {
             let mut memory = memory::MemoryReport::default();

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::{
     bootstrap::BootstrapReport, live::LivePoint, memory::MemoryReport, publish::PublishReport,
-    replay::ReplayReport,
+    replay::ReplayReport, txn::TxnReport,
 };
 
 /// The whole report. The first keys are the agreed shape; the rest is context.
@@ -19,6 +19,8 @@ pub(crate) struct Report {
     pub(crate) live: Option<Vec<LivePoint>>,
     pub(crate) bootstrap: Option<BootstrapReport>,
     pub(crate) memory: Option<MemoryReport>,
+    /// Transactions of 10 rows against single writes (nats-server >= 2.12.1).
+    pub(crate) txn: Option<TxnReport>,
     pub(crate) mode: &'static str,
     pub(crate) events: Sizes,
     pub(crate) machine: Machine,
@@ -49,6 +51,8 @@ pub(crate) struct Sizes {
     pub(crate) flood_events: u64,
     /// Rows of the memory phase's resync.
     pub(crate) resync_rows: u64,
+    /// Rows of the transactions phase (per publish run and per replay backlog).
+    pub(crate) txn_rows: u64,
     pub(crate) key_space: u64,
     /// `apply.batch_max` of the engines and the applier binary.
     pub(crate) engine_batch_max: usize,
@@ -311,6 +315,28 @@ impl Report {
                     w,
                     "           peak RSS {peak:.1} MiB   `resync` of {rows} rows ({secs:.1} s); the bootstrap of the same rows before it {boot:.1} MiB ({boot_s:.1} s)"
                 );
+            }
+        }
+        if let Some(t) = &self.txn {
+            match (&t.figures, &t.skipped) {
+                (Some(f), _) => {
+                    let _ = writeln!(
+                        w,
+                        "txn        single {:>9} rows/s   txn of {} {:>9} rows/s = {} tx/s ({:.2})   commit p50 {:.2} ms p99 {:.2} ms ({} in flight, {} rows x {} runs)",
+                        int(f.single_rows_per_s), f.rows_per_txn, int(f.txn_rows_per_s), int(f.txn_per_s),
+                        f.publish_ratio, f.commit_p50_ms, f.commit_p99_ms, f.txn_in_flight, f.rows, f.single_runs.len()
+                    );
+                    let _ = writeln!(
+                        w,
+                        "           replay redb single {:>9} ev/s  txn {:>9} ev/s ({:.2})   sqlite single {:>9} ev/s  txn {:>9} ev/s ({:.2})",
+                        int(f.replay_redb_single_eps), int(f.replay_redb_txn_eps), f.replay_redb_ratio,
+                        int(f.replay_sqlite_single_eps), int(f.replay_sqlite_txn_eps), f.replay_sqlite_ratio
+                    );
+                }
+                (None, Some(why)) => {
+                    let _ = writeln!(w, "txn        SKIPPED ({why})");
+                }
+                (None, None) => {}
             }
         }
         let phases: Vec<String> = self

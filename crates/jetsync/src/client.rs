@@ -11,6 +11,7 @@ use crate::{
     connect, record,
     stream::{self, Provisioned},
     subject::TableName,
+    transaction::Transaction,
     Error, Row, Table,
 };
 
@@ -72,9 +73,11 @@ impl Client {
 
     /// Creates or updates the sync group's stream with DESIGN's defaults; a no-op when it
     /// already matches. Errors with [`Error::StreamConflict`] when an existing stream cannot be
-    /// used.
+    /// used, and with [`Error::Unsupported`] (before touching anything) when
+    /// `stream.transactions = true` and the server is older than 2.12.1.
     pub async fn provision(&self) -> Result<Provisioned, Error> {
-        stream::provision(&self.inner.js, &self.inner.stream).await
+        let server_version = self.inner.nats.server_info().version;
+        stream::provision(&self.inner.js, &self.inner.stream, &server_version).await
     }
 
     /// A typed table handle: rows are `T`'s serde fields (flat fields → columns, nested values
@@ -99,6 +102,11 @@ impl Client {
             |row: &Row| Ok(row.clone()),
             |row: &Row| Ok(row.clone()),
         ))
+    }
+
+    /// A new, empty multi-row transaction on this sync group (see [`Transaction`]).
+    pub fn transaction(&self) -> Transaction {
+        Transaction::new(self.clone())
     }
 
     /// The underlying NATS connection.

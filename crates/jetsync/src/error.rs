@@ -38,6 +38,10 @@ pub enum Error {
     /// A compare-and-set write found another last sequence for the row than expected.
     /// `current_seq` is the row's current last sequence (0 when the row never existed);
     /// re-read the row and retry with it.
+    ///
+    /// For a [`Transaction`](crate::Transaction) nothing of it was stored, and `current_seq`
+    /// belongs to one of its compare-and-set rows (the server does not say which): re-read every
+    /// row the transaction compares and build it again.
     #[error("conflict: the row's current last sequence is {current_seq}; re-read it and retry")]
     Conflict {
         /// The row subject's current last sequence in the stream.
@@ -108,6 +112,39 @@ pub enum Error {
         seq: u64,
         /// What the client refuses in it.
         reason: String,
+    },
+    /// A transaction has more members than one atomic batch may hold. Nothing was sent; split
+    /// it (each part is atomic on its own) or write fewer rows.
+    #[error("a transaction of {rows} rows is larger than the {max} rows one atomic batch may hold; nothing was sent")]
+    TransactionTooLarge {
+        /// The transaction's members.
+        rows: usize,
+        /// The most one transaction may hold ([`MAX_TRANSACTION_ROWS`](crate::MAX_TRANSACTION_ROWS),
+        /// or the server's lower `max_batch_size` when it says so).
+        max: usize,
+    },
+    /// The server or the stream cannot do what was asked (transactions need nats-server 2.12.1
+    /// or later and a stream with atomic publish allowed). Nothing was stored; jetsync never
+    /// falls back to a weaker behaviour. Fix the setup as `needed` says.
+    #[error("{feature} unavailable with nats-server {server_version}: {needed}")]
+    Unsupported {
+        /// The feature (`"transactions"`).
+        feature: &'static str,
+        /// The version of the server the client is connected to.
+        server_version: String,
+        /// What the feature needs.
+        needed: String,
+    },
+    /// A table handle of another sync group (stream) was added to a transaction: one
+    /// transaction is one atomic batch in one stream.
+    #[error("table {table} belongs to stream {stream}, the transaction to stream {transaction_stream}: one transaction writes one sync group")]
+    OtherSyncGroup {
+        /// The table.
+        table: String,
+        /// The table handle's stream.
+        stream: String,
+        /// The transaction's stream.
+        transaction_stream: String,
     },
     /// Any other NATS failure.
     #[error("{operation} failed: {source}")]

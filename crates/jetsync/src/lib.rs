@@ -55,4 +55,5 @@ pub use subject::{
     validate_prefix, SubjectError, TableName, MAX_KEY_LEN, MAX_PLAIN_KEY_LEN,
 };
 pub use table::{Current, Pipeline, Published, Table, WriteOptions, DEFAULT_PIPELINE_WINDOW};
+pub use transaction::{Committed, Transaction, MAX_TRANSACTION_ROWS};
 pub use value::{Row, Value};

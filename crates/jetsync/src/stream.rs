@@ -15,7 +15,9 @@ use async_nats::jetstream::{
 
 use crate::{
     config::{ConfigError, StreamConfig},
-    subject, Error,
+    subject,
+    transaction::version,
+    Error,
 };
 
 /// JetStream API error code: "stream not found".
@@ -54,6 +56,9 @@ pub fn stream_definition(cfg: &StreamConfig) -> jetstream::stream::Config {
         // Deletes are tombstones, never purges: a late instance must still learn about them.
         deny_delete: true,
         deny_purge: true,
+        // Transactions are atomic batches; a server before 2.12 would ignore the flag, which is
+        // why `provision` refuses `transactions = true` there.
+        allow_atomic_publish: cfg.transactions,
         description: Some(format!(
             "jetsync sync group (subjects {}.<table>.<key>)",
             cfg.subject_prefix
@@ -88,6 +93,9 @@ pub enum StreamProblem {
         /// The filter they must cover (`<subject_prefix>.>`).
         needed: String,
     },
+    /// `stream.transactions = true`, but the stream does not allow atomic publish
+    /// (`allow_atomic`), so every transaction would be refused.
+    AtomicPublishDisabled,
 }
 
 impl fmt::Display for StreamProblem {
@@ -111,6 +119,9 @@ impl fmt::Display for StreamProblem {
             StreamProblem::SubjectsDoNotCover { subjects, needed } => write!(
                 f,
                 "its subjects {subjects:?} do not cover {needed} (add {needed:?} to the stream's subjects)"
+            ),
+            StreamProblem::AtomicPublishDisabled => f.write_str(
+                "it does not allow atomic publish, which stream.transactions = true needs (set allow_atomic: true on the stream, on nats-server 2.12.1 or later)",
             ),
         }
     }
@@ -166,7 +177,8 @@ fn covers(pattern: &str, filter: &str) -> bool {
 }
 
 /// Checks an existing stream that jetsync is told not to provision: limits retention, purges
-/// and deletes denied, subjects covering `<subject_prefix>.>`. Returns every problem found.
+/// and deletes denied, subjects covering `<subject_prefix>.>`, and atomic publish allowed when
+/// `stream.transactions = true`. Returns every problem found.
 pub fn check_unprovisioned(
     cfg: &StreamConfig,
     have: &jetstream::stream::Config,
@@ -187,6 +199,9 @@ pub fn check_unprovisioned(
             subjects: have.subjects.clone(),
             needed,
         });
+    }
+    if cfg.transactions && !have.allow_atomic_publish {
+        problems.push(StreamProblem::AtomicPublishDisabled);
     }
     if problems.is_empty() {
         Ok(())
@@ -274,15 +289,30 @@ fn drift(
     if !have.allow_direct || !have.deny_delete || !have.deny_purge {
         changed.push("allow_direct/deny_delete/deny_purge");
     }
+    // Only ever turned on: another publisher may rely on it (see `provision`).
+    if want.allow_atomic_publish && !have.allow_atomic_publish {
+        changed.push("transactions");
+    }
     Ok(changed)
 }
 
-/// Creates or updates the sync group's stream (see [`Provisioned`]).
+/// Creates or updates the sync group's stream (see [`Provisioned`]). `server_version` is the
+/// version of the server the client is connected to: with `stream.transactions = true` a server
+/// before 2.12.1 is refused before anything is created or updated (it would ignore
+/// `allow_atomic` and store every transaction member as an ordinary message).
 pub(crate) async fn provision(
     js: &jetstream::Context,
     cfg: &StreamConfig,
+    server_version: &str,
 ) -> Result<Provisioned, Error> {
-    let want = stream_definition(cfg);
+    if cfg.transactions && !version::supports_transactions(server_version) {
+        return Err(Error::Unsupported {
+            feature: "transactions",
+            server_version: server_version.to_owned(),
+            needed: version::NEEDED.to_owned(),
+        });
+    }
+    let mut want = stream_definition(cfg);
     match js.get_stream(&cfg.name).await {
         Ok(mut stream) => {
             let info = stream
@@ -296,6 +326,8 @@ pub(crate) async fn provision(
             if changed.is_empty() {
                 return Ok(Provisioned::Unchanged);
             }
+            // Never turned off by provisioning: a stream that allows atomic publish keeps it.
+            want.allow_atomic_publish |= info.config.allow_atomic_publish;
             tracing::info!(stream = %cfg.name, fields = ?changed, "updating stream configuration");
             js.update_stream(&want)
                 .await
@@ -400,6 +432,14 @@ mod tests {
             assert!(text.contains(want), "{want:?} missing in {text}");
         }
         have.retention = RetentionPolicy::WorkQueue;
+        let tx = StreamConfig {
+            transactions: true,
+            ..cfg()
+        };
+        let err = check_unprovisioned(&tx, &stream_definition(&cfg())).unwrap_err();
+        assert_eq!(err.problems, vec![StreamProblem::AtomicPublishDisabled]);
+        assert!(err.to_string().contains("allow_atomic"), "{err}");
+        assert_eq!(check_unprovisioned(&tx, &stream_definition(&tx)), Ok(()));
         assert!(check_unprovisioned(&cfg(), &have)
             .unwrap_err()
             .to_string()

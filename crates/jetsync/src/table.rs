@@ -121,6 +121,16 @@ impl<T> Table<T> {
         &self.name
     }
 
+    /// The client this handle was made from.
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// `value` as a row, the way this handle maps it.
+    pub(crate) fn row_of(&self, value: &T) -> Result<Row, Error> {
+        Ok((self.to_row)(value)?)
+    }
+
     /// The subject that carries the events of row `key`.
     pub fn subject(&self, key: &str) -> Result<String, Error> {
         let prefix = &self.client.inner().stream.subject_prefix;
@@ -276,17 +286,7 @@ impl<T> Table<T> {
     ) -> Result<Pending, Error> {
         let inner = self.client.inner();
         let subject = self.subject(key)?;
-        // Encoded straight from the row and the client's origin: no owned event is built.
-        let event = EventRef {
-            row: match &change {
-                Change::Upsert(row) => Some(row),
-                Change::Delete => None,
-            },
-            origin: &inner.origin,
-            ts_ms: now_ms(),
-            schema: Event::DEFAULT_SCHEMA,
-        };
-        let body = codec::encode_ref(event, inner.format)?;
+        let body = encode_body(inner, &change)?;
         let mut headers = HeaderMap::new();
         let msg_id = match &options.msg_id {
             Some(id) => id.clone(),
@@ -316,6 +316,22 @@ impl<T> Table<T> {
     }
 }
 
+/// The event body of `change` in the client's wire format, stamped with its origin and the
+/// current time: what a single write and a transaction member both send.
+pub(crate) fn encode_body(inner: &crate::client::Inner, change: &Change) -> Result<Vec<u8>, Error> {
+    // Encoded straight from the row and the client's origin: no owned event is built.
+    let event = EventRef {
+        row: match change {
+            Change::Upsert(row) => Some(row),
+            Change::Delete => None,
+        },
+        origin: &inner.origin,
+        ts_ms: now_ms(),
+        schema: Event::DEFAULT_SCHEMA,
+    };
+    Ok(codec::encode_ref(event, inner.format)?)
+}
+
 /// The publisher's wall clock for an event's `ts_ms`, as [`Event::upsert`] stamps it.
 fn now_ms() -> u64 {
     let since_epoch = std::time::UNIX_EPOCH.elapsed().unwrap_or_default();
@@ -323,7 +339,10 @@ fn now_ms() -> u64 {
 }
 
 /// The latest event on `subject` (a direct get), `None` when the subject has none.
-async fn last_message(client: &Client, subject: &str) -> Result<Option<StreamMessage>, Error> {
+pub(crate) async fn last_message(
+    client: &Client,
+    subject: &str,
+) -> Result<Option<StreamMessage>, Error> {
     let inner = client.inner();
     let stream = inner
         .js
@@ -498,7 +517,7 @@ fn server_current_seq(e: &jetstream::context::PublishError) -> Option<u64> {
 /// Reads N from the server's error description "wrong last sequence: N" (async-nats displays it
 /// as "wrong last sequence: N (code 400, error code 10071)"). `None` unless the digits follow
 /// the colon directly, so the status or error code is never mistaken for the sequence.
-fn parse_current_seq(message: &str) -> Option<u64> {
+pub(crate) fn parse_current_seq(message: &str) -> Option<u64> {
     const MARKER: &str = "wrong last sequence: ";
     let tail = &message[message.find(MARKER)? + MARKER.len()..];
     let end = tail

@@ -13,6 +13,14 @@
 //! or at the first later message outside it (compaction can remove members, the commit
 //! included).
 
+mod builder;
+mod commit;
+mod reply;
+pub(crate) mod version;
+
+pub use builder::{Transaction, MAX_TRANSACTION_ROWS};
+pub use commit::Committed;
+
 /// Header naming the atomic batch (transaction) a message belongs to.
 pub const BATCH_ID_HEADER: &str = "Nats-Batch-Id";
 /// Header carrying a member's position in its batch: 1, 2, … without gaps.
