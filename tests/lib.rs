@@ -1294,3 +1294,215 @@ pub async fn stream_bounds(url: &str, stream: &str) -> Result<(u64, u64)> {
         .clone();
     Ok((state.first_sequence, state.last_sequence))
 }
+
+// ---- Helpers for the transaction scenarios (issue #13). ----
+
+/// Whether the `nats-server` the tests run supports atomic batches (transactions): 2.12.1 or
+/// later. On an older one it prints the loud `SKIPPED` line for `test` and returns `false`.
+pub fn transactions_supported(test: &str) -> bool {
+    let version = jetsync_testkit::server_version().unwrap_or_else(|e| format!("unknown ({e})"));
+    if version_at_least(&version, (2, 12, 1)) {
+        return true;
+    }
+    eprintln!("{test}: SKIPPED (needs nats-server >= 2.12.1, running {version})");
+    false
+}
+
+/// Whether a version text like `2.12.8` (or `2.12.8-beta`) is at least `min`.
+pub fn version_at_least(version: &str, min: (u64, u64, u64)) -> bool {
+    let mut parts = version
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse::<u64>().unwrap_or(0));
+    let have = (
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    );
+    have >= min
+}
+
+/// One member of a transaction written with plain async-nats, the way a publisher in another
+/// language writes one (DESIGN section 3): a json/1 event on the row's subject, plus the batch
+/// headers [`raw_transaction`] adds.
+#[derive(Debug, Clone)]
+pub struct RawMember {
+    /// The row's subject, `<prefix>.<table>.<key-token>`.
+    pub subject: String,
+    /// The json/1 body.
+    pub body: Vec<u8>,
+    /// `Nats-Msg-Id`, when set.
+    pub msg_id: Option<String>,
+    /// `Nats-Expected-Last-Subject-Sequence` (compare-and-set), when set.
+    pub expected_last_subject_seq: Option<u64>,
+}
+
+impl RawMember {
+    /// A json/1 upsert of `row` (a JSON object) on `subject`, with message id `msg_id`.
+    pub fn upsert(subject: impl Into<String>, row: serde_json::Value, msg_id: &str) -> RawMember {
+        let body = serde_json::json!({
+            "op": "upsert", "row": row, "origin": "raw-publisher", "ts_ms": 1_764_000_000_000u64, "schema": 1
+        });
+        RawMember {
+            subject: subject.into(),
+            body: serde_json::to_vec(&body).expect("a JSON value serializes"),
+            msg_id: Some(msg_id.to_owned()),
+            expected_last_subject_seq: None,
+        }
+    }
+
+    /// A json/1 delete on `subject`, with message id `msg_id`.
+    pub fn delete(subject: impl Into<String>, msg_id: &str) -> RawMember {
+        let body = serde_json::json!({"op": "delete", "origin": "raw-publisher", "ts_ms": 1_764_000_000_000u64});
+        RawMember {
+            subject: subject.into(),
+            body: serde_json::to_vec(&body).expect("a JSON value serializes"),
+            msg_id: Some(msg_id.to_owned()),
+            expected_last_subject_seq: None,
+        }
+    }
+
+    /// The headers of this member as member `n` (1-based) of batch `batch_id`.
+    pub fn headers(&self, batch_id: &str, n: usize, commit: bool) -> async_nats::HeaderMap {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(jetsync::codec::FORMAT_HEADER, "json/1");
+        if let Some(id) = &self.msg_id {
+            headers.insert("Nats-Msg-Id", id.as_str());
+        }
+        if let Some(seq) = self.expected_last_subject_seq {
+            headers.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                seq.to_string().as_str(),
+            );
+        }
+        headers.insert(jetsync::transaction::BATCH_ID_HEADER, batch_id);
+        headers.insert(
+            jetsync::transaction::BATCH_SEQUENCE_HEADER,
+            n.to_string().as_str(),
+        );
+        if commit {
+            headers.insert(jetsync::transaction::BATCH_COMMIT_HEADER, "1");
+        }
+        headers
+    }
+}
+
+/// The server's answer to a raw transaction's commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawCommit {
+    /// Stored: the commit member's sequence and the member count.
+    Stored {
+        /// Stream sequence of the last (commit) member.
+        seq: u64,
+        /// Members stored.
+        count: u64,
+    },
+    /// Refused as a whole: the JetStream error code and description.
+    Refused {
+        /// `err_code` of the JetStream API error.
+        err_code: u64,
+        /// Its description.
+        description: String,
+    },
+}
+
+/// Writes `members` as one atomic batch `batch_id` with plain async-nats: the first member as a
+/// request (the server answers it with an empty message, or an error), the middle ones as plain
+/// publishes, the last one with `Nats-Batch-Commit: 1` as a request answered by the PubAck.
+/// With `commit = false` the last member is sent without the commit header and nothing is
+/// awaited after the connection is flushed (an open batch); `None` is returned then.
+pub async fn raw_transaction(
+    nats: &async_nats::Client,
+    batch_id: &str,
+    members: &[RawMember],
+    commit: bool,
+) -> Result<Option<RawCommit>> {
+    ensure!(!members.is_empty(), "a transaction needs a member");
+    let timeout = Duration::from_secs(10);
+    let last = members.len();
+    for (i, member) in members.iter().enumerate() {
+        let n = i + 1;
+        let is_commit = commit && n == last;
+        let headers = member.headers(batch_id, n, is_commit);
+        if n == 1 || is_commit {
+            let request = async_nats::Request::new()
+                .headers(headers)
+                .payload(member.body.clone().into())
+                .timeout(Some(timeout));
+            let reply = nats
+                .send_request(member.subject.clone(), request)
+                .await
+                .with_context(|| format!("batch {batch_id} member {n}"))?;
+            if let Some(refused) = parse_refusal(&reply.payload)? {
+                return Ok(Some(refused));
+            }
+            if is_commit {
+                let ack: serde_json::Value = serde_json::from_slice(&reply.payload)
+                    .with_context(|| format!("commit ack {:?}", reply.payload))?;
+                let seq = ack["seq"].as_u64().with_context(|| format!("ack {ack}"))?;
+                let count = ack["count"]
+                    .as_u64()
+                    .or_else(|| ack["batch_size"].as_u64())
+                    .with_context(|| format!("ack without a count: {ack}"))?;
+                return Ok(Some(RawCommit::Stored { seq, count }));
+            }
+        } else {
+            nats.publish_with_headers(member.subject.clone(), headers, member.body.clone().into())
+                .await?;
+        }
+    }
+    nats.flush().await?;
+    Ok(None)
+}
+
+/// The JetStream error in a reply, if it is one (an empty reply is a plain "received").
+fn parse_refusal(payload: &[u8]) -> Result<Option<RawCommit>> {
+    if payload.is_empty() {
+        return Ok(None);
+    }
+    let reply: serde_json::Value = serde_json::from_slice(payload)
+        .with_context(|| format!("reply {:?}", String::from_utf8_lossy(payload)))?;
+    Ok(reply.get("error").map(|e| RawCommit::Refused {
+        err_code: e["err_code"].as_u64().unwrap_or(0),
+        description: e["description"].as_str().unwrap_or_default().to_owned(),
+    }))
+}
+
+/// Turns on atomic batch publish (`allow_atomic`) on `stream` unless it is on already; returns
+/// whether it had to (provisioning with `stream.transactions = true` should have done it).
+pub async fn ensure_allow_atomic(url: &str, stream: &str) -> Result<bool> {
+    let js = async_nats::jetstream::new(async_nats::connect(url).await?);
+    let mut handle = js.get_stream(stream).await?;
+    let mut config = handle.info().await?.config.clone();
+    if config.allow_atomic_publish {
+        return Ok(false);
+    }
+    config.allow_atomic_publish = true;
+    js.update_stream(&config).await?;
+    Ok(true)
+}
+
+/// Every message `stream` holds, in sequence order, as (seq, subject, headers), read with
+/// direct gets from its first to its last sequence (gaps skipped).
+pub async fn stream_messages(
+    url: &str,
+    stream: &str,
+) -> Result<Vec<(u64, String, Option<async_nats::HeaderMap>)>> {
+    let js = async_nats::jetstream::new(async_nats::connect(url).await?);
+    let handle = js.get_stream(stream).await?;
+    let (first, last) = stream_bounds(url, stream).await?;
+    let mut out = Vec::new();
+    if last == 0 {
+        return Ok(out);
+    }
+    for seq in first..=last {
+        match handle.direct_get(seq).await {
+            Ok(message) => out.push((seq, message.subject.to_string(), Some(message.headers))),
+            Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {
+                continue
+            }
+            Err(e) => return Err(e).with_context(|| format!("direct get {stream} seq {seq}")),
+        }
+    }
+    Ok(out)
+}

@@ -18,3 +18,4 @@ mod security;
 mod server_restart;
 mod smoke;
 mod snapshot;
+mod transactions;

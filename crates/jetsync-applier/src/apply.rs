@@ -199,18 +199,18 @@ impl<S: Sink> Applier<S> {
         // Crash window 3: the sink holds `through`, redb still says an older sequence (until the
         // checkpoint is committed, at once or within `CHECKPOINT_EVERY`); startup takes the
         // fence.
+        let (n, txns) = (changes.len() as u64, transactions_in(events, &sources));
         match mode {
             Mode::Apply if self.lazy_checkpoint => {
                 self.offsets
-                    .record(&self.group, through, changes.len() as u64)?;
+                    .record_counting(&self.group, through, n, txns)?;
             }
             Mode::Apply => self
                 .offsets
-                .commit(&self.group, through, changes.len() as u64)?,
-            Mode::Replace => {
-                self.offsets
-                    .finish_resync(&self.group, through, changes.len() as u64)?
-            }
+                .commit_counting(&self.group, through, n, txns)?,
+            Mode::Replace => self
+                .offsets
+                .finish_resync_counting(&self.group, through, n, txns)?,
         }
         self.applied = through;
         if mode == Mode::Replace {
@@ -230,8 +230,7 @@ impl<S: Sink> Applier<S> {
         }
         // Counted before the sequence is published (see `Stats::snapshot`).
         self.stats.add_skipped(skipped);
-        self.stats
-            .add_transactions(transactions_in(events, &sources));
+        self.stats.add_transactions(txns);
         self.stats.add_batch(&changes, started.elapsed());
         self.stats.set_applied(through);
         tracing::debug!(

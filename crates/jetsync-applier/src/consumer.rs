@@ -29,7 +29,17 @@ pub(crate) struct ConsumerSpec {
     pub ack_wait: Duration,
 }
 
+/// Extra deliveries allowed in flight for a batch stretched to a transaction's end.
+const TRANSACTION_ROOM: i64 = 2_000;
+
 impl ConsumerSpec {
+    /// Deliveries the server may have outstanding: two batches, plus room for a batch to be
+    /// stretched over a whole transaction (a server batch holds up to 1,000 messages) without
+    /// the server holding back its last members.
+    fn max_ack_pending(&self) -> i64 {
+        self.batch_max as i64 * 2 + TRANSACTION_ROOM
+    }
+
     fn config(&self, start_after: u64) -> pull::Config {
         pull::Config {
             durable_name: Some(self.name.clone()),
@@ -48,7 +58,7 @@ impl ConsumerSpec {
             max_deliver: -1,
             filter_subject: self.filter.clone(),
             replay_policy: ReplayPolicy::Instant,
-            max_ack_pending: (self.batch_max as i64 * 2).max(1000),
+            max_ack_pending: self.max_ack_pending(),
             // Never set inactive_threshold on a durable: 2.9 deletes idle durables with it.
             inactive_threshold: Duration::ZERO,
             ..Default::default()
@@ -61,7 +71,7 @@ impl ConsumerSpec {
             && have.filter_subject == self.filter
             && have.max_deliver <= 0
             && have.ack_wait == self.ack_wait
-            && have.max_ack_pending >= self.batch_max as i64 * 2
+            && have.max_ack_pending >= self.max_ack_pending()
             && have.inactive_threshold.is_zero()
             && have.deliver_subject.is_none()
     }

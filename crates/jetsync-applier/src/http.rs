@@ -86,6 +86,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "jetsync_consumer_resets",
     "jetsync_resyncs",
     "jetsync_events_skipped",
+    "jetsync_transactions_applied",
 ];
 
 /// Whether an engine with these counters is ready: connected, and at most `max_lag` events
@@ -241,6 +242,12 @@ impl Collector for StatsCollector {
             "events_skipped",
             "Events acknowledged without being applied (tables not synced here, apply.other_tables = \"skip\")",
             s.events_skipped,
+        )?;
+        Self::counter(
+            e,
+            "transactions_applied",
+            "Transactions (atomic batches) applied, each in one sink transaction",
+            s.transactions_applied,
         )?;
         Ok(())
     }
@@ -644,6 +651,7 @@ mod tests {
             format!("jetsync_consumer_resets_total{{{l}}} 0\n"),
             format!("jetsync_resyncs_total{{{l}}} 0\n"),
             format!("jetsync_events_skipped_total{{{l}}} 0\n"),
+            format!("jetsync_transactions_applied_total{{{l}}} 0\n"),
         ] {
             assert!(text.contains(&want), "missing {want:?} in\n{text}");
         }

@@ -115,8 +115,9 @@ pub struct Offsets {
 /// Checkpoints recorded but not committed yet.
 #[derive(Debug, Default)]
 struct Deferred {
-    /// group → (applied sequence, events applied since the last commit).
-    groups: BTreeMap<String, (u64, u64)>,
+    /// group → (applied sequence, events applied since the last commit, transactions applied
+    /// since the last commit).
+    groups: BTreeMap<String, (u64, u64, u64)>,
     /// When the checkpoint was last committed by this handle.
     committed_at: Option<Instant>,
 }
@@ -205,7 +206,7 @@ impl Offsets {
     /// The last applied sequence of `group` (0 when nothing was ever applied), including a
     /// recorded checkpoint not committed yet.
     pub fn applied(&self, group: &str) -> Result<u64, OffsetsError> {
-        if let Some(&(seq, _)) = self.deferred().groups.get(group) {
+        if let Some(&(seq, _, _)) = self.deferred().groups.get(group) {
             return Ok(seq);
         }
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
@@ -216,7 +217,7 @@ impl Offsets {
 
     /// Events applied over the instance's life (including recorded, uncommitted ones).
     pub fn applied_events(&self, group: &str) -> Result<u64, OffsetsError> {
-        let pending = self.deferred().groups.get(group).map_or(0, |&(_, n)| n);
+        let pending = self.deferred().groups.get(group).map_or(0, |&(_, n, _)| n);
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = tx.open_table(APPLIED_EVENTS).map_err(|e| self.err(e))?;
         let value = table.get(group).map_err(|e| self.err(e))?;
@@ -232,10 +233,21 @@ impl Offsets {
     /// the applied-events counter (and committing what [`record`](Self::record) kept for
     /// `group`).
     pub fn commit(&self, group: &str, seq: u64, events: u64) -> Result<(), OffsetsError> {
+        self.commit_counting(group, seq, events, 0)
+    }
+
+    /// [`commit`](Self::commit), also adding `txns` to the applied-transactions counter.
+    pub fn commit_counting(
+        &self,
+        group: &str,
+        seq: u64,
+        events: u64,
+        txns: u64,
+    ) -> Result<(), OffsetsError> {
         let mut deferred = self.deferred();
         let mut batch = deferred.groups.clone();
-        let entry = batch.entry(group.to_owned()).or_insert((seq, 0));
-        *entry = (seq, entry.1 + events);
+        let entry = batch.entry(group.to_owned()).or_insert((seq, 0, 0));
+        *entry = (seq, entry.1 + events, entry.2 + txns);
         blocking(|| self.write_checkpoints(&batch))?;
         deferred.groups.clear();
         deferred.committed_at = Some(Instant::now());
@@ -247,11 +259,26 @@ impl Offsets {
     /// `CHECKPOINT_EVERY` (200 ms) old or there was none yet (returns true), else kept until the next
     /// commit, [`flush`](Self::flush) or drop (returns false).
     pub fn record(&self, group: &str, seq: u64, events: u64) -> Result<bool, OffsetsError> {
+        self.record_counting(group, seq, events, 0)
+    }
+
+    /// [`record`](Self::record), also adding `txns` to the applied-transactions counter.
+    pub fn record_counting(
+        &self,
+        group: &str,
+        seq: u64,
+        events: u64,
+        txns: u64,
+    ) -> Result<bool, OffsetsError> {
         let due = {
             let mut deferred = self.deferred();
-            let entry = deferred.groups.entry(group.to_owned()).or_insert((seq, 0));
+            let entry = deferred
+                .groups
+                .entry(group.to_owned())
+                .or_insert((seq, 0, 0));
             entry.0 = seq;
             entry.1 += events;
+            entry.2 += txns;
             deferred
                 .committed_at
                 .is_none_or(|at| at.elapsed() >= CHECKPOINT_EVERY)
@@ -298,23 +325,31 @@ impl Offsets {
 
     /// One durable transaction setting the applied sequence and adding to the counter of every
     /// group in `batch`.
-    fn write_checkpoints(&self, batch: &BTreeMap<String, (u64, u64)>) -> Result<(), OffsetsError> {
+    fn write_checkpoints(
+        &self,
+        batch: &BTreeMap<String, (u64, u64, u64)>,
+    ) -> Result<(), OffsetsError> {
         let tx = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut applied = tx.open_table(APPLIED).map_err(|e| self.err(e))?;
             let mut counter = tx.open_table(APPLIED_EVENTS).map_err(|e| self.err(e))?;
-            for (group, &(seq, events)) in batch {
+            for (group, &(seq, events, txns)) in batch {
                 applied
                     .insert(group.as_str(), seq)
                     .map_err(|e| self.err(e))?;
-                let old = counter
-                    .get(group.as_str())
-                    .map_err(|e| self.err(e))?
-                    .map(|v| v.value())
-                    .unwrap_or(0);
-                counter
-                    .insert(group.as_str(), old + events)
-                    .map_err(|e| self.err(e))?;
+                // Stream names have no `/`: the transactions counter shares the table.
+                let txns_key = transactions_key(group);
+                for (key, add) in [(group.as_str(), events), (txns_key.as_str(), txns)] {
+                    if add == 0 && key != group.as_str() {
+                        continue;
+                    }
+                    let old = counter
+                        .get(key)
+                        .map_err(|e| self.err(e))?
+                        .map(|v| v.value())
+                        .unwrap_or(0);
+                    counter.insert(key, old + add).map_err(|e| self.err(e))?;
+                }
             }
         }
         tx.commit().map_err(|e| self.err(e))
@@ -463,6 +498,17 @@ impl Offsets {
     /// Ends a resync: the sink was replaced up to `seq` (`events` applied). A bootstrap that
     /// was in progress is over too (the tables were rebuilt from a whole snapshot).
     pub fn finish_resync(&self, group: &str, seq: u64, events: u64) -> Result<(), OffsetsError> {
+        self.finish_resync_counting(group, seq, events, 0)
+    }
+
+    /// [`finish_resync`](Self::finish_resync), also counting `txns` applied transactions.
+    pub fn finish_resync_counting(
+        &self,
+        group: &str,
+        seq: u64,
+        events: u64,
+        txns: u64,
+    ) -> Result<(), OffsetsError> {
         let tx = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut resync = tx.open_table(RESYNC).map_err(|e| self.err(e))?;
@@ -471,7 +517,7 @@ impl Offsets {
             bootstrap.remove(group).map_err(|e| self.err(e))?;
         }
         tx.commit().map_err(|e| self.err(e))?;
-        self.commit(group, seq, events)
+        self.commit_counting(group, seq, events, txns)
     }
 
     /// The target of a resync of `group` that was started but not finished, if any.
@@ -560,6 +606,13 @@ pub struct Checkpoint {
     pub applied_events: u64,
     /// Events currently parked.
     pub parked: u64,
+    /// Transactions (atomic batches) applied over the instance's life.
+    pub transactions_applied: u64,
+}
+
+/// The key of a group's applied-transactions counter in the counters table.
+fn transactions_key(group: &str) -> String {
+    format!("{group}/transactions")
 }
 
 /// Reads the checkpoint of `group` without taking the write lock; works while an applier runs.
@@ -597,6 +650,17 @@ pub fn read_checkpoint(path: &Path, group: &str) -> Result<Checkpoint, OffsetsEr
     Ok(Checkpoint {
         applied: read(APPLIED)?,
         applied_events: read(APPLIED_EVENTS)?,
+        transactions_applied: {
+            let key = transactions_key(group);
+            match tx.open_table(APPLIED_EVENTS) {
+                Ok(table) => table
+                    .get(key.as_str())
+                    .map_err(|e| storage(path, e))?
+                    .map(|v| v.value())
+                    .unwrap_or(0),
+                Err(_) => 0,
+            }
+        },
         parked,
     })
 }
@@ -661,6 +725,7 @@ mod tests {
                 applied: 15,
                 applied_events: 10,
                 parked: 0,
+                transactions_applied: 0,
             }
         );
         // A second writer is refused with a clear error.

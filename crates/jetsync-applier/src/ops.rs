@@ -2,7 +2,11 @@
 //! applier must be stopped; the redb checkpoint store refuses a second writer): `resync`,
 //! `parked retry` and `parked drop`.
 
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeSet, HashMap, VecDeque},
+    sync::Arc,
+    time::Duration,
+};
 
 use jetsync::Config;
 use serde::Serialize;
@@ -12,10 +16,10 @@ use crate::{
     decode::{decode, RawEvent},
     engine,
     offsets::Offsets,
-    parked::{group_by_row, ParkedEvent, RowId},
+    parked::{ParkedEvent, RowId},
     resync::{self, ResyncDone, SnapshotProgress},
     shutdown::Shutdown,
-    startup, EngineError, Sink, SinkError, Stats,
+    startup, Change, EngineError, Sink, SinkError, Stats,
 };
 
 /// Rebuilds the instance's synced tables from a snapshot of the stream (`jetsync-applier
@@ -114,99 +118,309 @@ pub(crate) async fn retry_rows<S: Sink>(
     let group = config.stream.name.clone();
     let prefix = config.stream.subject_prefix.clone();
     let rules = Rules::of(config);
-    let parked = offsets.parked(&group)?;
+    let limits = jetsync::codec::DecodeLimits {
+        max_columns: config.apply.max_columns,
+    };
     let wanted: BTreeSet<&RowId> = rows.iter().collect();
     let mut report = RetryReport {
         fence,
         ..RetryReport::default()
     };
-    for (row, events) in group_by_row(&parked) {
-        if !wanted.is_empty() && !row.as_ref().is_some_and(|r| wanted.contains(r)) {
+    // Units in stream order: a transaction's parked members together, any other event alone.
+    let mut queue: VecDeque<Unit> = units(offsets.parked(&group)?).into();
+    // Rows that stay parked after this retry → their first parked sequence: a later unit
+    // touching one of them waits behind it.
+    let mut stuck: HashMap<RowId, u64> = HashMap::new();
+    // Decoded units waiting to be applied together.
+    let mut ready: Vec<(Unit, Vec<Change>)> = Vec::new();
+    loop {
+        let Some(unit) = queue.pop_front() else {
+            if ready.is_empty() {
+                break;
+            }
+            flush(
+                sink,
+                offsets,
+                &group,
+                fence,
+                &mut ready,
+                &mut queue,
+                &mut stuck,
+                &mut report,
+            )
+            .await?;
             continue;
-        }
-        // Decode this row's events in order up to the first that still fails.
-        let mut changes = Vec::new();
-        let mut failed: Option<(usize, String)> = None;
-        for (i, event) in events.iter().enumerate() {
-            if event.seq > fence {
-                failed = Some((i, event.error.clone()));
-                break;
+        };
+        let selected = wanted.is_empty()
+            || unit
+                .events
+                .iter()
+                .any(|e| e.row.as_ref().is_some_and(|r| wanted.contains(r)));
+        let held = unit.events.iter().find_map(|e| {
+            let row = e.row.as_ref()?;
+            stuck
+                .get(row)
+                .filter(|&&head| head < e.seq)
+                .map(|&head| (e.seq, head))
+        });
+        let outcome = if !selected {
+            Outcome::Untouched
+        } else if let Some((seq, head)) = held {
+            Outcome::Failed {
+                seq,
+                error: format!("held behind parked event {head} of the same row"),
+                held_behind: Some(head),
             }
-            // A table the configuration does not list stays parked.
-            if event.row.as_ref().is_some_and(|r| !rules.syncs(&r.table)) {
-                failed = Some((i, NOT_SYNCED_HERE.to_owned()));
-                break;
+        } else if unit.events.iter().any(|e| e.seq > fence) {
+            // Parked after the fence (crash window 1 of `apply.rs`) and held by nothing any
+            // more: released to the engine, which delivers it again after the fence.
+            Outcome::Release
+        } else {
+            match decode_unit(&unit, &rules, &prefix, limits) {
+                Ok(changes) => Outcome::Ready(changes),
+                Err((seq, error)) => Outcome::Failed {
+                    seq,
+                    error,
+                    held_behind: None,
+                },
             }
-            let raw = RawEvent {
-                seq: event.seq,
-                subject: &event.subject,
-                format: event.format.as_deref(),
-                payload: &event.payload,
-            };
-            let limits = jetsync::codec::DecodeLimits {
-                max_columns: config.apply.max_columns,
-            };
-            match decode(&prefix, raw, limits) {
-                Ok(change) => changes.push(change),
-                Err(f) => {
-                    failed = Some((i, f.reason().to_owned()));
-                    break;
+        };
+        match outcome {
+            Outcome::Ready(changes) => {
+                ready.push((unit, changes));
+                if ready.iter().map(|(_, c)| c.len()).sum::<usize>() >= RETRY_BATCH {
+                    flush(
+                        sink,
+                        offsets,
+                        &group,
+                        fence,
+                        &mut ready,
+                        &mut queue,
+                        &mut stuck,
+                        &mut report,
+                    )
+                    .await?;
                 }
+                continue;
             }
-        }
-        // Apply the decodable prefix; a sink refusal shortens it to the refused change.
-        let mut applied_n = changes.len();
-        if !changes.is_empty() {
-            match sink.apply(&group, &changes, fence).await {
-                Ok(()) => {}
-                Err(SinkError::Rejected { index, reason, .. }) if index < changes.len() => {
-                    if index > 0 {
-                        sink.apply(&group, &changes[..index], fence).await?;
+            Outcome::Release => {
+                // Everything before it must be settled first: it may hold this unit's rows.
+                if !ready.is_empty() {
+                    queue.push_front(unit);
+                    flush(
+                        sink,
+                        offsets,
+                        &group,
+                        fence,
+                        &mut ready,
+                        &mut queue,
+                        &mut stuck,
+                        &mut report,
+                    )
+                    .await?;
+                    continue;
+                }
+                let released: Vec<u64> = unit.events.iter().map(|e| e.seq).collect();
+                offsets.unpark(&group, &released)?;
+                report.released.extend(released);
+            }
+            Outcome::Untouched | Outcome::Failed { .. } => {
+                if !ready.is_empty() {
+                    // Its fate depends on what is pending: apply that first, then look again.
+                    queue.push_front(unit);
+                    flush(
+                        sink,
+                        offsets,
+                        &group,
+                        fence,
+                        &mut ready,
+                        &mut queue,
+                        &mut stuck,
+                        &mut report,
+                    )
+                    .await?;
+                    continue;
+                }
+                for e in &unit.events {
+                    if let Some(row) = &e.row {
+                        stuck.entry(row.clone()).or_insert(e.seq);
                     }
-                    applied_n = index;
-                    failed = Some((index, format!("rejected by the sink: {reason}")));
                 }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        let applied: Vec<u64> = events[..applied_n].iter().map(|e| e.seq).collect();
-        offsets.unpark(&group, &applied)?;
-        report.applied.extend(&applied);
-        // Events after the fence are not applied by a retry. Once nothing of the row at or
-        // below the fence is parked any more, they are released: held behind an event that is
-        // no longer parked, they would block the row for good; the engine delivers them again
-        // after the fence (they were parked in crash window 1 of `apply.rs`) and classifies
-        // them afresh.
-        if let Some((at, _)) = failed.as_ref().filter(|(at, _)| events[*at].seq > fence) {
-            let released: Vec<u64> = events[*at..].iter().map(|e| e.seq).collect();
-            offsets.unpark(&group, &released)?;
-            report.released.extend(released);
-            continue;
-        }
-        // The rest stays parked: the first one (at or below the fence) with its new error as
-        // the row's head, the others held behind it.
-        if let Some((at, error)) = failed {
-            let head = events[at].seq;
-            let mut rest: Vec<ParkedEvent> = Vec::new();
-            for (i, e) in events[at..].iter().enumerate() {
-                let mut e = (*e).clone();
-                if i == 0 {
-                    e.error = error.clone();
-                    e.held_behind = None;
-                } else if row.is_some() {
-                    e.held_behind = Some(head);
-                    e.error = format!("held behind parked event {head} of the same row");
+                if let Outcome::Failed {
+                    seq,
+                    error,
+                    held_behind,
+                } = outcome
+                {
+                    let rest = reparked(&unit, seq, &error, held_behind);
+                    offsets.park(&group, &rest)?;
+                    report.still_parked.extend(rest);
+                } else if selected {
+                    report.still_parked.extend(unit.events);
                 }
-                rest.push(e);
             }
-            offsets.park(&group, &rest)?;
-            report.still_parked.extend(rest);
         }
     }
     Ok(report)
 }
 
-/// Removes parked events for good (`parked drop`): those of `rows`, or all when `all`. Their
+/// Changes applied by one sink call of `parked retry`.
+const RETRY_BATCH: usize = 1000;
+
+/// The parked events that are retried together: a transaction's members, or one event.
+#[derive(Debug)]
+struct Unit {
+    events: Vec<ParkedEvent>,
+}
+
+/// What `parked retry` does with one unit.
+enum Outcome {
+    /// Decoded; to be applied.
+    Ready(Vec<Change>),
+    /// After the fence and free: unparked, for the engine to deliver again.
+    Release,
+    /// Not selected: stays as it is (holding its rows).
+    Untouched,
+    /// Stays parked: the member at `seq` fails with `error`.
+    Failed {
+        seq: u64,
+        error: String,
+        held_behind: Option<u64>,
+    },
+}
+
+/// Groups parked events (ascending) into retry units.
+fn units(parked: Vec<ParkedEvent>) -> Vec<Unit> {
+    let mut out: Vec<Unit> = Vec::new();
+    for event in parked {
+        if let (Some(id), Some(last)) = (&event.txn, out.last_mut()) {
+            if last.events.last().and_then(|e| e.txn.as_ref()) == Some(id) {
+                last.events.push(event);
+                continue;
+            }
+        }
+        out.push(Unit {
+            events: vec![event],
+        });
+    }
+    out
+}
+
+/// Decodes every member of `unit`, or names the first that fails.
+fn decode_unit(
+    unit: &Unit,
+    rules: &Rules,
+    prefix: &str,
+    limits: jetsync::codec::DecodeLimits,
+) -> Result<Vec<Change>, (u64, String)> {
+    let mut changes = Vec::with_capacity(unit.events.len());
+    for event in &unit.events {
+        // A table the configuration does not list stays parked.
+        if event.row.as_ref().is_some_and(|r| !rules.syncs(&r.table)) {
+            return Err((event.seq, NOT_SYNCED_HERE.to_owned()));
+        }
+        let raw = RawEvent {
+            seq: event.seq,
+            subject: &event.subject,
+            format: event.format.as_deref(),
+            payload: &event.payload,
+        };
+        match decode(prefix, raw, limits) {
+            Ok(change) => changes.push(change),
+            Err(f) => return Err((event.seq, f.reason().to_owned())),
+        }
+    }
+    Ok(changes)
+}
+
+/// The records of a unit that stays parked because its member `seq` fails with `error`.
+fn reparked(unit: &Unit, seq: u64, error: &str, held_behind: Option<u64>) -> Vec<ParkedEvent> {
+    unit.events
+        .iter()
+        .map(|e| {
+            let mut e = e.clone();
+            if e.seq == seq {
+                e.error = error.to_owned();
+                e.held_behind = held_behind;
+            } else if let Some(id) = &e.txn {
+                e.error = format!("part of transaction {id}, whose member at seq {seq} is parked");
+                e.held_behind = None;
+            }
+            e
+        })
+        .collect()
+}
+
+/// Applies the ready units in one sink transaction (fence unchanged) and unparks them. When the
+/// sink refuses a change, the units before its unit are applied, and its unit and the ones after
+/// it: the refused unit stays parked with the refusal (its rows `stuck`), the ones after it go
+/// back to the front of `queue` to be looked at again.
+#[allow(clippy::too_many_arguments)]
+async fn flush<S: Sink>(
+    sink: &mut S,
+    offsets: &Offsets,
+    group: &str,
+    fence: u64,
+    ready: &mut Vec<(Unit, Vec<Change>)>,
+    queue: &mut VecDeque<Unit>,
+    stuck: &mut HashMap<RowId, u64>,
+    report: &mut RetryReport,
+) -> Result<(), EngineError> {
+    if ready.is_empty() {
+        return Ok(());
+    }
+    let changes: Vec<Change> = ready.iter().flat_map(|(_, c)| c.iter().cloned()).collect();
+    let applied_units = match sink.apply(group, &changes, fence).await {
+        Ok(()) => ready.len(),
+        Err(SinkError::Rejected { index, reason, .. }) if index < changes.len() => {
+            let mut before = 0;
+            let mut failing = 0;
+            for (i, (_, c)) in ready.iter().enumerate() {
+                if index < before + c.len() {
+                    failing = i;
+                    break;
+                }
+                before += c.len();
+            }
+            if failing > 0 {
+                sink.apply(group, &changes[..before], fence).await?;
+            }
+            let mut back: Vec<Unit> = ready.drain(failing..).map(|(u, _)| u).collect();
+            // The refused unit stays parked with the refusal.
+            let refused = back.remove(0);
+            let seq = changes[index].seq;
+            let rest = reparked(
+                &refused,
+                seq,
+                &format!("rejected by the sink: {reason}"),
+                None,
+            );
+            offsets.park(group, &rest)?;
+            for e in &rest {
+                if let Some(row) = &e.row {
+                    stuck.entry(row.clone()).or_insert(e.seq);
+                }
+            }
+            report.still_parked.extend(rest);
+            // Its rows now hold what follows: look at the later units again.
+            for unit in back.into_iter().rev() {
+                queue.push_front(unit);
+            }
+            failing
+        }
+        Err(e) => return Err(e.into()),
+    };
+    for (unit, _) in ready.drain(..applied_units) {
+        let seqs: Vec<u64> = unit.events.iter().map(|e| e.seq).collect();
+        offsets.unpark(group, &seqs)?;
+        report.applied.extend(seqs);
+    }
+    ready.clear();
+    Ok(())
+}
+
+/// Removes parked events for good (`parked drop`): those of `rows` (with every member of their
+/// transactions), or all when `all`. Their
 /// rows are unblocked; what the dropped events would have changed is not applied. Returns the
 /// dropped events. The applier must be stopped.
 pub fn drop_parked(
@@ -217,10 +431,17 @@ pub fn drop_parked(
     let group = &config.stream.name;
     let offsets = Offsets::open(&config.redb_path())?;
     let wanted: BTreeSet<&RowId> = rows.iter().collect();
-    let dropped: Vec<ParkedEvent> = offsets
-        .parked(group)?
+    let parked = offsets.parked(group)?;
+    let chosen = |e: &ParkedEvent| all || e.row.as_ref().is_some_and(|r| wanted.contains(r));
+    // A transaction is dropped whole, like it is applied whole.
+    let txns: BTreeSet<String> = parked
+        .iter()
+        .filter(|e| chosen(e))
+        .filter_map(|e| e.txn.clone())
+        .collect();
+    let dropped: Vec<ParkedEvent> = parked
         .into_iter()
-        .filter(|e| all || e.row.as_ref().is_some_and(|r| wanted.contains(r)))
+        .filter(|e| chosen(e) || e.txn.as_ref().is_some_and(|t| txns.contains(t)))
         .collect();
     let seqs: Vec<u64> = dropped.iter().map(|e| e.seq).collect();
     offsets.unpark(group, &seqs)?;
@@ -328,6 +549,75 @@ mod tests {
                 .copied()
                 .collect::<Vec<_>>(),
             [4]
+        );
+    }
+
+    fn member(seq: u64, key: &str, body: &str, txn: &str) -> ParkedEvent {
+        ParkedEvent {
+            subject: format!("g.items.{key}"),
+            row: Some(format!("items/{key}").parse().unwrap()),
+            txn: Some(txn.into()),
+            ..parked(seq, body, None)
+        }
+    }
+
+    /// A parked transaction is retried whole: nothing of it while one member still fails (and
+    /// the rows it touches hold their later events), all of it in one go once every member
+    /// applies.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_parked_transaction_is_retried_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config();
+        let offsets = Offsets::open(&dir.path().join("o.redb")).unwrap();
+        let mut sink = RedbSink::open(RedbOptions::new(dir.path().join("r.redb"))).unwrap();
+        let replica = sink.replica();
+        sink.apply("G", &[], 9).await.unwrap();
+        // Transaction T: a@3, b@4 (b undecodable); then b@6 alone, held behind it.
+        let held = ParkedEvent {
+            held_behind: Some(4),
+            ..member(6, "b", &upsert(6), "x")
+        };
+        let held = ParkedEvent { txn: None, ..held };
+        offsets
+            .park(
+                "G",
+                &[
+                    member(3, "a", &upsert(3), "T"),
+                    member(4, "b", "not json", "T"),
+                    held.clone(),
+                ],
+            )
+            .unwrap();
+        let report = retry_rows(&config, &mut sink, &offsets, 9, &[])
+            .await
+            .unwrap();
+        assert!(report.applied.is_empty(), "{report:?}");
+        assert!(replica.get("items", "a").unwrap().is_none());
+        let left = offsets.parked("G").unwrap();
+        assert_eq!(left.len(), 3);
+        assert!(
+            left[0].error.contains("part of transaction T"),
+            "{}",
+            left[0].error
+        );
+        assert_eq!((left[2].seq, left[2].held_behind), (6, Some(4)));
+
+        // Fixed: the whole transaction, then the held event.
+        offsets
+            .park("G", &[member(4, "b", &upsert(4), "T")])
+            .unwrap();
+        let report = retry_rows(&config, &mut sink, &offsets, 9, &[])
+            .await
+            .unwrap();
+        assert_eq!(report.applied, [3, 4, 6]);
+        assert!(offsets.parked("G").unwrap().is_empty());
+        assert_eq!(
+            replica.get("items", "a").unwrap().unwrap()["v"],
+            jetsync::Value::I64(3)
+        );
+        assert_eq!(
+            replica.get("items", "b").unwrap().unwrap()["v"],
+            jetsync::Value::I64(6)
         );
     }
 }

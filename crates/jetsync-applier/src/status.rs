@@ -53,6 +53,10 @@ pub struct GroupStatus {
     pub consumer: Option<ConsumerStatus>,
     /// Parked events.
     pub parked: u64,
+    /// Transactions (atomic batches) applied over the instance's life.
+    pub transactions_applied: u64,
+    /// Transactions parked whole (one of their members could not be applied).
+    pub parked_transactions: u64,
     /// Why the NATS half is missing, when it is.
     pub nats_error: Option<String>,
 }
@@ -95,6 +99,12 @@ impl StatusReport {
                 opt(g.lag),
                 g.parked
             );
+            if g.transactions_applied > 0 || g.parked_transactions > 0 {
+                out += &format!(
+                    "  transactions: {} applied, {} parked whole\n",
+                    g.transactions_applied, g.parked_transactions
+                );
+            }
             match &g.consumer {
                 Some(c) => {
                     out += &format!(
@@ -162,6 +172,7 @@ async fn collect(config: &Config, remote: Remote<'_>) -> Result<StatusReport, Of
             applied: 0,
             applied_events: 0,
             parked: 0,
+            transactions_applied: 0,
         },
         Err(e) => return Err(e),
     };
@@ -174,8 +185,20 @@ async fn collect(config: &Config, remote: Remote<'_>) -> Result<StatusReport, Of
         lag: None,
         consumer: None,
         parked: checkpoint.parked,
+        transactions_applied: checkpoint.transactions_applied,
+        parked_transactions: 0,
         nats_error: None,
     };
+    if checkpoint.parked > 0 {
+        // Only read when something is parked: the transaction ids are in the parked bodies.
+        let (path, name) = (config.redb_path(), group.clone());
+        let parked = tokio::task::spawn_blocking(move || crate::read_parked(&path, &name)).await;
+        if let Ok(Ok(events)) = parked {
+            let txns: std::collections::BTreeSet<String> =
+                events.into_iter().filter_map(|e| e.txn).collect();
+            g.parked_transactions = txns.len() as u64;
+        }
+    }
     let client = match remote {
         Remote::Connect => None,
         Remote::Use(client) => Some(client.clone()),
@@ -263,6 +286,8 @@ mod tests {
                     num_ack_pending: 0,
                 }),
                 parked: 0,
+                transactions_applied: 2,
+                parked_transactions: 0,
                 nats_error: nats_error.map(str::to_owned),
             }],
         }
@@ -292,6 +317,8 @@ mod tests {
                         "num_ack_pending": 0
                     },
                     "parked": 0,
+                    "transactions_applied": 2,
+                    "parked_transactions": 0,
                     "nats_error": null
                 }]
             })
@@ -304,13 +331,13 @@ mod tests {
     fn text_rendering() {
         assert_eq!(
             report(None).to_text(),
-            "instance i1\nstream S: applied seq 7 (9 events applied), stream seq 1..10, lag 3, parked 0\n  consumer jetsync_i1: delivered 7, ack floor 7, pending 3, awaiting ack 0"
+            "instance i1\nstream S: applied seq 7 (9 events applied), stream seq 1..10, lag 3, parked 0\n  transactions: 2 applied, 0 parked whole\n  consumer jetsync_i1: delivered 7, ack floor 7, pending 3, awaiting ack 0"
         );
         let mut down = report(Some("connection refused"));
         down.groups[0].consumer = None;
         assert!(
             down.to_text()
-                .ends_with("parked 0\n  NATS: connection refused"),
+                .ends_with("parked whole\n  NATS: connection refused"),
             "{}",
             down.to_text()
         );

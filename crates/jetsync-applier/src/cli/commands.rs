@@ -490,6 +490,22 @@ async fn tail(
                     .map(|ev| (t, k, ev))
                     .map_err(|e| e.to_string())
             });
+        // A member of a transaction (an atomic batch) says so.
+        let member = jetsync::transaction::Membership::of(message.headers.as_ref());
+        let txn = member.as_ref().map(
+            |m| serde_json::json!({"id": m.batch_id, "sequence": m.sequence, "commit": m.commit}),
+        );
+        let txn_text = member
+            .as_ref()
+            .map(|m| {
+                format!(
+                    "  txn {} #{}{}",
+                    escape_text(&m.batch_id),
+                    m.sequence,
+                    if m.commit { " commit" } else { "" }
+                )
+            })
+            .unwrap_or_default();
         let line = match &decoded {
             Ok((t, k, ev)) => serde_json::json!({
                 "seq": seq,
@@ -498,8 +514,9 @@ async fn tail(
                 "op": match ev.op() { jetsync::Op::Upsert => "upsert", jetsync::Op::Delete => "delete" },
                 "row": ev.row().map(jetsync::row_to_json),
                 "origin": ev.origin,
+                "txn": txn,
             }),
-            Err(e) => serde_json::json!({"seq": seq, "subject": subject, "error": e}),
+            Err(e) => serde_json::json!({"seq": seq, "subject": subject, "error": e, "txn": txn}),
         };
         if json {
             println!("{line}");
@@ -507,7 +524,7 @@ async fn tail(
             match decoded {
                 // Everything but the sequence comes from the event: escaped for the terminal.
                 Ok((t, k, ev)) => println!(
-                    "{seq:>8} {:<6} {}/{} {}",
+                    "{seq:>8} {:<6} {}/{} {}{txn_text}",
                     match ev.op() {
                         jetsync::Op::Upsert => "upsert",
                         jetsync::Op::Delete => "delete",
@@ -521,7 +538,7 @@ async fn tail(
                     )
                 ),
                 Err(e) => println!(
-                    "{seq:>8} POISON {}: {}",
+                    "{seq:>8} POISON {}: {}{txn_text}",
                     escape_text(&subject),
                     escape_text(&e)
                 ),
@@ -604,6 +621,7 @@ fn parked_json(e: &jetsync_applier::ParkedEvent) -> serde_json::Value {
         "msg_id": e.msg_id,
         "error": e.error,
         "held_behind": e.held_behind,
+        "txn": e.txn,
         "parked_at_ms": e.parked_at_ms,
         "payload_base64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &e.payload),
     })
@@ -621,8 +639,13 @@ fn parked_text(events: &[jetsync_applier::ParkedEvent]) -> String {
             .as_ref()
             .map(|r| r.to_string())
             .unwrap_or_else(|| format!("(no row) {}", e.subject));
+        let txn = e
+            .txn
+            .as_ref()
+            .map(|t| format!("  [txn {}]", escape_text(t)))
+            .unwrap_or_default();
         out.push_str(&format!(
-            "{:>10}  {}  {}\n",
+            "{:>10}  {}  {}{txn}\n",
             e.seq,
             escape_text(&row),
             escape_text(&e.error)
@@ -636,11 +659,24 @@ fn parked_text(events: &[jetsync_applier::ParkedEvent]) -> String {
         }
     }
     let held = events.iter().filter(|e| e.held_behind.is_some()).count();
+    let txns: std::collections::BTreeSet<&str> =
+        events.iter().filter_map(|e| e.txn.as_deref()).collect();
     out.push_str(&format!(
         "{} parked ({} poison, {held} held behind them)",
         events.len(),
         events.len() - held
     ));
+    if !txns.is_empty() {
+        out.push_str(&format!(
+            "; {} {} parked whole",
+            txns.len(),
+            if txns.len() == 1 {
+                "transaction"
+            } else {
+                "transactions"
+            }
+        ));
+    }
     out
 }
 
