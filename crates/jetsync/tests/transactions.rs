@@ -646,3 +646,72 @@ async fn unanswered_commit_times_out_and_recommits_once() -> Result<()> {
     assert_eq!(stream_state(&client).await?, (5, committed.seq));
     Ok(())
 }
+
+/// 11. A member the NATS user may not publish fails the commit with `PermissionDenied` naming
+/// its subject (first member: after one timeout; a middle member: the batch is incomplete), and
+/// nothing is stored.
+#[tokio::test]
+async fn denied_member_is_permission_denied() -> Result<()> {
+    if !has_transactions("denied_member_is_permission_denied")? {
+        return Ok(());
+    }
+    let server = NatsServer::builder()
+        .extra_config(
+            r#"authorization {
+  users: [
+    { user: admin, password: admin-pw }
+    { user: writer, password: writer-pw, permissions: {
+        publish: { allow: ["$JS.API.>", "catalog.orders.>"] },
+        subscribe: { allow: ["_INBOX.>"] } } }
+  ]
+}"#,
+        )
+        .start()?;
+    let config = |user: &str, password: &str| {
+        let mut config = jetsync::Config {
+            instance: "test-1".into(),
+            stream: stream_config(true),
+            ..jetsync::Config::default()
+        };
+        config.nats.url = server.url();
+        config.nats.user = Some(user.into());
+        config.nats.password = Some(jetsync::Secret::new(password));
+        config.nats.request_timeout_ms = 1_000;
+        config
+    };
+    let admin = Client::connect(&config("admin", "admin-pw")).await?;
+    admin.provision().await?;
+    let writer = Client::connect(&config("writer", "writer-pw")).await?;
+    let orders = writer.rows("orders")?;
+    let products = writer.rows("products")?;
+
+    for denied_first in [true, false] {
+        let mut tx = writer.transaction();
+        if denied_first {
+            tx.upsert(&products, "A-1", &order(1))?
+                .upsert(&orders, "o-1", &order(1))?;
+        } else {
+            tx.upsert(&orders, "o-1", &order(1))?
+                .upsert(&products, "A-1", &order(1))?
+                .upsert(&orders, "o-2", &order(2))?;
+        }
+        match tx.commit().await {
+            Err(Error::PermissionDenied { operation, subject }) => {
+                assert_eq!(
+                    (operation, subject.as_str()),
+                    ("publish", "catalog.products.A-1")
+                );
+            }
+            other => panic!(
+                "denied member (first: {denied_first}): expected PermissionDenied, got {other:?}"
+            ),
+        }
+        assert_eq!(stream_state(&admin).await?, (0, 0), "nothing stored");
+    }
+    // The same user's allowed transaction goes through.
+    let mut tx = writer.transaction();
+    tx.upsert(&orders, "o-1", &order(1))?
+        .upsert(&orders, "o-2", &order(2))?;
+    assert_eq!(tx.commit().await?.count, 2);
+    Ok(())
+}

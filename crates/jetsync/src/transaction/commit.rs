@@ -120,14 +120,26 @@ impl Transaction {
         self.check_sizes()?;
         let started = Instant::now();
         let budget = inner.timeout * ATTEMPTS;
+        let violations = connect::violations(&inner.nats);
+        let subjects: HashSet<&str> = members.iter().map(|m| m.subject.as_str()).collect();
         let mut attempt = 0;
         loop {
             attempt += 1;
             let batch_id = nuid::next().to_string();
+            // Remembered before sending: only violations reported after it count.
+            let mark = violations.as_ref().map(|v| v.mark());
             match self.attempt(&batch_id).await {
                 Ok(committed) => return Ok(committed),
                 Err(Failure::Fatal(e)) => return Err(e),
                 Err(Failure::Retry { reason, back_off }) => {
+                    // The server drops a denied publish and says so only on the connection: a
+                    // denied first or commit member times out, a denied middle one leaves the
+                    // batch incomplete.
+                    if let (Some(violations), Some(mark)) = (&violations, mark) {
+                        if let Some(denied) = violations.since(mark, &|s| subjects.contains(s)) {
+                            return Err(denied.into_error("publish"));
+                        }
+                    }
                     tracing::debug!(
                         transaction = %self.id(),
                         batch = %batch_id,
@@ -215,8 +227,6 @@ impl Transaction {
         let inner = self.client().inner();
         let members = self.members();
         let count = members.len();
-        let violations = connect::violations(&inner.nats);
-        let mark = violations.as_ref().map(|v| v.mark());
         for (i, member) in members.iter().enumerate() {
             let index = i + 1;
             let last = index == count;
@@ -234,18 +244,7 @@ impl Transaction {
             }
             let message = match self.request(member, headers).await {
                 Ok(message) => message,
-                Err(kind) => {
-                    if let (Some(violations), Some(mark)) = (&violations, mark) {
-                        // A denied publish is dropped by the server and reported only on the
-                        // connection: the request then times out.
-                        let subjects: HashSet<&str> =
-                            members.iter().map(|m| m.subject.as_str()).collect();
-                        if let Some(denied) = violations.since(mark, &|s| subjects.contains(s)) {
-                            return Err(Failure::Fatal(denied.into_error("publish")));
-                        }
-                    }
-                    return Err(self.request_failure(kind, index).await);
-                }
+                Err(kind) => return Err(self.request_failure(kind, index).await),
             };
             if let Some(status) = message.status.filter(|s| !s.is_success()) {
                 return Err(Failure::retry(format!(
