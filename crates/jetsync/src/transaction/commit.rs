@@ -97,6 +97,9 @@ impl Transaction {
     /// - A server older than 2.12.1, or a stream without atomic publish (set
     ///   `stream.transactions = true` and provision): [`Error::Unsupported`], nothing stored.
     /// - A failed compare-and-set: [`Error::Conflict`], nothing stored.
+    /// - No stream: [`Error::StreamNotFound`]. A member the NATS user may not publish:
+    ///   [`Error::PermissionDenied`] naming its subject, nothing stored (on connections made by
+    ///   [`Client::connect`](crate::Client::connect); elsewhere [`Error::Timeout`]).
     /// - A lost batch (timeout, leader change) is sent again whole, up to 3 attempts within 3
     ///   client timeouts, then [`Error::Timeout`]: the outcome is then unknown; call `commit`
     ///   again (same transaction) and it is stored at most once.
@@ -145,7 +148,7 @@ impl Transaction {
                         batch = %batch_id,
                         attempt,
                         %reason,
-                        "transaction attempt failed, nothing of it stored; sending it again"
+                        "transaction attempt failed; sending it again whole (were it stored, the next attempt is a duplicate)"
                     );
                     if attempt >= ATTEMPTS || started.elapsed() >= budget {
                         tracing::warn!(
