@@ -178,8 +178,11 @@ async fn main() -> anyhow::Result<()> {
 
     let behind = jetsync_applier::read_checkpoint(&configs[2].redb_path(), STREAM)?.applied;
     println!(
-        "⑦ instance 3 restarts at seq {behind}, {} events behind",
-        last - behind
+        "⑦ instance 3 restarts at seq {behind}, {} behind",
+        match last - behind {
+            1 => "1 event".to_owned(),
+            n => format!("{n} events"),
+        }
     );
     let t = std::time::Instant::now();
     appliers[2] = Some(start_applier(&configs[2])?);

@@ -44,11 +44,16 @@ async fn main() -> anyhow::Result<()> {
         ..chair.clone()
     };
     let second = products.upsert_if("A-1", &cheaper, current.seq).await?;
+    println!(
+        "compare-and-set against seq {} stored seq {}",
+        current.seq, second.seq
+    );
+    // The same compare-and-set again is now stale: the row moved on to `second.seq`.
     match products.upsert_if("A-1", &chair, current.seq).await {
         Err(Error::Conflict { current_seq }) => {
             println!(
-                "stale write refused: the row is at seq {current_seq} (we wrote {})",
-                second.seq
+                "stale write refused: it expected the row at seq {} (read earlier), found seq {current_seq}",
+                current.seq
             )
         }
         other => anyhow::bail!("expected a conflict, got {other:?}"),

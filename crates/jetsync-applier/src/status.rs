@@ -90,10 +90,14 @@ impl StatusReport {
         let mut out = format!("instance {}\n", self.instance);
         for g in &self.groups {
             out += &format!(
-                "stream {}: applied seq {} ({} events applied), stream seq {}..{}, lag {}, parked {}\n",
+                "stream {}: applied seq {} ({} applied), stream seq {}..{}, lag {}, parked {}\n",
                 g.stream,
                 g.applied_seq,
-                g.applied_events,
+                if g.applied_events == 1 {
+                    "1 event".to_owned()
+                } else {
+                    format!("{} events", g.applied_events)
+                },
                 opt(g.stream_first_seq),
                 opt(g.stream_last_seq),
                 opt(g.lag),
@@ -219,7 +223,16 @@ async fn collect(config: &Config, remote: Remote<'_>) -> Result<StatusReport, Of
         let mut stream = js
             .get_stream(&group)
             .await
-            .map_err(|e| anyhow!("stream {group}: {e}"))?;
+            .map_err(|e| match e.kind() {
+                jetstream::context::GetStreamErrorKind::JetStream(j) if j.error_code().0 == 10059 => {
+                    if config.stream.provision {
+                        anyhow!("stream {group} does not exist yet: the first `run`, `publish`, `tail` or `provision` creates it (stream.provision = true)")
+                    } else {
+                        anyhow!("stream {group} does not exist: create it, or set stream.provision = true to let jetsync create it")
+                    }
+                }
+                _ => anyhow!("stream {group}: {e}"),
+            })?;
         let info = stream.info().await?.clone();
         let consumer = match stream.consumer_info(config.consumer_name()).await {
             Ok(c) => Some(c),

@@ -10,7 +10,7 @@ use jetsync_applier::{
 };
 
 use super::{
-    output::{emit, escape_bytes, escape_text},
+    output::{count, emit, escape_bytes, escape_text},
     Cli, Command, Failure, ParkedAction,
 };
 
@@ -263,12 +263,18 @@ async fn connect(config: &Config) -> Result<jetsync::Client, Failure> {
         .map_err(Failure::runtime)
 }
 
-/// Connects and, with `stream.provision = false`, checks that the existing stream can back
-/// the sync group (exit 2 naming `stream.provision` when it cannot): for the commands that
-/// read or write the stream.
+/// Connects and makes sure the stream is there, as `run` does: with `stream.provision = true`
+/// (the default) it is created or updated, so that `publish` or `tail` work as a first
+/// command; with `false` the existing stream is checked (exit 2 naming `stream.provision` when
+/// it cannot back the sync group). For the commands that read or write the stream.
 async fn connect_checked(config: &Config) -> Result<jetsync::Client, Failure> {
     let client = connect(config).await?;
-    if !config.stream.provision {
+    if config.stream.provision {
+        client.provision().await.map_err(|e| match e {
+            jetsync::Error::Config(_) => Failure::usage(e),
+            e => Failure::runtime(e),
+        })?;
+    } else {
         check_stream(&client, config).await?;
     }
     Ok(client)
@@ -601,9 +607,9 @@ async fn resync(config: &Config, json: bool) -> Result<(), Failure> {
     });
     emit(json, &report, |_| {
         format!(
-            "resync of {}: tables rebuilt from {} events, applied seq {} ({:.1} s)",
+            "resync of {}: tables rebuilt from {}, applied seq {} ({:.1} s)",
             config.stream.name,
-            done.events,
+            count(done.events, "event", "events"),
             done.applied_seq,
             started.elapsed().as_secs_f64()
         )
@@ -708,7 +714,10 @@ async fn parked_retry(
         "fence": report.fence,
     });
     emit(json, &value, |_| {
-        let mut text = format!("applied {} parked events", report.applied.len());
+        let mut text = format!(
+            "applied {}",
+            count(report.applied.len() as u64, "parked event", "parked events")
+        );
         if !report.still_parked.is_empty() {
             text.push_str(&format!(
                 "; still parked:\n{}",
@@ -721,8 +730,8 @@ async fn parked_retry(
         Ok(())
     } else {
         Err(Failure::runtime(anyhow!(
-            "{} events are still parked (see above)",
-            report.still_parked.len()
+            "{} still parked (see above)",
+            count(report.still_parked.len() as u64, "event is", "events are")
         )))
     }
 }
@@ -737,7 +746,10 @@ fn parked_drop(
     let dropped = jetsync_applier::drop_parked(config, rows, all).map_err(Failure::runtime)?;
     let list: Vec<serde_json::Value> = dropped.iter().map(parked_json).collect();
     emit(json, &list, |_| {
-        format!("dropped {} parked events", dropped.len())
+        format!(
+            "dropped {}",
+            count(dropped.len() as u64, "parked event", "parked events")
+        )
     });
     Ok(())
 }

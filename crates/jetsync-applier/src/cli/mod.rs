@@ -9,9 +9,21 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand};
 
+/// What `--version` prints: the version and the wire format this build reads and writes.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (wire format v1: postcard/1, json/1; transactions with nats-server 2.12.1+)"
+);
+
 /// Keep every instance's database in sync through NATS JetStream.
 #[derive(Debug, Parser)]
-#[command(name = "jetsync-applier", version, about, propagate_version = true)]
+#[command(
+    name = "jetsync-applier",
+    version = VERSION,
+    about,
+    propagate_version = true,
+    after_help = "Examples:\n  jetsync-applier --config jetsync.toml run\n  jetsync-applier --config jetsync.toml status"
+)]
 pub(crate) struct Cli {
     #[command(flatten)]
     pub global: Global,
@@ -39,26 +51,41 @@ pub(crate) struct Output {
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
     /// Run the applier until SIGINT/SIGTERM (finishes the batch in hand, then exits 0).
+    #[command(
+        after_help = "Examples:\n  jetsync-applier --config jetsync.toml run\n  JETSYNC_NATS__URL=nats://10.0.0.5:4222 jetsync-applier -c jetsync.toml run"
+    )]
     Run {
         #[command(flatten)]
         out: Output,
     },
     /// Applied sequence, stream position, lag and consumer state (works while `run` runs).
+    #[command(
+        after_help = "Examples:\n  jetsync-applier --config jetsync.toml status\n  jetsync-applier --config jetsync.toml status --json"
+    )]
     Status {
         #[command(flatten)]
         out: Output,
     },
     /// Create or update the sync group's stream.
+    #[command(
+        after_help = "Examples:\n  jetsync-applier --config jetsync.toml provision\n  jetsync-applier --config jetsync.toml provision --json"
+    )]
     Provision {
         #[command(flatten)]
         out: Output,
     },
     /// Per-table row count and order-independent hash, plus the applied sequence.
+    #[command(
+        after_help = "Examples:\n  jetsync-applier --config catalog-1.toml digest\n  jetsync-applier --config catalog-2.toml digest --json   # equal at equal applied_seq = converged"
+    )]
     Digest {
         #[command(flatten)]
         out: Output,
     },
     /// Set the applied sequence (the applier must be stopped); the next run resumes at N + 1.
+    #[command(
+        after_help = "Examples:\n  jetsync-applier --config jetsync.toml reset --to-seq 0      # replay everything the stream holds\n  jetsync-applier --config jetsync.toml reset --to-seq 1200"
+    )]
     Reset {
         /// The new applied sequence.
         #[arg(long = "to-seq", value_name = "N")]
@@ -68,16 +95,25 @@ pub(crate) enum Command {
     },
     /// Rebuild the synced tables from a snapshot of the stream, in one transaction (the applier
     /// must be stopped). Progress is shown on a terminal.
+    #[command(
+        after_help = "Examples:\n  jetsync-applier --config jetsync.toml resync\n  jetsync-applier --config jetsync.toml resync --json"
+    )]
     Resync {
         #[command(flatten)]
         out: Output,
     },
     /// Inspect and resolve parked (poison) events.
+    #[command(
+        after_help = "Examples:\n  jetsync-applier --config jetsync.toml parked list\n  jetsync-applier --config jetsync.toml parked retry --row products/A-1"
+    )]
     Parked {
         #[command(subcommand)]
         action: ParkedAction,
     },
     /// Publish one row change.
+    #[command(
+        after_help = "Examples:\n  jetsync-applier --config jetsync.toml publish --table products --key A-1 --json '{\"sku\":\"A-1\",\"price\":12.5}'\n  jetsync-applier --config jetsync.toml publish --table products --key A-1 --delete"
+    )]
     Publish {
         /// Table name.
         #[arg(long)]
@@ -104,6 +140,9 @@ pub(crate) enum Command {
         json_output: bool,
     },
     /// Print events as they arrive.
+    #[command(
+        after_help = "Examples:\n  jetsync-applier --config jetsync.toml tail\n  jetsync-applier --config jetsync.toml tail --all --count 10 --table products --json"
+    )]
     Tail {
         /// Only this table.
         #[arg(long)]
@@ -124,12 +163,18 @@ pub(crate) enum Command {
 #[derive(Debug, Subcommand)]
 pub(crate) enum ParkedAction {
     /// List parked events (works while `run` runs).
+    #[command(
+        after_help = "Examples:\n  jetsync-applier --config jetsync.toml parked list\n  jetsync-applier --config jetsync.toml parked list --json"
+    )]
     List {
         #[command(flatten)]
         out: Output,
     },
-    /// Apply parked events again, oldest first per row, after fixing their cause (the applier
-    /// must be stopped).
+    /// Apply parked events again, oldest first per row and a transaction whole, after fixing
+    /// their cause (the applier must be stopped).
+    #[command(
+        after_help = "Examples:\n  jetsync-applier --config jetsync.toml parked retry\n  jetsync-applier --config jetsync.toml parked retry --row products/A-1 --row orders/o-17"
+    )]
     Retry {
         /// Only this row, as TABLE/KEY (repeatable); default: every row.
         #[arg(long = "row", value_name = "TABLE/KEY")]
@@ -138,6 +183,9 @@ pub(crate) enum ParkedAction {
         out: Output,
     },
     /// Discard parked events for good (the applier must be stopped).
+    #[command(
+        after_help = "Examples:\n  jetsync-applier --config jetsync.toml parked drop --row products/A-1\n  jetsync-applier --config jetsync.toml parked drop --all"
+    )]
     Drop {
         /// The rows whose parked events to discard, as TABLE/KEY (repeatable).
         #[arg(
@@ -224,5 +272,33 @@ pub(crate) fn main() -> ExitCode {
             }
             ExitCode::from(failure.code)
         }
+    }
+}
+
+#[cfg(test)]
+mod help_tests {
+    use clap::CommandFactory;
+
+    /// Every command's `--help` ends with real examples, and `--version` names the wire format.
+    #[test]
+    fn every_command_has_examples() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name());
+            let help = cmd
+                .get_after_help()
+                .map(|h| h.to_string())
+                .unwrap_or_default();
+            if !help.starts_with("Examples:") || !help.contains("jetsync-applier ") {
+                missing.push(path.clone());
+            }
+            for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "", &mut missing);
+        assert!(missing.is_empty(), "no examples in the help of {missing:?}");
+        let version = super::Cli::command().render_version();
+        assert!(version.contains("wire format v1"), "{version}");
     }
 }

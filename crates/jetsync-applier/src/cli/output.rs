@@ -3,6 +3,12 @@
 use serde::Serialize;
 
 /// Prints `value` as pretty JSON when `json`, else the text `render` produces.
+/// `n` with its noun in the right number: `1 event`, `2 events`.
+pub(crate) fn count(n: impl Into<u64>, one: &str, many: &str) -> String {
+    let n = n.into();
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 pub(crate) fn emit<T: Serialize>(json: bool, value: &T, render: impl FnOnce(&T) -> String) {
     if json {
         match serde_json::to_string_pretty(value) {
@@ -91,5 +97,15 @@ mod tests {
         assert_eq!(escape_bytes(b"ok\xff\xfe\x1b!", 100), "ok\\xff\\xfe\\x1b!");
         assert_eq!(escape_bytes(b"abcdef", 3), "abc…");
         assert_eq!(escape_bytes("é\u{7}".as_bytes(), 1), "é…");
+    }
+}
+
+#[cfg(test)]
+mod count_tests {
+    #[test]
+    fn plural_forms() {
+        assert_eq!(super::count(1u64, "event", "events"), "1 event");
+        assert_eq!(super::count(0u64, "event", "events"), "0 events");
+        assert_eq!(super::count(2u64, "event", "events"), "2 events");
     }
 }
