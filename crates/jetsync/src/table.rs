@@ -150,7 +150,7 @@ impl<T> Table<T> {
         options: WriteOptions,
     ) -> Result<Published, Error> {
         let change = Change::Upsert((self.to_row)(row)?);
-        self.send(key, change, &options).await?.resolve().await
+        self.write(key, change, options).await
     }
 
     /// Publishes a tombstone for row `key` (deletes are events, never purges).
@@ -160,10 +160,42 @@ impl<T> Table<T> {
 
     /// [`Table::delete`] with explicit options (message id, compare-and-set).
     pub async fn delete_with(&self, key: &str, options: WriteOptions) -> Result<Published, Error> {
-        self.send(key, Change::Delete, &options)
+        self.write(key, Change::Delete, options).await
+    }
+
+    /// Publishes one change and waits for its acknowledgement. A first write to a sync group
+    /// whose stream does not exist yet provisions it when the configuration allows
+    /// (`stream.provision = true`, the default, as `run` does) and is sent again with the same
+    /// message id; with `stream.provision = false` it fails with [`Error::StreamNotFound`].
+    async fn write(
+        &self,
+        key: &str,
+        change: Change,
+        mut options: WriteOptions,
+    ) -> Result<Published, Error> {
+        // One id for both attempts: nothing was stored by the first (no stream), but a retry
+        // with the same id is harmless either way.
+        let msg_id = options
+            .msg_id
+            .get_or_insert_with(|| nuid::next().to_string())
+            .clone();
+        match self
+            .send(key, change.clone(), &options)
             .await?
             .resolve()
             .await
+        {
+            Err(Error::StreamNotFound { .. }) if self.client.inner().stream.provision => {
+                tracing::info!(
+                    stream = %self.client.inner().stream.name,
+                    "stream not found: provisioning it (stream.provision = true)"
+                );
+                self.client.provision().await?;
+                options.msg_id = Some(msg_id);
+                self.send(key, change, &options).await?.resolve().await
+            }
+            other => other,
+        }
     }
 
     /// Creates row `key` only if it has never been written; otherwise [`Error::Conflict`].

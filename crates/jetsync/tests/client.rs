@@ -466,12 +466,20 @@ async fn provision_is_idempotent_and_detects_conflicts() -> Result<()> {
     // No stream at all: the server has no responder for the subject. (2.9 servers do not
     // answer a direct get for a missing stream; the client then asks the stream API, after the
     // timeout, which is short here to keep the test fast.)
-    let client = Client::builder(nats.clone(), stream_config(), "test-1")
+    // With `stream.provision = false` a write does not create it.
+    let unprovisioned = StreamConfig {
+        provision: false,
+        ..stream_config()
+    };
+    let client = Client::builder(nats.clone(), unprovisioned, "test-1")
         .timeout(Duration::from_secs(2))
         .build()?;
     let products = client.table::<Product>("products")?;
     match products.upsert("A-1", &product("A-1", 1)).await {
-        Err(Error::StreamNotFound { stream }) => assert_eq!(stream, STREAM),
+        Err(e @ Error::StreamNotFound { .. }) => {
+            assert!(matches!(&e, Error::StreamNotFound { stream } if stream == STREAM));
+            assert!(e.to_string().contains("stream.provision = true"), "{e}");
+        }
         other => panic!("publish without a stream: expected StreamNotFound, got {other:?}"),
     }
     match products.get("A-1").await {
@@ -840,5 +848,24 @@ async fn get_of_a_malformed_stored_message_is_a_typed_error() -> Result<()> {
     assert_eq!(products.get("B-2").await?.map(|c| c.seq), Some(good.seq));
     let fixed = products.upsert("A-1", &product("A-1", 1)).await?;
     assert_eq!(products.get("A-1").await?.map(|c| c.seq), Some(fixed.seq));
+    Ok(())
+}
+
+/// A first write to a sync group whose stream does not exist yet creates it when
+/// `stream.provision = true` (the default), as `run` does, and is stored once.
+#[tokio::test]
+async fn a_first_write_provisions_the_stream() -> Result<()> {
+    let server = NatsServer::start()?;
+    let nats = async_nats::connect(server.url()).await?;
+    let client = Client::builder(nats.clone(), stream_config(), "test-1")
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let products = client.table::<Product>("products")?;
+    let published = products.upsert("A-1", &product("A-1", 1)).await?;
+    assert_eq!(published.seq, 1);
+    let js = async_nats::jetstream::new(nats);
+    let info = js.get_stream(STREAM).await?.info().await?.clone();
+    assert_eq!(info.state.messages, 1);
+    assert_eq!(client.provision().await?, Provisioned::Unchanged);
     Ok(())
 }
