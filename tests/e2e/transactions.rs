@@ -719,6 +719,11 @@ async fn bank(plan: BankPlan) -> Result<()> {
         .collect();
     let progress = Arc::new(Progress::default());
     progress.last_seq.store(created.seq, Ordering::Relaxed);
+    // The three first instances apply the accounts before the chaos starts, so that the stopped
+    // one replays when it comes back; the fourth is the one that joins from a snapshot.
+    for i in &mut instances[..3] {
+        i.wait_applied(stream, created.seq, CATCH_UP)?;
+    }
 
     // The monitor: the lowest applied sequence over the instances that count (the three
     // first, the stopped one included, the fourth once started) and the replica.
@@ -1626,6 +1631,11 @@ fn compacted_transaction_members() -> Result<()> {
         eprintln!(
             "compacted_transaction_members: the replaying instance caught up in {:?}",
             replay_started.elapsed()
+        );
+        ensure!(
+            !replay.log().contains("without a commit"),
+            "the replaying instance waited for a commit instead of completing the transaction at the next message:\n{}",
+            replay.log()
         );
         let mut fresh = tx_instance(&group, root.path(), "fresh", 1)?;
         fresh.start()?;
