@@ -338,6 +338,8 @@ struct Progress {
     transfers: AtomicU64,
     /// Set once the publishers are done (or failed): the monitor and readers stop after.
     stop: AtomicBool,
+    /// Set by a publisher that failed.
+    failed: AtomicBool,
 }
 
 /// What one reader thread saw.
@@ -759,14 +761,22 @@ async fn bank(plan: BankPlan) -> Result<()> {
     let per_publisher = plan.transfers / 2;
     let publishers: Vec<_> = (0..2)
         .map(|p| {
-            tokio::spawn(publisher(
+            let progress = progress.clone();
+            let run = publisher(
                 group.clone(),
                 format!("bank-pub-{p}"),
                 per_publisher,
                 rng.gen(),
                 start.clone(),
                 progress.clone(),
-            ))
+            );
+            tokio::spawn(async move {
+                let result = run.await;
+                if result.is_err() {
+                    progress.failed.store(true, Ordering::Relaxed);
+                }
+                result
+            })
         })
         .collect();
 
@@ -785,9 +795,7 @@ async fn bank(plan: BankPlan) -> Result<()> {
             );
             ensure!(Instant::now() < deadline, "the bank still runs after 400 s");
             tokio::time::sleep(Duration::from_millis(rng.gen_range(BANK_KILL_DELAY_MS))).await;
-            if publishers.iter().any(|p| p.is_finished())
-                && progress.transfers.load(Ordering::Relaxed) < plan.transfers as u64
-            {
+            if progress.failed.load(Ordering::Relaxed) {
                 // A publisher failed: stop and report it below.
                 break;
             }
@@ -875,6 +883,11 @@ async fn bank(plan: BankPlan) -> Result<()> {
     if let Some(e) = publish_error {
         return Err(e.context("a publisher failed"));
     }
+    ensure!(
+        total_kills >= plan.min_kills,
+        "only {total_kills} SIGKILLs, want {}",
+        plan.min_kills
+    );
     if !restarted {
         instances[2].start()?;
     }
