@@ -769,6 +769,9 @@ async fn stretch(
     let first_seq = batch[open].stream_seq;
     let mut bytes: usize = batch.iter().map(|p| p.message.payload.len()).sum();
     let mut added = 0usize;
+    // The wait for the next member restarts when one arrives, not when the connection check
+    // ticks.
+    let mut deadline = tokio::time::Instant::now() + txn::OPEN_TIMEOUT;
     loop {
         if added >= txn::MAX_STRETCH || bytes >= batch_max_bytes.saturating_mul(4) {
             tracing::warn!(
@@ -784,7 +787,7 @@ async fn stretch(
         let next = tokio::select! {
             biased;
             _ = shutdown.requested() => return Stretched::Shutdown,
-            next = tokio::time::timeout(txn::OPEN_TIMEOUT, messages.next()) => next,
+            next = tokio::time::timeout_at(deadline, messages.next()) => next,
             _ = connection_check.tick() => {
                 if reconnected() {
                     return Stretched::Anomaly("the NATS connection was lost and re-established".into());
@@ -819,6 +822,7 @@ async fn stretch(
         let commit = txn::tag(&pulled.message).is_some_and(|t| t.commit);
         bytes += pulled.message.payload.len();
         added += 1;
+        deadline = tokio::time::Instant::now() + txn::OPEN_TIMEOUT;
         batch.push(pulled);
         if commit {
             return Stretched::Complete;
