@@ -91,47 +91,42 @@ enum TxOutcome {
     Conflict { current_seq: u64 },
 }
 
-/// Commits `changes` as one transaction of `client`.
-///
-/// Written against the client's transaction API as issue #13 specifies it
-/// (`client.transaction()`, `upsert_if` / `delete_if`, `commit()` → `Committed`, typed
-/// `Conflict`); until that API is on main it writes the same wire format (json/1 members with
-/// the batch headers, the first and the commit member as requests) with plain async-nats.
+/// Commits `changes` as one transaction of `client` (untyped rows), through the client's
+/// transaction API.
 async fn commit_tx(client: &jetsync::Client, changes: &[TxChange]) -> Result<TxOutcome> {
-    let prefix = client.stream_config().subject_prefix.clone();
-    let batch_id = format!("tx-{:032x}", rand::random::<u128>());
-    let members: Vec<RawMember> = changes
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let subject = format!("{prefix}.{}.{}", c.table, c.key);
-            let msg_id = format!("{batch_id}-{}", i + 1);
-            let mut member = match &c.row {
-                Some(row) => RawMember::upsert(subject, jetsync::row_to_json(row), &msg_id),
-                None => RawMember::delete(subject, &msg_id),
-            };
-            member.expected_last_subject_seq = c.expected_seq;
-            member
-        })
-        .collect();
-    match raw_transaction(client.nats(), &batch_id, &members, true).await? {
-        Some(RawCommit::Stored { seq, count }) => Ok(TxOutcome::Committed(TxCommitted {
-            seq,
-            first_seq: seq + 1 - count,
-            count,
-        })),
-        Some(RawCommit::Refused {
-            err_code: 10071,
-            description,
-        }) => {
-            let current_seq = description
-                .rsplit(' ')
-                .next()
-                .and_then(|n| n.parse().ok())
-                .with_context(|| format!("conflict without a sequence: {description}"))?;
-            Ok(TxOutcome::Conflict { current_seq })
+    let mut tx = client.transaction();
+    for c in changes {
+        let table = client.rows(&c.table)?;
+        match (&c.row, c.expected_seq) {
+            (Some(row), Some(seq)) => tx.upsert_if(&table, &c.key, row, seq)?,
+            (Some(row), None) => tx.upsert(&table, &c.key, row)?,
+            (None, Some(seq)) => tx.delete_if(&table, &c.key, seq)?,
+            (None, None) => tx.delete(&table, &c.key)?,
+        };
+    }
+    outcome(tx.commit().await)
+}
+
+/// A commit's result as a [`TxOutcome`]; a duplicate is an error here (nothing is retried).
+fn outcome(result: Result<jetsync::Committed, jetsync::Error>) -> Result<TxOutcome> {
+    match result {
+        Ok(c) => {
+            ensure!(
+                !c.duplicate,
+                "a first commit reported as a duplicate: {c:?}"
+            );
+            ensure!(
+                c.first_seq + c.count - 1 == c.seq,
+                "members are not contiguous: {c:?}"
+            );
+            Ok(TxOutcome::Committed(TxCommitted {
+                seq: c.seq,
+                first_seq: c.first_seq,
+                count: c.count,
+            }))
         }
-        other => bail!("transaction {batch_id} refused: {other:?}"),
+        Err(jetsync::Error::Conflict { current_seq }) => Ok(TxOutcome::Conflict { current_seq }),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -155,15 +150,12 @@ async fn commit_ok(client: &jetsync::Client, changes: &[TxChange]) -> Result<TxC
 
 // ---- Shared setup. ----
 
-/// Fails when the stream lacks `allow_atomic` after provisioning with `stream.transactions`;
-/// until provisioning sets it (issue #13), turns it on by hand and says so.
+/// Fails when the stream lacks `allow_atomic` after provisioning with `stream.transactions`.
 async fn check_allow_atomic(url: &str, stream: &str) -> Result<()> {
-    if ensure_allow_atomic(url, stream).await? {
-        eprintln!(
-            "NOTE: provisioning {stream} with stream.transactions = true did not set allow_atomic; \
-             turned it on by hand"
-        );
-    }
+    ensure!(
+        !ensure_allow_atomic(url, stream).await?,
+        "provisioning {stream} with stream.transactions = true did not set allow_atomic"
+    );
     Ok(())
 }
 
@@ -292,7 +284,7 @@ const BACKLOG: u64 = 2_000;
 /// The stopped instance is restarted once it is this many events behind.
 const RESTART_LAG: u64 = 1_200;
 /// Kill delays, milliseconds.
-const BANK_KILL_DELAY_MS: std::ops::RangeInclusive<u64> = 100..=700;
+const BANK_KILL_DELAY_MS: std::ops::RangeInclusive<u64> = 200..=1_500;
 
 /// An account row.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -346,6 +338,8 @@ struct Progress {
     transfers: AtomicU64,
     /// Set once the publishers are done (or failed): the monitor and readers stop after.
     stop: AtomicBool,
+    /// Set by a publisher that failed.
+    failed: AtomicBool,
 }
 
 /// What one reader thread saw.
@@ -537,11 +531,18 @@ async fn publisher(
             );
             let (fb, fs) = known[&from];
             let (tb, ts) = known[&to];
-            let changes = [
-                TxChange::upsert("accounts", &from, account_row(&from, fb - amount), Some(fs)),
-                TxChange::upsert("accounts", &to, account_row(&to, tb + amount), Some(ts)),
-            ];
-            match commit_tx(&client, &changes).await? {
+            let debit = Account {
+                id: from.clone(),
+                balance: fb - amount,
+            };
+            let credit = Account {
+                id: to.clone(),
+                balance: tb + amount,
+            };
+            let mut tx = client.transaction();
+            tx.upsert_if(&accounts, &from, &debit, fs)?
+                .upsert_if(&accounts, &to, &credit, ts)?;
+            match outcome(tx.commit().await)? {
                 TxOutcome::Committed(c) => {
                     ensure!(c.count == 2, "{origin}: {} members stored", c.count);
                     known.insert(from.clone(), (fb - amount, c.first_seq));
@@ -647,8 +648,8 @@ impl Drop for RedbReplica {
 /// The bank scenario (see the module comment), with SQLite or Postgres sinks.
 async fn bank(plan: BankPlan) -> Result<()> {
     let scenario = plan.scenario;
-    let started = Instant::now();
     jetsync_e2e::applier_bin();
+    let started = Instant::now();
     let mut rng = StdRng::seed_from_u64(seed(scenario));
     let server = NatsServer::start()?;
     let root = tempfile::tempdir()?;
@@ -720,6 +721,11 @@ async fn bank(plan: BankPlan) -> Result<()> {
         .collect();
     let progress = Arc::new(Progress::default());
     progress.last_seq.store(created.seq, Ordering::Relaxed);
+    // The three first instances apply the accounts before the chaos starts, so that the stopped
+    // one replays when it comes back; the fourth is the one that joins from a snapshot.
+    for i in &mut instances[..3] {
+        i.wait_applied(stream, created.seq, CATCH_UP)?;
+    }
 
     // The monitor: the lowest applied sequence over the instances that count (the three
     // first, the stopped one included, the fourth once started) and the replica.
@@ -755,14 +761,22 @@ async fn bank(plan: BankPlan) -> Result<()> {
     let per_publisher = plan.transfers / 2;
     let publishers: Vec<_> = (0..2)
         .map(|p| {
-            tokio::spawn(publisher(
+            let progress = progress.clone();
+            let run = publisher(
                 group.clone(),
                 format!("bank-pub-{p}"),
                 per_publisher,
                 rng.gen(),
                 start.clone(),
                 progress.clone(),
-            ))
+            );
+            tokio::spawn(async move {
+                let result = run.await;
+                if result.is_err() {
+                    progress.failed.store(true, Ordering::Relaxed);
+                }
+                result
+            })
         })
         .collect();
 
@@ -772,6 +786,7 @@ async fn bank(plan: BankPlan) -> Result<()> {
     let mut kills: BTreeMap<String, usize> = BTreeMap::new();
     let mut total_kills = 0;
     let (mut stopped_at, mut restarted, mut b4_started) = (None, false, false);
+    let mut next_report = Instant::now() + Duration::from_secs(10);
     let chaos = async {
         while total_kills < plan.min_kills || publishers.iter().any(|p| !p.is_finished()) {
             ensure!(
@@ -780,9 +795,7 @@ async fn bank(plan: BankPlan) -> Result<()> {
             );
             ensure!(Instant::now() < deadline, "the bank still runs after 400 s");
             tokio::time::sleep(Duration::from_millis(rng.gen_range(BANK_KILL_DELAY_MS))).await;
-            if publishers.iter().any(|p| p.is_finished())
-                && progress.transfers.load(Ordering::Relaxed) < plan.transfers as u64
-            {
+            if progress.failed.load(Ordering::Relaxed) {
                 // A publisher failed: stop and report it below.
                 break;
             }
@@ -800,6 +813,15 @@ async fn bank(plan: BankPlan) -> Result<()> {
                 );
             }
             let done = progress.transfers.load(Ordering::Relaxed);
+            if Instant::now() >= next_report {
+                next_report += Duration::from_secs(10);
+                eprintln!(
+                    "{scenario}: {:?}: {done} transfers, last seq {}, lowest applied {}, {total_kills} kills",
+                    started.elapsed(),
+                    progress.last_seq.load(Ordering::Relaxed),
+                    progress.min_applied.load(Ordering::Relaxed)
+                );
+            }
             if !b4_started && done * 10 >= plan.transfers as u64 * 4 {
                 instances[3].start()?;
                 counting
@@ -861,6 +883,11 @@ async fn bank(plan: BankPlan) -> Result<()> {
     if let Some(e) = publish_error {
         return Err(e.context("a publisher failed"));
     }
+    ensure!(
+        total_kills >= plan.min_kills,
+        "only {total_kills} SIGKILLs, want {}",
+        plan.min_kills
+    );
     if !restarted {
         instances[2].start()?;
     }
@@ -1617,6 +1644,11 @@ fn compacted_transaction_members() -> Result<()> {
         eprintln!(
             "compacted_transaction_members: the replaying instance caught up in {:?}",
             replay_started.elapsed()
+        );
+        ensure!(
+            !replay.log().contains("without a commit"),
+            "the replaying instance waited for a commit instead of completing the transaction at the next message:\n{}",
+            replay.log()
         );
         let mut fresh = tx_instance(&group, root.path(), "fresh", 1)?;
         fresh.start()?;
