@@ -18,7 +18,7 @@
 //! consumer being recreated by the client) and still be correct; it ends when the server reports
 //! nothing pending.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::{
     self,
@@ -201,7 +201,6 @@ impl Snapshot {
             return Ok(None);
         };
         let mut batch = Vec::new();
-        let started = Instant::now();
         let last_before = self.last_seq;
         if let Some((seq, message, pending)) = self.carry.take() {
             self.last_seq = seq;
@@ -231,16 +230,27 @@ impl Snapshot {
                     }
                 }
             } else {
+                // The server said more of the snapshot is pending: a batch is filled up to `max`
+                // (or the snapshot's end) rather than cut at a pause in delivery, so a snapshot of
+                // at most `max` rows is always applied in one sink transaction, never visible
+                // in parts.
                 match messages.next().now_or_never() {
                     Some(next) => next,
-                    None if started.elapsed() < Duration::from_millis(50) => {
-                        match tokio::time::timeout(Duration::from_millis(5), messages.next()).await
-                        {
-                            Ok(next) => next,
-                            Err(_) => break,
+                    None => match tokio::time::timeout(STALL_TIMEOUT, messages.next()).await {
+                        Ok(next) => next,
+                        Err(_) => {
+                            return Err(EngineError::nats(
+                                "read the snapshot",
+                                std::io::Error::new(
+                                    std::io::ErrorKind::TimedOut,
+                                    format!(
+                                        "no event within {STALL_TIMEOUT:?} although the server reported more (after {} of {} rows)",
+                                        self.delivered, self.total
+                                    ),
+                                ),
+                            ))
                         }
-                    }
-                    None => break,
+                    },
                 }
             };
             let message = match next {
