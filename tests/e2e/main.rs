@@ -14,6 +14,7 @@ mod malformed;
 mod pg_content;
 mod poison;
 mod postgres;
+mod readme;
 mod security;
 mod server_restart;
 mod smoke;
