@@ -412,7 +412,13 @@ impl Runner {
     /// Runs `jetsync-applier ARGS` like a block would (same directory, environment, PATH);
     /// (exit code, stdout followed by stderr).
     fn applier(&mut self, args: &str, timeout: Duration) -> Result<(i32, String)> {
-        let script = self.rewrite(&format!("exec jetsync-applier {args}"))?;
+        self.sh(&format!("exec jetsync-applier {args}"), timeout)
+    }
+
+    /// Runs `script` like a block would; (exit code, stdout followed by stderr).
+    fn sh(&mut self, script: &str, timeout: Duration) -> Result<(i32, String)> {
+        let args = script;
+        let script = self.rewrite(script)?;
         let cmd = self.command(&script)?;
         let (code, out, err) = jetsync_e2e::run_with_timeout(cmd, &self.state, timeout)?;
         let code = code.with_context(|| format!("`{args}` still running after {timeout:?}"))?;
@@ -619,6 +625,29 @@ fn nats_config_readme_blocks_run() -> Result<()> {
     let root = tempfile::tempdir()?;
     let mut runner = Runner::new("nats-config/README.md", root.path(), server.port())?;
     runner.run(&blocks)?;
+    // The applier the document left running under its restricted user applies what the
+    // publisher's user publishes, and `status` works under the applier's user.
+    let t = Duration::from_secs(30);
+    let publisher =
+        "JETSYNC_NATS__USER=catalog-pub JETSYNC_NATS__PASSWORD=\"$CATALOG_PUB_PASSWORD\" \
+                     JETSYNC_NATS__INBOX_PREFIX=_INBOX_catalog_pub jetsync-applier \
+                     --config catalog-1.toml";
+    let (code, out) = runner.sh(
+        &format!("{publisher} publish --table products --key A-1 --json '{{\"sku\":\"A-1\"}}'"),
+        t,
+    )?;
+    ensure!(code == 0, "publishing as catalog-pub exited {code}:\n{out}");
+    let status = "JETSYNC_NATS__PASSWORD=\"$CATALOG_1_PASSWORD\" \
+                  jetsync-applier --config catalog-1.toml status --json";
+    wait_until("catalog-1 to apply the event", t, || {
+        let (code, out) = runner.sh(status, t).ok()?;
+        let json = out.split_once("\n}\n").map(|(j, _)| format!("{j}\n}}"))?;
+        let v: serde_json::Value = serde_json::from_str(&json).ok()?;
+        (code == 0 && v["groups"][0]["applied_seq"] == 1).then_some(())
+    })?;
+    runner
+        .log
+        .push("the restricted applier applied an event published as catalog-pub".into());
     eprintln!("{}", runner.log.join("\n"));
     Ok(())
 }
