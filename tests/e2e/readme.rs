@@ -55,7 +55,7 @@ use jetsync_e2e::{accounts_extra_config, applier_bin, heavy, wait_until};
 use jetsync_testkit::NatsServer;
 
 /// How long one block may take.
-const BLOCK_TIMEOUT: Duration = Duration::from_secs(60);
+const BLOCK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One fenced code block of a markdown document.
 #[derive(Debug, Clone)]
