@@ -16,6 +16,8 @@ check:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
     RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
+    # The publishable crates (jetsync, jetsync-applier) package and build from their tarballs.
+    cargo publish --dry-run --workspace --allow-dirty
 
 # Format the code.
 fmt:
