@@ -7,6 +7,7 @@ mod crash;
 mod downtime;
 mod examples;
 mod exit_codes;
+mod first_steps;
 mod history;
 mod http;
 mod isolation;
