@@ -554,6 +554,18 @@ async fn a_publisher_without_its_inbox_prefix_gets_a_typed_error() -> Result<()>
             other => bail!("attempt {attempt}: expected PermissionDenied, got {other:?}"),
         }
     }
+
+    // An admin config copied from an applier's, with the applier's inbox prefix the admin may
+    // not subscribe to: provisioning names the permission instead of timing out.
+    let mut copied = admin_config.clone();
+    copied.nats.inbox_prefix = Some("_INBOX_catalog-1".into());
+    match jetsync::Client::connect(&copied).await?.provision().await {
+        Err(Error::PermissionDenied { operation, subject }) => {
+            assert_eq!(operation, "subscribe to replies");
+            assert!(subject.starts_with("_INBOX_catalog-1"), "{subject}");
+        }
+        other => bail!("provision with a denied inbox: expected PermissionDenied, got {other:?}"),
+    }
     Ok(())
 }
 

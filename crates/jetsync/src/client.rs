@@ -75,9 +75,19 @@ impl Client {
     /// already matches. Errors with [`Error::StreamConflict`] when an existing stream cannot be
     /// used, and with [`Error::Unsupported`] (before touching anything) when
     /// `stream.transactions = true` and the server is older than 2.12.1.
+    ///
+    /// A request that timed out because this user may not receive its replies (the server
+    /// refused the subscription to `nats.inbox_prefix`) or may not use the stream API fails with
+    /// [`Error::PermissionDenied`] naming it, on connections made by [`Client::connect`].
     pub async fn provision(&self) -> Result<Provisioned, Error> {
         let server_version = self.inner.nats.server_info().version;
-        stream::provision(&self.inner.js, &self.inner.stream, &server_version).await
+        match stream::provision(&self.inner.js, &self.inner.stream, &server_version).await {
+            Err(e) if e.is_retryable() => {
+                let subject = format!("$JS.API.STREAM.INFO.{}", self.inner.stream.name);
+                Err(connect::permission_error(&self.inner.nats, "provision", &subject).unwrap_or(e))
+            }
+            other => other,
+        }
     }
 
     /// A typed table handle: rows are `T`'s serde fields (flat fields → columns, nested values
