@@ -49,6 +49,9 @@ use crate::{
 pub(crate) const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// How often a consumer session checks whether its NATS connection was re-established.
 const CONNECTION_CHECK: Duration = Duration::from_millis(200);
+/// How long a stream may report a last sequence below the applied one (a new leader still
+/// applying its log) before the engine stops with [`EngineError::AheadOfStream`].
+const AHEAD_GRACE: Duration = Duration::from_secs(60);
 /// Pull requests expire after this long (heartbeats keep idle pulls honest in between).
 const PULL_EXPIRES: Duration = Duration::from_secs(30);
 
@@ -144,6 +147,7 @@ impl<S: Sink> Engine<S> {
                 ack_wait: Duration::from_millis(config.apply.ack_wait_ms),
             },
             progress: Progress::new(applied),
+            ahead_since: None,
         };
         let engine = Session {
             config: &config,
@@ -385,12 +389,30 @@ impl Session<'_> {
         let (first, last) = (info.state.first_sequence, info.state.last_sequence);
         let applied = state.applier.applied;
         if applied > last {
+            // Right after a leader change the new leader can report a last sequence below what
+            // it has committed while it still applies its log: retried for a while, fatal only
+            // when it lasts (a recreated stream, or a data_dir of another stream).
+            let since = *state.ahead_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < AHEAD_GRACE {
+                tracing::warn!(
+                    applied,
+                    stream_last_seq = last,
+                    "the stream reports a last sequence below the applied one (a leader change?); retrying"
+                );
+                return Err(EngineError::nats(
+                    "stream info",
+                    std::io::Error::other(format!(
+                        "stream {stream_name} ends at seq {last}, below the applied seq {applied}"
+                    )),
+                ));
+            }
             return Err(EngineError::AheadOfStream {
                 stream: stream_name.clone(),
                 applied,
                 last,
             });
         }
+        state.ahead_since = None;
         // Events may be missing only if the stream has limits; on a compacted stream without
         // limits every row's latest event is still there, so replaying from `first` is exact.
         if first > applied + 1 && limits {
@@ -859,6 +881,8 @@ struct LoopState<S> {
     applier: Applier<S>,
     spec: ConsumerSpec,
     progress: Progress,
+    /// Since when the stream has reported a last sequence below the applied one.
+    ahead_since: Option<Instant>,
 }
 
 enum SessionEnd {
