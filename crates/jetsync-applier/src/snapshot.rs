@@ -253,33 +253,7 @@ impl Snapshot {
                     },
                 }
             };
-            let message = match next {
-                Some(Ok(m)) => m,
-                Some(Err(e)) => return Err(EngineError::nats("read the snapshot", e)),
-                None => {
-                    return Err(EngineError::nats(
-                        "read the snapshot",
-                        std::io::Error::other("the snapshot consumer ended"),
-                    ))
-                }
-            };
-            let info = message.info().map_err(|e| {
-                EngineError::nats(
-                    "read the snapshot's delivery metadata",
-                    std::io::Error::other(e.to_string()),
-                )
-            })?;
-            let (seq, pending) = (info.stream_sequence, info.pending);
-            if info.consumer_sequence != self.next_cseq {
-                return Err(EngineError::nats(
-                    "read the snapshot",
-                    std::io::Error::other(format!(
-                        "delivery {} of the snapshot went missing (got {}); starting over",
-                        self.next_cseq, info.consumer_sequence
-                    )),
-                ));
-            }
-            self.next_cseq += 1;
+            let (message, seq, pending) = Snapshot::checked(&mut self.next_cseq, next)?;
             if seq <= self.last_seq {
                 // Never expected (deliveries ascend); ignoring keeps the prefix rule intact.
                 continue;
@@ -311,6 +285,43 @@ impl Snapshot {
 }
 
 impl Snapshot {
+    /// A delivery of the snapshot consumer with its stream sequence and pending count, after
+    /// checking that it carries the next consumer sequence (any anomaly ends the snapshot with
+    /// an error; the caller starts a new one).
+    fn checked(
+        next_cseq: &mut u64,
+        next: Option<Result<jetstream::Message, pull::MessagesError>>,
+    ) -> Result<(jetstream::Message, u64, u64), EngineError> {
+        let message = match next {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Err(EngineError::nats("read the snapshot", e)),
+            None => {
+                return Err(EngineError::nats(
+                    "read the snapshot",
+                    std::io::Error::other("the snapshot consumer ended"),
+                ))
+            }
+        };
+        let info = message.info().map_err(|e| {
+            EngineError::nats(
+                "read the snapshot's delivery metadata",
+                std::io::Error::other(e.to_string()),
+            )
+        })?;
+        if info.consumer_sequence != *next_cseq {
+            return Err(EngineError::nats(
+                "read the snapshot",
+                std::io::Error::other(format!(
+                    "delivery {} of the snapshot went missing (got {}); starting over",
+                    next_cseq, info.consumer_sequence
+                )),
+            ));
+        }
+        *next_cseq += 1;
+        let (seq, pending) = (info.stream_sequence, info.pending);
+        Ok((message, seq, pending))
+    }
+
     /// Stretches `batch` to the end of the transaction its last event leaves open (a
     /// transaction is applied whole, see `txn.rs`), reading on past the snapshot's end if need
     /// be (the consumer keeps delivering what is published after it started: any prefix of its
@@ -342,7 +353,7 @@ impl Snapshot {
                 }
                 next = tokio::time::timeout(txn::OPEN_TIMEOUT, messages.next()) => next,
             };
-            let message = match next {
+            let next = match next {
                 Err(_) => {
                     tracing::warn!(
                         txn = %id,
@@ -351,32 +362,9 @@ impl Snapshot {
                     );
                     return Ok(true);
                 }
-                Ok(Some(Ok(m))) => m,
-                Ok(Some(Err(e))) => return Err(EngineError::nats("read the snapshot", e)),
-                Ok(None) => {
-                    return Err(EngineError::nats(
-                        "read the snapshot",
-                        std::io::Error::other("the snapshot consumer ended"),
-                    ))
-                }
+                Ok(next) => next,
             };
-            let info = message.info().map_err(|e| {
-                EngineError::nats(
-                    "read the snapshot's delivery metadata",
-                    std::io::Error::other(e.to_string()),
-                )
-            })?;
-            if info.consumer_sequence != self.next_cseq {
-                return Err(EngineError::nats(
-                    "read the snapshot",
-                    std::io::Error::other(format!(
-                        "delivery {} of the snapshot went missing (got {}); starting over",
-                        self.next_cseq, info.consumer_sequence
-                    )),
-                ));
-            }
-            self.next_cseq += 1;
-            let (seq, pending) = (info.stream_sequence, info.pending);
+            let (message, seq, pending) = Snapshot::checked(&mut self.next_cseq, next)?;
             if seq <= self.last_seq {
                 continue;
             }
