@@ -185,6 +185,23 @@ pub(crate) async fn retry_rows<S: Sink>(
                 },
             }
         };
+        if !matches!(outcome, Outcome::Ready(_)) && !ready.is_empty() {
+            // Its fate depends on what is pending (that may hold its rows, or fail and hold
+            // them): apply that first, then look at it again.
+            queue.push_front(unit);
+            flush(
+                sink,
+                offsets,
+                &group,
+                fence,
+                &mut ready,
+                &mut queue,
+                &mut stuck,
+                &mut report,
+            )
+            .await?;
+            continue;
+        }
         match outcome {
             Outcome::Ready(changes) => {
                 ready.push((unit, changes));
@@ -204,43 +221,11 @@ pub(crate) async fn retry_rows<S: Sink>(
                 continue;
             }
             Outcome::Release => {
-                // Everything before it must be settled first: it may hold this unit's rows.
-                if !ready.is_empty() {
-                    queue.push_front(unit);
-                    flush(
-                        sink,
-                        offsets,
-                        &group,
-                        fence,
-                        &mut ready,
-                        &mut queue,
-                        &mut stuck,
-                        &mut report,
-                    )
-                    .await?;
-                    continue;
-                }
                 let released: Vec<u64> = unit.events.iter().map(|e| e.seq).collect();
                 offsets.unpark(&group, &released)?;
                 report.released.extend(released);
             }
             Outcome::Untouched | Outcome::Failed { .. } => {
-                if !ready.is_empty() {
-                    // Its fate depends on what is pending: apply that first, then look again.
-                    queue.push_front(unit);
-                    flush(
-                        sink,
-                        offsets,
-                        &group,
-                        fence,
-                        &mut ready,
-                        &mut queue,
-                        &mut stuck,
-                        &mut report,
-                    )
-                    .await?;
-                    continue;
-                }
                 for e in &unit.events {
                     if let Some(row) = &e.row {
                         stuck.entry(row.clone()).or_insert(e.seq);
