@@ -293,6 +293,8 @@ enum Kind {
     Bytea,
     Json,
     Text,
+    /// A generated column: computed by every instance's database, never published.
+    Generated,
 }
 
 impl Kind {
@@ -329,7 +331,7 @@ impl Kind {
             Kind::Json => Value::Json(
                 serde_json::from_str(&text).map_err(|e| format!("bad json value: {e}"))?,
             ),
-            Kind::Text => Value::Text(text),
+            Kind::Text | Kind::Generated => Value::Text(text),
         })
     }
 }
@@ -369,7 +371,8 @@ impl Store {
         let rows = self
             .client
             .query(
-                "SELECT a.attname::text, COALESCE(NULLIF(t.typbasetype, 0), a.atttypid) \
+                "SELECT a.attname::text, COALESCE(NULLIF(t.typbasetype, 0), a.atttypid), \
+                 a.attgenerated <> '' \
                  FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
                  JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_type t ON t.oid = a.atttypid \
                  WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
@@ -379,7 +382,14 @@ impl Store {
             .map_err(|e| pg_error("read column types", &e))?;
         let kinds = rows
             .iter()
-            .map(|r| (r.get::<_, String>(0), Kind::of(r.get::<_, u32>(1))))
+            .map(|r| {
+                let kind = if r.get::<_, bool>(2) {
+                    Kind::Generated
+                } else {
+                    Kind::of(r.get::<_, u32>(1))
+                };
+                (r.get::<_, String>(0), kind)
+            })
             .collect();
         self.kinds.insert(table.to_owned(), kinds);
         Ok(())
@@ -522,6 +532,9 @@ impl Store {
                         .and_then(|k| k.get(column))
                         .copied()
                         .unwrap_or(Kind::Text);
+                    if kind == Kind::Generated {
+                        continue;
+                    }
                     let value = kind
                         .convert(text.clone())
                         .map_err(|e| format!("column `{column}`: {e}"))?;
@@ -576,3 +589,6 @@ impl Store {
         counts_on(&self.client, &self.schema).await
     }
 }
+
+#[cfg(test)]
+mod tests;
