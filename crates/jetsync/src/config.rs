@@ -34,7 +34,7 @@ pub const ENV_PREFIX: &str = "JETSYNC_";
 /// The top-level configuration keys. A `JETSYNC_` variable without `__` is configuration only
 /// when its name is one of these.
 pub const TOP_LEVEL_KEYS: &[&str] = &[
-    "instance", "data_dir", "nats", "stream", "tables", "sink", "apply", "http", "log",
+    "instance", "data_dir", "nats", "stream", "tables", "sink", "apply", "http", "log", "capture",
 ];
 
 /// Name of the figment provider that reads the environment; errors use it to name the variable.
@@ -1672,6 +1672,36 @@ mod tests {
         let err = load_in_jail(jail, Some(toml)).unwrap_err();
         assert!(matches!(err, ConfigError::Invalid { .. }), "{err:?}");
         err.key().unwrap_or_default().to_owned()
+    }
+
+    #[test]
+    fn capture_keys() {
+        Jail::expect_with(|jail| {
+            let base = "instance = \"a\"\n[tables.items]\ncapture = true\n";
+            let config = load_in_jail(jail, Some(base)).unwrap();
+            assert!(config.tables["items"].capture);
+            assert!(config.capture.atomic);
+            assert!(config.capture_atomic());
+            assert!(
+                config.stream.transactions,
+                "atomic capture needs atomic batches"
+            );
+            assert_eq!(config.captured_tables().collect::<Vec<_>>(), ["items"]);
+            let per_row = format!("{base}[capture]\natomic = false\npoll_ms = 50\n");
+            let config = load_in_jail(jail, Some(&per_row)).unwrap();
+            assert!(!config.stream.transactions);
+            assert_eq!(config.capture.poll_ms, 50);
+            let plain = load_in_jail(jail, Some("instance = \"a\"\n")).unwrap();
+            assert!(!plain.capture_atomic() && !plain.stream.transactions);
+            for (extra, key) in [
+                ("[capture]\npoll_ms = 0\n", "capture.poll_ms"),
+                ("[capture]\nmax_batch_rows = 5\n", "capture.max_batch_rows"),
+                ("[sink]\nkind = \"redb\"\n", "tables.items.capture"),
+            ] {
+                assert_eq!(invalid_key(jail, &format!("{base}{extra}")), key, "{extra}");
+            }
+            Ok(())
+        });
     }
 
     #[test]
