@@ -107,17 +107,37 @@ pub(crate) async fn open_bucket(
     if let Ok(store) = js.get_key_value(name).await {
         return Ok(store);
     }
-    js.create_key_value(kv::Config {
-        bucket: name.to_owned(),
-        description: "jetsync fleet reports (jetsync-applier fleet)".to_owned(),
-        history: 1,
+    // The bucket's stream is created by hand with the settings of a key-value bucket (last
+    // value per key, rollups, no deletes of messages, direct gets) and only fields 2.9 knows:
+    // async-nats' own `create_key_value` cannot read nats-server 2.9.10's reply.
+    let stream = jetstream::stream::Config {
+        name: format!("KV_{name}"),
+        description: Some("jetsync fleet reports (jetsync-applier fleet)".to_owned()),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: 1,
         max_age,
+        duplicate_window: if max_age.is_zero() {
+            Duration::from_secs(120)
+        } else {
+            max_age.min(Duration::from_secs(120))
+        },
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: jetstream::stream::DiscardPolicy::New,
         num_replicas: replicas.max(1),
         storage: jetstream::stream::StorageType::File,
         ..Default::default()
-    })
-    .await
-    .map_err(|e| format!("cannot open or create the key-value bucket {name}: {e}"))
+    };
+    let created = js.get_or_create_stream(stream).await;
+    if let Err(e) = created {
+        return Err(format!(
+            "cannot open or create the key-value bucket {name}: {e}"
+        ));
+    }
+    js.get_key_value(name)
+        .await
+        .map_err(|e| format!("cannot open the key-value bucket {name}: {e}"))
 }
 
 /// Creates the fleet buckets of `config`'s sync group (for `provision`, run by a user that may
