@@ -8,6 +8,7 @@ mod downtime;
 mod examples;
 mod exit_codes;
 mod first_steps;
+mod fleet;
 mod history;
 mod http;
 mod isolation;

@@ -381,6 +381,20 @@ impl Member {
             }
             .with_error(e.to_string()),
         };
+        // The checkpoint `status` reads may trail the engine by one lazy commit (a sink with a
+        // fence commits it every 200 ms); the engine's own counter is exact.
+        let live = self.stats.snapshot().applied_seq;
+        for g in &mut report.groups {
+            if live > g.applied_seq {
+                let moved = live - g.applied_seq;
+                g.applied_seq = live;
+                if let Some(lag) = g.lag {
+                    let fewer = lag.min(moved);
+                    g.lag = Some(lag - fewer);
+                    g.gap_margin_events = g.gap_margin_events.map(|m| m.saturating_add(fewer));
+                }
+            }
+        }
         report.run = Some(RunInfo {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             sink: sink_name(self.config.sink.kind),
