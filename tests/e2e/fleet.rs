@@ -163,7 +163,11 @@ fn fleet_sees_five_instances_on_a_cluster() -> Result<()> {
     })?;
     let f5 = row_of(&report, "f5").context("f5 not listed")?;
     ensure!(f5["state"] == "missing", "{f5}");
-    ensure!(f5["applied_seq"] == first, "{f5}");
+    ensure!(
+        f5["applied_seq"] == first,
+        "{f5}\nf5's log:\n{}",
+        strip_ansi(&instances[4].log())
+    );
     ensure!(f5["lag"] == last - first, "f5's lag: {f5}");
     ensure!(f5["last_seen_seconds_ago"].is_u64(), "{f5}");
     ensure!(f5["version"] == env!("CARGO_PKG_VERSION"), "{f5}");

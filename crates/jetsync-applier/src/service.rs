@@ -164,10 +164,12 @@ pub async fn provision_fleet_buckets(
     Ok(())
 }
 
-/// The fleet member of a running applier; dropping it deregisters the service.
+/// The fleet member of a running applier; dropping it deregisters the service (without the
+/// final report [`FleetMember::stop`] writes).
 #[derive(Debug)]
 pub struct FleetMember {
     stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl FleetMember {
@@ -177,13 +179,31 @@ impl FleetMember {
     /// starts catching up. With `fleet.enabled = false` it does nothing.
     pub async fn start(config: Config, stats: Arc<Stats>, last_error: LastError) -> FleetMember {
         if !config.fleet.enabled {
-            return FleetMember { stop: None };
+            return FleetMember {
+                stop: None,
+                task: None,
+            };
         }
         let (stop, stopped) = oneshot::channel();
         let mut member = Member::new(config, stats, last_error);
         let _ = tokio::time::timeout(FIRST_CONTACT, member.first_contact()).await;
-        tokio::spawn(member.run(stopped));
-        FleetMember { stop: Some(stop) }
+        let task = tokio::spawn(member.run(stopped));
+        FleetMember {
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Writes a last report (the applied sequence the engine stopped at, which `fleet` then
+    /// shows for this instance) and deregisters the service; bounded by a few seconds. Call it
+    /// after the engine stopped.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(FIRST_CONTACT, task).await;
+        }
     }
 }
 
@@ -265,7 +285,13 @@ impl Member {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = &mut stopped => break,
+                _ = &mut stopped => {
+                    // The last report: what `fleet` shows once this instance stops answering.
+                    if self.client.is_some() {
+                        self.report_round().await;
+                    }
+                    break;
+                }
                 (which, request) = next_request(&mut self.service) => match which {
                     Endpoint::Status => self.answer_status(request).await,
                     Endpoint::Digest => self.answer_digest(request),

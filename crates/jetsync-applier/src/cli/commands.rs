@@ -287,8 +287,8 @@ async fn run(config: Config, last_error: jetsync_applier::LastError) -> Result<(
     let stop = termination();
     let sink = open_sink(&config).await?;
     let engine = Engine::new(config.clone(), sink);
-    // The NATS service and fleet reports (deregistered when dropped, after the engine stops).
-    let _fleet =
+    // The NATS service and fleet reports (a last report once the engine stopped).
+    let fleet =
         jetsync_applier::FleetMember::start(config.clone(), engine.stats(), last_error).await;
     // Serves until the engine stops (dropping the endpoint stops it).
     let _http = match config.http.listen {
@@ -300,7 +300,9 @@ async fn run(config: Config, last_error: jetsync_applier::LastError) -> Result<(
         ),
         None => None,
     };
-    engine.run(stop).await.map_err(engine_failure)
+    let ran = engine.run(stop).await.map_err(engine_failure);
+    fleet.stop().await;
+    ran
 }
 
 async fn connect(config: &Config) -> Result<jetsync::Client, Failure> {
