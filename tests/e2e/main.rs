@@ -4,6 +4,7 @@ mod cluster;
 mod consumer_state;
 mod convergence;
 mod crash;
+mod deploy;
 mod downtime;
 mod examples;
 mod exit_codes;
