@@ -34,7 +34,7 @@ pub const ENV_PREFIX: &str = "JETSYNC_";
 /// The top-level configuration keys. A `JETSYNC_` variable without `__` is configuration only
 /// when its name is one of these.
 pub const TOP_LEVEL_KEYS: &[&str] = &[
-    "instance", "data_dir", "nats", "stream", "tables", "sink", "apply", "http", "log",
+    "instance", "data_dir", "nats", "stream", "tables", "sink", "apply", "http", "log", "fleet",
 ];
 
 /// Name of the figment provider that reads the environment; errors use it to name the variable.
