@@ -589,3 +589,183 @@ fn cluster_stream_leader_kills() -> Result<()> {
     );
     Ok(())
 }
+
+/// Issue #15: with the default consumer footprint (one replica, memory storage) on a 3-replica
+/// stream, killing the node that holds an instance's consumer (which loses the consumer with
+/// it) and killing the stream leader lose nothing and apply nothing twice: each instance
+/// recreates its consumer at its applied sequence + 1. Two instances with the redb audit sink
+/// apply every event of a full-history stream while one publisher (retrying with the same
+/// message id) publishes through the kills.
+#[test]
+fn cluster_consumer_host_kills() -> Result<()> {
+    const STREAM: &str = "CKILL";
+    const EVENTS: usize = 3_000;
+    let version = jetsync_testkit::server_version()?;
+    if !jetsync_e2e::version_at_least(&version, (2, 10, 0)) {
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "cluster_consumer_host_kills: SKIPPED on nats-server {version} (2.9 cluster failovers stall or roll back, as for cluster_stream_leader_kills)"
+        );
+        return Ok(());
+    }
+    let _heavy = heavy();
+    jetsync_e2e::applier_bin();
+    let started = Instant::now();
+    let seed = seed("cluster_consumer_host_kills");
+    let rt = runtime()?;
+    let mut cluster = Cluster::start(3)?;
+    let root = tempfile::tempdir()?;
+    let group = Group::new(cluster.url_list(), STREAM, "ckill");
+    let mut instances = (1..=2)
+        .map(|i| Instance::new(&group, root.path(), &format!("c{i}"), SinkKind::RedbAudit))
+        .collect::<Result<Vec<_>>>()?;
+    for instance in &instances {
+        instance.set_stream_option("replicas", "3")?;
+        instance.set_stream_option("history", &FULL_HISTORY.to_string())?;
+        instance.set_option("apply", "batch_max", "50")?;
+    }
+    let (code, _, err) = instances[0].cli(&["provision"])?;
+    ensure!(code == 0, "provision exited {code}: {err}");
+    for instance in &mut instances {
+        instance.start()?;
+    }
+    let client = rt.block_on(async {
+        let nats = async_nats::connect(cluster.urls()).await?;
+        anyhow::Ok(jetsync::Client::from_nats(
+            nats,
+            jetsync::StreamConfig {
+                replicas: 3,
+                history: FULL_HISTORY as i64,
+                ..group.stream_config()
+            },
+            "ckill-pub",
+        )?)
+    })?;
+    let mut reference = Reference::default();
+    let warm_row: Row = [("id".to_owned(), Value::Text("warm".into()))]
+        .into_iter()
+        .collect();
+    let (warm, _) = rt.block_on(async {
+        let items = client.rows("items")?;
+        publish_with_retries(
+            &items,
+            "warm",
+            Some(&warm_row),
+            &format!("ckill-{seed}-warm"),
+        )
+        .await
+    })?;
+    reference.record(warm.seq, "items", "warm", Some(warm_row));
+    for instance in &mut instances {
+        instance.wait_applied(STREAM, warm.seq, CATCH_UP)?;
+    }
+    // The consumers are what the issue asks for: one replica, memory storage.
+    let consumer_host = |cluster: &Cluster, name: &str| -> Result<usize> {
+        let info = rt.block_on(async {
+            let stream = client.jetstream().get_stream(STREAM).await?;
+            anyhow::Ok(stream.consumer_info(name).await?)
+        })?;
+        ensure!(
+            info.config.memory_storage && info.config.num_replicas <= 1,
+            "{name}: memory {} replicas {}",
+            info.config.memory_storage,
+            info.config.num_replicas
+        );
+        let leader = info
+            .cluster
+            .and_then(|c| c.leader)
+            .with_context(|| format!("{name} has no leader"))?;
+        (0..cluster.len())
+            .find(|&i| cluster.node(i).server_name() == Some(leader.as_str()))
+            .with_context(|| format!("{name}'s leader {leader} is not a node"))
+    };
+
+    // One sequential publisher (so a row's events keep their order), retrying by message id.
+    let progress = Arc::new(Progress::default());
+    let events = task_events(0, EVENTS, seed);
+    let publisher = {
+        let (client, progress) = (client.clone(), progress.clone());
+        rt.spawn(publish_task(client, 0, events, seed, progress))
+    };
+    // Kill, in turn: the node holding c1's consumer, the stream leader, the node holding c2's
+    // consumer; each while the publisher is publishing (it is paced by `Progress::kills`: kill
+    // k lands at (2k + 1)/8 of the events, with the publisher allowed up to (2k + 2)/8), each
+    // node restarted before the next kill.
+    for (step, what) in [
+        "c1's consumer host",
+        "the stream leader",
+        "c2's consumer host",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let threshold = ((2 * step + 1) * EVENTS / (LEADER_KILLS + 2)) as u64;
+        wait_until("publishing progress", PUBLISHING, || {
+            (progress.acked.load(Ordering::Relaxed) >= threshold || publisher.is_finished())
+                .then_some(())
+        })?;
+        ensure!(
+            !publisher.is_finished(),
+            "the publisher ended before the kills"
+        );
+        let node = match step {
+            0 => consumer_host(&cluster, "jetsync_c1")?,
+            1 => cluster
+                .wait_stream_leader(STREAM, ELECTION)
+                .context("no stream leader")?,
+            _ => consumer_host(&cluster, "jetsync_c2")?,
+        };
+        cluster.kill(node);
+        eprintln!(
+            "cluster: killed n{} ({what}) at {} acknowledged events",
+            node + 1,
+            progress.acked.load(Ordering::Relaxed)
+        );
+        cluster
+            .wait_stream_leader(STREAM, ELECTION)
+            .context("no stream leader after the kill")?;
+        cluster.restart(node)?;
+        ensure!(
+            cluster.wait_stream_current(STREAM, 3, REPLICATED),
+            "{STREAM} did not have 3 current replicas after restarting n{}",
+            node + 1
+        );
+        progress
+            .kills
+            .store(2 * (step as u64 + 1), Ordering::Relaxed);
+    }
+    progress.kills.store(LEADER_KILLS as u64, Ordering::Relaxed);
+    let acked = rt.block_on(publisher).context("publisher task")??;
+    reference.merge(acked.reference);
+    let last = rt.block_on(stream_last_seq(&client, STREAM))?;
+    ensure!(
+        last == (EVENTS + 1) as u64,
+        "the stream holds {last} events for {EVENTS} acknowledged and the warm-up event"
+    );
+    for instance in &mut instances {
+        instance.wait_applied(STREAM, last, CLUSTER_CATCH_UP)?;
+    }
+    for instance in &mut instances {
+        // Its consumer went down with its node: it made a new one at least once after the first.
+        let log = instance.log();
+        let created = log
+            .matches("creating durable consumer at applied + 1")
+            .count()
+            + log.matches("recreating it at applied + 1").count();
+        ensure!(
+            created >= 2,
+            "instance {} never recreated its consumer:\n{log}",
+            instance.name
+        );
+        ensure!(instance.stop(STOP)? == 0, "{}", instance.log());
+        let what = format!("instance {}", instance.name);
+        assert_applied_exactly_once(&what, &instance.audit()?, 1..=last)?;
+        assert_rows_equal(&what, &instance.redb_rows("items")?, &reference, "items")?;
+    }
+    eprintln!(
+        "cluster: consumer-host and leader kills with memory R1 consumers: zero lost, zero doubled; passed after {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}

@@ -84,7 +84,15 @@ fn client_config(
 fn catalog_1_consumer() -> Result<pull::Config> {
     let path = nats_config_file("consumers/jetsync_catalog-1.json");
     let text = std::fs::read_to_string(&path)?;
-    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    // The server's `mem_storage` is `memory_storage` in async-nats' own serde form.
+    let mut value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    if let Some(fields) = value.as_object_mut() {
+        if let Some(v) = fields.remove("mem_storage") {
+            fields.insert("memory_storage".into(), v);
+        }
+    }
+    serde_json::from_value(value).with_context(|| format!("parsing {}", path.display()))
 }
 
 /// Makes `instance` log in as `user` with the given inbox prefix, without provisioning.
@@ -135,6 +143,10 @@ async fn restricted_users_scenario() -> Result<()> {
     };
     let admin_client = jetsync::Client::connect(&admin_config).await?;
     admin_client.provision().await?;
+    // The fleet's report buckets (what `jetsync-applier provision` creates beside the stream).
+    jetsync_applier::provision_fleet_buckets(admin_client.jetstream(), &admin_config)
+        .await
+        .map_err(anyhow::Error::msg)?;
     let mut orders = admin_config.clone();
     orders.stream.name = "ORDERS".into();
     orders.stream.subject_prefix = "orders".into();
@@ -219,6 +231,62 @@ async fn restricted_users_scenario() -> Result<()> {
         "catalog-2 status stdout".into(),
         String::from_utf8_lossy(&status.stdout).into_owned(),
     ));
+
+    // Fleet under least privilege: the appliers registered the NATS service and write their
+    // reports; the admin discovers them (`$SRV.PING.jetsync`) and runs `fleet`.
+    let admin_nats =
+        async_nats::ConnectOptions::with_user_and_password("admin".into(), ADMIN_PASSWORD.into())
+            .connect(url.as_str())
+            .await?;
+    let inbox = admin_nats.new_inbox();
+    let mut pongs = admin_nats.subscribe(inbox.clone()).await?;
+    admin_nats
+        .publish_with_reply("$SRV.PING.jetsync", inbox, "".into())
+        .await?;
+    let mut answered = std::collections::BTreeSet::new();
+    while answered.len() < 2 {
+        match tokio::time::timeout(PROMPT, pongs.next()).await {
+            Ok(Some(m)) => {
+                let pong: serde_json::Value = serde_json::from_slice(&m.payload)?;
+                answered.insert(
+                    pong["metadata"]["instance"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_owned(),
+                );
+            }
+            _ => bail!("only {answered:?} answered $SRV.PING.jetsync"),
+        }
+    }
+    let admin_env = [
+        ("JETSYNC_NATS__USER", "admin"),
+        ("JETSYNC_NATS__PASSWORD", ADMIN_PASSWORD),
+        ("JETSYNC_NATS__INBOX_PREFIX", "_INBOX"),
+    ];
+    let fleet = jetsync_e2e::wait_until(
+        "both reports in the fleet bucket",
+        Duration::from_secs(30),
+        || {
+            let out = one
+                .command(&["fleet", "--json"])
+                .envs(admin_env)
+                .output()
+                .ok()?;
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let rows = report["instances"].as_array()?;
+            (out.status.success() && rows.len() == 2 && rows.iter().all(|r| r["state"] == "live"))
+                .then_some(report)
+        },
+    )?;
+    outputs.push(("admin fleet --json".into(), fleet.to_string()));
+    for instance in [&one, &two] {
+        let log = instance.log();
+        assert!(
+            !log.contains("fleet:"),
+            "{}: the fleet member was refused something:\n{log}",
+            instance.name
+        );
+    }
 
     // The applier manages its own durable: after a reset behind the consumer's ack floor it
     // deletes the durable and creates it again at the applied sequence + 1.

@@ -27,6 +27,12 @@ pub(crate) struct ConsumerSpec {
     pub filter: String,
     pub batch_max: usize,
     pub ack_wait: Duration,
+    /// Consumer replicas wanted (`apply.consumer_replicas`), capped at the stream's replicas.
+    pub replicas: usize,
+    /// Consumer state storage (`apply.consumer_storage`; memory by default). A memory consumer
+    /// vanishes when its server restarts: reconciliation then creates it at applied + 1 like
+    /// any missing consumer, which is all the state it ever needs (the fence is the truth).
+    pub storage: jetsync::ConsumerStorage,
 }
 
 /// Extra deliveries allowed in flight for a batch stretched to a transaction's end.
@@ -40,8 +46,19 @@ impl ConsumerSpec {
         self.batch_max as i64 * 2 + TRANSACTION_ROOM
     }
 
-    fn config(&self, start_after: u64) -> pull::Config {
+    /// The replicas the consumer gets on a stream with `stream_replicas` replicas.
+    fn replicas(&self, stream_replicas: usize) -> usize {
+        self.replicas.clamp(1, stream_replicas.max(1))
+    }
+
+    fn memory(&self) -> bool {
+        self.storage == jetsync::ConsumerStorage::Memory
+    }
+
+    fn config(&self, start_after: u64, stream_replicas: usize) -> pull::Config {
         pull::Config {
+            num_replicas: self.replicas(stream_replicas),
+            memory_storage: self.memory(),
             durable_name: Some(self.name.clone()),
             description: Some(
                 "jetsync applier (managed: recreated at the applied sequence + 1)".into(),
@@ -66,8 +83,16 @@ impl ConsumerSpec {
     }
 
     /// Whether an existing consumer's configuration is the one we would create.
-    fn matches(&self, have: &consumer::Config) -> bool {
-        have.ack_policy == AckPolicy::All
+    fn matches(&self, have: &consumer::Config, stream_replicas: usize) -> bool {
+        // 0 replicas means "as many as the stream".
+        let have_replicas = if have.num_replicas == 0 {
+            stream_replicas.max(1)
+        } else {
+            have.num_replicas
+        };
+        have_replicas == self.replicas(stream_replicas)
+            && have.memory_storage == self.memory()
+            && have.ack_policy == AckPolicy::All
             && have.filter_subject == self.filter
             && have.max_deliver <= 0
             && have.ack_wait == self.ack_wait
@@ -90,12 +115,13 @@ pub(crate) async fn reconcile(
     spec: &ConsumerSpec,
     applied: u64,
 ) -> Result<Ready, EngineError> {
+    let stream_replicas = stream.cached_info().config.num_replicas;
     match stream.consumer_info(&spec.name).await {
         Ok(info) => {
             let exact = info.delivered.stream_sequence == applied
                 && info.ack_floor.stream_sequence == applied
                 && info.num_ack_pending == 0
-                && spec.matches(&info.config);
+                && spec.matches(&info.config, stream_replicas);
             if exact {
                 let consumer: PullConsumer =
                     stream
@@ -124,13 +150,15 @@ pub(crate) async fn reconcile(
                 .await
                 .map_err(|e| EngineError::nats("delete consumer", e))?;
         }
+        // A memory consumer lost to a server restart (or a consumer lost with its node) is
+        // just missing: created at applied + 1 like a first start.
         Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
             tracing::info!(consumer = %spec.name, applied, "creating durable consumer at applied + 1");
         }
         Err(e) => return Err(EngineError::nats("consumer info", e)),
     }
     let consumer = stream
-        .create_consumer(spec.config(applied))
+        .create_consumer(spec.config(applied, stream_replicas))
         .await
         .map_err(|e| EngineError::nats("create consumer", e))?;
     Ok(Ready {

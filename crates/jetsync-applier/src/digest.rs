@@ -97,6 +97,70 @@ impl DigestBuilder {
     }
 }
 
+/// How often [`consistent_digest`] reads the tables before giving up on a busy applier.
+const DIGEST_ATTEMPTS: u32 = 50;
+
+/// The digest of an instance's tables and the applied sequence they describe: what
+/// `jetsync-applier digest --json` prints and the `digest` endpoint of the NATS service
+/// answers. Equal digests at an equal `applied_seq` prove two instances converged.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DigestReport {
+    /// Instance id.
+    pub instance: String,
+    /// The applied sequence (the sink's fence) the digest was taken at.
+    pub applied_seq: u64,
+    /// Per-table digests, sorted by table name.
+    pub tables: Vec<crate::TableDigest>,
+}
+
+/// Why [`consistent_digest`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DigestError {
+    /// The sink could not be read.
+    #[error(transparent)]
+    Sink(#[from] crate::SinkError),
+    /// The applier committed batches during every attempt: retry when it is idle.
+    #[error(
+        "the applier kept committing while the digest was taken ({attempts} attempts, applied \
+         seq moved from {before} to {after}): stop `run` or retry when it is idle"
+    )]
+    Busy {
+        /// Attempts made.
+        attempts: u32,
+        /// Fence before the last attempt.
+        before: u64,
+        /// Fence after it.
+        after: u64,
+    },
+}
+
+/// Digests `sink`'s synced tables at one applied sequence of `group`. A running applier may
+/// commit batches meanwhile (it is another connection: readers never block it), so the fence
+/// is read before and after the tables and the digest is taken again until both agree.
+pub async fn consistent_digest<S: crate::Sink>(
+    sink: &mut S,
+    group: &str,
+) -> Result<(u64, Vec<crate::TableDigest>), DigestError> {
+    let mut attempts = 0;
+    loop {
+        let before = sink.fence(group).await?.unwrap_or(0);
+        let tables = sink.digest().await?;
+        let after = sink.fence(group).await?.unwrap_or(0);
+        attempts += 1;
+        if before == after {
+            return Ok((after, tables));
+        }
+        if attempts >= DIGEST_ATTEMPTS {
+            return Err(DigestError::Busy {
+                attempts,
+                before,
+                after,
+            });
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -145,6 +145,8 @@ impl<S: Sink> Engine<S> {
                 filter: jetsync::group_filter(&config.stream.subject_prefix),
                 batch_max: config.apply.batch_max,
                 ack_wait: Duration::from_millis(config.apply.ack_wait_ms),
+                replicas: config.apply.consumer_replicas,
+                storage: config.apply.consumer_storage,
             },
             progress: Progress::new(applied),
             ahead_since: None,

@@ -89,6 +89,10 @@ pub const METRIC_NAMES: &[&str] = &[
     "jetsync_transactions_applied",
     "jetsync_capture_backlog",
     "jetsync_capture_published",
+    "jetsync_gap_margin_events",
+    "jetsync_gap_margin_seconds",
+    "jetsync_fleet_digest_seq",
+    "jetsync_fleet_diverged_tables",
 ];
 
 /// Whether an engine with these counters is ready: connected, and at most `max_lag` events
@@ -285,6 +289,36 @@ impl Collector for StatsCollector {
             "Captured changes (outbox entries) published by this run",
             c.published,
         )?;
+        // Fleet gauges (`service.rs`): the family is always described, a sample is present
+        // only where the value is known (no sample: no stream limit, no digest taken yet).
+        let f = self.0.fleet_gauges();
+        for (name, help, value) in [
+            (
+                "gap_margin_events",
+                "Events that may still be published before the stream (max_msgs, max_bytes) drops one this instance has not applied",
+                f.gap_margin_events,
+            ),
+            (
+                "gap_margin_seconds",
+                "Seconds before the oldest event this instance has not applied expires (stream max_age)",
+                f.gap_margin_seconds,
+            ),
+            (
+                "fleet_digest_seq",
+                "Applied sequence of this instance's last periodic digest (fleet.digest_interval_ms)",
+                f.digest_seq,
+            ),
+            (
+                "fleet_diverged_tables",
+                "Tables whose digest differs from the one first recorded by an instance at the same applied sequence (alert when > 0)",
+                f.diverged_tables,
+            ),
+        ] {
+            let m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            if let Some(value) = value {
+                ConstGauge::new(value).encode(m)?;
+            }
+        }
         Ok(())
     }
 }

@@ -26,12 +26,16 @@ mod decode;
 mod digest;
 mod engine;
 mod error;
+mod fleet;
+mod gap;
 mod http;
+mod last_error;
 mod offsets;
 mod ops;
 mod parked;
 mod raw;
 mod resync;
+mod service;
 mod shutdown;
 mod sink;
 mod sinks;
@@ -41,25 +45,37 @@ mod stats;
 mod status;
 mod txn;
 
-pub use digest::{row_hash, DigestBuilder};
+pub use digest::{consistent_digest, row_hash, DigestBuilder, DigestError, DigestReport};
 pub use engine::{run, Engine};
 pub use error::EngineError;
+pub use fleet::{
+    collect_fleet, compare_digests, DigestComparison, Divergence, FleetError, FleetOptions,
+    FleetReport, FleetRow, MemberState, NotCompared,
+};
+pub use gap::{GapMargin, GapThresholds, StreamLimits};
 pub use http::{
     readiness, render_metrics, router, HttpEndpoint, METRICS_CONTENT_TYPE, METRIC_NAMES,
 };
+pub use last_error::{LastError, LastErrorLayer};
 pub use offsets::{read_checkpoint, read_parked, Checkpoint, Offsets, OffsetsError};
 pub use ops::{drop_parked, resync_instance, retry_parked, RetryReport};
 pub use parked::{group_by_row, ParkedEvent, RowId};
 pub use resync::{ResyncDone, SnapshotProgress};
+pub use service::{
+    digest_bucket, fleet_bucket, provision_fleet_buckets, service_subject, FleetMember,
+    SERVICE_NAME,
+};
 pub use sink::{Change, Sink, SinkError, TableDigest};
 pub use sinks::postgres::{PostgresOptions, PostgresSink};
 pub use sinks::redb::{read_audit, RedbOptions, RedbSink, Replica, ReplicaError};
 pub use sinks::sqlite::{SqliteOptions, SqliteSink};
 pub use sinks::{build_sink, AnySink};
 pub use stats::{
-    BatchDurations, OpKind, Stats, StatsSnapshot, TableOpCount, BATCH_SECONDS_BUCKETS,
+    BatchDurations, FleetGauges, OpKind, Stats, StatsSnapshot, TableOpCount, BATCH_SECONDS_BUCKETS,
 };
-pub use status::{collect_status, ConsumerStatus, GroupStatus, StatusReport, STATUS_NATS_TIMEOUT};
+pub use status::{
+    collect_status, ConsumerStatus, GroupStatus, RunInfo, StatusReport, STATUS_NATS_TIMEOUT,
+};
 
 /// The engine must be spawnable on a multi-threaded runtime with any built-in sink.
 #[cfg(test)]

@@ -37,6 +37,21 @@ pub struct Stats {
     batch_durations: Mutex<BatchDurations>,
     /// The capture relay's counters (idle when no table is captured).
     capture: crate::capture::CaptureStats,
+    fleet: Mutex<FleetGauges>,
+}
+
+/// What the fleet member (`service.rs`) last found: the margin to a gap and the convergence
+/// check. `None` where unknown or not applicable (no stream limit, no digest taken yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct FleetGauges {
+    /// `jetsync_gap_margin_events`.
+    pub gap_margin_events: Option<u64>,
+    /// `jetsync_gap_margin_seconds`.
+    pub gap_margin_seconds: Option<u64>,
+    /// Applied sequence of this instance's last periodic digest.
+    pub digest_seq: Option<u64>,
+    /// Tables whose digest differed from the reference recorded at the same applied sequence.
+    pub diverged_tables: Option<u64>,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -201,6 +216,16 @@ impl Stats {
             }
         }
         out
+    }
+
+    /// The fleet member's last findings (gap margin, convergence).
+    pub fn fleet_gauges(&self) -> FleetGauges {
+        *lock(&self.fleet)
+    }
+
+    /// Updates the fleet member's findings.
+    pub(crate) fn update_fleet_gauges(&self, update: impl FnOnce(&mut FleetGauges)) {
+        update(&mut lock(&self.fleet));
     }
 
     /// The batch apply duration histogram of this run.

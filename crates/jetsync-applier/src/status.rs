@@ -13,7 +13,10 @@ use async_nats::jetstream;
 use jetsync::Config;
 use serde::{Deserialize, Serialize};
 
-use crate::{read_checkpoint, Checkpoint, OffsetsError};
+use crate::{
+    gap::{oldest_unapplied_age, GapMargin, StreamLimits},
+    read_checkpoint, Checkpoint, OffsetsError,
+};
 
 /// How long the NATS half of a status may take before it is reported as unavailable.
 pub const STATUS_NATS_TIMEOUT: Duration = Duration::from_secs(10);
@@ -59,6 +62,40 @@ pub struct GroupStatus {
     pub parked_transactions: u64,
     /// Why the NATS half is missing, when it is.
     pub nats_error: Option<String>,
+    /// On a stream with `max_msgs` or `max_bytes`: events that may still be published before
+    /// the stream drops one this instance has not applied (see `gap.rs`); `None` without such
+    /// limits or when NATS is unavailable.
+    #[serde(default)]
+    pub gap_margin_events: Option<u64>,
+    /// On a stream with `max_age`: seconds before the oldest event this instance has not
+    /// applied expires; `None` without `max_age` or when NATS is unavailable.
+    #[serde(default)]
+    pub gap_margin_seconds: Option<u64>,
+}
+
+/// What a running applier adds to its status report: the `status` endpoint of its NATS
+/// service and its fleet report carry it; `status` run from the command line does not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunInfo {
+    /// The applier's version.
+    pub version: String,
+    /// The sink kind (`sqlite`, `postgres`, `redb`).
+    pub sink: String,
+    /// When this run started, Unix time in ms.
+    pub started_at_ms: u64,
+    /// When this report was made, Unix time in ms (the reporter's clock).
+    pub reported_at_ms: u64,
+    /// Whether a consumer session is running (connected to NATS and pulling).
+    pub connected: bool,
+    /// The last warning or error the applier logged, if any.
+    pub last_error: Option<String>,
+}
+
+impl RunInfo {
+    /// Seconds this run has been up at the time of the report.
+    pub fn uptime_seconds(&self) -> u64 {
+        self.reported_at_ms.saturating_sub(self.started_at_ms) / 1000
+    }
 }
 
 /// What `jetsync-applier status --json` prints and `/status` serves.
@@ -72,6 +109,9 @@ pub struct StatusReport {
     /// the entries published over the instance's life.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capture: Option<crate::capture::CaptureStatus>,
+    /// Present in the reports of a running applier (its NATS service and fleet report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<RunInfo>,
 }
 
 impl StatusReport {
@@ -124,6 +164,19 @@ impl StatusReport {
                     out += "  consumer: none (created at the next run)\n"
                 }
                 None => {}
+            }
+            if g.gap_margin_events.is_some() || g.gap_margin_seconds.is_some() {
+                let mut parts = Vec::new();
+                if let Some(events) = g.gap_margin_events {
+                    parts.push(format!("{events} events"));
+                }
+                if let Some(seconds) = g.gap_margin_seconds {
+                    parts.push(format!("{seconds} s"));
+                }
+                out += &format!(
+                    "  gap margin: {} before the stream drops an event not applied here\n",
+                    parts.join(", ")
+                );
             }
             if let Some(e) = &g.nats_error {
                 out += &format!("  NATS: {e}\n");
@@ -207,6 +260,8 @@ async fn collect(config: &Config, remote: Remote<'_>) -> Result<StatusReport, Of
         transactions_applied: checkpoint.transactions_applied,
         parked_transactions: 0,
         nats_error: None,
+        gap_margin_events: None,
+        gap_margin_seconds: None,
     };
     if checkpoint.parked > 0 {
         // Only read when something is parked: the transaction ids are in the parked bodies.
@@ -227,6 +282,7 @@ async fn collect(config: &Config, remote: Remote<'_>) -> Result<StatusReport, Of
                 instance: config.instance.clone(),
                 groups: vec![g],
                 capture: crate::capture::status(config).await,
+                run: None,
             });
         }
     };
@@ -255,10 +311,21 @@ async fn collect(config: &Config, remote: Remote<'_>) -> Result<StatusReport, Of
             Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => None,
             Err(e) => return Err(anyhow!("consumer info: {e}")),
         };
-        Ok::<_, anyhow::Error>((info, consumer))
+        // With max_age, the margin depends on when the oldest unapplied event was stored.
+        let oldest_age =
+            if !info.config.max_age.is_zero() && info.state.last_sequence > checkpoint.applied {
+                let filter = jetsync::group_filter(&config.stream.subject_prefix);
+                oldest_unapplied_age(js, &group, &filter, checkpoint.applied)
+                    .await
+                    .unwrap_or_default()
+            } else {
+                None
+            };
+        Ok::<_, anyhow::Error>((info, consumer, oldest_age))
     };
     match tokio::time::timeout(STATUS_NATS_TIMEOUT, remote).await {
-        Ok(Ok((info, consumer))) => {
+        Ok(Ok((info, consumer, oldest_age))) => {
+            let limits = StreamLimits::of(&info);
             g.stream_first_seq = Some(info.state.first_sequence);
             g.stream_last_seq = Some(info.state.last_sequence);
             let mut lag = info.state.last_sequence.saturating_sub(checkpoint.applied);
@@ -278,6 +345,13 @@ async fn collect(config: &Config, remote: Remote<'_>) -> Result<StatusReport, Of
                 });
             }
             g.lag = Some(lag);
+            if limits.limited() {
+                // `lag` counts sequences when the consumer is not exact: never more than stored.
+                let unapplied = lag.min(limits.unapplied_estimate(checkpoint.applied));
+                let margin = GapMargin::compute(&limits, checkpoint.applied, unapplied, oldest_age);
+                g.gap_margin_events = margin.events;
+                g.gap_margin_seconds = margin.seconds;
+            }
         }
         Ok(Err(e)) => g.nats_error = Some(format!("{e:#}")),
         Err(_) => {
@@ -291,6 +365,7 @@ async fn collect(config: &Config, remote: Remote<'_>) -> Result<StatusReport, Of
         instance: config.instance.clone(),
         groups: vec![g],
         capture: crate::capture::status(config).await,
+        run: None,
     })
 }
 
@@ -320,7 +395,10 @@ mod tests {
                 transactions_applied: 2,
                 parked_transactions: 0,
                 nats_error: nats_error.map(str::to_owned),
+                gap_margin_events: None,
+                gap_margin_seconds: None,
             }],
+            run: None,
         }
     }
 
@@ -350,7 +428,9 @@ mod tests {
                     "parked": 0,
                     "transactions_applied": 2,
                     "parked_transactions": 0,
-                    "nats_error": null
+                    "nats_error": null,
+                    "gap_margin_events": null,
+                    "gap_margin_seconds": null
                 }]
             })
         );

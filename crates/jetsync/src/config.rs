@@ -35,6 +35,7 @@ pub const ENV_PREFIX: &str = "JETSYNC_";
 /// when its name is one of these.
 pub const TOP_LEVEL_KEYS: &[&str] = &[
     "instance", "data_dir", "nats", "stream", "tables", "sink", "apply", "http", "log", "capture",
+    "fleet",
 ];
 
 /// Name of the figment provider that reads the environment; errors use it to name the variable.
@@ -68,6 +69,9 @@ pub struct Config {
     /// Change capture: the relay that publishes what services write straight into their SQL
     /// tables (`[tables.<name>] capture = true`).
     pub capture: CaptureConfig,
+    /// Fleet reporting: the NATS service registration, the status reports `fleet` reads, and
+    /// the periodic digest behind `jetsync_fleet_diverged_tables`.
+    pub fleet: FleetConfig,
 }
 
 impl Default for Config {
@@ -83,6 +87,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             log: LogConfig::default(),
             capture: CaptureConfig::default(),
+            fleet: FleetConfig::default(),
         }
     }
 }
@@ -366,6 +371,32 @@ pub struct ApplyConfig {
     pub max_event_bytes: u64,
     /// Most columns in one row; an event with more is parked.
     pub max_columns: usize,
+    /// Replicas of the per-instance durable consumer, 1 to 5 and at most the stream's
+    /// replicas. 1 (default) on single servers and replicated streams alike: the sink's fence is
+    /// the truth, and a consumer lost with its node is recreated at the applied sequence + 1.
+    pub consumer_replicas: usize,
+    /// Storage of the per-instance durable consumer's state: `memory` (default; it vanishes
+    /// when its server restarts and is recreated at the applied sequence + 1) or `file`.
+    pub consumer_storage: ConsumerStorage,
+    /// On a stream with `max_msgs` or `max_bytes`, warn in the log while fewer than this many
+    /// more events can be published before the stream drops one this instance has not applied
+    /// (`jetsync_gap_margin_events`). 0 (default): a tenth of the stream's `max_msgs`.
+    pub gap_warn_events: u64,
+    /// On a stream with `max_age`, warn in the log while the oldest event this instance has
+    /// not applied expires in less than this many seconds (`jetsync_gap_margin_seconds`).
+    /// 0 (default): a tenth of the stream's `max_age`.
+    pub gap_warn_seconds: u64,
+}
+
+/// Where a durable consumer keeps its state (delivered and acknowledged sequences).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsumerStorage {
+    /// In memory: no disk writes, no replicated log; lost when its server restarts.
+    #[default]
+    Memory,
+    /// On disk, as the stream.
+    File,
 }
 
 /// Handling of events for tables that have no `[tables.<name>]` entry.
@@ -396,6 +427,10 @@ impl Default for ApplyConfig {
             batch_max_bytes: 16 * 1024 * 1024,
             max_event_bytes: 1024 * 1024,
             max_columns: 1000,
+            consumer_replicas: 1,
+            consumer_storage: ConsumerStorage::default(),
+            gap_warn_events: 0,
+            gap_warn_seconds: 0,
         }
     }
 }
@@ -471,6 +506,56 @@ impl HttpConfig {
                 format!(
                     "{} is out of range: use 1 to 65536 (default 256)",
                     self.max_connections
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Fleet reporting (`[fleet]`): every `run` answers the NATS service protocol as service
+/// `jetsync` and writes its status to the JetStream key-value bucket `jetsync_fleet_<stream>`,
+/// which `jetsync-applier fleet` reads for instances that stopped answering.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetConfig {
+    /// Register with the NATS service protocol and write status reports (default true).
+    pub enabled: bool,
+    /// How often the status report (with the gap margin) is refreshed and written, ms.
+    pub report_interval_ms: u64,
+    /// At most this often, when it has caught up with the stream, the instance digests its
+    /// tables and compares the digest with the one the first instance recorded at the same
+    /// applied sequence (`jetsync_fleet_diverged_tables`), ms. 0 disables it.
+    pub digest_interval_ms: u64,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            enabled: true,
+            report_interval_ms: 5000,
+            digest_interval_ms: 60_000,
+        }
+    }
+}
+
+impl FleetConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.report_interval_ms < 100 {
+            return Err(ConfigError::invalid(
+                "fleet.report_interval_ms",
+                format!(
+                    "{} ms is too short: use at least 100 (default 5000)",
+                    self.report_interval_ms
+                ),
+            ));
+        }
+        if self.digest_interval_ms != 0 && self.digest_interval_ms < 1000 {
+            return Err(ConfigError::invalid(
+                "fleet.digest_interval_ms",
+                format!(
+                    "{} ms is too short: use 0 (off) or at least 1000 (default 60000)",
+                    self.digest_interval_ms
                 ),
             ));
         }
@@ -763,6 +848,7 @@ impl Config {
                 ));
             }
         }
+        self.fleet.validate()?;
         if self.log.level.trim().is_empty() {
             return Err(ConfigError::invalid(
                 "log.level",
@@ -1183,6 +1269,15 @@ impl ApplyConfig {
                 format!(
                     "{} is below apply.max_event_bytes ({}): a batch must hold the largest event",
                     self.batch_max_bytes, self.max_event_bytes
+                ),
+            ));
+        }
+        if !(1..=5).contains(&self.consumer_replicas) {
+            return Err(ConfigError::invalid(
+                "apply.consumer_replicas",
+                format!(
+                    "{} is out of range: use 1 to 5 (default 1)",
+                    self.consumer_replicas
                 ),
             ));
         }

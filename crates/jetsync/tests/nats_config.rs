@@ -89,6 +89,31 @@ where
     Ok((typed, raw))
 }
 
+/// A consumer definition (the server's JSON) as async-nats' `pull::Config`, checked like
+/// [`parse_exact`]. `pull::Config` names the server's `mem_storage` field `memory_storage` in
+/// its own serde form (it is renamed on the wire), so that one field is mapped both ways.
+fn parse_consumer(rel: &str) -> Result<(pull::Config, serde_json::Value)> {
+    let raw: serde_json::Value =
+        serde_json::from_str(&read(rel)?).with_context(|| format!("{rel} is not JSON"))?;
+    let mut renamed = raw.clone();
+    if let Some(fields) = renamed.as_object_mut() {
+        if let Some(v) = fields.remove("mem_storage") {
+            fields.insert("memory_storage".into(), v);
+        }
+    }
+    let typed: pull::Config = serde_json::from_value(renamed.clone())
+        .with_context(|| format!("{rel} does not deserialize into the async-nats config"))?;
+    let again = serde_json::to_value(&typed)?;
+    for (key, value) in renamed.as_object().context("not an object")? {
+        match again.get(key) {
+            Some(kept) if kept == value => {}
+            Some(kept) => bail!("{rel}: field {key} = {value} came back as {kept}"),
+            None => bail!("{rel}: field {key} is unknown to async-nats (built for server 2.9)"),
+        }
+    }
+    Ok((typed, raw))
+}
+
 /// A jetsync stream configuration equivalent to a stream definition: `provision()` with it must
 /// find the stream unchanged.
 fn jetsync_stream(config: &stream::Config) -> Result<StreamConfig> {
@@ -112,7 +137,8 @@ fn jetsync_stream(config: &stream::Config) -> Result<StreamConfig> {
 /// Checks a consumer definition against what the applier creates and reuses (DESIGN 5):
 /// durable `jetsync_<instance>`, one filter `<prefix>.>`, AckPolicy All, unlimited deliveries,
 /// `ack_wait` = `apply.ack_wait_ms` (30 s), `max_ack_pending` ≥ 2 × `apply.batch_max` + 2000 (room for a transaction), no
-/// inactive threshold (2.9 deletes idle durables with one), pull (no deliver subject).
+/// inactive threshold (2.9 deletes idle durables with one), pull (no deliver subject), one
+/// replica and memory storage.
 fn check_applier_consumer(rel: &str, config: &pull::Config, stream: &stream::Config) -> Result<()> {
     let durable = config.durable_name.as_deref().context("not durable")?;
     ensure!(durable.starts_with("jetsync_"), "{rel}: durable {durable}");
@@ -144,6 +170,13 @@ fn check_applier_consumer(rel: &str, config: &pull::Config, stream: &stream::Con
         config.deliver_policy == DeliverPolicy::All,
         "{rel}: deliver policy"
     );
+    // apply.consumer_replicas = 1 and apply.consumer_storage = "memory" (the defaults): the
+    // consumer needs no durable server-side state, on R1 and R3 streams alike.
+    ensure!(
+        config.num_replicas == defaults.consumer_replicas,
+        "{rel}: num_replicas"
+    );
+    ensure!(config.memory_storage, "{rel}: mem_storage");
     Ok(())
 }
 
@@ -160,7 +193,7 @@ fn definitions() -> Result<Definitions> {
     }
     let mut consumers = Vec::new();
     for rel in files("consumers", "json")? {
-        let (config, raw) = parse_exact::<pull::Config>(&rel)?;
+        let (config, raw) = parse_consumer(&rel)?;
         consumers.push((rel, config, raw));
     }
     ensure!(
@@ -753,7 +786,7 @@ async fn exercise_accounts(port: u16) -> Result<()> {
     .await?;
     let js = jetstream::new(applier);
     let stream = js.get_stream("CATALOG").await?;
-    let (consumer_config, _) = parse_exact::<pull::Config>("consumers/jetsync_catalog-1.json")?;
+    let (consumer_config, _) = parse_consumer("consumers/jetsync_catalog-1.json")?;
     let consumer: jetstream::consumer::PullConsumer =
         stream.create_consumer(consumer_config.clone()).await?;
     let mut batch = consumer
@@ -782,7 +815,7 @@ async fn exercise_accounts(port: u16) -> Result<()> {
     stream.delete_consumer("jetsync_catalog-1").await?;
     stream.create_consumer(consumer_config).await?;
     // ...but not touch catalog-2's.
-    let mut other = parse_exact::<pull::Config>("consumers/jetsync_catalog-1.json")?.0;
+    let mut other = parse_consumer("consumers/jetsync_catalog-1.json")?.0;
     other.name = Some("jetsync_catalog-2".into());
     other.durable_name = other.name.clone();
     admin_js

@@ -136,6 +136,35 @@ async fn open_sink(config: &Config) -> Result<AnySink, Failure> {
 }
 
 fn init_logging(config: &Config, default_level: &str) {
+    init_logging_with(config, default_level, None)
+}
+
+/// [`init_logging`], also keeping the last warning or error in `last_error` (for `run`'s
+/// fleet report).
+fn init_logging_with(
+    config: &Config,
+    default_level: &str,
+    last_error: Option<&jetsync_applier::LastError>,
+) {
+    use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt};
+    if let Some(last_error) = last_error {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(if default_level == "config" {
+                config.log.level.as_str()
+            } else {
+                default_level
+            })
+        });
+        let registry = tracing_subscriber::registry()
+            .with(filter)
+            .with(last_error.layer());
+        let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+        let _ = match config.log.format {
+            LogFormat::Json => registry.with(fmt.json().flatten_event(true)).try_init(),
+            _ => registry.with(fmt).try_init(),
+        };
+        return;
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         let level = if default_level == "config" {
             config.log.level.as_str()
@@ -158,8 +187,9 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<(), Failure> {
     let json = cli.command.json();
     match cli.command {
         Command::Run { .. } => {
-            init_logging(&config, "config");
-            run(config).await
+            let last_error = jetsync_applier::LastError::default();
+            init_logging_with(&config, "config", Some(&last_error));
+            run(config, last_error).await
         }
         Command::Status { .. } => {
             init_logging(&config, "warn");
@@ -204,6 +234,20 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<(), Failure> {
             init_logging(&config, "warn");
             capture(&config, action, json).await
         }
+        Command::Fleet {
+            digest,
+            timeout_ms,
+            wait_ms,
+            ..
+        } => {
+            init_logging(&config, "warn");
+            let options = jetsync_applier::FleetOptions {
+                timeout: std::time::Duration::from_millis(timeout_ms),
+                digest,
+                digest_wait: std::time::Duration::from_millis(wait_ms),
+            };
+            fleet(&config, &options, json).await
+        }
         Command::Tail {
             table, all, count, ..
         } => {
@@ -242,7 +286,7 @@ fn termination() -> impl std::future::Future<Output = ()> + Send + 'static {
     }
 }
 
-async fn run(config: Config) -> Result<(), Failure> {
+async fn run(config: Config, last_error: jetsync_applier::LastError) -> Result<(), Failure> {
     // First, so that SIGTERM during start-up still means "stop cleanly".
     let stop = termination();
     // Capture on a server without atomic batches: refuse unless capture.atomic = false.
@@ -253,6 +297,9 @@ async fn run(config: Config) -> Result<(), Failure> {
     let engine = Engine::new(config.clone(), sink);
     // The capture relay runs beside the engine while any table has capture = true.
     let relay = jetsync_applier::capture::Relay::start(config.clone(), engine.stats());
+    // The NATS service and fleet reports (a last report once the engine stopped).
+    let fleet =
+        jetsync_applier::FleetMember::start(config.clone(), engine.stats(), last_error).await;
     // Serves until the engine stops (dropping the endpoint stops it).
     let _http = match config.http.listen {
         Some(listen) => Some(
@@ -267,6 +314,7 @@ async fn run(config: Config) -> Result<(), Failure> {
     if let Some(relay) = relay {
         relay.stop().await;
     }
+    fleet.stop().await;
     result
 }
 
@@ -337,6 +385,12 @@ async fn status(config: &Config, json: bool) -> Result<(), Failure> {
 async fn provision(config: &Config, json: bool) -> Result<(), Failure> {
     let client = connect(config).await?;
     let outcome = client.provision().await.map_err(Failure::runtime)?;
+    // The fleet's report buckets, which a least-privilege applier may use but not create.
+    if config.fleet.enabled {
+        if let Err(e) = jetsync_applier::provision_fleet_buckets(client.jetstream(), config).await {
+            eprintln!("warning: {e} (`fleet` then sees running instances only)");
+        }
+    }
     let result = serde_json::json!({
         "stream": config.stream.name,
         "subjects": [jetsync::group_filter(&config.stream.subject_prefix)],
@@ -355,34 +409,11 @@ async fn provision(config: &Config, json: bool) -> Result<(), Failure> {
 
 async fn digest(config: &Config, json: bool) -> Result<(), Failure> {
     let mut sink = open_sink(config).await?;
-    // The digest is taken at one applied sequence: `run` may commit batches meanwhile, so the
-    // fence is read before and after the tables, and the digest is taken again until both
-    // reads agree (bounded; a busy applier commits every few milliseconds at most).
-    let group = &config.stream.name;
-    let mut attempts = 0;
-    let (applied, tables) = loop {
-        let before = sink
-            .fence(group)
-            .await
-            .map_err(Failure::runtime)?
-            .unwrap_or(0);
-        let tables = sink.digest().await.map_err(Failure::runtime)?;
-        let after = sink
-            .fence(group)
-            .await
-            .map_err(Failure::runtime)?
-            .unwrap_or(0);
-        attempts += 1;
-        if before == after {
-            break (after, tables);
-        }
-        if attempts >= 50 {
-            return Err(Failure::runtime(anyhow::anyhow!(
-                "the applier kept committing while the digest was taken ({attempts} attempts, \
-                 applied seq moved from {before} to {after}): stop `run` or retry when it is idle"
-            )));
-        }
-    };
+    // The digest is taken at one applied sequence although `run` may commit batches meanwhile
+    // (see `consistent_digest`).
+    let (applied, tables) = jetsync_applier::consistent_digest(&mut sink, &config.stream.name)
+        .await
+        .map_err(Failure::runtime)?;
     let result = serde_json::json!({
         "instance": config.instance,
         "applied_seq": applied,
@@ -395,6 +426,47 @@ async fn digest(config: &Config, json: bool) -> Result<(), Failure> {
         }
         out.trim_end().to_owned()
     });
+    Ok(())
+}
+
+/// `fleet`: the fleet view; with `--digest`, exit 1 when an instance diverged, is missing or
+/// could not be compared.
+async fn fleet(
+    config: &Config,
+    options: &jetsync_applier::FleetOptions,
+    json: bool,
+) -> Result<(), Failure> {
+    let client = connect(config).await?;
+    let report = jetsync_applier::collect_fleet(
+        &client,
+        &config.stream.name,
+        &config.stream.subject_prefix,
+        options,
+    )
+    .await
+    .map_err(Failure::runtime)?;
+    emit(json, &report, jetsync_applier::FleetReport::to_text);
+    if let Some(d) = &report.digest {
+        if !d.diverged.is_empty() {
+            let named: Vec<String> = d
+                .diverged
+                .iter()
+                .map(|v| format!("{} (table {})", v.instance, v.table))
+                .collect();
+            return Err(Failure::runtime(anyhow!(
+                "diverged at applied seq {}: {}",
+                d.applied_seq,
+                named.join(", ")
+            )));
+        }
+        if !d.not_compared.is_empty() {
+            let named: Vec<&str> = d.not_compared.iter().map(|n| n.instance.as_str()).collect();
+            return Err(Failure::runtime(anyhow!(
+                "not every instance could be compared: {}",
+                named.join(", ")
+            )));
+        }
+    }
     Ok(())
 }
 

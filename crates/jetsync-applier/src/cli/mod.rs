@@ -148,6 +148,28 @@ pub(crate) enum Command {
         #[command(subcommand)]
         action: CaptureAction,
     },
+    /// Every instance of the sync group: applied sequence, lag, parked events, consumer, gap
+    /// margin, version, uptime, last error; instances that stopped answering are shown from
+    /// their last report. `--digest` also compares their digests at one applied sequence and
+    /// exits 1 when one diverged or an instance is missing.
+    #[command(
+        after_help = "Examples:\n  jetsync-applier --config jetsync.toml fleet\n  jetsync-applier --config jetsync.toml fleet --digest --json"
+    )]
+    Fleet {
+        /// Compare the instances' digests at a common applied sequence (exit 1 on divergence
+        /// or a missing instance).
+        #[arg(long)]
+        digest: bool,
+        /// How long to wait for the instances' answers, ms.
+        #[arg(long, value_name = "MS", default_value_t = 2000)]
+        timeout_ms: u64,
+        /// With --digest: how long to wait for every instance to reach the stream's last
+        /// sequence, ms.
+        #[arg(long, value_name = "MS", default_value_t = 30_000)]
+        wait_ms: u64,
+        #[command(flatten)]
+        out: Output,
+    },
     /// Print events as they arrive.
     #[command(
         after_help = "Examples:\n  jetsync-applier --config jetsync.toml tail\n  jetsync-applier --config jetsync.toml tail --all --count 10 --table products --json"
@@ -256,7 +278,8 @@ impl Command {
             | Command::Digest { out }
             | Command::Reset { out, .. }
             | Command::Tail { out, .. }
-            | Command::Resync { out } => out.json,
+            | Command::Resync { out }
+            | Command::Fleet { out, .. } => out.json,
             Command::Parked { action } => match action {
                 ParkedAction::List { out }
                 | ParkedAction::Retry { out, .. }
