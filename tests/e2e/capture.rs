@@ -927,6 +927,11 @@ fn no_echo_and_live_sync() -> Result<()> {
         wait_http_up(addr_b, Duration::from_secs(60))?;
 
         // An event published with the CLI (no outbox anywhere) is applied on both.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while jetsync_e2e::stream_bounds(&server.url(), "CAPECHO").await.is_err() {
+            ensure!(Instant::now() < deadline, "stream CAPECHO not provisioned within 60 s");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
         let (code, out, err) = a.cli(&[
             "publish",
             "--table",
