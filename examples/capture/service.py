@@ -26,8 +26,9 @@ Output (stdout, one JSON object per line): ``{"progress": <writes done>}`` every
     {"done": true, "writes": 5000, "changes": 5000, "transactions": 4100,
      "multi_row_transactions": 190, "writes_in_multi_row": 1660, "busy_retries": 3}
 
-``changes`` counts the rows changed by committed transactions (rolled-back attempts are not
-counted): with capture installed, exactly that many changes are published.
+``changes`` counts the rows the service's statements changed in committed transactions
+(rolled-back attempts and the rows the capture triggers write are not counted): with capture
+installed, exactly that many changes are published.
 
 Usage::
 
@@ -95,16 +96,16 @@ class Stats:
 
 
 def run_transaction(conn, stats, body):
-    """Runs body(conn) -> writes in one IMMEDIATE transaction, retrying on SQLITE_BUSY.
+    """Runs body(conn) -> rows changed in one IMMEDIATE transaction, retrying on SQLITE_BUSY.
 
-    Returns the number of writes body reported; the rows it changed are added to stats only
-    once the commit succeeded.
+    The rows changed (the sum of the statements' own row counts: not conn.total_changes,
+    which also counts the rows the capture triggers write) are added to stats only once the
+    commit succeeded.
     """
     while True:
-        before = conn.total_changes
         try:
             conn.execute("BEGIN IMMEDIATE")
-            writes = body(conn)
+            changed = body(conn)
             conn.execute("COMMIT")
         except sqlite3.OperationalError as e:
             if conn.in_transaction:
@@ -114,9 +115,9 @@ def run_transaction(conn, stats, body):
             stats.busy_retries += 1
             time.sleep(0.01)
             continue
-        stats.changes += conn.total_changes - before
+        stats.changes += changed
         stats.transactions += 1
-        return writes
+        return changed
 
 
 def random_write(rng, keys):
@@ -130,11 +131,12 @@ def apply_random_write(conn, write):
     key, choice, n, s, f = write
     exists = conn.execute("SELECT 1 FROM items WHERE id = ?", (key,)).fetchone() is not None
     if not exists:
-        conn.execute("INSERT INTO items (id, n, s, f) VALUES (?, ?, ?, ?)", (key, n, s, f))
+        cursor = conn.execute("INSERT INTO items (id, n, s, f) VALUES (?, ?, ?, ?)", (key, n, s, f))
     elif choice < 0.7:
-        conn.execute("UPDATE items SET n = ?, s = ? WHERE id = ?", (n, s, key))
+        cursor = conn.execute("UPDATE items SET n = ?, s = ? WHERE id = ?", (n, s, key))
     else:
-        conn.execute("DELETE FROM items WHERE id = ?", (key,))
+        cursor = conn.execute("DELETE FROM items WHERE id = ?", (key,))
+    return cursor.rowcount
 
 
 def random_group_size(rng, tx_fraction):
@@ -163,9 +165,9 @@ def apply_transfer(conn, plan):
     if row is None or conn.execute("SELECT 1 FROM accounts WHERE id = ?", (target,)).fetchone() is None:
         return 0  # accounts not there (yet): nothing to move
     amount = min(amount, row[0])
-    conn.execute("UPDATE accounts SET balance = balance - ? WHERE id = ?", (amount, source))
-    conn.execute("UPDATE accounts SET balance = balance + ? WHERE id = ?", (amount, target))
-    return 1
+    debit = conn.execute("UPDATE accounts SET balance = balance - ? WHERE id = ?", (amount, source))
+    credit = conn.execute("UPDATE accounts SET balance = balance + ? WHERE id = ?", (amount, target))
+    return debit.rowcount + credit.rowcount
 
 
 def init(conn, args):
@@ -174,12 +176,13 @@ def init(conn, args):
         stats = Stats()
 
         def create(c):
+            changed = 0
             for i in range(args.accounts):
-                c.execute(
+                changed += c.execute(
                     "INSERT INTO accounts (id, balance) VALUES (?, ?)",
                     (account_id(i), args.initial),
-                )
-            return args.accounts
+                ).rowcount
+            return changed
 
         run_transaction(conn, stats, create)
 
@@ -236,9 +239,7 @@ def main():
             plans = [random_write(rng, args.keys) for _ in range(size)]
 
             def body(c):
-                for plan in plans:
-                    apply_random_write(c, plan)
-                return len(plans)
+                return sum(apply_random_write(c, plan) for plan in plans)
 
             run_transaction(conn, stats, body)
             stats.writes += size

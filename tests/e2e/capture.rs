@@ -928,8 +928,14 @@ fn no_echo_and_live_sync() -> Result<()> {
 
         // An event published with the CLI (no outbox anywhere) is applied on both.
         let deadline = Instant::now() + Duration::from_secs(60);
-        while jetsync_e2e::stream_bounds(&server.url(), "CAPECHO").await.is_err() {
-            ensure!(Instant::now() < deadline, "stream CAPECHO not provisioned within 60 s");
+        while jetsync_e2e::stream_bounds(&server.url(), "CAPECHO")
+            .await
+            .is_err()
+        {
+            ensure!(
+                Instant::now() < deadline,
+                "stream CAPECHO not provisioned within 60 s"
+            );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         let (code, out, err) = a.cli(&[
@@ -995,6 +1001,60 @@ fn no_echo_and_live_sync() -> Result<()> {
             census.total
         );
         stop_all(&mut instances)?;
+        assert_identical(&instances, &dbs, "items", last).await?;
+        Ok(())
+    })
+}
+
+// ---- Read-modify-write on the origin. ----
+
+/// Increments of one counter row committed one by one on instance A.
+const INCREMENTS: i64 = 300;
+
+/// A service incrementing a counter (`UPDATE .. SET n = n + 1`, one transaction each) while its
+/// applier applies the echoes of its earlier increments: no increment may be lost, on A or on
+/// B. An echo that overwrote A's row with an older image of A's own write would make the next
+/// increment build on a stale value, and the stream would carry the loss to every instance.
+#[test]
+fn origin_read_modify_write_loses_nothing() -> Result<()> {
+    let _heavy = heavy();
+    runtime()?.block_on(async {
+        let server = NatsServer::start()?;
+        let root = tempfile::tempdir()?;
+        let group = group_with(&server.url(), "CAPRMW", "items");
+        let (mut a, db_a) = capture_instance(&group, root.path(), "rmwa", "items", None)?;
+        let (mut b, db_b) = capture_instance(&group, root.path(), "rmwb", "items", None)?;
+        for (instance, db) in [(&a, &db_a), (&b, &db_b)] {
+            let Db::Sqlite(path) = db else { unreachable!() };
+            python_once(path, &["--init"])?;
+            install(instance)?;
+        }
+        a.start()?;
+        b.start()?;
+        sqlite_write(&db_a, "INSERT INTO items (id, n) VALUES ('counter', 0)")?;
+        wait_row(&db_b, "counter", Some(0)).await?;
+        let Db::Sqlite(path) = &db_a else { unreachable!() };
+        let conn = rusqlite::Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(30))?;
+        for _ in 0..INCREMENTS {
+            conn.execute_batch(
+                "BEGIN IMMEDIATE; UPDATE items SET n = n + 1 WHERE id = 'counter'; COMMIT;",
+            )?;
+        }
+        drop(conn);
+        let mut instances = [a, b];
+        let dbs = [db_a, db_b];
+        let last = drain(&server.url(), "CAPRMW", &mut instances, &dbs).await?;
+        stop_all(&mut instances)?;
+        for (instance, db) in instances.iter().zip(&dbs) {
+            let n = db.rows("items").await?.get("counter").and_then(|r| r.get("n").cloned());
+            ensure!(
+                n == Some(jetsync::Value::I64(INCREMENTS)),
+                "{}: counter is {n:?} after {INCREMENTS} increments on rmwa (stream last seq {last}): \
+                 an echo of an earlier increment overwrote a later one on the origin",
+                instance.name
+            );
+        }
         assert_identical(&instances, &dbs, "items", last).await?;
         Ok(())
     })
@@ -1179,22 +1239,44 @@ fn bank_over_captured_transactions() -> Result<()> {
         let (kills, changes, last) = outcome?;
         ensure!(joined, "a reader panicked");
         let mut report = Vec::new();
+        let mut broken = false;
         for (name, reads) in &stats {
             let violations = reads.violations.load(Ordering::Relaxed);
             let with_rows = reads.with_rows.load(Ordering::Relaxed);
+            broken |= violations > 0 || with_rows < 50;
             report.push(format!(
                 "{name}: {} reads, {with_rows} with rows, {violations} violations {:?}",
                 reads.reads.load(Ordering::Relaxed),
                 reads.examples.lock().unwrap_or_else(|e| e.into_inner())
             ));
+        }
+        // The end state first: a violation seen only during the run, with an exact end
+        // state, is a different defect from a lost or doubled update.
+        stop_all(&mut instances)?;
+        assert_identical(&instances, &dbs, "accounts", last)
+            .await
+            .with_context(|| format!("reads: {}", report.join("; ")))?;
+        for db in &dbs {
+            let rows = db.rows("accounts").await?;
+            let sum: i64 = rows
+                .values()
+                .map(|r| match r.get("balance") {
+                    Some(jetsync::Value::I64(b)) => *b,
+                    _ => 0,
+                })
+                .sum();
             ensure!(
-                violations == 0 && with_rows >= 50,
-                "the bank invariant: {}",
+                rows.len() == ACCOUNTS && sum == ACCOUNTS as i64 * INITIAL,
+                "end state: {} accounts holding {sum}; reads: {}",
+                rows.len(),
                 report.join("; ")
             );
         }
-        stop_all(&mut instances)?;
-        assert_identical(&instances, &dbs, "accounts", last).await?;
+        ensure!(
+            !broken,
+            "the bank invariant (end state exact and identical everywhere): {}",
+            report.join("; ")
+        );
         let census = Census::read(&server.url(), "CAPBANK").await?;
         let published: u64 = names.iter().map(|n| census.of(n).len() as u64).sum();
         ensure!(
