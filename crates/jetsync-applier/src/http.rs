@@ -87,6 +87,8 @@ pub const METRIC_NAMES: &[&str] = &[
     "jetsync_resyncs",
     "jetsync_events_skipped",
     "jetsync_transactions_applied",
+    "jetsync_capture_backlog",
+    "jetsync_capture_published",
 ];
 
 /// Whether an engine with these counters is ready: connected, and at most `max_lag` events
@@ -102,6 +104,27 @@ pub fn readiness(snapshot: &StatsSnapshot, max_lag: u64) -> Result<(), String> {
         return Err(format!(
             "lag {lag} events > http.ready_max_lag {max_lag} (applied seq {}, stream last seq {})",
             snapshot.applied_seq, snapshot.stream_last_seq
+        ));
+    }
+    Ok(())
+}
+
+/// Whether the capture relay keeps up: at most `capture.ready_max_backlog` rows in the outbox
+/// (0 disables the check). Always ready when no table is captured.
+pub fn capture_readiness(
+    snapshot: &crate::capture::CaptureSnapshot,
+    config: &Config,
+) -> Result<(), String> {
+    let max = config.capture.ready_max_backlog;
+    if snapshot.enabled && max > 0 && snapshot.backlog > max {
+        return Err(format!(
+            "capture backlog {} outbox rows > capture.ready_max_backlog {max}{}",
+            snapshot.backlog,
+            snapshot
+                .error
+                .as_deref()
+                .map(|e| format!(" (relay: {e})"))
+                .unwrap_or_default()
         ));
     }
     Ok(())
@@ -249,6 +272,19 @@ impl Collector for StatsCollector {
             "Transactions (atomic batches) applied, each in one sink transaction",
             s.transactions_applied,
         )?;
+        let c = self.0.capture().snapshot();
+        Self::gauge(
+            e,
+            "capture_backlog",
+            "Captured changes waiting in the outbox (0 when no table is captured)",
+            c.backlog,
+        )?;
+        Self::counter(
+            e,
+            "capture_published",
+            "Captured changes (outbox entries) published by this run",
+            c.published,
+        )?;
         Ok(())
     }
 }
@@ -347,7 +383,9 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, String) {
-    match readiness(&shared.stats.snapshot(), shared.config.http.ready_max_lag) {
+    let ready = readiness(&shared.stats.snapshot(), shared.config.http.ready_max_lag)
+        .and_then(|()| capture_readiness(&shared.stats.capture().snapshot(), &shared.config));
+    match ready {
         Ok(()) => (StatusCode::OK, "ready\n".into()),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -20,6 +20,7 @@
 mod apply;
 mod backoff;
 mod bootstrap;
+pub mod capture;
 mod consumer;
 mod decode;
 mod digest;

@@ -22,6 +22,11 @@ impl Shutdown {
         Shutdown { rx }
     }
 
+    /// The flag a `watch` channel carries (`true`: shutdown requested).
+    pub(crate) fn from_receiver(rx: watch::Receiver<bool>) -> Shutdown {
+        Shutdown { rx }
+    }
+
     /// Whether shutdown was requested.
     pub(crate) fn is_requested(&self) -> bool {
         *self.rx.borrow()

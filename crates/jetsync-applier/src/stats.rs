@@ -35,6 +35,8 @@ pub struct Stats {
     /// table → events applied, indexed by `OpKind as usize`.
     by_table_op: Mutex<BTreeMap<String, [u64; 2]>>,
     batch_durations: Mutex<BatchDurations>,
+    /// The capture relay's counters (idle when no table is captured).
+    capture: crate::capture::CaptureStats,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -158,6 +160,11 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Stats {
+    /// The capture relay's counters.
+    pub fn capture(&self) -> &crate::capture::CaptureStats {
+        &self.capture
+    }
+
     /// A copy of the counters. The batch counters are at least as new as `applied_seq`: a
     /// batch is counted before its sequence is published (`Release`/`Acquire`), so a reader that
     /// sees a batch's sequence also sees its events counted.

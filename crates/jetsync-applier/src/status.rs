@@ -68,6 +68,10 @@ pub struct StatusReport {
     pub instance: String,
     /// One entry per sync group.
     pub groups: Vec<GroupStatus>,
+    /// Change capture (absent when no table has `capture = true`): the outbox backlog now and
+    /// the entries published over the instance's life.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<crate::capture::CaptureStatus>,
 }
 
 impl StatusReport {
@@ -123,6 +127,17 @@ impl StatusReport {
             }
             if let Some(e) = &g.nats_error {
                 out += &format!("  NATS: {e}\n");
+            }
+        }
+        if let Some(c) = &self.capture {
+            out += &format!(
+                "capture ({}): {} waiting in the outbox, {} published over the instance's life\n",
+                c.tables.join(", "),
+                c.backlog,
+                c.published
+            );
+            if let Some(e) = &c.error {
+                out += &format!("  outbox: {e}\n");
             }
         }
         out.trim_end().to_owned()
@@ -211,6 +226,7 @@ async fn collect(config: &Config, remote: Remote<'_>) -> Result<StatusReport, Of
             return Ok(StatusReport {
                 instance: config.instance.clone(),
                 groups: vec![g],
+                capture: crate::capture::status(config).await,
             });
         }
     };
@@ -274,6 +290,7 @@ async fn collect(config: &Config, remote: Remote<'_>) -> Result<StatusReport, Of
     Ok(StatusReport {
         instance: config.instance.clone(),
         groups: vec![g],
+        capture: crate::capture::status(config).await,
     })
 }
 
@@ -283,6 +300,7 @@ mod tests {
 
     fn report(nats_error: Option<&str>) -> StatusReport {
         StatusReport {
+            capture: None,
             instance: "i1".into(),
             groups: vec![GroupStatus {
                 stream: "S".into(),

@@ -34,7 +34,7 @@ pub const ENV_PREFIX: &str = "JETSYNC_";
 /// The top-level configuration keys. A `JETSYNC_` variable without `__` is configuration only
 /// when its name is one of these.
 pub const TOP_LEVEL_KEYS: &[&str] = &[
-    "instance", "data_dir", "nats", "stream", "tables", "sink", "apply", "http", "log",
+    "instance", "data_dir", "nats", "stream", "tables", "sink", "apply", "http", "log", "capture",
 ];
 
 /// Name of the figment provider that reads the environment; errors use it to name the variable.
@@ -65,6 +65,9 @@ pub struct Config {
     pub http: HttpConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Change capture: the relay that publishes what services write straight into their SQL
+    /// tables (`[tables.<name>] capture = true`).
+    pub capture: CaptureConfig,
 }
 
 impl Default for Config {
@@ -79,6 +82,7 @@ impl Default for Config {
             apply: ApplyConfig::default(),
             http: HttpConfig::default(),
             log: LogConfig::default(),
+            capture: CaptureConfig::default(),
         }
     }
 }
@@ -211,6 +215,10 @@ pub struct TableConfig {
     /// events an instance saw, so an instance that joined from a snapshot can differ from one
     /// that replayed the history.
     pub merge: bool,
+    /// Change capture: `jetsync-applier capture install` puts triggers on this table that
+    /// record every INSERT, UPDATE and DELETE the service makes into the outbox
+    /// (`jetsync_outbox`), and `run` publishes them (SQLite and Postgres sinks).
+    pub capture: bool,
 }
 
 impl Default for TableConfig {
@@ -218,7 +226,60 @@ impl Default for TableConfig {
         TableConfig {
             key: DEFAULT_KEY_COLUMN.to_owned(),
             merge: false,
+            capture: false,
         }
+    }
+}
+
+/// Change capture settings (`[capture]`), used when a table has `capture = true`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureConfig {
+    /// Publish each local transaction as one atomic transaction (default). Needs nats-server
+    /// 2.12.1 or later and implies `stream.transactions = true`. `false` explicitly allows
+    /// publishing captured rows one by one (non-atomic) on servers without atomic batches.
+    pub atomic: bool,
+    /// How often the relay looks for new outbox rows, in ms (1 to 60000).
+    pub poll_ms: u64,
+    /// Most outbox rows the relay reads per cycle (100 to 100000).
+    pub max_batch_rows: usize,
+    /// `/readyz` fails while more than this many outbox rows wait to be published
+    /// (0 disables the check).
+    pub ready_max_backlog: u64,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        CaptureConfig {
+            atomic: true,
+            poll_ms: 10,
+            max_batch_rows: 10_000,
+            ready_max_backlog: 10_000,
+        }
+    }
+}
+
+impl CaptureConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=60_000).contains(&self.poll_ms) {
+            return Err(ConfigError::invalid(
+                "capture.poll_ms",
+                format!(
+                    "{} is out of range: use 1 to 60000 (default 10)",
+                    self.poll_ms
+                ),
+            ));
+        }
+        if !(100..=100_000).contains(&self.max_batch_rows) {
+            return Err(ConfigError::invalid(
+                "capture.max_batch_rows",
+                format!(
+                    "{} is out of range: use 100 to 100000 (default 10000)",
+                    self.max_batch_rows
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -486,7 +547,7 @@ impl ConfigError {
         }
     }
 
-    fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub(crate) fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
         ConfigError::Invalid {
             key: key.into(),
             reason: reason.into(),
@@ -615,10 +676,29 @@ impl Config {
         Ok(figment.merge(EnvProvider::new()))
     }
 
+    /// The tables with `capture = true`, in name order.
+    pub fn captured_tables(&self) -> impl Iterator<Item = &str> {
+        self.tables
+            .iter()
+            .filter(|(_, t)| t.capture)
+            .map(|(name, _)| name.as_str())
+    }
+
+    /// Whether some table is captured and captured transactions are published atomically
+    /// (`capture.atomic`, the default): the stream then needs atomic batches
+    /// (`stream.transactions`, which loading the configuration sets).
+    pub fn capture_atomic(&self) -> bool {
+        self.capture.atomic && self.captured_tables().next().is_some()
+    }
+
     /// Extracts and validates a configuration. Keys the figment lacks take their defaults.
     pub fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
-        let config: Config = figment.extract().map_err(ConfigError::from_figment)?;
+        let mut config: Config = figment.extract().map_err(ConfigError::from_figment)?;
         config.validate()?;
+        // Atomic capture publishes transactions: the stream must allow atomic batches.
+        if config.capture_atomic() {
+            config.stream.transactions = true;
+        }
         Ok(config)
     }
 
@@ -673,6 +753,16 @@ impl Config {
         self.sink.validate()?;
         self.apply.validate()?;
         self.http.validate()?;
+        self.capture.validate()?;
+        if let Some(name) = self.captured_tables().next() {
+            if self.sink.kind == SinkKind::Redb {
+                return Err(ConfigError::invalid(
+                    format!("tables.{name}.capture"),
+                    "capture works with the sqlite and postgres sinks only (the redb replica \
+                     has no SQL writers to capture)",
+                ));
+            }
+        }
         if self.log.level.trim().is_empty() {
             return Err(ConfigError::invalid(
                 "log.level",
@@ -1582,6 +1672,36 @@ mod tests {
         let err = load_in_jail(jail, Some(toml)).unwrap_err();
         assert!(matches!(err, ConfigError::Invalid { .. }), "{err:?}");
         err.key().unwrap_or_default().to_owned()
+    }
+
+    #[test]
+    fn capture_keys() {
+        Jail::expect_with(|jail| {
+            let base = "instance = \"a\"\n[tables.items]\ncapture = true\n";
+            let config = load_in_jail(jail, Some(base)).unwrap();
+            assert!(config.tables["items"].capture);
+            assert!(config.capture.atomic);
+            assert!(config.capture_atomic());
+            assert!(
+                config.stream.transactions,
+                "atomic capture needs atomic batches"
+            );
+            assert_eq!(config.captured_tables().collect::<Vec<_>>(), ["items"]);
+            let per_row = format!("{base}[capture]\natomic = false\npoll_ms = 50\n");
+            let config = load_in_jail(jail, Some(&per_row)).unwrap();
+            assert!(!config.stream.transactions);
+            assert_eq!(config.capture.poll_ms, 50);
+            let plain = load_in_jail(jail, Some("instance = \"a\"\n")).unwrap();
+            assert!(!plain.capture_atomic() && !plain.stream.transactions);
+            for (extra, key) in [
+                ("[capture]\npoll_ms = 0\n", "capture.poll_ms"),
+                ("[capture]\nmax_batch_rows = 5\n", "capture.max_batch_rows"),
+                ("[sink]\nkind = \"redb\"\n", "tables.items.capture"),
+            ] {
+                assert_eq!(invalid_key(jail, &format!("{base}{extra}")), key, "{extra}");
+            }
+            Ok(())
+        });
     }
 
     #[test]

@@ -11,7 +11,7 @@ use jetsync_applier::{
 
 use super::{
     output::{count, emit, escape_bytes, escape_text},
-    Cli, Command, Failure, ParkedAction,
+    CaptureAction, Cli, Command, Failure, ParkedAction,
 };
 
 /// Loads the configuration; any problem is a configuration error (exit 2).
@@ -200,6 +200,10 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 ParkedAction::Drop { rows, all, .. } => parked_drop(&config, &rows, all, json),
             }
         }
+        Command::Capture { action } => {
+            init_logging(&config, "warn");
+            capture(&config, action, json).await
+        }
         Command::Tail {
             table, all, count, ..
         } => {
@@ -241,8 +245,14 @@ fn termination() -> impl std::future::Future<Output = ()> + Send + 'static {
 async fn run(config: Config) -> Result<(), Failure> {
     // First, so that SIGTERM during start-up still means "stop cleanly".
     let stop = termination();
+    // Capture on a server without atomic batches: refuse unless capture.atomic = false.
+    jetsync_applier::capture::check_server(&config)
+        .await
+        .map_err(capture_failure)?;
     let sink = open_sink(&config).await?;
     let engine = Engine::new(config.clone(), sink);
+    // The capture relay runs beside the engine while any table has capture = true.
+    let relay = jetsync_applier::capture::Relay::start(config.clone(), engine.stats());
     // Serves until the engine stops (dropping the endpoint stops it).
     let _http = match config.http.listen {
         Some(listen) => Some(
@@ -253,7 +263,31 @@ async fn run(config: Config) -> Result<(), Failure> {
         ),
         None => None,
     };
-    engine.run(stop).await.map_err(engine_failure)
+    let result = engine.run(stop).await.map_err(engine_failure);
+    if let Some(relay) = relay {
+        relay.stop().await;
+    }
+    result
+}
+
+/// A capture failure: configuration problems (the message starts with the key) exit 2.
+fn capture_failure(e: jetsync_applier::capture::CaptureError) -> Failure {
+    match e {
+        jetsync_applier::capture::CaptureError::Config { .. } => Failure::usage(e),
+        e => Failure::runtime(e),
+    }
+}
+
+/// `capture install` / `capture remove`.
+async fn capture(config: &Config, action: CaptureAction, json: bool) -> Result<(), Failure> {
+    use jetsync_applier::capture;
+    let report = match action {
+        CaptureAction::Install { .. } => capture::install(config).await,
+        CaptureAction::Remove { .. } => capture::remove(config).await,
+    }
+    .map_err(capture_failure)?;
+    emit(json, &report, capture::CaptureReport::to_text);
+    Ok(())
 }
 
 async fn connect(config: &Config) -> Result<jetsync::Client, Failure> {

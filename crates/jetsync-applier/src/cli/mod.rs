@@ -139,6 +139,15 @@ pub(crate) enum Command {
         #[arg(long)]
         json_output: bool,
     },
+    /// Change capture: triggers that publish what services write straight into their SQL
+    /// tables (`[tables.<name>] capture = true`).
+    #[command(
+        after_help = "Examples:\n  jetsync-applier --config jetsync.toml capture install\n  jetsync-applier --config jetsync.toml capture remove --json"
+    )]
+    Capture {
+        #[command(subcommand)]
+        action: CaptureAction,
+    },
     /// Print events as they arrive.
     #[command(
         after_help = "Examples:\n  jetsync-applier --config jetsync.toml tail\n  jetsync-applier --config jetsync.toml tail --all --count 10 --table products --json"
@@ -202,6 +211,30 @@ pub(crate) enum ParkedAction {
     },
 }
 
+/// `capture` subcommands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum CaptureAction {
+    /// Create the outbox (`jetsync_outbox`) and the capture triggers of every table with
+    /// `capture = true`, replacing older triggers; drops the triggers of tables no longer
+    /// captured. Idempotent; safe while the service and `run` are running.
+    #[command(
+        after_help = "Examples:\n  jetsync-applier --config jetsync.toml capture install\n  jetsync-applier --config jetsync.toml capture install --json   # after adding a column or a captured table"
+    )]
+    Install {
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Drop every capture trigger. Rows already in the outbox stay there and are published by
+    /// the next `run` whose configuration still captures a table (or stay until then).
+    #[command(
+        after_help = "Examples:\n  jetsync-applier --config jetsync.toml capture remove\n  jetsync-applier --config jetsync.toml capture remove --json"
+    )]
+    Remove {
+        #[command(flatten)]
+        out: Output,
+    },
+}
+
 /// A failure with its exit code.
 #[derive(Debug)]
 pub(crate) struct Failure {
@@ -224,6 +257,9 @@ impl Command {
                 ParkedAction::List { out }
                 | ParkedAction::Retry { out, .. }
                 | ParkedAction::Drop { out, .. } => out.json,
+            },
+            Command::Capture { action } => match action {
+                CaptureAction::Install { out } | CaptureAction::Remove { out } => out.json,
             },
             Command::Publish { json_output, .. } => *json_output,
         }

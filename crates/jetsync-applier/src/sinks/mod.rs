@@ -2,7 +2,7 @@
 
 pub mod postgres;
 pub mod redb;
-mod sql;
+pub(crate) mod sql;
 pub mod sqlite;
 
 use jetsync::{Config, SinkKind};

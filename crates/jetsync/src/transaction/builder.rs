@@ -48,6 +48,8 @@ pub(crate) struct Member {
     pub(crate) body: Bytes,
     /// Compare-and-set: the row's expected last sequence.
     pub(crate) expected_seq: Option<u64>,
+    /// The member's own `Nats-Msg-Id`, instead of `<transaction id>-<n>`.
+    pub(crate) msg_id: Option<String>,
 }
 
 impl Clone for Transaction {
@@ -136,6 +138,36 @@ impl Transaction {
         self.push(table, key, Change::Delete, Some(expected_seq))
     }
 
+    /// Adds `change` of row `key` of `table`, published with its own message id `msg_id`
+    /// (1 to 128 characters) instead of `<transaction id>-<n>`.
+    ///
+    /// For relays that republish the same changes after a crash (change capture): with the
+    /// same message ids on every member, a second commit of the same changes in a new
+    /// transaction is refused by the server as a duplicate and reported with
+    /// `duplicate: true`, provided it comes within the stream's duplicate window.
+    pub fn change_with_msg_id<T>(
+        &mut self,
+        table: &Table<T>,
+        key: &str,
+        change: Change,
+        msg_id: impl Into<String>,
+    ) -> Result<&mut Self, Error> {
+        let msg_id = msg_id.into();
+        if msg_id.is_empty() || msg_id.len() > 128 || msg_id.contains(['\r', '\n']) {
+            return Err(Error::Config(crate::ConfigError::invalid(
+                "msg_id",
+                format!(
+                    "`{msg_id}` is not a usable message id: use 1 to 128 characters on one line"
+                ),
+            )));
+        }
+        self.push(table, key, change, None)?;
+        if let Some(member) = self.members.last_mut() {
+            member.msg_id = Some(msg_id);
+        }
+        Ok(self)
+    }
+
     fn push<T>(
         &mut self,
         table: &Table<T>,
@@ -161,6 +193,7 @@ impl Transaction {
             subject,
             body: Bytes::from(body),
             expected_seq,
+            msg_id: None,
         });
         Ok(self)
     }

@@ -180,7 +180,7 @@ impl Transaction {
     ) -> Vec<(&'static str, String)> {
         let format = self.client().inner().format.header_value();
         let mut headers = vec![
-            (MSG_ID_HEADER, format!("{}-{index}", self.id())),
+            (MSG_ID_HEADER, self.msg_id(index, member)),
             (FORMAT_HEADER, format.to_owned()),
             (BATCH_ID_HEADER, batch_id.to_owned()),
             (BATCH_SEQUENCE_HEADER, index.to_string()),
@@ -192,6 +192,14 @@ impl Transaction {
             headers.push((EXPECTED_SEQ_HEADER, seq.to_string()));
         }
         headers
+    }
+
+    /// Member `index`'s (1-based) message id: its own, else `<transaction id>-<index>`.
+    fn msg_id(&self, index: usize, member: &Member) -> String {
+        match &member.msg_id {
+            Some(id) => id.clone(),
+            None => format!("{}-{index}", self.id()),
+        }
     }
 
     /// [`Error::TooLarge`] for the first member above the server's `max_payload`, before
@@ -400,7 +408,7 @@ impl Transaction {
         let members = self.members();
         let count = members.len();
         let commit = &members[count - 1];
-        let msg_id = format!("{}-{count}", self.id());
+        let msg_id = self.msg_id(count, commit);
         let (seq, exact) = match last_message(self.client(), &commit.subject).await? {
             Some(message) => {
                 let ours = message

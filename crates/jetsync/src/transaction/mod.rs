@@ -20,6 +20,7 @@ pub(crate) mod version;
 
 pub use builder::{Transaction, MAX_TRANSACTION_ROWS};
 pub use commit::Committed;
+pub use version::supports_transactions;
 
 /// Header naming the atomic batch (transaction) a message belongs to.
 pub const BATCH_ID_HEADER: &str = "Nats-Batch-Id";

@@ -16,7 +16,7 @@ pub(crate) const NEEDED: &str =
 
 /// Whether a server reporting `version` (`2.12.8`, `v2.12.8`, `2.12.1-beta`) stores
 /// transactions. An unreadable version counts as too old.
-pub(crate) fn supports_transactions(version: &str) -> bool {
+pub fn supports_transactions(version: &str) -> bool {
     parse(version).is_some_and(|v| v >= MIN_VERSION)
 }
 

@@ -211,6 +211,9 @@ impl fmt::Debug for PostgresSink {
     }
 }
 
+/// The startup option that marks the sink's sessions for the capture triggers.
+pub(crate) const APPLYING_OPTION: &str = "-c jetsync.applying=on";
+
 impl PostgresSink {
     /// Connects to the database, resolves the schema and creates `jetsync_offsets` in it when it
     /// is missing (adding its `instance` column to an older one).
@@ -237,6 +240,14 @@ impl PostgresSink {
         if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
             config.keepalives_idle(KEEPALIVES_IDLE);
         }
+        // Every session of the sink carries `jetsync.applying = on`, so that capture triggers
+        // (`capture install`) skip the applier's own writes (apply, resync, parked retries):
+        // no echo. A custom setting needs no privilege; only this session sees it.
+        let startup = match config.get_options() {
+            Some(given) if !given.trim().is_empty() => format!("{given} {APPLYING_OPTION}"),
+            _ => APPLYING_OPTION.to_owned(),
+        };
+        config.options(&startup);
         let target = describe_target(&config);
         let mut sink = PostgresSink {
             schema: options.schema.clone().unwrap_or_default(),

@@ -98,9 +98,19 @@ pub(super) fn open(path: &Path) -> Result<Connection, SinkError> {
 /// open (so one failure cannot wedge the connection). `IMMEDIATE` takes the write lock now, so
 /// the service cannot change the schema between our schema check and our writes, and a busy
 /// database fails here, before any work.
+///
+/// It also raises the capture flag (a row in `jetsync_capture_applying`, removed again by
+/// [`commit`]): capture triggers skip changes while the flag is visible, so the applier's own
+/// writes are never captured. The flag is never committed, so the service's connections never
+/// see it.
 pub(super) fn begin_immediate(conn: &Connection) -> rusqlite::Result<()> {
     rollback(conn);
-    conn.execute_batch("BEGIN IMMEDIATE")
+    conn.execute_batch("BEGIN IMMEDIATE; INSERT INTO jetsync_capture_applying (flag) VALUES (1)")
+}
+
+/// Commits the transaction [`begin_immediate`] opened, lowering the capture flag first.
+pub(super) fn commit(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch("DELETE FROM jetsync_capture_applying; COMMIT")
 }
 
 /// Rolls back the open transaction, if any. A failing ROLLBACK leaves nothing to do: SQLite

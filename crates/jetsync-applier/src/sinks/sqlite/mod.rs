@@ -176,7 +176,7 @@ impl SqliteSink {
         let result = (|| -> Result<(), Error> {
             connection::begin_immediate(&self.conn)?;
             fence::set_exactly(&self.conn, group, seq)?;
-            self.conn.execute_batch("COMMIT")?;
+            connection::commit(&self.conn)?;
             Ok(())
         })();
         result.map_err(|e| {
@@ -258,8 +258,7 @@ impl SqliteSink {
             .map_err(|e| op_error("read the schema of", e))?;
         // Crash window: before this COMMIT completes, nothing of the batch is visible and the
         // fence is unchanged; after it, rows and fence moved together.
-        conn.execute_batch("COMMIT")
-            .map_err(|e| op_error("commit a batch to", e.into()))?;
+        connection::commit(conn).map_err(|e| op_error("commit a batch to", e.into()))?;
         Ok(())
     }
 
@@ -387,7 +386,7 @@ impl SqliteSink {
             self.schema.after_ddl(&self.conn)?;
             // Crash window: before this COMMIT completes, the old contents and fence are all
             // there; after it, the new contents and fence.
-            self.conn.execute_batch("COMMIT")?;
+            connection::commit(&self.conn)?;
             Ok(())
         })();
         result.map_err(|e| {

@@ -37,7 +37,8 @@ const SHADOW_SUFFIXES: [&str; 11] = [
 /// The statement that creates the sink's own tables (at open; idempotent).
 pub(super) const CREATE_OWN_TABLES: &str = "CREATE TABLE IF NOT EXISTS jetsync_offsets \
      (stream TEXT PRIMARY KEY, seq INTEGER NOT NULL); \
-     CREATE TABLE IF NOT EXISTS jetsync_tables (name TEXT PRIMARY KEY)";
+     CREATE TABLE IF NOT EXISTS jetsync_tables (name TEXT PRIMARY KEY); \
+     CREATE TABLE IF NOT EXISTS jetsync_capture_applying (flag INTEGER)";
 
 /// Whether `table` is one of ours or SQLite's (compared as SQLite does, ignoring ASCII case).
 pub(super) fn is_reserved(table: &str) -> bool {

@@ -1,0 +1,594 @@
+//! Capture on Postgres: the outbox, the trigger, and the relay's reads and writes of the outbox.
+//!
+//! In the sink's schema:
+//! - `jetsync_outbox (id bigserial, xid bigint DEFAULT txid_current(), tbl, op, key, row jsonb)`:
+//!   one row per captured change, tagged with the local transaction id.
+//! - `jetsync_capture_state (published)`: entries published over the instance's life.
+//! - function `jetsync_capture()` and, per captured table, trigger `jetsync_capture` (AFTER
+//!   INSERT OR UPDATE OR DELETE, FOR EACH ROW) with the key column as its argument. The row
+//!   image is `to_jsonb(NEW)`, so a column added later is captured without reinstalling. It
+//!   fires only `WHEN (current_setting('jetsync.applying', true) IS DISTINCT FROM 'on')`: the
+//!   sink's sessions set it (no echo).
+//!
+//! Values: the relay reads each image column as text (`jsonb_each_text`, exact for numeric)
+//! and converts it by the column's type: integers → i64, float4/8 → f64, numeric → text (its
+//! exact decimal spelling), bool → bool, bytea → bytes, json/jsonb → json, anything else
+//! (text, timestamps, uuid, ...) → text, which the Postgres sink of every instance converts back
+//! to the column's type.
+
+use std::collections::HashMap;
+
+use jetsync::{Change, Config, Row, Value, MAX_TRANSACTION_ROWS};
+use tokio_postgres::{types::Type, Client, NoTls};
+
+use super::{image, Batch, CaptureError, CaptureReport, Entry, TableAction};
+use crate::sinks::sql::push_quoted;
+
+fn quoted(name: &str) -> String {
+    let mut out = String::new();
+    push_quoted(&mut out, name);
+    out
+}
+
+fn pg_error(what: &str, e: &tokio_postgres::Error) -> CaptureError {
+    let detail = e
+        .as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_else(|| e.to_string());
+    CaptureError::Database(format!("Postgres: {what}: {detail}"))
+}
+
+/// Connects (as a plain session: this one's writes are captured like the service's) and
+/// returns the client with the sink's schema.
+pub(super) async fn connect(config: &Config) -> Result<(Client, String), CaptureError> {
+    let url = config
+        .sink
+        .url
+        .as_ref()
+        .ok_or_else(|| CaptureError::Config {
+            key: "sink.url".into(),
+            reason: "must be set for the postgres sink".into(),
+        })?;
+    let pg: tokio_postgres::Config = url.expose().parse().map_err(|e| CaptureError::Config {
+        key: "sink.url".into(),
+        reason: format!("not a valid Postgres connection string: {e}"),
+    })?;
+    let (client, connection) = pg
+        .connect(NoTls)
+        .await
+        .map_err(|e| pg_error("connect", &e))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "capture's Postgres connection closed");
+        }
+    });
+    let schema = match &config.sink.schema {
+        Some(schema) => schema.clone(),
+        None => client
+            .query_one("SELECT current_schema()", &[])
+            .await
+            .map_err(|e| pg_error("read the current schema", &e))?
+            .get::<_, Option<String>>(0)
+            .ok_or_else(|| CaptureError::Config {
+                key: "sink.schema".into(),
+                reason: "no schema given and the connection has no current schema".into(),
+            })?,
+    };
+    Ok((client, schema))
+}
+
+fn create_sql(s: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {s}.jetsync_outbox (\
+            id bigserial PRIMARY KEY, xid bigint NOT NULL DEFAULT txid_current(), \
+            tbl text NOT NULL, op text NOT NULL, key text, row jsonb); \
+         CREATE TABLE IF NOT EXISTS {s}.jetsync_capture_state (\
+            id int PRIMARY KEY CHECK (id = 1), published bigint NOT NULL); \
+         INSERT INTO {s}.jetsync_capture_state (id, published) VALUES (1, 0) ON CONFLICT DO NOTHING; \
+         CREATE OR REPLACE FUNCTION {s}.jetsync_capture() RETURNS trigger LANGUAGE plpgsql AS $jetsync$ \
+         DECLARE k text := TG_ARGV[0]; \
+         BEGIN \
+           IF TG_OP = 'DELETE' THEN \
+             INSERT INTO {s}.jetsync_outbox (tbl, op, key) VALUES (TG_TABLE_NAME, 'delete', to_jsonb(OLD) ->> k); \
+             RETURN NULL; \
+           END IF; \
+           IF TG_OP = 'UPDATE' AND (to_jsonb(OLD) -> k) IS DISTINCT FROM (to_jsonb(NEW) -> k) THEN \
+             INSERT INTO {s}.jetsync_outbox (tbl, op, key) VALUES (TG_TABLE_NAME, 'delete', to_jsonb(OLD) ->> k); \
+           END IF; \
+           INSERT INTO {s}.jetsync_outbox (tbl, op, key, row) VALUES (TG_TABLE_NAME, 'upsert', to_jsonb(NEW) ->> k, to_jsonb(NEW)); \
+           RETURN NULL; \
+         END $jetsync$"
+    )
+}
+
+/// `capture install`.
+pub(super) async fn install(
+    config: &Config,
+    tables: &[(String, String)],
+) -> Result<CaptureReport, CaptureError> {
+    let (mut client, schema) = connect(config).await?;
+    let s = quoted(&schema);
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| pg_error("begin", &e))?;
+    tx.batch_execute(&create_sql(&s))
+        .await
+        .map_err(|e| pg_error("create the outbox and the capture function", &e))?;
+    let mut actions = Vec::new();
+    for (table, key) in tables {
+        let columns: Vec<String> = tx
+            .query(
+                "SELECT a.attname::text FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped \
+                 ORDER BY a.attnum",
+                &[&schema, table],
+            )
+            .await
+            .map_err(|e| pg_error("read the columns", &e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if columns.is_empty() {
+            return Err(CaptureError::Config {
+                key: format!("tables.{table}.capture"),
+                reason: format!(
+                    "table {schema}.{table} does not exist; create it first (capture puts \
+                     triggers on the service's existing tables)"
+                ),
+            });
+        }
+        if !columns.contains(key) {
+            return Err(CaptureError::Config {
+                key: format!("tables.{table}.key"),
+                reason: format!(
+                    "table {schema}.{table} has no column `{key}` (its columns: {})",
+                    columns.join(", ")
+                ),
+            });
+        }
+        let existed: bool = tx
+            .query_one(
+                "SELECT count(*) > 0 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND t.tgname = 'jetsync_capture'",
+                &[&schema, table],
+            )
+            .await
+            .map_err(|e| pg_error("read the triggers", &e))?
+            .get(0);
+        let t = format!("{s}.{}", quoted(table));
+        let key_literal = format!("'{}'", key.replace('\'', "''"));
+        tx.batch_execute(&format!(
+            "DROP TRIGGER IF EXISTS jetsync_capture ON {t}; \
+             CREATE TRIGGER jetsync_capture AFTER INSERT OR UPDATE OR DELETE ON {t} \
+             FOR EACH ROW WHEN (current_setting('jetsync.applying', true) IS DISTINCT FROM 'on') \
+             EXECUTE FUNCTION {s}.jetsync_capture({key_literal})"
+        ))
+        .await
+        .map_err(|e| pg_error(&format!("create the capture trigger of {table}"), &e))?;
+        actions.push(TableAction {
+            table: table.clone(),
+            action: if existed { "reinstalled" } else { "installed" }.into(),
+            columns: Vec::new(),
+        });
+    }
+    // Tables captured before but not any more.
+    for table in triggered_tables(&tx, &schema).await? {
+        if !tables.iter().any(|(t, _)| *t == table) {
+            tx.batch_execute(&format!(
+                "DROP TRIGGER IF EXISTS jetsync_capture ON {s}.{}",
+                quoted(&table)
+            ))
+            .await
+            .map_err(|e| pg_error("drop a trigger", &e))?;
+            actions.push(TableAction {
+                table,
+                action: "removed (no longer capture = true)".into(),
+                columns: Vec::new(),
+            });
+        }
+    }
+    tx.commit().await.map_err(|e| pg_error("commit", &e))?;
+    let (backlog, _) = counts_on(&client, &schema).await?;
+    Ok(CaptureReport {
+        outbox: format!("{schema}.{}", super::OUTBOX_TABLE),
+        tables: actions,
+        backlog,
+        note: None,
+    })
+}
+
+async fn triggered_tables(
+    client: &impl tokio_postgres::GenericClient,
+    schema: &str,
+) -> Result<Vec<String>, CaptureError> {
+    Ok(client
+        .query(
+            "SELECT c.relname::text FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND t.tgname = 'jetsync_capture' ORDER BY 1",
+            &[&schema],
+        )
+        .await
+        .map_err(|e| pg_error("read the triggers", &e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// `capture remove`: drops every capture trigger in the schema; the outbox stays.
+pub(super) async fn remove(config: &Config) -> Result<CaptureReport, CaptureError> {
+    let (mut client, schema) = connect(config).await?;
+    let s = quoted(&schema);
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| pg_error("begin", &e))?;
+    let mut actions = Vec::new();
+    for table in triggered_tables(&tx, &schema).await? {
+        tx.batch_execute(&format!(
+            "DROP TRIGGER IF EXISTS jetsync_capture ON {s}.{}",
+            quoted(&table)
+        ))
+        .await
+        .map_err(|e| pg_error("drop a trigger", &e))?;
+        actions.push(TableAction {
+            table,
+            action: "removed".into(),
+            columns: Vec::new(),
+        });
+    }
+    tx.commit().await.map_err(|e| pg_error("commit", &e))?;
+    let (backlog, _) = counts_on(&client, &schema).await.unwrap_or((0, 0));
+    Ok(CaptureReport {
+        outbox: format!("{schema}.{}", super::OUTBOX_TABLE),
+        tables: actions,
+        backlog,
+        note: None,
+    })
+}
+
+async fn counts_on(client: &Client, schema: &str) -> Result<(u64, u64), CaptureError> {
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass(format('%I.jetsync_capture_state', $1::text)) IS NOT NULL",
+            &[&schema],
+        )
+        .await
+        .map_err(|e| pg_error("look for the outbox", &e))?
+        .get(0);
+    if !exists {
+        return Ok((0, 0));
+    }
+    let s = quoted(schema);
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT (SELECT count(*) FROM {s}.jetsync_outbox), \
+                 (SELECT published FROM {s}.jetsync_capture_state WHERE id = 1)"
+            ),
+            &[],
+        )
+        .await
+        .map_err(|e| pg_error("count the outbox", &e))?;
+    let backlog: i64 = row.get(0);
+    let published: Option<i64> = row.get(1);
+    Ok((backlog.max(0) as u64, published.unwrap_or(0).max(0) as u64))
+}
+
+/// (backlog, published over the instance's life).
+pub(super) async fn counts(config: &Config) -> Result<(u64, u64), CaptureError> {
+    let (client, schema) = connect(config).await?;
+    counts_on(&client, &schema).await
+}
+
+/// How an image column becomes a jetsync value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Integer,
+    Float,
+    Bool,
+    Bytea,
+    Json,
+    Text,
+    /// A generated column: computed by every instance's database, never published.
+    Generated,
+}
+
+impl Kind {
+    fn of(oid: u32) -> Kind {
+        match Type::from_oid(oid) {
+            Some(Type::INT2 | Type::INT4 | Type::INT8) => Kind::Integer,
+            Some(Type::FLOAT4 | Type::FLOAT8) => Kind::Float,
+            Some(Type::BOOL) => Kind::Bool,
+            Some(Type::BYTEA) => Kind::Bytea,
+            Some(Type::JSON | Type::JSONB) => Kind::Json,
+            _ => Kind::Text,
+        }
+    }
+
+    fn convert(self, text: Option<String>) -> Result<Value, String> {
+        let Some(text) = text else {
+            return Ok(Value::Null);
+        };
+        Ok(match self {
+            Kind::Integer => Value::I64(
+                text.parse()
+                    .map_err(|_| format!("{text:?} is not an integer"))?,
+            ),
+            Kind::Float => Value::F64(
+                text.parse()
+                    .map_err(|_| format!("{text:?} is not a float"))?,
+            ),
+            Kind::Bool => Value::Bool(text == "true"),
+            Kind::Bytea => Value::Bytes(
+                text.strip_prefix("\\x")
+                    .and_then(image::decode_hex)
+                    .ok_or_else(|| "a bytea value is not \\x hex".to_owned())?,
+            ),
+            Kind::Json => Value::Json(
+                serde_json::from_str(&text).map_err(|e| format!("bad json value: {e}"))?,
+            ),
+            Kind::Text | Kind::Generated => Value::Text(text),
+        })
+    }
+}
+
+/// The relay's handle on the outbox of one Postgres schema.
+pub(super) struct Store {
+    client: Client,
+    schema: String,
+    /// table → column → kind.
+    kinds: HashMap<String, HashMap<String, Kind>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("schema", &self.schema)
+            .finish()
+    }
+}
+
+impl Store {
+    pub(super) async fn open(config: &Config) -> Result<Store, CaptureError> {
+        let (client, schema) = connect(config).await?;
+        Ok(Store {
+            client,
+            schema,
+            kinds: HashMap::new(),
+        })
+    }
+
+    /// Whether the connection is gone (the relay opens a new store then).
+    pub(super) fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    async fn load_kinds(&mut self, table: &str) -> Result<(), CaptureError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT a.attname::text, COALESCE(NULLIF(t.typbasetype, 0), a.atttypid), \
+                 a.attgenerated <> '' \
+                 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_type t ON t.oid = a.atttypid \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
+                &[&self.schema, &table],
+            )
+            .await
+            .map_err(|e| pg_error("read column types", &e))?;
+        let kinds = rows
+            .iter()
+            .map(|r| {
+                let kind = if r.get::<_, bool>(2) {
+                    Kind::Generated
+                } else {
+                    Kind::of(r.get::<_, u32>(1))
+                };
+                (r.get::<_, String>(0), kind)
+            })
+            .collect();
+        self.kinds.insert(table.to_owned(), kinds);
+        Ok(())
+    }
+
+    /// The committed outbox transactions, ordered by their highest outbox id, up to about
+    /// `max_rows` rows (whole transactions; one larger than [`MAX_TRANSACTION_ROWS`] is split
+    /// with a WARN naming it).
+    pub(super) async fn pending(&mut self, max_rows: usize) -> Result<Vec<Batch>, CaptureError> {
+        let s = quoted(&self.schema);
+        let tx = self
+            .client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(|e| pg_error("begin", &e))?;
+        let groups = tx
+            .query(
+                &format!(
+                    "SELECT xid, max(id), count(*) FROM {s}.jetsync_outbox GROUP BY xid \
+                     ORDER BY max(id)"
+                ),
+                &[],
+            )
+            .await
+            .map_err(|e| pg_error("read the outbox", &e))?;
+        let mut xids: Vec<i64> = Vec::new();
+        let mut rows = 0usize;
+        for g in &groups {
+            let n = g.get::<_, i64>(2) as usize;
+            if rows > 0 && rows + n > max_rows {
+                break;
+            }
+            rows += n;
+            xids.push(g.get(0));
+        }
+        if xids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lines = tx
+            .query(
+                &format!(
+                    "SELECT o.id, o.xid, o.tbl, o.op, o.key, e.key, e.value \
+                     FROM {s}.jetsync_outbox o LEFT JOIN LATERAL jsonb_each_text(o.row) e ON true \
+                     WHERE o.xid = ANY($1) ORDER BY o.id"
+                ),
+                &[&xids],
+            )
+            .await
+            .map_err(|e| pg_error("read the outbox", &e))?;
+        tx.commit().await.map_err(|e| pg_error("commit", &e))?;
+        // Outbox rows (one line per image column), grouped by transaction.
+        struct Raw {
+            id: i64,
+            table: String,
+            op: String,
+            key: Option<String>,
+            columns: Vec<(String, Option<String>)>,
+        }
+        let mut by_xid: HashMap<i64, Vec<Raw>> = HashMap::new();
+        for line in &lines {
+            let id: i64 = line.get(0);
+            let xid: i64 = line.get(1);
+            let list = by_xid.entry(xid).or_default();
+            if list.last().is_none_or(|r| r.id != id) {
+                list.push(Raw {
+                    id,
+                    table: line.get(2),
+                    op: line.get(3),
+                    key: line.get(4),
+                    columns: Vec::new(),
+                });
+            }
+            if let Some(column) = line.get::<_, Option<String>>(5) {
+                let raw = list.last_mut().expect("pushed above");
+                raw.columns.push((column, line.get(6)));
+            }
+        }
+        let mut batches = Vec::new();
+        for xid in xids {
+            let raws = by_xid.remove(&xid).unwrap_or_default();
+            if raws.len() > MAX_TRANSACTION_ROWS {
+                tracing::warn!(
+                    transaction = xid,
+                    rows = raws.len(),
+                    max = MAX_TRANSACTION_ROWS,
+                    "captured local transaction is larger than one atomic batch: published as \
+                     several transactions (other instances may see it in parts)"
+                );
+            }
+            for chunk in raws.chunks(MAX_TRANSACTION_ROWS) {
+                let mut batch = Batch {
+                    id: chunk[0].id,
+                    entries: Vec::new(),
+                    unpublishable: Vec::new(),
+                };
+                for raw in chunk {
+                    match self
+                        .entry(raw.id, &raw.table, &raw.op, &raw.key, &raw.columns)
+                        .await
+                    {
+                        Ok(entry) => batch.entries.push(entry),
+                        Err(reason) => batch
+                            .unpublishable
+                            .push((raw.id, format!("table `{}`: {reason}", raw.table))),
+                    }
+                }
+                batches.push(batch);
+            }
+        }
+        Ok(batches)
+    }
+
+    async fn entry(
+        &mut self,
+        id: i64,
+        table: &str,
+        op: &str,
+        key: &Option<String>,
+        columns: &[(String, Option<String>)],
+    ) -> Result<Entry, String> {
+        let key = key.clone().ok_or("the key is NULL")?;
+        let change = match op {
+            "delete" => Change::Delete,
+            "upsert" => {
+                let unknown = |kinds: &HashMap<String, HashMap<String, Kind>>| {
+                    kinds
+                        .get(table)
+                        .is_none_or(|k| columns.iter().any(|(c, _)| !k.contains_key(c)))
+                };
+                if unknown(&self.kinds) {
+                    self.load_kinds(table).await.map_err(|e| e.to_string())?;
+                }
+                let kinds = self.kinds.get(table);
+                let mut row = Row::new();
+                for (column, text) in columns {
+                    let kind = kinds
+                        .and_then(|k| k.get(column))
+                        .copied()
+                        .unwrap_or(Kind::Text);
+                    if kind == Kind::Generated {
+                        continue;
+                    }
+                    let value = kind
+                        .convert(text.clone())
+                        .map_err(|e| format!("column `{column}`: {e}"))?;
+                    row.insert(column.clone(), value);
+                }
+                Change::Upsert(row)
+            }
+            other => return Err(format!("unknown op `{other}`")),
+        };
+        Ok(Entry {
+            id,
+            table: table.to_owned(),
+            key,
+            change,
+        })
+    }
+
+    /// Deletes a published batch and counts its entries as published, in one transaction.
+    pub(super) async fn delete(&mut self, batch: &Batch) -> Result<(), CaptureError> {
+        let s = quoted(&self.schema);
+        let ids: Vec<i64> = batch
+            .entries
+            .iter()
+            .map(|e| e.id)
+            .chain(batch.unpublishable.iter().map(|(id, _)| *id))
+            .collect();
+        let published = batch.entries.len() as i64;
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .map_err(|e| pg_error("begin", &e))?;
+        tx.execute(
+            &format!("DELETE FROM {s}.jetsync_outbox WHERE id = ANY($1)"),
+            &[&ids],
+        )
+        .await
+        .map_err(|e| pg_error("delete published rows", &e))?;
+        tx.execute(
+            &format!(
+                "UPDATE {s}.jetsync_capture_state SET published = published + $1 WHERE id = 1"
+            ),
+            &[&published],
+        )
+        .await
+        .map_err(|e| pg_error("count published rows", &e))?;
+        tx.commit().await.map_err(|e| pg_error("commit", &e))
+    }
+
+    /// (backlog, published over the instance's life).
+    pub(super) async fn counts(&self) -> Result<(u64, u64), CaptureError> {
+        counts_on(&self.client, &self.schema).await
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,356 @@
+//! The relay: a task of `run` beside the engine that publishes the outbox.
+//!
+//! One cycle (every `capture.poll_ms` while the outbox is empty, back to back while it is
+//! not): follow the captured tables' schema (SQLite), assign new outbox rows to batches
+//! (SQLite), read the pending batches, publish each (one atomic transaction, or row by row with
+//! `capture.atomic = false`; message id `<instance>-<outbox id>` on every entry), and delete a
+//! batch only once the server acknowledged it. Crash windows:
+//! - killed before the publish: the batch is still in the outbox and is published next run.
+//! - killed after the server stored the batch, before the delete: the next run publishes the
+//!   same batch with the same message ids; the server refuses it as a duplicate (within the
+//!   stream's duplicate window, `stream.duplicate_window_ms`), and the relay deletes it.
+//! - killed after the delete: nothing left to do.
+//!
+//! Failures (NATS unreachable, the database busy) are retried with capped backoff, forever; the
+//! service's writes never wait for the relay beyond its short write transactions.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use jetsync::{Change, Client, Config, Row, SinkKind, Table, WriteOptions};
+use tokio::{sync::watch, task::JoinHandle};
+
+use super::{postgres, sqlite, Batch, CaptureError};
+use crate::{backoff::Backoff, shutdown::Shutdown, Stats};
+
+/// Longest wait between retries of a failing cycle.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long `stop` waits for the cycle in hand.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A running relay. Dropping it without [`Relay::stop`] aborts it (nothing is lost: the outbox
+/// keeps every row not yet acknowledged).
+#[derive(Debug)]
+pub struct Relay {
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Relay {
+    /// Starts the relay when some table has `capture = true` (`None` otherwise). Its counters
+    /// are `stats.capture()`.
+    pub fn start(config: Config, stats: Arc<Stats>) -> Option<Relay> {
+        config.captured_tables().next()?;
+        stats.capture().set_enabled();
+        let (stop, rx) = watch::channel(false);
+        let shutdown = Shutdown::from_receiver(rx);
+        let task = tokio::spawn(run(config, stats, shutdown));
+        Some(Relay {
+            stop,
+            task: Some(task),
+        })
+    }
+
+    /// Asks the relay to stop after the batch in hand and waits for it (at most 15 s).
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(STOP_TIMEOUT, task).await.is_err() {
+                abort.abort();
+            }
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Checks, before `run` starts, that the server can take what the relay will publish: with
+/// `capture.atomic = true` (the default) the server must store atomic batches (nats-server
+/// 2.12.1+) and, with `stream.provision = false`, the stream must allow them. A
+/// [`CaptureError::Config`] naming `capture.atomic` otherwise. NATS unreachable is not an error
+/// here (the relay keeps trying, as the engine does).
+pub async fn check_server(config: &Config) -> Result<(), CaptureError> {
+    if !config.capture_atomic() {
+        return Ok(());
+    }
+    let client = match Client::connect(config).await {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::warn!(error = %e, "capture: cannot check the server's atomic batch support now; the relay retries");
+            return Ok(());
+        }
+    };
+    let version = client.nats().server_info().version;
+    if !jetsync::transaction::supports_transactions(&version) {
+        return Err(CaptureError::Config {
+            key: "capture.atomic".into(),
+            reason: format!(
+                "captured local transactions are published as atomic batches, which need \
+                 nats-server 2.12.1 or later, but the server is {}: upgrade it, or set \
+                 capture.atomic = false to publish captured rows one by one (a local \
+                 transaction is then not atomic on the other instances)",
+                if version.is_empty() {
+                    "(unknown version)"
+                } else {
+                    &version
+                }
+            ),
+        });
+    }
+    if !config.stream.provision {
+        if let Ok(mut stream) = client.jetstream().get_stream(&config.stream.name).await {
+            if let Ok(info) = stream.info().await {
+                if !info.config.allow_atomic_publish {
+                    return Err(CaptureError::Config {
+                        key: "capture.atomic".into(),
+                        reason: format!(
+                            "stream {} does not allow atomic publish and stream.provision = \
+                             false: set allow_atomic on the stream (server {version}), or set \
+                             capture.atomic = false to publish captured rows one by one",
+                            config.stream.name
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The outbox, whichever database holds it.
+enum Store {
+    Sqlite(Box<sqlite::Store>),
+    Postgres(Box<postgres::Store>),
+}
+
+/// Runs blocking SQLite work from the relay's task without stalling the runtime.
+fn blocking<R>(work: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
+
+impl Store {
+    async fn open(config: &Config) -> Result<Store, CaptureError> {
+        let tables = super::captured(config);
+        match config.sink.kind {
+            SinkKind::Postgres => Ok(Store::Postgres(Box::new(
+                postgres::Store::open(config).await?,
+            ))),
+            _ => {
+                let path = sqlite::sink_path(config);
+                blocking(|| sqlite::Store::open(&path, tables)).map(|s| Store::Sqlite(Box::new(s)))
+            }
+        }
+    }
+
+    fn usable(&self) -> bool {
+        match self {
+            Store::Sqlite(_) => true,
+            Store::Postgres(s) => !s.is_closed(),
+        }
+    }
+
+    async fn pending(&mut self, max_rows: usize) -> Result<Vec<Batch>, CaptureError> {
+        match self {
+            Store::Sqlite(s) => blocking(|| {
+                s.check_schema()?;
+                s.assign(max_rows)?;
+                s.pending(max_rows)
+            }),
+            Store::Postgres(s) => s.pending(max_rows).await,
+        }
+    }
+
+    async fn delete(&mut self, batch: &Batch) -> Result<(), CaptureError> {
+        match self {
+            Store::Sqlite(s) => blocking(|| s.delete(batch)),
+            Store::Postgres(s) => s.delete(batch).await,
+        }
+    }
+
+    async fn backlog(&mut self) -> Result<u64, CaptureError> {
+        match self {
+            Store::Sqlite(s) => blocking(|| s.counts()).map(|c| c.0),
+            Store::Postgres(s) => s.counts().await.map(|c| c.0),
+        }
+    }
+}
+
+/// The relay's state across cycles.
+struct Relayer {
+    config: Config,
+    stats: Arc<Stats>,
+    store: Option<Store>,
+    client: Option<Client>,
+    tables: HashMap<String, Table<Row>>,
+}
+
+async fn run(config: Config, stats: Arc<Stats>, mut shutdown: Shutdown) {
+    let poll = Duration::from_millis(config.capture.poll_ms);
+    let mut relayer = Relayer {
+        config,
+        stats,
+        store: None,
+        client: None,
+        tables: HashMap::new(),
+    };
+    let mut backoff = Backoff::new("capture relay", MAX_BACKOFF);
+    tracing::info!(
+        tables = ?relayer.config.captured_tables().collect::<Vec<_>>(),
+        atomic = relayer.config.capture.atomic,
+        "capture relay started"
+    );
+    while !shutdown.is_requested() {
+        match relayer.cycle().await {
+            Ok(worked) => {
+                backoff.succeed();
+                relayer.stats.capture().set_error(None);
+                if !worked {
+                    tokio::select! {
+                        _ = tokio::time::sleep(poll) => {}
+                        _ = shutdown.requested() => {}
+                    }
+                }
+            }
+            Err(e) => {
+                relayer.stats.capture().set_error(Some(e.to_string()));
+                if matches!(e, CaptureError::Database(_)) {
+                    relayer.store = None;
+                }
+                if let CaptureError::Publish(pe) = &e {
+                    if !pe.is_retryable() {
+                        tracing::error!(error = %e, "capture relay cannot publish; retrying");
+                    }
+                }
+                if matches!(e, CaptureError::Schema(_)) {
+                    tracing::error!(error = %e, "capture relay stopped publishing");
+                }
+                if !backoff.fail(&e, &mut shutdown).await {
+                    break;
+                }
+            }
+        }
+    }
+    tracing::info!("capture relay stopped");
+}
+
+impl Relayer {
+    /// One cycle; `Ok(true)` when it published something (look again at once).
+    async fn cycle(&mut self) -> Result<bool, CaptureError> {
+        if !self.store.as_ref().is_some_and(Store::usable) {
+            self.store = Some(Store::open(&self.config).await?);
+        }
+        let store = self.store.as_mut().expect("opened above");
+        let batches = store.pending(self.config.capture.max_batch_rows).await?;
+        if batches.is_empty() {
+            let backlog = store.backlog().await?;
+            self.stats.capture().set_backlog(backlog);
+            return Ok(false);
+        }
+        if self.client.is_none() {
+            self.client = Some(Client::connect(&self.config).await?);
+            self.tables.clear();
+        }
+        for batch in &batches {
+            for (id, reason) in &batch.unpublishable {
+                tracing::error!(
+                    outbox_id = id,
+                    %reason,
+                    "captured change cannot be published; it is dropped from the outbox"
+                );
+            }
+            let publishes = self.publish(batch).await?;
+            let store = self.store.as_mut().expect("opened above");
+            store.delete(batch).await?;
+            let capture = self.stats.capture();
+            capture.add_unpublishable(batch.unpublishable.len() as u64);
+            capture.add_published(batch.entries.len() as u64, publishes);
+        }
+        let store = self.store.as_mut().expect("opened above");
+        let backlog = store.backlog().await?;
+        self.stats.capture().set_backlog(backlog);
+        Ok(true)
+    }
+
+    fn table(&mut self, name: &str) -> Result<Table<Row>, CaptureError> {
+        if let Some(table) = self.tables.get(name) {
+            return Ok(table.clone());
+        }
+        let client = self.client.as_ref().expect("connected by the caller");
+        let table = client.rows(name)?;
+        self.tables.insert(name.to_owned(), table.clone());
+        Ok(table)
+    }
+
+    /// Publishes one batch; returns the number of publishes it took.
+    async fn publish(&mut self, batch: &Batch) -> Result<u64, CaptureError> {
+        if batch.entries.is_empty() {
+            return Ok(0);
+        }
+        let instance = self.config.instance.clone();
+        let msg_id = |id: i64| format!("{instance}-{id}");
+        if self.config.capture.atomic {
+            let client = self
+                .client
+                .as_ref()
+                .expect("connected by the caller")
+                .clone();
+            let mut tx = client.transaction();
+            for entry in &batch.entries {
+                let table = self.table(&entry.table)?;
+                let added = tx.change_with_msg_id(
+                    &table,
+                    &entry.key,
+                    entry.change.clone(),
+                    msg_id(entry.id),
+                );
+                if let Err(e) = added {
+                    // What the entry itself holds (a key no subject can carry, a value the
+                    // codec refuses): it can never be published.
+                    tracing::error!(
+                        outbox_id = entry.id,
+                        table = %entry.table,
+                        error = %e,
+                        "captured change cannot be published; it is dropped from the outbox"
+                    );
+                    self.stats.capture().add_unpublishable(1);
+                }
+            }
+            if tx.is_empty() {
+                return Ok(0);
+            }
+            let committed = tx.commit().await?;
+            tracing::debug!(
+                batch = batch.id,
+                entries = batch.entries.len(),
+                seq = committed.seq,
+                duplicate = committed.duplicate,
+                "published captured transaction"
+            );
+            return Ok(1);
+        }
+        for entry in &batch.entries {
+            let table = self.table(&entry.table)?;
+            let options = WriteOptions {
+                msg_id: Some(msg_id(entry.id)),
+                expected_seq: None,
+            };
+            match &entry.change {
+                Change::Upsert(row) => table.upsert_with(&entry.key, row, options).await?,
+                Change::Delete => table.delete_with(&entry.key, options).await?,
+            };
+        }
+        Ok(batch.entries.len() as u64)
+    }
+}

@@ -1,0 +1,71 @@
+//! Live counters of the capture relay, for `/metrics` and `/readyz`.
+
+use std::sync::{
+    atomic::{AtomicBool, AtomicU64, Ordering},
+    Mutex,
+};
+
+/// Counters the relay updates; read them from any thread.
+#[derive(Debug, Default)]
+pub struct CaptureStats {
+    enabled: AtomicBool,
+    backlog: AtomicU64,
+    published: AtomicU64,
+    transactions: AtomicU64,
+    unpublishable: AtomicU64,
+    error: Mutex<Option<String>>,
+}
+
+/// A point-in-time copy of [`CaptureStats`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct CaptureSnapshot {
+    /// Whether the relay runs (some table has `capture = true`).
+    pub enabled: bool,
+    /// Rows in the outbox at the relay's last look.
+    pub backlog: u64,
+    /// Outbox entries published by this run.
+    pub published: u64,
+    /// Publishes (atomic transactions, or single rows with `capture.atomic = false`) by this run.
+    pub transactions: u64,
+    /// Outbox entries dropped by this run because they cannot be published (logged).
+    pub unpublishable: u64,
+    /// The relay's current problem, if it is stuck on one.
+    pub error: Option<String>,
+}
+
+impl CaptureStats {
+    /// A copy of the counters.
+    pub fn snapshot(&self) -> CaptureSnapshot {
+        CaptureSnapshot {
+            enabled: self.enabled.load(Ordering::Relaxed),
+            backlog: self.backlog.load(Ordering::Relaxed),
+            published: self.published.load(Ordering::Relaxed),
+            transactions: self.transactions.load(Ordering::Relaxed),
+            unpublishable: self.unpublishable.load(Ordering::Relaxed),
+            error: self.error.lock().map(|e| e.clone()).unwrap_or_default(),
+        }
+    }
+
+    pub(crate) fn set_enabled(&self) {
+        self.enabled.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_backlog(&self, backlog: u64) {
+        self.backlog.store(backlog, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_published(&self, entries: u64, publishes: u64) {
+        self.published.fetch_add(entries, Ordering::Relaxed);
+        self.transactions.fetch_add(publishes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_unpublishable(&self, entries: u64) {
+        self.unpublishable.fetch_add(entries, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_error(&self, error: Option<String>) {
+        if let Ok(mut slot) = self.error.lock() {
+            *slot = error;
+        }
+    }
+}
