@@ -1036,10 +1036,13 @@ fn origin_read_modify_write_loses_nothing() -> Result<()> {
         let Db::Sqlite(path) = &db_a else { unreachable!() };
         let conn = rusqlite::Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(30))?;
+        // Paced like a service (a tight loop would hold the write lock and keep the applier
+        // out until it ends): echoes of earlier increments arrive between later ones.
         for _ in 0..INCREMENTS {
             conn.execute_batch(
                 "BEGIN IMMEDIATE; UPDATE items SET n = n + 1 WHERE id = 'counter'; COMMIT;",
             )?;
+            std::thread::sleep(Duration::from_millis(3));
         }
         drop(conn);
         let mut instances = [a, b];
