@@ -73,7 +73,7 @@ const SERVICE_RATE: u32 = 400;
 /// SIGKILLs of appliers during an acceptance scenario, at least.
 const MIN_KILLS: usize = 10;
 /// Upper bound on kills (the loop also ends once the services are done and MIN_KILLS hit).
-const MAX_KILLS: usize = 60;
+const MAX_KILLS: usize = 30;
 /// Delay between two kills, milliseconds.
 const KILL_DELAY_MS: std::ops::RangeInclusive<u64> = 200..=700;
 /// The stopped instance goes down at this kill and comes back at `RESTART_AT_KILL`.
@@ -528,7 +528,12 @@ impl Census {
 /// Waits until no outbox row is left on any instance, then until every instance applied the
 /// stream's last sequence; returns it.
 async fn drain(url: &str, stream: &str, instances: &mut [Instance], dbs: &[Db]) -> Result<u64> {
-    let deadline = Instant::now() + CATCH_UP;
+    let started = Instant::now();
+    let deadline = started + CATCH_UP;
+    let mut backlogs = Vec::new();
+    for (instance, db) in instances.iter().zip(dbs) {
+        backlogs.push((instance.name.clone(), db.outbox_len().await?));
+    }
     for (instance, db) in instances.iter_mut().zip(dbs) {
         loop {
             ensure!(
@@ -550,10 +555,23 @@ async fn drain(url: &str, stream: &str, instances: &mut [Instance], dbs: &[Db]) 
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    let outboxes_empty = started.elapsed();
     let (_, last) = jetsync_e2e::stream_bounds(url, stream).await?;
+    let mut behind = Vec::new();
+    for instance in instances.iter() {
+        behind.push((
+            instance.name.clone(),
+            last - instance.applied(stream).min(last),
+        ));
+    }
     for instance in instances.iter_mut() {
         instance.wait_applied(stream, last, CATCH_UP)?;
     }
+    eprintln!(
+        "{stream}: outbox backlogs {backlogs:?} published in {:.1} s; then behind the stream end {behind:?}, applied in {:.1} s",
+        outboxes_empty.as_secs_f64(),
+        (started.elapsed() - outboxes_empty).as_secs_f64()
+    );
     Ok(last)
 }
 
@@ -759,9 +777,12 @@ async fn acceptance(scenario: &str, postgres: bool) -> Result<()> {
     let written = started.elapsed();
 
     let last = drain(&server.url(), stream, &mut instances, &dbs).await?;
+    let drained = started.elapsed();
     stop_all(&mut instances)?;
+    let stopped = started.elapsed();
     let rows = assert_identical(&instances, &dbs, "items", last).await?;
     ensure!(rows > 0, "no rows left at all: the test data is degenerate");
+    let compared = started.elapsed();
 
     let census = Census::read(&server.url(), stream).await?;
     let expected: Vec<(&str, u64)> = names
@@ -777,9 +798,12 @@ async fn acceptance(scenario: &str, postgres: bool) -> Result<()> {
         "services: {summaries:?}"
     );
     eprintln!(
-        "{scenario}: {} changes captured ({summaries:?}), {kills} kills, stream last seq {last}, {rows} rows; writes {:.1} s, total {:.1} s",
+        "{scenario}: {} changes captured ({summaries:?}), {kills} kills, stream last seq {last}, {rows} rows; writes {:.1} s, drained {:.1} s, stopped {:.1} s, compared {:.1} s, total {:.1} s",
         census.total,
         written.as_secs_f64(),
+        drained.as_secs_f64(),
+        stopped.as_secs_f64(),
+        compared.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
     drop(instances);
