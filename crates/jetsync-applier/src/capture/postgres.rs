@@ -8,7 +8,9 @@
 //!   INSERT OR UPDATE OR DELETE, FOR EACH ROW) with the key column as its argument. The row
 //!   image is `to_jsonb(NEW)`, so a column added later is captured without reinstalling. It
 //!   fires only `WHEN (current_setting('jetsync.applying', true) IS DISTINCT FROM 'on')`: the
-//!   sink's sessions set it (no echo).
+//!   sink's sessions set it (no echo). The function runs with its owner's rights (`SECURITY
+//!   DEFINER`, fixed `search_path`), so the service's database user needs no privilege on the
+//!   outbox: whoever installs capture owns it.
 //!
 //! Values: the relay reads each image column as text (`jsonb_each_text`, exact for numeric)
 //! and converts it by the column's type: integers → i64, float4/8 → f64, numeric → text (its
@@ -85,7 +87,8 @@ fn create_sql(s: &str) -> String {
          CREATE TABLE IF NOT EXISTS {s}.jetsync_capture_state (\
             id int PRIMARY KEY CHECK (id = 1), published bigint NOT NULL); \
          INSERT INTO {s}.jetsync_capture_state (id, published) VALUES (1, 0) ON CONFLICT DO NOTHING; \
-         CREATE OR REPLACE FUNCTION {s}.jetsync_capture() RETURNS trigger LANGUAGE plpgsql AS $jetsync$ \
+         CREATE OR REPLACE FUNCTION {s}.jetsync_capture() RETURNS trigger LANGUAGE plpgsql \
+         SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $jetsync$ \
          DECLARE k text := TG_ARGV[0]; \
          BEGIN \
            IF TG_OP = 'DELETE' THEN \

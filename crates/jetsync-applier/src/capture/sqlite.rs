@@ -454,6 +454,16 @@ impl Store {
     /// Assigns up to `max_rows` committed, unassigned outbox rows to publish batches of at most
     /// [`MAX_TRANSACTION_ROWS`], in one short write transaction. Returns the rows assigned.
     pub(super) fn assign(&mut self, max_rows: usize) -> Result<usize, CaptureError> {
+        // A read first: the write lock is taken only when there is something to assign, so an
+        // idle relay never competes with the service's writers.
+        let waiting: bool = self
+            .conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM jetsync_outbox WHERE batch IS NULL)")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)))
+            .map_err(|e| self.err("read the outbox of", e))?;
+        if !waiting {
+            return Ok(0);
+        }
         let run = |conn: &Connection| -> rusqlite::Result<Vec<i64>> {
             conn.execute_batch("BEGIN IMMEDIATE")?;
             let ids: Vec<i64> = conn

@@ -233,3 +233,36 @@ async fn a_transaction_committing_after_a_later_one_is_not_skipped() {
     assert_eq!(batches[0].entries[0].key, "early");
     assert_eq!(batches[0].entries[0].id, 1);
 }
+
+#[tokio::test]
+async fn a_service_role_without_outbox_rights_is_captured() {
+    let (schema, config, client) = setup(ITEMS).await;
+    super::super::install(&config).await.unwrap();
+    let role = format!("capture_svc_{}", std::process::id());
+    let s = &schema.0;
+    client
+        .batch_execute(&format!(
+            "DROP ROLE IF EXISTS {role}; CREATE ROLE {role}; \
+             GRANT USAGE ON SCHEMA \"{s}\" TO {role}; GRANT ALL ON \"{s}\".items TO {role}"
+        ))
+        .await
+        .unwrap();
+    let written = client
+        .batch_execute(&format!(
+            "SET ROLE {role}; INSERT INTO items (id, qty) VALUES ('svc', 1); RESET ROLE"
+        ))
+        .await;
+    client
+        .batch_execute(&format!(
+            "RESET ROLE; DROP OWNED BY {role}; DROP ROLE IF EXISTS {role}"
+        ))
+        .await
+        .unwrap();
+    written.expect("the service's write must not fail for lack of outbox rights");
+    let n: i64 = client
+        .query_one(&format!("SELECT count(*) FROM \"{s}\".jetsync_outbox"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+}
