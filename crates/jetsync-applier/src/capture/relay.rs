@@ -225,6 +225,13 @@ async fn run(config: Config, stats: Arc<Stats>, mut shutdown: Shutdown) {
             }
             Err(e) => {
                 relayer.stats.capture().set_error(Some(e.to_string()));
+                // Keep the backlog current while publishing fails (NATS down): /readyz and
+                // /metrics show the outbox growing.
+                if let Some(store) = relayer.store.as_mut() {
+                    if let Ok(backlog) = store.backlog().await {
+                        relayer.stats.capture().set_backlog(backlog);
+                    }
+                }
                 if matches!(e, CaptureError::Database(_)) {
                     relayer.store = None;
                 }
