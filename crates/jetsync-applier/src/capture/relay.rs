@@ -236,7 +236,10 @@ async fn run(config: Config, stats: Arc<Stats>, mut shutdown: Shutdown) {
                     relayer.store = None;
                 }
                 if let CaptureError::Publish(pe) = &e {
-                    if !pe.is_retryable() {
+                    // At the first start the engine may not have provisioned the stream yet.
+                    let provisioning = relayer.config.stream.provision
+                        && matches!(pe, jetsync::Error::StreamNotFound { .. });
+                    if !pe.is_retryable() && !provisioning {
                         tracing::error!(error = %e, "capture relay cannot publish; retrying");
                     }
                 }
