@@ -132,16 +132,23 @@ fn captured(config: &Config) -> Vec<(String, String)> {
 ///
 /// With no table captured it only drops stale triggers and says so.
 pub async fn install(config: &Config) -> Result<CaptureReport, CaptureError> {
+    install_with(config, false).await
+}
+
+/// [`install`], and with `backfill` also queues every current row of the captured tables as an
+/// upsert (in the same database transaction as the triggers), so that rows written before
+/// capture was installed are published too (`capture install --backfill`).
+pub async fn install_with(config: &Config, backfill: bool) -> Result<CaptureReport, CaptureError> {
     let tables = captured(config);
     let mut report = match config.sink.kind {
         SinkKind::Sqlite => {
             let path = sqlite::sink_path(config);
             let list = tables.clone();
-            tokio::task::spawn_blocking(move || sqlite::install(&path, &list))
+            tokio::task::spawn_blocking(move || sqlite::install(&path, &list, backfill))
                 .await
                 .map_err(|e| CaptureError::Database(e.to_string()))??
         }
-        SinkKind::Postgres => postgres::install(config, &tables).await?,
+        SinkKind::Postgres => postgres::install(config, &tables, backfill).await?,
         SinkKind::Redb if tables.is_empty() => CaptureReport {
             outbox: "(none: the redb sink has no SQL writers to capture)".into(),
             ..CaptureReport::default()
@@ -157,7 +164,8 @@ pub async fn install(config: &Config) -> Result<CaptureReport, CaptureError> {
     } else {
         report.note = Some(
             "the service's changes to these tables are captured from now on and published by \
-             `jetsync-applier run`; rows written before are not (see Capture in the README)"
+             `jetsync-applier run`; rows written before are not, unless installed with \
+             --backfill (see Capture in the README)"
                 .into(),
         );
     }

@@ -108,6 +108,7 @@ fn create_sql(s: &str) -> String {
 pub(super) async fn install(
     config: &Config,
     tables: &[(String, String)],
+    backfill: bool,
 ) -> Result<CaptureReport, CaptureError> {
     let (mut client, schema) = connect(config).await?;
     let s = quoted(&schema);
@@ -171,9 +172,23 @@ pub(super) async fn install(
         ))
         .await
         .map_err(|e| pg_error(&format!("create the capture trigger of {table}"), &e))?;
+        let mut action = if existed { "reinstalled" } else { "installed" }.to_owned();
+        if backfill {
+            let rows = tx
+                .execute(
+                    &format!(
+                        "INSERT INTO {s}.jetsync_outbox (tbl, op, key, row) \
+                         SELECT $1, 'upsert', to_jsonb(x) ->> $2, to_jsonb(x) FROM {t} x"
+                    ),
+                    &[table, key],
+                )
+                .await
+                .map_err(|e| pg_error(&format!("queue the rows of {table}"), &e))?;
+            action += &format!(", {rows} existing row(s) queued (backfill)");
+        }
         actions.push(TableAction {
             table: table.clone(),
-            action: if existed { "reinstalled" } else { "installed" }.into(),
+            action,
             columns: Vec::new(),
         });
     }

@@ -208,10 +208,34 @@ fn install_table(conn: &Connection, table: &str, key: &str) -> Result<TableActio
     })
 }
 
-/// `capture install` on the file at `path`.
+/// Queues an upsert of every current row of `table` (`capture install --backfill`), inside
+/// the caller's transaction, with the image the triggers write.
+fn queue_every_row(
+    conn: &Connection,
+    table: &str,
+    key: &str,
+    columns: &[String],
+) -> rusqlite::Result<usize> {
+    let t = quoted(table);
+    conn.execute(
+        &format!(
+            "INSERT INTO jetsync_outbox (tbl, op, key, row) SELECT {}, 'upsert', {t}.{}, {} \
+             FROM {t} ORDER BY {t}.{}",
+            literal(table),
+            quoted(key),
+            image_sql(&t, columns),
+            quoted(key),
+        ),
+        [],
+    )
+}
+
+/// `capture install` on the file at `path`; with `backfill`, every current row of the
+/// captured tables is queued as an upsert too, in the same transaction.
 pub(super) fn install(
     path: &Path,
     tables: &[(String, String)],
+    backfill: bool,
 ) -> Result<CaptureReport, CaptureError> {
     let conn = open(path)?;
     let run = || -> Result<Vec<TableAction>, CaptureError> {
@@ -228,7 +252,15 @@ pub(super) fn install(
                     _ => CaptureError::Database(reason),
                 }
             })?;
-            actions.push(action);
+            if backfill {
+                let rows = queue_every_row(&conn, table, key, &action.columns)
+                    .map_err(|e| db_error(path, "queue the rows of", e))?;
+                let mut action = action;
+                action.action += &format!(", {rows} existing row(s) queued (backfill)");
+                actions.push(action);
+            } else {
+                actions.push(action);
+            }
         }
         // Tables captured before but not any more.
         let recorded: Vec<String> = conn

@@ -282,7 +282,7 @@ fn capture_failure(e: jetsync_applier::capture::CaptureError) -> Failure {
 async fn capture(config: &Config, action: CaptureAction, json: bool) -> Result<(), Failure> {
     use jetsync_applier::capture;
     let report = match action {
-        CaptureAction::Install { .. } => capture::install(config).await,
+        CaptureAction::Install { backfill, .. } => capture::install_with(config, backfill).await,
         CaptureAction::Remove { .. } => capture::remove(config).await,
     }
     .map_err(capture_failure)?;

@@ -218,9 +218,13 @@ pub(crate) enum CaptureAction {
     /// `capture = true`, replacing older triggers; drops the triggers of tables no longer
     /// captured. Idempotent; safe while the service and `run` are running.
     #[command(
-        after_help = "Examples:\n  jetsync-applier --config jetsync.toml capture install\n  jetsync-applier --config jetsync.toml capture install --json   # after adding a column or a captured table"
+        after_help = "Examples:\n  jetsync-applier --config jetsync.toml capture install\n  jetsync-applier --config jetsync.toml capture install --backfill   # also publish the rows already there"
     )]
     Install {
+        /// Also queue every current row of the captured tables for publishing (rows written
+        /// before capture was installed are not captured otherwise).
+        #[arg(long)]
+        backfill: bool,
         #[command(flatten)]
         out: Output,
     },
@@ -259,7 +263,7 @@ impl Command {
                 | ParkedAction::Drop { out, .. } => out.json,
             },
             Command::Capture { action } => match action {
-                CaptureAction::Install { out } | CaptureAction::Remove { out } => out.json,
+                CaptureAction::Install { out, .. } | CaptureAction::Remove { out } => out.json,
             },
             Command::Publish { json_output, .. } => *json_output,
         }

@@ -266,3 +266,24 @@ async fn a_service_role_without_outbox_rights_is_captured() {
         .get(0);
     assert_eq!(n, 1);
 }
+
+#[tokio::test]
+async fn backfill_queues_the_rows_already_there() {
+    let (_schema, config, client) = setup(ITEMS).await;
+    client
+        .batch_execute("INSERT INTO items (id, qty, price) VALUES ('old', 1, 2.50)")
+        .await
+        .unwrap();
+    let report = super::super::install_with(&config, true).await.unwrap();
+    assert!(
+        report.tables[0].action.contains("1 existing row(s) queued"),
+        "{report:?}"
+    );
+    let mut store = Store::open(&config).await.unwrap();
+    let batches = store.pending(1000).await.unwrap();
+    let Op::Upsert(row) = &batches[0].entries[0].change else {
+        panic!()
+    };
+    assert_eq!(batches[0].entries[0].key, "old");
+    assert_eq!(row["price"], Value::Text("2.50".into()));
+}

@@ -43,7 +43,7 @@ fn outbox_rows(conn: &Connection) -> i64 {
 #[test]
 fn every_storage_class_round_trips_with_its_type() {
     let (_dir, path, conn) = setup();
-    let report = install(&path, &tables()).unwrap();
+    let report = install(&path, &tables(), false).unwrap();
     assert_eq!(report.tables[0].action, "installed");
     assert_eq!(report.tables[0].columns, ["id", "i", "r", "t", "b", "n"]);
     // Reals that 15 digits do not round-trip, and the extremes.
@@ -105,7 +105,7 @@ fn every_storage_class_round_trips_with_its_type() {
 #[test]
 fn updates_deletes_and_key_changes() {
     let (_dir, path, conn) = setup();
-    install(&path, &tables()).unwrap();
+    install(&path, &tables(), false).unwrap();
     conn.execute_batch(
         "BEGIN; INSERT INTO capture_items (id, i) VALUES ('a', 1); \
          UPDATE capture_items SET i = 2 WHERE id = 'a'; \
@@ -139,7 +139,7 @@ fn integer_keys_are_their_canonical_text() {
     conn.execute_batch("CREATE TABLE capture_ints (id INTEGER PRIMARY KEY, v TEXT)")
         .unwrap();
     let t = vec![("capture_ints".to_owned(), "id".to_owned())];
-    install(&path, &t).unwrap();
+    install(&path, &t, false).unwrap();
     conn.execute("INSERT INTO capture_ints VALUES (-42, 'x')", [])
         .unwrap();
     let mut store = Store::open(&path, t).unwrap();
@@ -151,7 +151,7 @@ fn integer_keys_are_their_canonical_text() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_applier_writes_are_not_captured() {
     let (_dir, path, conn) = setup();
-    install(&path, &tables()).unwrap();
+    install(&path, &tables(), false).unwrap();
     let mut options = SqliteOptions::new(path.clone());
     options
         .key_columns
@@ -197,8 +197,8 @@ async fn the_applier_writes_are_not_captured() {
 #[test]
 fn install_is_idempotent_and_follows_added_columns() {
     let (_dir, path, conn) = setup();
-    install(&path, &tables()).unwrap();
-    let again = install(&path, &tables()).unwrap();
+    install(&path, &tables(), false).unwrap();
+    let again = install(&path, &tables(), false).unwrap();
     assert_eq!(again.tables[0].action, "reinstalled");
     let triggers: i64 = conn
         .query_row(
@@ -230,7 +230,7 @@ fn install_is_idempotent_and_follows_added_columns() {
         .unwrap();
     let err = store.check_schema().unwrap_err();
     assert!(err.to_string().contains("extra"), "{err}");
-    install(&path, &tables()).unwrap();
+    install(&path, &tables(), false).unwrap();
     store.check_schema().unwrap();
 }
 
@@ -246,7 +246,7 @@ fn many_columns_use_chained_json() {
     ))
     .unwrap();
     let t = vec![("capture_wide".to_owned(), "id".to_owned())];
-    install(&path, &t).unwrap();
+    install(&path, &t, false).unwrap();
     conn.execute(
         "INSERT INTO capture_wide (id, c149, c0) VALUES ('w', 1.5, x'01')",
         [],
@@ -267,7 +267,7 @@ fn many_columns_use_chained_json() {
 #[test]
 fn batches_split_at_the_server_limit_and_deletes_count() {
     let (_dir, path, conn) = setup();
-    install(&path, &tables()).unwrap();
+    install(&path, &tables(), false).unwrap();
     conn.execute_batch("BEGIN").unwrap();
     for i in 0..2500 {
         conn.execute(
@@ -298,7 +298,7 @@ fn batches_split_at_the_server_limit_and_deletes_count() {
 #[test]
 fn remove_drops_triggers_and_keeps_the_outbox() {
     let (_dir, path, conn) = setup();
-    install(&path, &tables()).unwrap();
+    install(&path, &tables(), false).unwrap();
     conn.execute("INSERT INTO capture_items (id) VALUES ('a')", [])
         .unwrap();
     let report = remove(&path).unwrap();
@@ -308,4 +308,27 @@ fn remove_drops_triggers_and_keeps_the_outbox() {
         .unwrap();
     assert_eq!(outbox_rows(&conn), 1);
     assert_eq!(counts(&path).unwrap(), (1, 0));
+}
+
+#[test]
+fn backfill_queues_the_rows_already_there() {
+    let (_dir, path, conn) = setup();
+    conn.execute_batch(
+        "INSERT INTO capture_items (id, i, b) VALUES ('old1', 1, x'0a'); \
+         INSERT INTO capture_items (id, r) VALUES ('old2', 2.5);",
+    )
+    .unwrap();
+    let report = install(&path, &tables(), true).unwrap();
+    assert!(
+        report.tables[0].action.contains("2 existing row(s) queued"),
+        "{report:?}"
+    );
+    let batches = pending(&path);
+    let keys: Vec<&str> = batches[0].entries.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(keys, ["old1", "old2"]);
+    let Op::Upsert(row) = &batches[0].entries[0].change else {
+        panic!()
+    };
+    assert_eq!(row["b"], Value::Bytes(vec![10]));
+    assert_eq!(row["i"], Value::I64(1));
 }
