@@ -45,7 +45,8 @@ pub use digest::{row_hash, DigestBuilder};
 pub use engine::{run, Engine};
 pub use error::EngineError;
 pub use http::{
-    readiness, render_metrics, router, HttpEndpoint, METRICS_CONTENT_TYPE, METRIC_NAMES,
+    capture_readiness, readiness, render_metrics, router, HttpEndpoint, METRICS_CONTENT_TYPE,
+    METRIC_NAMES,
 };
 pub use offsets::{read_checkpoint, read_parked, Checkpoint, Offsets, OffsetsError};
 pub use ops::{drop_parked, resync_instance, retry_parked, RetryReport};
