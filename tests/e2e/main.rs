@@ -1,5 +1,6 @@
 //! End-to-end tests: the real `jetsync-applier` binary against real `nats-server` processes.
 
+mod capture;
 mod cluster;
 mod consumer_state;
 mod convergence;

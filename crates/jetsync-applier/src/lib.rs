@@ -54,7 +54,8 @@ pub use fleet::{
 };
 pub use gap::{GapMargin, GapThresholds, StreamLimits};
 pub use http::{
-    readiness, render_metrics, router, HttpEndpoint, METRICS_CONTENT_TYPE, METRIC_NAMES,
+    capture_readiness, readiness, render_metrics, router, HttpEndpoint, METRICS_CONTENT_TYPE,
+    METRIC_NAMES,
 };
 pub use last_error::{LastError, LastErrorLayer};
 pub use offsets::{read_checkpoint, read_parked, Checkpoint, Offsets, OffsetsError};

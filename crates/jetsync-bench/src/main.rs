@@ -15,6 +15,7 @@
 //!                                       #   200 x 1 MiB flood, 1M-row resync (quick: 50, 100k)
 //! just bench quick --only live,replay   # some phases only
 //! just bench quick --only txn           # transactions (needs nats-server >= 2.12.1)
+//! just bench quick --only capture       # capture-to-applied latency, plain SQL at 1,000 writes/s
 //! just bench --no-build                 # use the existing target/release/jetsync-applier
 //! just bench quick --batch-max 5000     # experiment: apply.batch_max of every engine
 //! ```
@@ -22,6 +23,7 @@
 //! The server comes from `NATS_SERVER_BIN`, else `PATH`, else `/usr/sbin/nats-server`.
 
 mod bootstrap;
+mod capture;
 mod flood;
 mod harness;
 mod live;
@@ -45,7 +47,15 @@ use jetsync_testkit::NatsServer;
 
 use crate::report::{Machine, Report, Server, Sizes};
 
-const PHASES: [&str; 6] = ["publish", "replay", "live", "bootstrap", "memory", "txn"];
+const PHASES: [&str; 7] = [
+    "publish",
+    "replay",
+    "live",
+    "bootstrap",
+    "memory",
+    "txn",
+    "capture",
+];
 
 #[derive(Debug)]
 struct Args {
@@ -55,7 +65,7 @@ struct Args {
 }
 
 const USAGE: &str =
-    "usage: jetsync-bench [quick|full] [--only publish,replay,live,bootstrap,memory,txn] \
+    "usage: jetsync-bench [quick|full] [--only publish,replay,live,bootstrap,memory,txn,capture] \
                      [--no-build] [--batch-max N (apply.batch_max of the engines; default 1000)] \
                      [--txn-in-flight N (transactions in flight in the txn phase; default 4)]";
 
@@ -174,7 +184,7 @@ fn real_main() -> anyhow::Result<bool> {
 
     // Build the applier binary before anything is measured.
     let mut errors: BTreeMap<&'static str, String> = BTreeMap::new();
-    let applier = if wants("memory") {
+    let applier = if wants("memory") || wants("capture") {
         let path = memory::target_dir().join("release").join("jetsync-applier");
         if args.build {
             eprintln!("building jetsync-applier (release) ...");
@@ -217,6 +227,7 @@ fn real_main() -> anyhow::Result<bool> {
         bootstrap: None,
         memory: None,
         txn: None,
+        capture: None,
         mode: if args.quick { "quick" } else { "full" },
         events: sizes.clone(),
         machine: Machine::probe(),
@@ -281,7 +292,25 @@ fn real_main() -> anyhow::Result<bool> {
             .await;
             report.txn = report.outcome("txn", phase, result);
         }
-        if let Some(applier) = &applier {
+        if let (true, Some(applier)) = (wants("capture"), &applier) {
+            eprintln!(
+                "capture: plain SQL writes on A at {} writes/s for {} s, applied on B ...",
+                capture::RATE,
+                sizes.live_seconds_per_rate
+            );
+            let phase = Instant::now();
+            let duration = Duration::from_secs_f64(sizes.live_seconds_per_rate);
+            let result = capture::run(
+                &bench,
+                &report.server.version,
+                applier,
+                capture::RATE,
+                duration,
+            )
+            .await;
+            report.capture = report.outcome("capture", phase, result);
+        }
+        if let (true, Some(applier)) = (wants("memory"), &applier) {
             let mut memory = memory::MemoryReport::default();
             eprintln!(
                 "memory: jetsync-applier replaying {} events ...",

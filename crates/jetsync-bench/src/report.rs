@@ -6,8 +6,8 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path, time::Instant};
 use serde::Serialize;
 
 use crate::{
-    bootstrap::BootstrapReport, live::LivePoint, memory::MemoryReport, publish::PublishReport,
-    replay::ReplayReport, txn::TxnReport,
+    bootstrap::BootstrapReport, capture::CaptureReport, live::LivePoint, memory::MemoryReport,
+    publish::PublishReport, replay::ReplayReport, txn::TxnReport,
 };
 
 /// The whole report. The first keys are the agreed shape; the rest is context.
@@ -21,6 +21,8 @@ pub(crate) struct Report {
     pub(crate) memory: Option<MemoryReport>,
     /// Transactions of 10 rows against single writes (nats-server >= 2.12.1).
     pub(crate) txn: Option<TxnReport>,
+    /// Capture-to-applied latency of plain SQL writes (issue #14).
+    pub(crate) capture: Option<CaptureReport>,
     pub(crate) mode: &'static str,
     pub(crate) events: Sizes,
     pub(crate) machine: Machine,
@@ -163,6 +165,12 @@ impl Report {
                 .and_then(|l| l.iter().find(|p| p.rate == 5000))
                 .map(|p| p.p99_ms),
             |v| v <= 5.0,
+        );
+        add(
+            "capture-to-applied p99 at 1,000 writes/s (ms): live budget + capture.poll_ms".into(),
+            "<= 15",
+            self.capture.as_ref().map(|c| c.p99_ms),
+            |v| v <= 15.0,
         );
         let memory = self.memory.as_ref();
         let backlog = memory
@@ -343,6 +351,14 @@ impl Report {
                 }
                 (None, None) => {}
             }
+        }
+        if let Some(c) = &self.capture {
+            let _ = writeln!(
+                w,
+                "capture    {:>6} wr/s   p50 {:>7.2} ms   p99 {:>7.2} ms   p99.9 {:>7.2} ms   max {:>7.2} ms   (plain SQL on A -> applied on B; achieved {} wr/s, commit p99 {:.2} ms, {}, poll {} ms)",
+                c.rate, c.p50_ms, c.p99_ms, c.p999_ms, c.max_ms, int(c.achieved_wps), c.commit_p99_ms,
+                if c.atomic { "atomic" } else { "per-row" }, c.poll_ms
+            );
         }
         let phases: Vec<String> = self
             .phase_s

@@ -418,6 +418,19 @@ impl Store {
     /// with a WARN naming it).
     pub(super) async fn pending(&mut self, max_rows: usize) -> Result<Vec<Batch>, CaptureError> {
         let s = quoted(&self.schema);
+        // One cheap statement while the outbox is empty (the relay's idle cycles).
+        let any: bool = self
+            .client
+            .query_one(
+                &format!("SELECT EXISTS (SELECT 1 FROM {s}.jetsync_outbox)"),
+                &[],
+            )
+            .await
+            .map_err(|e| pg_error("read the outbox", &e))?
+            .get(0);
+        if !any {
+            return Ok(Vec::new());
+        }
         let tx = self
             .client
             .build_transaction()

@@ -225,11 +225,21 @@ async fn run(config: Config, stats: Arc<Stats>, mut shutdown: Shutdown) {
             }
             Err(e) => {
                 relayer.stats.capture().set_error(Some(e.to_string()));
+                // Keep the backlog current while publishing fails (NATS down): /readyz and
+                // /metrics show the outbox growing.
+                if let Some(store) = relayer.store.as_mut() {
+                    if let Ok(backlog) = store.backlog().await {
+                        relayer.stats.capture().set_backlog(backlog);
+                    }
+                }
                 if matches!(e, CaptureError::Database(_)) {
                     relayer.store = None;
                 }
                 if let CaptureError::Publish(pe) = &e {
-                    if !pe.is_retryable() {
+                    // At the first start the engine may not have provisioned the stream yet.
+                    let provisioning = relayer.config.stream.provision
+                        && matches!(pe, jetsync::Error::StreamNotFound { .. });
+                    if !pe.is_retryable() && !provisioning {
                         tracing::error!(error = %e, "capture relay cannot publish; retrying");
                     }
                 }
@@ -254,8 +264,8 @@ impl Relayer {
         let store = self.store.as_mut().expect("opened above");
         let batches = store.pending(self.config.capture.max_batch_rows).await?;
         if batches.is_empty() {
-            let backlog = store.backlog().await?;
-            self.stats.capture().set_backlog(backlog);
+            // Nothing committed waits (rows of open transactions are not visible yet).
+            self.stats.capture().set_backlog(0);
             return Ok(false);
         }
         if self.client.is_none() {

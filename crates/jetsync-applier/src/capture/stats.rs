@@ -69,3 +69,32 @@ impl CaptureStats {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_follows_the_backlog_bound() {
+        let mut config = jetsync::Config::default();
+        config.capture.ready_max_backlog = 10;
+        let stats = CaptureStats::default();
+        stats.set_backlog(500);
+        // Not captured: always ready.
+        assert!(crate::capture_readiness(&stats.snapshot(), &config).is_ok());
+        stats.set_enabled();
+        stats.set_error(Some("NATS down".into()));
+        let reason = crate::capture_readiness(&stats.snapshot(), &config).unwrap_err();
+        assert!(
+            reason.contains("capture backlog 500") && reason.contains("NATS down"),
+            "{reason}"
+        );
+        stats.set_backlog(10);
+        assert!(crate::capture_readiness(&stats.snapshot(), &config).is_ok());
+        config.capture.ready_max_backlog = 0;
+        stats.set_backlog(1_000_000);
+        assert!(crate::capture_readiness(&stats.snapshot(), &config).is_ok());
+        stats.add_published(3, 1);
+        assert_eq!(stats.snapshot().published, 3);
+    }
+}

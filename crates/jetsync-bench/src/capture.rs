@@ -1,0 +1,327 @@
+//! Capture: capture-to-applied latency (issue #14). A "service" writes plain SQL into instance
+//! A's SQLite file at a paced rate (one row per local transaction); A's `jetsync-applier run`
+//! captures each commit through its triggers and relays it; instance B's `jetsync-applier run`
+//! applies it into B's SQLite file. Latency is the time from A's `COMMIT` returning to the row
+//! being readable in B's database (a reader polls B's file every 0.2 ms), so it covers the
+//! trigger, the relay's poll interval (`capture.poll_ms`), the publish, the delivery and B's
+//! apply.
+//!
+//! Both instances are the real binary (the relay runs inside `run`). On servers without atomic
+//! batches (before 2.12.1) A runs with `capture.atomic = false` (per-row publishing), and the
+//! report says so.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::bail;
+use serde::Serialize;
+
+use crate::{
+    harness::{self, Bench},
+    memory::{Applier, Process},
+};
+
+const STREAM: &str = "BENCH_CAPTURE";
+const PREFIX: &str = "benchcap";
+const TABLE: &str = "capbench";
+/// Writes per second of the measured service (the issue's figure).
+pub(crate) const RATE: u64 = 1_000;
+/// The relay's poll interval: the product's default.
+const POLL_MS: u64 = 10;
+/// Rows written (and awaited on B) before measuring.
+const WARM_UP: u64 = 50;
+
+/// Capture-to-applied latency at one write rate.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct CaptureReport {
+    /// Target writes per second (one row per local transaction).
+    pub(crate) rate: u64,
+    /// Writes measured.
+    pub(crate) writes: u64,
+    /// The rate the writer achieved.
+    pub(crate) achieved_wps: f64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) p999_ms: f64,
+    pub(crate) max_ms: f64,
+    /// p99 of the service's own `COMMIT` on A (the triggers' cost is in it).
+    pub(crate) commit_p99_ms: f64,
+    /// Whether captured transactions were published as atomic batches.
+    pub(crate) atomic: bool,
+    /// `capture.poll_ms` of the relay.
+    pub(crate) poll_ms: u64,
+}
+
+/// Writes the configuration of `instance` under `dir` (data in `dir/data`); returns its path.
+fn write_config(
+    dir: &Path,
+    instance: &str,
+    url: &str,
+    capture: bool,
+    atomic: bool,
+) -> anyhow::Result<PathBuf> {
+    let data = dir.join("data");
+    fs::create_dir_all(&data)?;
+    let path = dir.join("jetsync.toml");
+    let capture_toml = if capture {
+        format!("capture = true\n\n[capture]\natomic = {atomic}\npoll_ms = {POLL_MS}\n")
+    } else {
+        String::new()
+    };
+    fs::write(
+        &path,
+        format!(
+            "instance = {instance:?}\n\
+             data_dir = {data:?}\n\
+             \n[nats]\nurl = {url:?}\n\
+             \n[stream]\nname = {STREAM:?}\nsubject_prefix = {PREFIX:?}\nprovision = true\ntransactions = {atomic}\n\
+             \n[sink]\nkind = \"sqlite\"\n\
+             \n[apply]\nbatch_max = {batch_max}\n\
+             \n[log]\nlevel = \"warn\"\n\
+             \n[tables.{TABLE}]\nkey = \"id\"\n{capture_toml}",
+            data = data.to_string_lossy(),
+            batch_max = harness::batch_max(),
+        ),
+    )?;
+    Ok(path)
+}
+
+/// The SQLite file of `instance` under `dir` (the sink's default path).
+fn sqlite_path(dir: &Path, instance: &str) -> PathBuf {
+    dir.join("data").join(format!("{instance}.db"))
+}
+
+/// Rows of the bench table in `path`; 0 while the file or the table does not exist yet.
+fn row_count(conn: &mut Option<rusqlite::Connection>, path: &Path) -> u64 {
+    if conn.is_none() {
+        if !path.exists() {
+            return 0;
+        }
+        let Ok(c) = rusqlite::Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        ) else {
+            return 0;
+        };
+        let _ = c.busy_timeout(Duration::from_secs(1));
+        *conn = Some(c);
+    }
+    conn.as_ref()
+        .and_then(|c| {
+            c.query_row(&format!("SELECT count(*) FROM {TABLE}"), [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .ok()
+        })
+        .map_or(0, |n| n as u64)
+}
+
+/// Polls B's file until `target` rows are visible or `stop`; returns when each row count was
+/// first seen (`seen[n - 1]` = when the n-th row became readable).
+fn watch(path: PathBuf, target: u64, stop: Arc<AtomicBool>) -> Vec<Instant> {
+    let mut conn = None;
+    let mut seen = Vec::with_capacity(target as usize);
+    while (seen.len() as u64) < target && !stop.load(Ordering::Relaxed) {
+        let n = row_count(&mut conn, &path);
+        let now = Instant::now();
+        while (seen.len() as u64) < n.min(target) {
+            seen.push(now);
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    seen
+}
+
+/// Inserts rows `first..first + count` into A's file at `rate` per second, one transaction
+/// each; returns when each `COMMIT` returned and how long it took.
+fn write(
+    path: &Path,
+    first: u64,
+    count: u64,
+    rate: u64,
+) -> anyhow::Result<(Vec<Instant>, Vec<f64>)> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(30))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    let mut insert = conn.prepare(&format!(
+        "INSERT INTO {TABLE} (id, written_us, pad) VALUES (?1, ?2, 'capture-bench-row')"
+    ))?;
+    let start = Instant::now();
+    let mut committed = Vec::with_capacity(count as usize);
+    let mut commit_ms = Vec::with_capacity(count as usize);
+    for i in 0..count {
+        let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        let began = Instant::now();
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as i64);
+        insert.execute(rusqlite::params![(first + i) as i64, micros])?;
+        conn.execute_batch("COMMIT")?;
+        let done = Instant::now();
+        committed.push(done);
+        commit_ms.push((done - began).as_secs_f64() * 1e3);
+    }
+    Ok((committed, commit_ms))
+}
+
+/// Runs a one-shot subcommand of the binary and fails unless it exits 0.
+fn one_shot(applier: &Applier, config: &Path, args: &[&str], dir: &Path) -> anyhow::Result<()> {
+    let log = dir.join(format!("{}.log", args.join("-")));
+    let mut process = Process::spawn_command(&applier.path, config, args, None, &log)?;
+    let status = process.child.wait()?;
+    if !status.success() {
+        bail!(
+            "jetsync-applier {args:?} failed ({status}): {}",
+            fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+pub(crate) async fn run(
+    bench: &Bench,
+    server_version: &str,
+    applier: &Applier,
+    rate: u64,
+    duration: Duration,
+) -> anyhow::Result<CaptureReport> {
+    let atomic = at_least(server_version, (2, 12, 1));
+    bench.delete_stream(STREAM).await;
+    let root = tempfile::tempdir()?;
+    let (dir_a, dir_b) = (root.path().join("a"), root.path().join("b"));
+    let config_a = write_config(&dir_a, "capbench-a", &bench.url, true, atomic)?;
+    let config_b = write_config(&dir_b, "capbench-b", &bench.url, false, atomic)?;
+    let (db_a, db_b) = (
+        sqlite_path(&dir_a, "capbench-a"),
+        sqlite_path(&dir_b, "capbench-b"),
+    );
+
+    // The service's own table, then capture on it.
+    {
+        let conn = rusqlite::Connection::open(&db_a)?;
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL; \
+             CREATE TABLE {TABLE} (id INTEGER PRIMARY KEY, written_us INTEGER NOT NULL, pad TEXT)"
+        ))?;
+    }
+    one_shot(applier, &config_a, &["capture", "install"], root.path())?;
+    let mut a = Process::spawn(&applier.path, &config_a, &dir_a.join("run.log"))?;
+    let mut b = Process::spawn(&applier.path, &config_b, &dir_b.join("run.log"))?;
+    let logs = || {
+        format!(
+            "A:\n{}\nB:\n{}",
+            fs::read_to_string(dir_a.join("run.log")).unwrap_or_default(),
+            fs::read_to_string(dir_b.join("run.log")).unwrap_or_default()
+        )
+    };
+
+    // Warm-up: B has applied the first rows before anything is measured.
+    let writes = (rate as f64 * duration.as_secs_f64()).round() as u64;
+    let total = WARM_UP + writes;
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (path, stop) = (db_b.clone(), stop.clone());
+        std::thread::spawn(move || watch(path, total, stop))
+    };
+    let outcome = async {
+        let path = db_a.clone();
+        let (warm, _) =
+            tokio::task::spawn_blocking(move || write(&path, 1, WARM_UP, rate)).await??;
+        drop(warm);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut conn = None;
+        while row_count(&mut conn, &db_b) < WARM_UP {
+            if let Some(status) = a.child.try_wait()?.or(b.child.try_wait()?) {
+                bail!("an applier exited ({status}):\n{}", logs());
+            }
+            if Instant::now() >= deadline {
+                bail!("B did not apply the warm-up rows within 60 s:\n{}", logs());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let path = db_a.clone();
+        let started = Instant::now();
+        let (committed, commit_ms) =
+            tokio::task::spawn_blocking(move || write(&path, WARM_UP + 1, writes, rate)).await??;
+        let achieved = harness::eps(writes, started.elapsed());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !watcher.is_finished() {
+            if Instant::now() >= deadline {
+                bail!(
+                    "B did not apply every row within 60 s of the last write:\n{}",
+                    logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        anyhow::Ok((committed, commit_ms, achieved))
+    }
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let seen = watcher
+        .join()
+        .map_err(|_| anyhow::anyhow!("the watcher panicked"))?;
+    let (committed, mut commit_ms, achieved) = outcome?;
+    for p in [&mut a, &mut b] {
+        let status = p.terminate(Duration::from_secs(15))?;
+        if !status.success() {
+            bail!("an applier exited {status} on SIGTERM:\n{}", logs());
+        }
+    }
+    bench.delete_stream(STREAM).await;
+
+    let measured = &seen[WARM_UP as usize..];
+    if measured.len() != committed.len() {
+        bail!(
+            "{} rows seen on B, {} written",
+            measured.len(),
+            committed.len()
+        );
+    }
+    let mut latencies: Vec<f64> = measured
+        .iter()
+        .zip(&committed)
+        .map(|(seen, committed)| seen.saturating_duration_since(*committed).as_secs_f64() * 1e3)
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    commit_ms.sort_by(f64::total_cmp);
+    Ok(CaptureReport {
+        rate,
+        writes,
+        achieved_wps: achieved,
+        p50_ms: harness::percentile(&latencies, 0.50),
+        p99_ms: harness::percentile(&latencies, 0.99),
+        p999_ms: harness::percentile(&latencies, 0.999),
+        max_ms: latencies.last().copied().unwrap_or(0.0),
+        commit_p99_ms: harness::percentile(&commit_ms, 0.99),
+        atomic,
+        poll_ms: POLL_MS,
+    })
+}
+
+/// Whether a version text like `2.12.8` is at least `min`.
+fn at_least(version: &str, min: (u64, u64, u64)) -> bool {
+    let mut parts = version
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse::<u64>().unwrap_or(0));
+    let have = (
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    );
+    have >= min
+}
