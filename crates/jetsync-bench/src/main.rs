@@ -22,10 +22,17 @@
 //! The server comes from `NATS_SERVER_BIN`, else `PATH`, else `/usr/sbin/nats-server`.
 
 mod bootstrap;
+mod catchup;
+mod ceiling;
+mod fleet;
 mod flood;
+mod handwritten;
 mod harness;
 mod live;
+mod live_raw;
 mod memory;
+mod pg;
+mod plain_sqlite;
 mod probe;
 mod publish;
 mod replay;
@@ -45,7 +52,15 @@ use jetsync_testkit::NatsServer;
 
 use crate::report::{Machine, Report, Server, Sizes};
 
-const PHASES: [&str; 6] = ["publish", "replay", "live", "bootstrap", "memory", "txn"];
+const PHASES: [&str; 7] = [
+    "publish",
+    "replay",
+    "live",
+    "bootstrap",
+    "memory",
+    "txn",
+    "fleet",
+];
 
 #[derive(Debug)]
 struct Args {
@@ -55,9 +70,10 @@ struct Args {
 }
 
 const USAGE: &str =
-    "usage: jetsync-bench [quick|full] [--only publish,replay,live,bootstrap,memory,txn] \
+    "usage: jetsync-bench [quick|full] [--only publish,replay,live,bootstrap,memory,txn,fleet] \
                      [--no-build] [--batch-max N (apply.batch_max of the engines; default 1000)] \
-                     [--txn-in-flight N (transactions in flight in the txn phase; default 4)]";
+                     [--txn-in-flight N (transactions in flight in the txn phase; default 4)] \
+                     [--fleet-rate N (total events/s of the fleet phase; default 200)]";
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
@@ -78,6 +94,14 @@ fn parse_args() -> anyhow::Result<Args> {
                     .parse()
                     .context("--batch-max needs a number")?;
                 let _ = harness::BATCH_MAX.set(n);
+            }
+            "--fleet-rate" => {
+                let n: u64 = it
+                    .next()
+                    .context("--fleet-rate needs a number")?
+                    .parse()
+                    .context("--fleet-rate needs a number")?;
+                let _ = FLEET_RATE.set(n);
             }
             "--txn-in-flight" => {
                 let n: usize = it
@@ -110,19 +134,25 @@ fn parse_args() -> anyhow::Result<Args> {
     Ok(args)
 }
 
+/// `--fleet-rate N`: the fleet phase's total event rate.
+static FLEET_RATE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
 fn sizes(quick: bool) -> Sizes {
     if quick {
         Sizes {
             publish_per_run: 50_000,
             publish_rounds: 3,
             replay_backlog: 50_000,
-            live_rates: vec![1_000, 5_000, 20_000],
+            live_rates: vec![1_000, 5_000, 10_000],
             live_seconds_per_rate: 3.0,
             bootstrap_rows: 20_000,
             memory_backlog: 100_000,
             flood_events: 50,
             resync_rows: 100_000,
             txn_rows: 20_000,
+            fleet_steps: vec![10, 25],
+            fleet_rate: FLEET_RATE.get().copied().unwrap_or(fleet::DEFAULT_RATE),
+            fleet_seconds_per_step: 3.0,
             key_space: workload::KEY_SPACE,
             engine_batch_max: harness::batch_max(),
         }
@@ -131,13 +161,16 @@ fn sizes(quick: bool) -> Sizes {
             publish_per_run: 200_000,
             publish_rounds: 3,
             replay_backlog: 500_000,
-            live_rates: vec![1_000, 5_000, 20_000],
+            live_rates: vec![1_000, 5_000, 10_000],
             live_seconds_per_rate: 10.0,
             bootstrap_rows: 100_000,
             memory_backlog: 1_000_000,
             flood_events: 200,
             resync_rows: 1_000_000,
             txn_rows: 100_000,
+            fleet_steps: vec![10, 50, 100],
+            fleet_rate: FLEET_RATE.get().copied().unwrap_or(fleet::DEFAULT_RATE),
+            fleet_seconds_per_step: 10.0,
             key_space: workload::KEY_SPACE,
             engine_batch_max: harness::batch_max(),
         }
@@ -174,7 +207,8 @@ fn real_main() -> anyhow::Result<bool> {
 
     // Build the applier binary before anything is measured.
     let mut errors: BTreeMap<&'static str, String> = BTreeMap::new();
-    let applier = if wants("memory") {
+    // The phases that run the real binary.
+    let applier = if wants("memory") || wants("replay") || wants("fleet") {
         let path = memory::target_dir().join("release").join("jetsync-applier");
         if args.build {
             eprintln!("building jetsync-applier (release) ...");
@@ -183,7 +217,7 @@ fn real_main() -> anyhow::Result<bool> {
                 Ok(a) => Some(a),
                 Err(e) if e.to_string().starts_with("interrupted") => return Err(e),
                 Err(e) => {
-                    errors.insert("memory", format!("{e:#}"));
+                    errors.insert("applier-build", format!("{e:#}"));
                     None
                 }
             }
@@ -191,7 +225,7 @@ fn real_main() -> anyhow::Result<bool> {
             Some(memory::Applier { path, fresh: false })
         } else {
             errors.insert(
-                "memory",
+                "applier-build",
                 format!("--no-build, and there is no {}", path.display()),
             );
             None
@@ -217,6 +251,7 @@ fn real_main() -> anyhow::Result<bool> {
         bootstrap: None,
         memory: None,
         txn: None,
+        fleet: None,
         mode: if args.quick { "quick" } else { "full" },
         events: sizes.clone(),
         machine: Machine::probe(),
@@ -240,8 +275,13 @@ fn real_main() -> anyhow::Result<bool> {
         if wants("replay") {
             eprintln!("replay: {} events backlog ...", sizes.replay_backlog);
             let phase = Instant::now();
-            let result = replay::run(&bench, sizes.replay_backlog).await;
+            let result = replay::run(&bench, sizes.replay_backlog, applier.as_ref()).await;
             report.replay = report.outcome("replay", phase, result);
+            if let Some(replay) = &report.replay {
+                for (part, error) in &replay.failures {
+                    report.errors.insert(part, error.clone());
+                }
+            }
         }
         if wants("live") {
             eprintln!(
@@ -281,7 +321,7 @@ fn real_main() -> anyhow::Result<bool> {
             .await;
             report.txn = report.outcome("txn", phase, result);
         }
-        if let Some(applier) = &applier {
+        if let Some(applier) = applier.as_ref().filter(|_| wants("memory")) {
             let mut memory = memory::MemoryReport::default();
             eprintln!(
                 "memory: jetsync-applier replaying {} events ...",
@@ -309,6 +349,16 @@ fn real_main() -> anyhow::Result<bool> {
                 memory.set_resync(resync);
             }
             report.memory = Some(memory);
+        }
+        if let Some(applier) = applier.as_ref().filter(|_| wants("fleet")) {
+            eprintln!(
+                "fleet: {:?} jetsync-applier processes at {} events/s, {} s per step ...",
+                sizes.fleet_steps, sizes.fleet_rate, sizes.fleet_seconds_per_step
+            );
+            let phase = Instant::now();
+            let duration = Duration::from_secs_f64(sizes.fleet_seconds_per_step);
+            let result = fleet::run(applier, &sizes.fleet_steps, sizes.fleet_rate, duration).await;
+            report.fleet = report.outcome("fleet", phase, result);
         }
         anyhow::Ok(())
     };
