@@ -43,7 +43,7 @@ const STREAM: &str = "BENCH_FLEET";
 const PREFIX: &str = "benchfleet";
 /// The fleet phase's default total event rate (events/s): what this 2-core machine sustains
 /// with 100 instances (see the README's capacity model).
-pub(crate) const DEFAULT_RATE: u64 = 200;
+pub(crate) const DEFAULT_RATE: u64 = 50;
 /// How often the poller reads every instance's fence.
 const SWEEP_PERIOD: Duration = Duration::from_millis(5);
 /// How long new instances get to start and catch up.
@@ -323,7 +323,10 @@ fn poll_fences(dbs: &[PathBuf], stop: &AtomicBool) -> anyhow::Result<(Logs, f64)
     let mut last = vec![0u64; dbs.len()];
     let started = Instant::now();
     let mut sweeps = 0u64;
-    while !stop.load(Ordering::Relaxed) {
+    let mut stopping = false;
+    while !stopping {
+        // One last sweep after the stop: the caller saw every fence at its target.
+        stopping = stop.load(Ordering::Relaxed);
         let sweep = Instant::now();
         for (i, conn) in conns.iter().enumerate() {
             let fence = read_fence(conn).unwrap_or(0);

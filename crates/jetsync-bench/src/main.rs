@@ -73,7 +73,7 @@ const USAGE: &str =
     "usage: jetsync-bench [quick|full] [--only publish,replay,live,bootstrap,memory,txn,fleet] \
                      [--no-build] [--batch-max N (apply.batch_max of the engines; default 1000)] \
                      [--txn-in-flight N (transactions in flight in the txn phase; default 4)] \
-                     [--fleet-rate N (total events/s of the fleet phase; default 200)]";
+                     [--fleet-rate N (total events/s of the fleet phase; default 50)]";
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
