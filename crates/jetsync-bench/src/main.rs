@@ -1,13 +1,16 @@
 //! `jetsync-bench`: jetsync against the raw JetStream ceiling, in one run on one private
 //! nats-server (DESIGN 9).
 //!
-//! Phases: publish (client vs raw pipelined publish), replay (engine into redb / SQLite vs a raw
-//! AckAll pull consumer), live (publish-to-applied latency with three appliers at paced rates),
-//! bootstrap (a fresh instance on a compacted stream) and memory (peak RSS of the real
-//! `jetsync-applier` binary replaying a backlog, applying a flood of 1 MiB events, and running
-//! `resync` over 1,000,000 rows), and txn (transactions of 10 rows against single writes of the
-//! same rows, published and replayed; nats-server >= 2.12.1, else skipped with a note). Writes `target/bench/report.json` and prints a
-//! table with DESIGN 9's targets marked met or missed.
+//! Phases: publish (client vs raw pipelined publish), replay (a 500k `json/1` backlog: the raw
+//! pull-consume ceiling, per-sink ceilings, a hand-written consumer, `jetsync-applier run` into
+//! SQLite, redb and Postgres, and a hot-key Zipf backlog), live (publish-to-applied latency with
+//! three appliers beside raw publish-to-delivery latency at the same rates), bootstrap (a fresh
+//! instance on a compacted stream), memory (peak RSS of the real `jetsync-applier` binary
+//! replaying a backlog, applying a flood of 1 MiB events, and running `resync` over 1,000,000
+//! rows), txn (transactions of 10 rows against single writes of the same rows; nats-server >=
+//! 2.12.1, else skipped with a note) and fleet (N appliers as processes on one stream: latency,
+//! server CPU and memory per instance). Writes `target/bench/report.json` and prints a table
+//! with DESIGN 9's targets marked met or missed.
 //!
 //! ```text
 //! just bench quick                      # < 2 min: smaller backlogs, 3 s per live rate
@@ -15,6 +18,8 @@
 //!                                       #   200 x 1 MiB flood, 1M-row resync (quick: 50, 100k)
 //! just bench quick --only live,replay   # some phases only
 //! just bench quick --only txn           # transactions (needs nats-server >= 2.12.1)
+//! just bench --only fleet               # capacity: 10, 50, 100 appliers (quick: 10, 25)
+//! just bench --only fleet --fleet-rate 100   # the fleet's total events/s (default 50)
 //! just bench --no-build                 # use the existing target/release/jetsync-applier
 //! just bench quick --batch-max 5000     # experiment: apply.batch_max of every engine
 //! ```
