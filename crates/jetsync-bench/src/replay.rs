@@ -182,11 +182,25 @@ pub(crate) async fn run(
     harness::mark("replay raw 1");
     let raw_first = raw_consume(bench, &stream, "bench_raw_1", events, timeout).await?;
 
-    // Sink ceilings: the same changes straight into each sink.
-    harness::mark("replay ceilings");
+    harness::mark("replay engine null");
+    let config = replay_config(&bench.url, dir.path(), "replay-null", &stream);
+    let null = engine_replay(config, TimedSink::new(NullSink::default()), events, timeout)
+        .await
+        .context("replay into a null sink")?;
+
+    // Per sink, its ceilings (the same changes straight into it) and then the real binary into
+    // it, next to each other in time: on a shared machine the disk's and the cores' load moves
+    // within minutes, and each ratio compares two neighbouring measurements.
     let mut sqlite = SinkFigures::default();
     let mut redb = SinkFigures::default();
     let mut postgres = SinkFigures::default();
+    if applier.is_none() {
+        failures.push((
+            "replay-binary",
+            "no jetsync-applier binary (see the build error)".into(),
+        ));
+    }
+    harness::mark("replay sqlite");
     sqlite.sink_apply_eps = part(
         &mut failures,
         "replay-sqlite-ceiling",
@@ -208,34 +222,7 @@ pub(crate) async fn run(
             ceiling::plain_sqlite(&plain_path, uniform.clone(), events, batch)
         }),
     );
-    redb.sink_apply_eps = part(
-        &mut failures,
-        "replay-redb-ceiling",
-        sink_ceiling(
-            &url,
-            dir.path(),
-            "ceil-redb",
-            "kind = \"redb\"\n",
-            uniform.clone(),
-            events,
-        )
-        .await,
-    );
-    postgres.sink_apply_eps = part(
-        &mut failures,
-        "replay-postgres-ceiling",
-        pg_ceiling(&url, dir.path(), uniform.clone(), events).await,
-    );
-
-    harness::mark("replay engine null");
-    let config = replay_config(&bench.url, dir.path(), "replay-null", &stream);
-    let null = engine_replay(config, TimedSink::new(NullSink::default()), events, timeout)
-        .await
-        .context("replay into a null sink")?;
-
-    // The real binary into each sink.
     if let Some(applier) = applier {
-        harness::mark("replay binary sqlite");
         if let Some(c) = part(
             &mut failures,
             "replay-sqlite",
@@ -254,7 +241,22 @@ pub(crate) async fn run(
             sqlite.replay_eps = Some(c.eps);
             sqlite.replay_peak_rss_mib = Some(c.peak_rss_mib);
         }
-        harness::mark("replay binary redb");
+    }
+    harness::mark("replay redb");
+    redb.sink_apply_eps = part(
+        &mut failures,
+        "replay-redb-ceiling",
+        sink_ceiling(
+            &url,
+            dir.path(),
+            "ceil-redb",
+            "kind = \"redb\"\n",
+            uniform.clone(),
+            events,
+        )
+        .await,
+    );
+    if let Some(applier) = applier {
         if let Some(c) = part(
             &mut failures,
             "replay-redb",
@@ -273,7 +275,14 @@ pub(crate) async fn run(
             redb.replay_eps = Some(c.eps);
             redb.replay_peak_rss_mib = Some(c.peak_rss_mib);
         }
-        harness::mark("replay binary postgres");
+    }
+    harness::mark("replay postgres");
+    postgres.sink_apply_eps = part(
+        &mut failures,
+        "replay-postgres-ceiling",
+        pg_ceiling(&url, dir.path(), uniform.clone(), events).await,
+    );
+    if let Some(applier) = applier {
         if let Some(c) = part(
             &mut failures,
             "replay-postgres",
@@ -282,11 +291,6 @@ pub(crate) async fn run(
             postgres.replay_eps = Some(c.eps);
             postgres.replay_peak_rss_mib = Some(c.peak_rss_mib);
         }
-    } else {
-        failures.push((
-            "replay-binary",
-            "no jetsync-applier binary (see the build error)".into(),
-        ));
     }
 
     harness::mark("replay handwritten");
