@@ -70,6 +70,32 @@ impl Bench {
         Ok(cfg)
     }
 
+    /// Creates the stream of sync group `name`/`prefix` like [`Bench::create_stream`] with
+    /// `history` = 64 in the configuration, but keeping every event of every row on the server
+    /// (`max_msgs_per_subject = -1`), for backlogs with hot keys: the engine does not check
+    /// this limit of a stream it does not provision.
+    pub(crate) async fn create_stream_keeping_all(
+        &self,
+        name: &str,
+        prefix: &str,
+    ) -> anyhow::Result<StreamConfig> {
+        let cfg = StreamConfig {
+            name: name.to_owned(),
+            subject_prefix: prefix.to_owned(),
+            history: 64,
+            provision: false,
+            ..StreamConfig::default()
+        };
+        let _ = self.js.delete_stream(name).await;
+        let mut definition = jetsync::stream_definition(&cfg);
+        definition.max_messages_per_subject = -1;
+        self.js
+            .create_stream(definition)
+            .await
+            .with_context(|| format!("creating stream {name}"))?;
+        Ok(cfg)
+    }
+
     /// Deletes a stream (best effort: phases clean up after themselves to keep the server lean).
     pub(crate) async fn delete_stream(&self, name: &str) {
         let _ = self.js.delete_stream(name).await;
@@ -94,6 +120,19 @@ pub(crate) async fn publish_raw<I>(
 where
     I: IntoIterator<Item = anyhow::Result<(String, Bytes)>>,
 {
+    publish_raw_as(js, messages, window, jetsync::codec::Format::Postcard1).await
+}
+
+/// [`publish_raw`] of bodies in `format` (the `Jetsync-Format` header names it).
+pub(crate) async fn publish_raw_as<I>(
+    js: &jetstream::Context,
+    messages: I,
+    window: usize,
+    format: jetsync::codec::Format,
+) -> anyhow::Result<u64>
+where
+    I: IntoIterator<Item = anyhow::Result<(String, Bytes)>>,
+{
     let mut in_flight: VecDeque<PublishAckFuture> = VecDeque::with_capacity(window);
     let mut last = 0;
     for message in messages {
@@ -108,7 +147,7 @@ where
         }
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", nuid::next().to_string().as_str());
-        headers.insert(FORMAT_HEADER, "postcard/1");
+        headers.insert(FORMAT_HEADER, format.header_value());
         let publish = PublishMessage::build().payload(body).headers(headers);
         let pending = js
             .send_publish(subject, publish)
@@ -140,6 +179,14 @@ pub(crate) fn engine_config(
     config.nats.url = url.to_owned();
     config.stream = stream.clone();
     config.stream.provision = false;
+    // Only configured tables are applied (others are parked as "not synced here").
+    config.tables.insert(
+        crate::workload::TABLE.to_owned(),
+        jetsync::TableConfig {
+            key: "id".to_owned(),
+            ..jetsync::TableConfig::default()
+        },
+    );
     if let Some(&batch_max) = BATCH_MAX.get() {
         config.apply.batch_max = batch_max;
     }

@@ -1,13 +1,16 @@
 //! `jetsync-bench`: jetsync against the raw JetStream ceiling, in one run on one private
 //! nats-server (DESIGN 9).
 //!
-//! Phases: publish (client vs raw pipelined publish), replay (engine into redb / SQLite vs a raw
-//! AckAll pull consumer), live (publish-to-applied latency with three appliers at paced rates),
-//! bootstrap (a fresh instance on a compacted stream) and memory (peak RSS of the real
-//! `jetsync-applier` binary replaying a backlog, applying a flood of 1 MiB events, and running
-//! `resync` over 1,000,000 rows), and txn (transactions of 10 rows against single writes of the
-//! same rows, published and replayed; nats-server >= 2.12.1, else skipped with a note). Writes `target/bench/report.json` and prints a
-//! table with DESIGN 9's targets marked met or missed.
+//! Phases: publish (client vs raw pipelined publish), replay (a 500k `json/1` backlog: the raw
+//! pull-consume ceiling, per-sink ceilings, a hand-written consumer, `jetsync-applier run` into
+//! SQLite, redb and Postgres, and a hot-key Zipf backlog), live (publish-to-applied latency with
+//! three appliers beside raw publish-to-delivery latency at the same rates), bootstrap (a fresh
+//! instance on a compacted stream), memory (peak RSS of the real `jetsync-applier` binary
+//! replaying a backlog, applying a flood of 1 MiB events, and running `resync` over 1,000,000
+//! rows), txn (transactions of 10 rows against single writes of the same rows; nats-server >=
+//! 2.12.1, else skipped with a note) and fleet (N appliers as processes on one stream: latency,
+//! server CPU and memory per instance). Writes `target/bench/report.json` and prints a table
+//! with DESIGN 9's targets marked met or missed.
 //!
 //! ```text
 //! just bench quick                      # < 2 min: smaller backlogs, 3 s per live rate
@@ -16,6 +19,8 @@
 //! just bench quick --only live,replay   # some phases only
 //! just bench quick --only txn           # transactions (needs nats-server >= 2.12.1)
 //! just bench quick --only capture       # capture-to-applied latency, plain SQL at 1,000 writes/s
+//! just bench --only fleet               # capacity: 10, 50, 100 appliers (quick: 10, 25)
+//! just bench --only fleet --fleet-rate 100   # the fleet's total events/s (default 50)
 //! just bench --no-build                 # use the existing target/release/jetsync-applier
 //! just bench quick --batch-max 5000     # experiment: apply.batch_max of every engine
 //! ```
@@ -24,10 +29,17 @@
 
 mod bootstrap;
 mod capture;
+mod catchup;
+mod ceiling;
+mod fleet;
 mod flood;
+mod handwritten;
 mod harness;
 mod live;
+mod live_raw;
 mod memory;
+mod pg;
+mod plain_sqlite;
 mod probe;
 mod publish;
 mod replay;
@@ -47,7 +59,7 @@ use jetsync_testkit::NatsServer;
 
 use crate::report::{Machine, Report, Server, Sizes};
 
-const PHASES: [&str; 7] = [
+const PHASES: [&str; 8] = [
     "publish",
     "replay",
     "live",
@@ -55,6 +67,7 @@ const PHASES: [&str; 7] = [
     "memory",
     "txn",
     "capture",
+    "fleet",
 ];
 
 #[derive(Debug)]
@@ -65,9 +78,10 @@ struct Args {
 }
 
 const USAGE: &str =
-    "usage: jetsync-bench [quick|full] [--only publish,replay,live,bootstrap,memory,txn,capture] \
+    "usage: jetsync-bench [quick|full] [--only publish,replay,live,bootstrap,memory,txn,capture,fleet] \
                      [--no-build] [--batch-max N (apply.batch_max of the engines; default 1000)] \
-                     [--txn-in-flight N (transactions in flight in the txn phase; default 4)]";
+                     [--txn-in-flight N (transactions in flight in the txn phase; default 4)] \
+                     [--fleet-rate N (total events/s of the fleet phase; default 50)]";
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
@@ -88,6 +102,14 @@ fn parse_args() -> anyhow::Result<Args> {
                     .parse()
                     .context("--batch-max needs a number")?;
                 let _ = harness::BATCH_MAX.set(n);
+            }
+            "--fleet-rate" => {
+                let n: u64 = it
+                    .next()
+                    .context("--fleet-rate needs a number")?
+                    .parse()
+                    .context("--fleet-rate needs a number")?;
+                let _ = FLEET_RATE.set(n);
             }
             "--txn-in-flight" => {
                 let n: usize = it
@@ -120,19 +142,25 @@ fn parse_args() -> anyhow::Result<Args> {
     Ok(args)
 }
 
+/// `--fleet-rate N`: the fleet phase's total event rate.
+static FLEET_RATE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
 fn sizes(quick: bool) -> Sizes {
     if quick {
         Sizes {
             publish_per_run: 50_000,
             publish_rounds: 3,
             replay_backlog: 50_000,
-            live_rates: vec![1_000, 5_000, 20_000],
+            live_rates: vec![1_000, 5_000, 10_000],
             live_seconds_per_rate: 3.0,
             bootstrap_rows: 20_000,
             memory_backlog: 100_000,
             flood_events: 50,
             resync_rows: 100_000,
             txn_rows: 20_000,
+            fleet_steps: vec![10, 25],
+            fleet_rate: FLEET_RATE.get().copied().unwrap_or(fleet::DEFAULT_RATE),
+            fleet_seconds_per_step: 3.0,
             key_space: workload::KEY_SPACE,
             engine_batch_max: harness::batch_max(),
         }
@@ -141,13 +169,16 @@ fn sizes(quick: bool) -> Sizes {
             publish_per_run: 200_000,
             publish_rounds: 3,
             replay_backlog: 500_000,
-            live_rates: vec![1_000, 5_000, 20_000],
+            live_rates: vec![1_000, 5_000, 10_000],
             live_seconds_per_rate: 10.0,
             bootstrap_rows: 100_000,
             memory_backlog: 1_000_000,
             flood_events: 200,
             resync_rows: 1_000_000,
             txn_rows: 100_000,
+            fleet_steps: vec![10, 50, 100],
+            fleet_rate: FLEET_RATE.get().copied().unwrap_or(fleet::DEFAULT_RATE),
+            fleet_seconds_per_step: 10.0,
             key_space: workload::KEY_SPACE,
             engine_batch_max: harness::batch_max(),
         }
@@ -184,7 +215,8 @@ fn real_main() -> anyhow::Result<bool> {
 
     // Build the applier binary before anything is measured.
     let mut errors: BTreeMap<&'static str, String> = BTreeMap::new();
-    let applier = if wants("memory") || wants("capture") {
+    // The phases that run the real binary.
+    let applier = if wants("memory") || wants("replay") || wants("fleet") || wants("capture") {
         let path = memory::target_dir().join("release").join("jetsync-applier");
         if args.build {
             eprintln!("building jetsync-applier (release) ...");
@@ -193,7 +225,7 @@ fn real_main() -> anyhow::Result<bool> {
                 Ok(a) => Some(a),
                 Err(e) if e.to_string().starts_with("interrupted") => return Err(e),
                 Err(e) => {
-                    errors.insert("memory", format!("{e:#}"));
+                    errors.insert("applier-build", format!("{e:#}"));
                     None
                 }
             }
@@ -201,7 +233,7 @@ fn real_main() -> anyhow::Result<bool> {
             Some(memory::Applier { path, fresh: false })
         } else {
             errors.insert(
-                "memory",
+                "applier-build",
                 format!("--no-build, and there is no {}", path.display()),
             );
             None
@@ -228,6 +260,7 @@ fn real_main() -> anyhow::Result<bool> {
         memory: None,
         txn: None,
         capture: None,
+        fleet: None,
         mode: if args.quick { "quick" } else { "full" },
         events: sizes.clone(),
         machine: Machine::probe(),
@@ -251,8 +284,13 @@ fn real_main() -> anyhow::Result<bool> {
         if wants("replay") {
             eprintln!("replay: {} events backlog ...", sizes.replay_backlog);
             let phase = Instant::now();
-            let result = replay::run(&bench, sizes.replay_backlog).await;
+            let result = replay::run(&bench, sizes.replay_backlog, applier.as_ref()).await;
             report.replay = report.outcome("replay", phase, result);
+            if let Some(replay) = &report.replay {
+                for (part, error) in &replay.failures {
+                    report.errors.insert(part, error.clone());
+                }
+            }
         }
         if wants("live") {
             eprintln!(
@@ -310,7 +348,7 @@ fn real_main() -> anyhow::Result<bool> {
             .await;
             report.capture = report.outcome("capture", phase, result);
         }
-        if let (true, Some(applier)) = (wants("memory"), &applier) {
+        if let Some(applier) = applier.as_ref().filter(|_| wants("memory")) {
             let mut memory = memory::MemoryReport::default();
             eprintln!(
                 "memory: jetsync-applier replaying {} events ...",
@@ -338,6 +376,16 @@ fn real_main() -> anyhow::Result<bool> {
                 memory.set_resync(resync);
             }
             report.memory = Some(memory);
+        }
+        if let Some(applier) = applier.as_ref().filter(|_| wants("fleet")) {
+            eprintln!(
+                "fleet: {:?} jetsync-applier processes at {} events/s, {} s per step ...",
+                sizes.fleet_steps, sizes.fleet_rate, sizes.fleet_seconds_per_step
+            );
+            let phase = Instant::now();
+            let duration = Duration::from_secs_f64(sizes.fleet_seconds_per_step);
+            let result = fleet::run(applier, &sizes.fleet_steps, sizes.fleet_rate, duration).await;
+            report.fleet = report.outcome("fleet", phase, result);
         }
         anyhow::Ok(())
     };

@@ -266,8 +266,28 @@ pub(crate) fn write_config(
     stream: &jetsync::StreamConfig,
     apply_extra: &str,
 ) -> anyhow::Result<PathBuf> {
+    write_config_with(
+        dir,
+        instance,
+        url,
+        stream,
+        "kind = \"sqlite\"\n",
+        apply_extra,
+    )
+}
+
+/// [`write_config`] with `sink` as the body of the `[sink]` section.
+pub(crate) fn write_config_with(
+    dir: &Path,
+    instance: &str,
+    url: &str,
+    stream: &jetsync::StreamConfig,
+    sink: &str,
+    apply_extra: &str,
+) -> anyhow::Result<PathBuf> {
     let data = dir.join("data");
     let config_path = dir.join("jetsync.toml");
+    fs::create_dir_all(dir)?;
     fs::write(
         &config_path,
         format!(
@@ -276,7 +296,7 @@ pub(crate) fn write_config(
              \n[nats]\nurl = {url:?}\n\
              \n[stream]\nname = {name:?}\nsubject_prefix = {prefix:?}\nhistory = {history}\nprovision = false\n\
              \n[tables.{table}]\nkey = \"id\"\n\
-             \n[sink]\nkind = \"sqlite\"\n\
+             \n[sink]\n{sink}\
              \n[apply]\nbatch_max = {batch_max}\n{apply_extra}\
              \n[log]\nlevel = \"warn\"\n",
             data = data.to_string_lossy(),
@@ -334,6 +354,16 @@ pub(crate) async fn sample_peak<T>(
         tick += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// VmRSS of `pid` in KiB (0 when unreadable).
+pub(crate) fn resident_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0)
 }
 
 /// max(VmHWM, VmRSS) of `pid` in KiB (0 when unreadable).

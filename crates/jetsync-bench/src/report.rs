@@ -6,8 +6,8 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path, time::Instant};
 use serde::Serialize;
 
 use crate::{
-    bootstrap::BootstrapReport, capture::CaptureReport, live::LivePoint, memory::MemoryReport,
-    publish::PublishReport, replay::ReplayReport, txn::TxnReport,
+    bootstrap::BootstrapReport, capture::CaptureReport, fleet::FleetReport, live::LivePoint,
+    memory::MemoryReport, publish::PublishReport, replay::ReplayReport, txn::TxnReport,
 };
 
 /// The whole report. The first keys are the agreed shape; the rest is context.
@@ -23,6 +23,8 @@ pub(crate) struct Report {
     pub(crate) txn: Option<TxnReport>,
     /// Capture-to-applied latency of plain SQL writes (issue #14).
     pub(crate) capture: Option<CaptureReport>,
+    /// N appliers as processes on one stream (issue #15's capacity figures).
+    pub(crate) fleet: Option<FleetReport>,
     pub(crate) mode: &'static str,
     pub(crate) events: Sizes,
     pub(crate) machine: Machine,
@@ -55,6 +57,12 @@ pub(crate) struct Sizes {
     pub(crate) resync_rows: u64,
     /// Rows of the transactions phase (per publish run and per replay backlog).
     pub(crate) txn_rows: u64,
+    /// Appliers of each step of the fleet phase.
+    pub(crate) fleet_steps: Vec<usize>,
+    /// Total events/s of the fleet phase.
+    pub(crate) fleet_rate: u64,
+    /// Publishing time of each fleet step (s).
+    pub(crate) fleet_seconds_per_step: f64,
     pub(crate) key_space: u64,
     /// `apply.batch_max` of the engines and the applier binary.
     pub(crate) engine_batch_max: usize,
@@ -145,26 +153,57 @@ impl Report {
             self.publish.as_ref().map(|p| p.ratio),
             |v| v >= 0.9,
         );
+        let replay = self.replay.as_ref();
         add(
-            "replay redb / raw consume".into(),
-            ">= 0.6",
-            self.replay.as_ref().map(|r| r.redb_ratio),
-            |v| v >= 0.6,
+            "replay SQLite / SQLite sink ceiling".into(),
+            ">= 0.9",
+            replay.and_then(|r| r.sqlite.as_ref()?.replay_ratio),
+            |v| v >= 0.9,
         );
         add(
-            "replay SQLite / raw consume".into(),
-            ">= 0.35",
-            self.replay.as_ref().map(|r| r.sqlite_ratio),
-            |v| v >= 0.35,
+            "replay redb / redb sink ceiling".into(),
+            ">= 0.9",
+            replay.and_then(|r| r.redb.as_ref()?.replay_ratio),
+            |v| v >= 0.9,
         );
         add(
-            "live p99 at 5,000 events/s, 3 appliers (ms)".into(),
-            "<= 5",
-            self.live
-                .as_ref()
-                .and_then(|l| l.iter().find(|p| p.rate == 5000))
-                .map(|p| p.p99_ms),
-            |v| v <= 5.0,
+            "replay Postgres / Postgres sink ceiling".into(),
+            ">= 0.8",
+            replay.and_then(|r| r.postgres.as_ref()?.replay_ratio),
+            |v| v >= 0.8,
+        );
+        add(
+            "replay SQLite / hand-written consumer".into(),
+            ">= 1.3",
+            replay.and_then(|r| r.replay_vs_handwritten),
+            |v| v >= 1.3,
+        );
+        add(
+            "hot-key (zipf) replay / uniform replay, SQLite".into(),
+            ">= 2",
+            replay.and_then(|r| Some(r.hot_key.as_ref()?.ratio)),
+            |v| v >= 2.0,
+        );
+        for rate in [1_000, 5_000] {
+            add(
+                format!("live p99 / (2 x raw p99 + 1 ms) at {rate} events/s, 3 appliers"),
+                "<= 1",
+                self.live
+                    .as_ref()
+                    .and_then(|l| l.iter().find(|p| p.rate == rate))
+                    .map(|p| p.p99_vs_bound),
+                |v| v <= 1.0,
+            );
+        }
+        add(
+            "live keeps up at 10,000 events/s (1 = yes)".into(),
+            "= 1",
+            self.live.as_ref().map(|l| {
+                l.iter()
+                    .find(|p| p.rate == 10_000)
+                    .map_or(0.0, |p| if p.kept_up { 1.0 } else { 0.0 })
+            }),
+            |v| v >= 1.0,
         );
         add(
             "capture-to-applied p99 at 1,000 writes/s (ms): live budget + capture.poll_ms".into(),
@@ -256,15 +295,45 @@ impl Report {
         if let Some(r) = &self.replay {
             let _ = writeln!(
                 w,
-                "replay     raw {:>9} ev/s   redb {:>9} ev/s ({:.2})   sqlite {:>9} ev/s ({:.2})   ({} ev backlog)",
-                int(r.raw_eps), int(r.redb_eps), r.redb_ratio, int(r.sqlite_eps), r.sqlite_ratio, r.events
+                "replay     {} ev backlog ({}, {}, batches of {}): raw pull-consume {:>9} ev/s (JetStream ceiling); engine into a null sink {:>9} ev/s ({:.2} of raw)",
+                r.events, r.format, r.keys, r.batch, int(r.raw_eps), int(r.null_sink_eps), r.null_sink_ratio
             );
-            let _ = writeln!(
-                w,
-                "           engine into a null sink {:>9} ev/s ({:.2});  time in Sink::apply: redb {:.2} of {:.2} s, sqlite {:.2} of {:.2} s ({} batches)",
-                int(r.null_sink_eps), r.null_sink_ratio, r.redb.sink_apply_s, r.redb.total_s,
-                r.sqlite.sink_apply_s, r.sqlite.total_s, r.redb.batches
-            );
+            for (name, f) in [
+                ("sqlite", &r.sqlite),
+                ("redb", &r.redb),
+                ("postgres", &r.postgres),
+            ] {
+                let Some(f) = f else { continue };
+                let opt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), int);
+                let ratio =
+                    |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"));
+                let plain = f
+                    .plain_eps
+                    .map(|p| format!(", plain rusqlite {}", int(p)))
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    w,
+                    "           {name:<8} jetsync-applier run {:>9} ev/s = {} of the ceiling ({} ev/s, {}); Sink::apply {}{}; {} of raw; peak RSS {} MiB",
+                    opt(f.replay_eps), ratio(f.replay_ratio), opt(f.ceiling_eps), f.ceiling_from.unwrap_or("-"),
+                    opt(f.sink_apply_eps), plain, ratio(f.replay_vs_raw),
+                    f.replay_peak_rss_mib.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"))
+                );
+            }
+            if let Some(h) = r.handwritten_eps {
+                let _ = writeln!(
+                    w,
+                    "           hand-written consumer (SQLite) {:>9} ev/s; jetsync SQLite / hand-written {}",
+                    int(h),
+                    r.replay_vs_handwritten.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"))
+                );
+            }
+            if let Some(h) = &r.hot_key {
+                let _ = writeln!(
+                    w,
+                    "           hot keys ({}, top key {:.1}% of events, {:.0} distinct keys per 1,000): {} {:>9} ev/s vs uniform {:>9} ev/s = {:.2}",
+                    h.keys, h.top_key_share * 100.0, h.distinct_keys_per_1000, h.sink, int(h.replay_eps), int(h.uniform_replay_eps), h.ratio
+                );
+            }
         }
         if let Some(live) = &self.live {
             for p in live {
@@ -275,8 +344,9 @@ impl Report {
                     .collect();
                 let _ = writeln!(
                     w,
-                    "live       {:>6} ev/s   p50 {:>7.2} ms   p99 {:>7.2} ms   p99.9 {:>7.2} ms   max {:>7.2} ms   (achieved {} ev/s; p99 per applier {})",
-                    p.rate, p.p50_ms, p.p99_ms, p.p999_ms, p.max_ms, int(p.achieved_eps), each.join("/")
+                    "live       {:>6} ev/s   jetsync p50 {:>6.2} p99 {:>7.2} p99.9 {:>7.2} max {:>7.2} ms   raw p50 {:>6.2} p99 {:>6.2} ms   p99 / (2 raw + 1) = {:.2}   ({} ev/s achieved, drained in {:.0} ms{}; p99 per applier {})",
+                    p.rate, p.p50_ms, p.p99_ms, p.p999_ms, p.max_ms, p.raw_p50_ms, p.raw_p99_ms, p.p99_vs_bound,
+                    int(p.achieved_eps), p.drain_ms, if p.kept_up { "" } else { ", NOT kept up" }, each.join("/")
                 );
             }
         }
@@ -359,6 +429,23 @@ impl Report {
                 c.rate, c.p50_ms, c.p99_ms, c.p999_ms, c.max_ms, int(c.achieved_wps), c.commit_p99_ms,
                 if c.atomic { "atomic" } else { "per-row" }, c.poll_ms
             );
+        }
+        if let Some(f) = &self.fleet {
+            let b = &f.baseline;
+            let _ = writeln!(
+                w,
+                "fleet      {} sink, {} ev/s total, {:.0} s per step; nats-server {}; baseline (publisher alone): server CPU {:.1}%, RSS {:.1} MiB",
+                f.sink, f.rate, f.seconds_per_step, f.server_version, b.server_cpu_pct, b.server_rss_mib
+            );
+            for s in &f.steps {
+                let _ = writeln!(
+                    w,
+                    "           {:>4} appliers: latency p50 {:>6.1} p99 {:>7.1} ms (last instance p99 {:>7.1}, sweep {:.1} ms)   server CPU {:>5.1}% ({:.2}%/inst) RSS {:>6.1} MiB ({:.0} KiB/inst)   applier RSS mean {:.1} max {:.1} MiB, CPU {:.2}%/inst",
+                    s.instances, s.p50_ms, s.p99_ms, s.last_instance_p99_ms, s.sweep_ms, s.server_cpu_pct,
+                    s.server_cpu_pct_per_instance, s.server_rss_mib, s.server_rss_kib_per_instance,
+                    s.applier_rss_mean_mib, s.applier_rss_max_mib, s.applier_cpu_pct_per_instance
+                );
+            }
         }
         let phases: Vec<String> = self
             .phase_s

@@ -95,24 +95,37 @@ pub(crate) struct Prepared {
 pub(crate) struct Encoder {
     prefix: String,
     table: TableName,
+    format: Format,
 }
 
 impl Encoder {
+    /// An encoder writing `postcard/1`, the client's default.
     pub(crate) fn new(prefix: &str) -> anyhow::Result<Encoder> {
+        Encoder::with_format(prefix, Format::Postcard1)
+    }
+
+    /// An encoder writing `format` (the replay phase's workload is `json/1`, as in issue #16).
+    pub(crate) fn with_format(prefix: &str, format: Format) -> anyhow::Result<Encoder> {
         Ok(Encoder {
             prefix: prefix.to_owned(),
             table: TableName::new(TABLE)?,
+            format,
         })
+    }
+
+    /// The body format this encoder writes.
+    pub(crate) fn format(&self) -> Format {
+        self.format
     }
 
     pub(crate) fn subject(&self, key: &str) -> anyhow::Result<String> {
         Ok(jetsync::row_subject(&self.prefix, &self.table, key)?)
     }
 
-    /// The event body the client sends for an upsert of `row` (postcard/1).
+    /// The event body the client sends for an upsert of `row` (in this encoder's format).
     pub(crate) fn body(&self, row: Row) -> anyhow::Result<Bytes> {
         let event = Event::upsert(row, ORIGIN);
-        let body = codec::encode(&event, Format::Postcard1).context("encoding an event")?;
+        let body = codec::encode(&event, self.format).context("encoding an event")?;
         Ok(Bytes::from(body))
     }
 
@@ -135,5 +148,122 @@ impl Encoder {
             subject,
             body,
         })
+    }
+}
+
+/// How the workload draws its keys from the key space.
+#[derive(Debug, Clone)]
+pub(crate) enum Keys {
+    /// Every key equally likely.
+    Uniform,
+    /// Zipf-distributed: the key of rank `r` (1-based) drawn with probability proportional to
+    /// `r^-s`; ranks are scattered over the key space by a fixed permutation, so hot keys are
+    /// not neighbours in the table.
+    Zipf(Zipf),
+}
+
+impl Keys {
+    /// The next key index.
+    pub(crate) fn draw(&self, rng: &mut Rng) -> u64 {
+        match self {
+            Keys::Uniform => rng.below(KEY_SPACE),
+            Keys::Zipf(zipf) => zipf.draw(rng),
+        }
+    }
+
+    /// A name for the report.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Keys::Uniform => format!("uniform over {KEY_SPACE} keys"),
+            Keys::Zipf(z) => format!("zipf s = {} over {KEY_SPACE} keys", z.s),
+        }
+    }
+}
+
+/// A Zipf distribution over the key space, sampled by inverting its cumulative distribution.
+#[derive(Debug, Clone)]
+pub(crate) struct Zipf {
+    /// The exponent.
+    pub(crate) s: f64,
+    /// `cdf[r]`: probability of a rank <= r + 1.
+    cdf: Vec<f64>,
+}
+
+/// Multiplier of the rank-to-key permutation: odd and coprime to the key space (100,000 =
+/// 2^5 * 5^5), so `rank * P mod KEY_SPACE` visits every key once.
+const SCATTER: u64 = 7_919;
+
+impl Zipf {
+    pub(crate) fn new(s: f64) -> Zipf {
+        let mut cdf = Vec::with_capacity(KEY_SPACE as usize);
+        let mut sum = 0.0;
+        for rank in 1..=KEY_SPACE {
+            sum += (rank as f64).powf(-s);
+            cdf.push(sum);
+        }
+        for p in &mut cdf {
+            *p /= sum;
+        }
+        Zipf { s, cdf }
+    }
+
+    fn draw(&self, rng: &mut Rng) -> u64 {
+        let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let rank = self.cdf.partition_point(|p| *p < u).min(self.cdf.len() - 1) as u64;
+        (rank * SCATTER) % KEY_SPACE
+    }
+
+    /// Share of all events that go to the hottest key.
+    pub(crate) fn top_share(&self) -> f64 {
+        self.cdf[0]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zipf_is_skewed_and_covers_ranks() {
+        let zipf = Zipf::new(1.1);
+        let mut rng = Rng::new(1);
+        let mut hits = std::collections::HashMap::new();
+        for _ in 0..100_000 {
+            *hits.entry(zipf.draw(&mut rng)).or_insert(0u64) += 1;
+        }
+        let top = hits.values().copied().max().unwrap_or(0) as f64 / 100_000.0;
+        assert!((top - zipf.top_share()).abs() < 0.01, "top {top}");
+        assert!(hits.len() > 5_000 && hits.len() < 60_000, "{}", hits.len());
+        assert!(hits.keys().all(|k| *k < KEY_SPACE));
+    }
+}
+
+/// A reproducible sequence of workload writes: key index and write number of every event.
+#[derive(Debug, Clone)]
+pub(crate) struct Draws {
+    rng: Rng,
+    keys: Keys,
+    n: u64,
+}
+
+impl Draws {
+    pub(crate) fn new(seed: u64, keys: Keys) -> Draws {
+        Draws {
+            rng: Rng::new(seed),
+            keys,
+            n: 0,
+        }
+    }
+}
+
+impl Iterator for Draws {
+    /// `(key index, write number)`.
+    type Item = (u64, u64);
+
+    fn next(&mut self) -> Option<(u64, u64)> {
+        let i = self.keys.draw(&mut self.rng);
+        let n = self.n;
+        self.n += 1;
+        Some((i, n))
     }
 }
