@@ -398,7 +398,7 @@ impl Member {
             Some(client) => Remote::Use(client),
             None => Remote::Unavailable("not connected to NATS yet".into()),
         };
-        let mut report = match collect_status_with(&self.config, remote).await {
+        let report = match collect_status_with(&self.config, remote).await {
             Ok(report) => report,
             Err(e) => StatusReport {
                 instance: self.config.instance.clone(),
@@ -407,18 +407,29 @@ impl Member {
             }
             .with_error(e.to_string()),
         };
-        // The checkpoint `status` reads may trail the engine by one lazy commit (a sink with a
-        // fence commits it every 200 ms); the engine's own counter is exact.
-        let live = self.stats.snapshot().applied_seq;
+        let report = self.with_live_counters(report);
+        self.report = Some((Instant::now(), report.clone()));
+        report
+    }
+
+    /// `report` brought up to the engine's live counters (no I/O): the applied sequence (the
+    /// checkpoint `status` reads may trail the engine by one lazy commit; a sink with a fence
+    /// commits it every 200 ms), the lag, and the `run` section.
+    fn with_live_counters(&self, mut report: StatusReport) -> StatusReport {
+        let live = self.stats.snapshot();
         for g in &mut report.groups {
-            if live > g.applied_seq {
-                let moved = live - g.applied_seq;
-                g.applied_seq = live;
+            if live.applied_seq > g.applied_seq {
+                let moved = live.applied_seq - g.applied_seq;
+                g.applied_seq = live.applied_seq;
                 if let Some(lag) = g.lag {
                     let fewer = lag.min(moved);
                     g.lag = Some(lag - fewer);
                     g.gap_margin_events = g.gap_margin_events.map(|m| m.saturating_add(fewer));
                 }
+            }
+            if live.connected && live.stream_last_seq >= g.stream_last_seq.unwrap_or(0) {
+                g.stream_last_seq = Some(live.stream_last_seq);
+                g.lag = Some(live.lag());
             }
         }
         report.run = Some(RunInfo {
@@ -426,10 +437,9 @@ impl Member {
             sink: sink_name(self.config.sink.kind),
             started_at_ms: self.started_at_ms,
             reported_at_ms: now_ms(),
-            connected: self.stats.snapshot().connected,
+            connected: live.connected,
             last_error: self.last_error.get(),
         });
-        self.report = Some((Instant::now(), report.clone()));
         report
     }
 
@@ -658,8 +668,14 @@ impl Member {
             self.service = None;
             return;
         };
+        // Answered from the last report brought up to the engine's live counters, without
+        // I/O, so that a request is answered at once even on a busy machine; a report older
+        // than two rounds (NATS trouble) is made again.
+        let stale = Duration::from_millis(self.config.fleet.report_interval_ms) * 2;
         let report = match &self.report {
-            Some((at, report)) if at.elapsed() < STATUS_FRESH => report.clone(),
+            Some((at, report)) if at.elapsed() < stale.max(STATUS_FRESH) => {
+                self.with_live_counters(report.clone())
+            }
             _ => self.collect().await,
         };
         let body = serde_json::to_vec(&report).unwrap_or_default();
