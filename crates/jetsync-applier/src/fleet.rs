@@ -49,7 +49,7 @@ pub struct FleetOptions {
 impl Default for FleetOptions {
     fn default() -> Self {
         FleetOptions {
-            timeout: Duration::from_secs(2),
+            timeout: Duration::from_secs(3),
             digest: false,
             digest_wait: Duration::from_secs(30),
         }

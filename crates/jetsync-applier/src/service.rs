@@ -61,6 +61,8 @@ const STATUS_FRESH: Duration = Duration::from_millis(250);
 const LIMITS_EVERY: Duration = Duration::from_secs(60);
 /// How often a low margin is logged again while it stays low.
 const WARN_EVERY: Duration = Duration::from_secs(60);
+/// After this long the engine has certainly opened its checkpoint store.
+const ENGINE_OPEN_GRACE: Duration = Duration::from_secs(5);
 /// How long digest references are kept.
 const DIGEST_REFERENCE_AGE: Duration = Duration::from_secs(24 * 3600);
 /// Delay before trying again to open the buckets after a failure.
@@ -281,7 +283,9 @@ impl Member {
 
     async fn run(mut self, mut stopped: oneshot::Receiver<()>) {
         let every = Duration::from_millis(self.config.fleet.report_interval_ms);
-        let mut tick = tokio::time::interval(every);
+        // The first report was made before the engine started; the next ones read the
+        // checkpoint store only once the engine has opened it (see `engine_opened`).
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -298,6 +302,9 @@ impl Member {
                 },
                 Some(digest) = self.digests.1.recv() => self.check_convergence(digest).await,
                 _ = tick.tick() => {
+                    if !self.engine_opened() {
+                        continue;
+                    }
                     if self.ensure_connected().await {
                         self.report_round().await;
                     }
@@ -307,6 +314,17 @@ impl Member {
         if let Some(registered) = self.service.take() {
             let _ = registered.service.stop().await;
         }
+    }
+
+    /// Whether the engine has (very likely) opened its checkpoint store, which it does first
+    /// thing: a read-only open of the store by a report at that very moment would make the
+    /// engine's exclusive open fail as if a second `run` held it. Connected, something applied,
+    /// or a few seconds after the start.
+    fn engine_opened(&self) -> bool {
+        let s = self.stats.snapshot();
+        s.connected
+            || s.applied_seq > 0
+            || now_ms().saturating_sub(self.started_at_ms) > ENGINE_OPEN_GRACE.as_millis() as u64
     }
 
     /// Connects and registers the service unless done; false while NATS is unreachable (the
@@ -398,7 +416,7 @@ impl Member {
             Some(client) => Remote::Use(client),
             None => Remote::Unavailable("not connected to NATS yet".into()),
         };
-        let mut report = match collect_status_with(&self.config, remote).await {
+        let report = match collect_status_with(&self.config, remote).await {
             Ok(report) => report,
             Err(e) => StatusReport {
                 instance: self.config.instance.clone(),
@@ -408,18 +426,29 @@ impl Member {
             }
             .with_error(e.to_string()),
         };
-        // The checkpoint `status` reads may trail the engine by one lazy commit (a sink with a
-        // fence commits it every 200 ms); the engine's own counter is exact.
-        let live = self.stats.snapshot().applied_seq;
+        let report = self.with_live_counters(report);
+        self.report = Some((Instant::now(), report.clone()));
+        report
+    }
+
+    /// `report` brought up to the engine's live counters (no I/O): the applied sequence (the
+    /// checkpoint `status` reads may trail the engine by one lazy commit; a sink with a fence
+    /// commits it every 200 ms), the lag, and the `run` section.
+    fn with_live_counters(&self, mut report: StatusReport) -> StatusReport {
+        let live = self.stats.snapshot();
         for g in &mut report.groups {
-            if live > g.applied_seq {
-                let moved = live - g.applied_seq;
-                g.applied_seq = live;
+            if live.applied_seq > g.applied_seq {
+                let moved = live.applied_seq - g.applied_seq;
+                g.applied_seq = live.applied_seq;
                 if let Some(lag) = g.lag {
                     let fewer = lag.min(moved);
                     g.lag = Some(lag - fewer);
                     g.gap_margin_events = g.gap_margin_events.map(|m| m.saturating_add(fewer));
                 }
+            }
+            if live.connected && live.stream_last_seq >= g.stream_last_seq.unwrap_or(0) {
+                g.stream_last_seq = Some(live.stream_last_seq);
+                g.lag = Some(live.lag());
             }
         }
         report.run = Some(RunInfo {
@@ -427,10 +456,9 @@ impl Member {
             sink: sink_name(self.config.sink.kind),
             started_at_ms: self.started_at_ms,
             reported_at_ms: now_ms(),
-            connected: self.stats.snapshot().connected,
+            connected: live.connected,
             last_error: self.last_error.get(),
         });
-        self.report = Some((Instant::now(), report.clone()));
         report
     }
 
@@ -567,7 +595,7 @@ impl Member {
         if every == 0 || self.config.sink.kind == SinkKind::Redb || self.digest_bucket.is_none() {
             return;
         }
-        if group.nats_error.is_some() || group.lag != Some(0) {
+        if group.nats_error.is_some() || group.lag != Some(0) || !self.engine_opened() {
             return;
         }
         if let Some((seq, at)) = self.periodic {
@@ -659,8 +687,16 @@ impl Member {
             self.service = None;
             return;
         };
+        // Answered from the last report brought up to the engine's live counters, without
+        // I/O, so that a request is answered at once even on a busy machine; a report older
+        // than two rounds (NATS trouble) is made again.
+        let stale = Duration::from_millis(self.config.fleet.report_interval_ms) * 2;
         let report = match &self.report {
-            Some((at, report)) if at.elapsed() < STATUS_FRESH => report.clone(),
+            Some((at, report))
+                if at.elapsed() < stale.max(STATUS_FRESH) || !self.engine_opened() =>
+            {
+                self.with_live_counters(report.clone())
+            }
             _ => self.collect().await,
         };
         let body = serde_json::to_vec(&report).unwrap_or_default();
@@ -692,8 +728,19 @@ impl Member {
     }
 }
 
-/// The digest of `config`'s sink at one applied sequence, over a sink connection of its own.
+/// [`digest_blocking_work`] on a blocking thread: opening and reading the sink are synchronous
+/// calls (SQLite waits for a lock the engine holds), which must never occupy the runtime's
+/// workers the engine and the service requests run on.
 pub(crate) async fn take_digest(config: &Config) -> Result<DigestReport, String> {
+    let config = config.clone();
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || handle.block_on(digest_blocking_work(&config)))
+        .await
+        .map_err(|e| format!("digest task failed: {e}"))?
+}
+
+/// The digest of `config`'s sink at one applied sequence, over a sink connection of its own.
+async fn digest_blocking_work(config: &Config) -> Result<DigestReport, String> {
     if config.sink.kind == SinkKind::Redb {
         return Err(
             "the redb sink cannot be read by another handle while `run` holds it: digest it \

@@ -161,7 +161,7 @@ pub(crate) enum Command {
         #[arg(long)]
         digest: bool,
         /// How long to wait for the instances' answers, ms.
-        #[arg(long, value_name = "MS", default_value_t = 2000)]
+        #[arg(long, value_name = "MS", default_value_t = 3000)]
         timeout_ms: u64,
         /// With --digest: how long to wait for every instance to reach the stream's last
         /// sequence, ms.
