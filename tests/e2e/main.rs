@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `jetsync-applier` binary against real `nats-server` processes.
 
 mod cluster;
+mod coalesce;
 mod consumer_state;
 mod convergence;
 mod crash;

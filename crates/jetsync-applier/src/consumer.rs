@@ -16,7 +16,7 @@ use async_nats::jetstream::{
     stream::Stream,
 };
 
-use crate::EngineError;
+use crate::{fetch::CATCH_UP_FACTOR, EngineError};
 
 /// Settings of the durable consumer, derived from the configuration.
 #[derive(Debug, Clone)]
@@ -33,11 +33,12 @@ pub(crate) struct ConsumerSpec {
 const TRANSACTION_ROOM: i64 = 2_000;
 
 impl ConsumerSpec {
-    /// Deliveries the server may have outstanding: two batches, plus room for a batch to be
-    /// stretched over a whole transaction (a server batch holds up to 1,000 messages) without
-    /// the server holding back its last members.
+    /// Deliveries the server may have outstanding: two batches (the one the engine applies and
+    /// the one it receives meanwhile, see `fetch.rs`) at their catch-up size, plus room for a
+    /// batch to be stretched over a whole transaction (a server batch holds up to 1,000
+    /// messages) without the server holding back its last members.
     fn max_ack_pending(&self) -> i64 {
-        self.batch_max as i64 * 2 + TRANSACTION_ROOM
+        (self.batch_max * CATCH_UP_FACTOR) as i64 * 2 + TRANSACTION_ROOM
     }
 
     fn config(&self, start_after: u64) -> pull::Config {
@@ -75,6 +76,11 @@ impl ConsumerSpec {
             && have.inactive_threshold.is_zero()
             && have.deliver_subject.is_none()
     }
+}
+
+/// Most messages one pull request asks for.
+pub(crate) fn pull_messages(spec: &ConsumerSpec) -> usize {
+    spec.batch_max
 }
 
 /// A consumer ready to pull from, and the consumer sequence its next delivery will carry.

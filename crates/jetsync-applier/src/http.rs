@@ -87,6 +87,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "jetsync_resyncs",
     "jetsync_events_skipped",
     "jetsync_transactions_applied",
+    "jetsync_events_coalesced",
 ];
 
 /// Whether an engine with these counters is ready: connected, and at most `max_lag` events
@@ -248,6 +249,12 @@ impl Collector for StatsCollector {
             "transactions_applied",
             "Transactions (atomic batches) applied, each in one sink transaction",
             s.transactions_applied,
+        )?;
+        Self::counter(
+            e,
+            "events_coalesced",
+            "Applied events whose write a later change of the same row in the same batch replaced (apply.coalesce); also counted in events_applied",
+            s.events_coalesced,
         )?;
         Ok(())
     }
@@ -652,6 +659,7 @@ mod tests {
             format!("jetsync_resyncs_total{{{l}}} 0\n"),
             format!("jetsync_events_skipped_total{{{l}}} 0\n"),
             format!("jetsync_transactions_applied_total{{{l}}} 0\n"),
+            format!("jetsync_events_coalesced_total{{{l}}} 0\n"),
         ] {
             assert!(text.contains(&want), "missing {want:?} in\n{text}");
         }

@@ -20,11 +20,13 @@
 mod apply;
 mod backoff;
 mod bootstrap;
+mod coalesce;
 mod consumer;
 mod decode;
 mod digest;
 mod engine;
 mod error;
+mod fetch;
 mod http;
 mod offsets;
 mod ops;

@@ -305,6 +305,11 @@ pub struct ApplyConfig {
     pub max_event_bytes: u64,
     /// Most columns in one row; an event with more is parked.
     pub max_columns: usize,
+    /// Within one batch (one sink transaction), write a row changed several times once, with
+    /// its last change (an upsert replaces the row, so the end state is the same). `false`
+    /// hands the sink every change (databases whose triggers must see each one). Never applies
+    /// to the redb replica's audit mode or to tables with `merge = true`.
+    pub coalesce: bool,
 }
 
 /// Handling of events for tables that have no `[tables.<name>]` entry.
@@ -335,6 +340,7 @@ impl Default for ApplyConfig {
             batch_max_bytes: 16 * 1024 * 1024,
             max_event_bytes: 1024 * 1024,
             max_columns: 1000,
+            coalesce: true,
         }
     }
 }
