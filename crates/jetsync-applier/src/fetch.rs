@@ -42,7 +42,7 @@ pub(crate) const CATCH_UP_PENDING: u64 = 10_000;
 
 /// How much larger than `apply.batch_max` a batch may grow while catching up (still bounded by
 /// `apply.batch_max_bytes`).
-pub(crate) const CATCH_UP_FACTOR: usize = 4;
+pub(crate) const CATCH_UP_FACTOR: usize = 2;
 
 /// A delivered message with its parsed delivery metadata.
 pub(crate) struct Pulled {
