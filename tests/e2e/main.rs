@@ -2,6 +2,7 @@
 
 mod capture;
 mod cluster;
+mod coalesce;
 mod consumer_state;
 mod convergence;
 mod crash;

@@ -27,7 +27,8 @@ use jetsync::{codec::DecodeLimits, OnPoison, OtherTables};
 
 use crate::{
     backoff::Backoff,
-    decode::{decode, header, row_of, RawEvent},
+    coalesce,
+    decode::{decode, header, row_of, DecodeFailure, RawEvent},
     offsets::Offsets,
     parked::{now_ms, ParkedEvent, RowId},
     shutdown::Shutdown,
@@ -64,6 +65,9 @@ pub(crate) struct Applier<S> {
     /// batches may be committed lazily ([`Offsets::record`]). False (commit every batch at once)
     /// unless the engine says so.
     pub(crate) lazy_checkpoint: bool,
+    /// Whether batches are coalesced (`apply.coalesce`, and the sink does not need to see every
+    /// change; see `coalesce.rs`).
+    coalesce: bool,
 }
 
 impl<S: Sink> Applier<S> {
@@ -80,6 +84,7 @@ impl<S: Sink> Applier<S> {
         // From the parked-rows index: the parked bodies are not read.
         let blocked = offsets.blocked_rows(&group)?;
         stats.set_parked(offsets.parked_count(&group)?);
+        let coalesce = config.apply.coalesce && !sink.sees_every_change();
         Ok(Applier {
             sink,
             offsets,
@@ -92,6 +97,7 @@ impl<S: Sink> Applier<S> {
             blocked,
             stats,
             lazy_checkpoint: false,
+            coalesce,
         })
     }
 
@@ -99,11 +105,15 @@ impl<S: Sink> Applier<S> {
     /// (≥ every event's sequence; higher when the run ended with events that are gone). Returns
     /// false when shutdown interrupted a retry loop before anything was applied.
     ///
+    /// `decoded`: the events already decoded by [`Rules::predecode`] (by index into `events`;
+    /// shorter, or `None` entries, for events not decoded yet).
+    ///
     /// `progress_acks`: keep the server from redelivering `events` while the sink is
     /// unavailable (durable consumer deliveries only).
     pub(crate) async fn apply(
         &mut self,
         events: &[(u64, &jetstream::Message)],
+        decoded: &mut [Predecoded],
         through: u64,
         mode: Mode,
         progress_acks: bool,
@@ -130,7 +140,7 @@ impl<S: Sink> Applier<S> {
             mut parks,
             skipped,
             last,
-        } = self.rules.classify_run(events, floor, blocked);
+        } = self.rules.classify_run(events, decoded, floor, blocked);
         let through = through.max(last);
         if self.on_poison == OnPoison::Halt {
             if let Some(p) = parks.first() {
@@ -147,6 +157,14 @@ impl<S: Sink> Applier<S> {
             Mode::Replace => self.offsets.begin_resync(&self.group, through, &parks)?,
         }
 
+        // A row changed several times is written once, with its last change (see
+        // `coalesce.rs`); a rejection puts every change back before it is handled.
+        let mut folded = match mode {
+            Mode::Apply if self.coalesce => {
+                coalesce::fold(&mut changes, &mut sources, &self.rules.merge)
+            }
+            _ => None,
+        };
         let started = Instant::now();
         let mut backoff = Backoff::new("applying to the sink", self.max_backoff);
         let mut last_progress_ack = Instant::now();
@@ -169,6 +187,13 @@ impl<S: Sink> Applier<S> {
                     // asked to (nothing was applied, so nothing is lost).
                     if !backoff.fail(&e, shutdown).await {
                         return Ok(false);
+                    }
+                }
+                Err(SinkError::Rejected { .. }) if folded.is_some() => {
+                    // Which change the sink refuses, and what it holds behind it, is decided on
+                    // the full list, as without coalescing.
+                    if let Some(folded) = folded.take() {
+                        folded.restore(&mut changes, &mut sources);
                     }
                 }
                 Err(SinkError::Rejected {
@@ -196,6 +221,11 @@ impl<S: Sink> Applier<S> {
             }
         }
         backoff.succeed();
+        let coalesced = folded.map_or(0, |folded| {
+            let n = folded.len() as u64;
+            folded.restore(&mut changes, &mut sources);
+            n
+        });
         // Crash window 3: the sink holds `through`, redb still says an older sequence (until the
         // checkpoint is committed, at once or within `CHECKPOINT_EVERY`); startup takes the
         // fence.
@@ -232,12 +262,14 @@ impl<S: Sink> Applier<S> {
         self.stats.add_skipped(skipped);
         self.stats.add_transactions(txns);
         self.stats.add_batch(&changes, started.elapsed());
+        self.stats.add_coalesced(coalesced);
         self.stats.set_applied(through);
         tracing::debug!(
             first_seq = changes.first().map(|c| c.seq).unwrap_or(through),
             last_seq = through,
             n = changes.len(),
             parked = parks.len(),
+            coalesced,
             elapsed_us = started.elapsed().as_micros() as u64,
             "batch applied"
         );
@@ -303,7 +335,8 @@ impl<S: Sink> Applier<S> {
         through: u64,
         shutdown: &mut Shutdown,
     ) -> Result<bool, EngineError> {
-        self.apply(&[], through, Mode::Apply, false, shutdown).await
+        self.apply(&[], &mut [], through, Mode::Apply, false, shutdown)
+            .await
     }
 }
 
@@ -330,6 +363,8 @@ pub(crate) struct Rules {
     other_tables: OtherTables,
     max_event_bytes: u64,
     limits: DecodeLimits,
+    /// Tables with `merge = true`, whose changes are never coalesced.
+    pub(crate) merge: BTreeSet<String>,
 }
 
 /// The reason an event of an unconfigured table is parked (`apply.other_tables = "park"`).
@@ -346,6 +381,12 @@ impl Rules {
             limits: DecodeLimits {
                 max_columns: config.apply.max_columns,
             },
+            merge: config
+                .tables
+                .iter()
+                .filter(|(_, t)| t.merge)
+                .map(|(name, _)| name.clone())
+                .collect(),
         }
     }
 
@@ -369,6 +410,7 @@ impl Rules {
         &self,
         raw: RawEvent<'_>,
         msg_id: Option<&str>,
+        decoded: Predecoded,
         blocked: &mut HashMap<RowId, u64>,
     ) -> Verdict {
         let seq = raw.seq;
@@ -398,13 +440,31 @@ impl Rules {
         };
         let reason = match refused {
             Some(reason) => reason,
-            None => match decode(&self.prefix, raw, self.limits) {
+            None => match decoded.unwrap_or_else(|| decode(&self.prefix, raw, self.limits)) {
                 Ok(change) => return Verdict::Apply(change),
                 Err(failure) => failure.reason().to_owned(),
             },
         };
         blocked.insert(row.clone(), seq);
         Verdict::Park(record(raw, msg_id, Some(row), reason, None))
+    }
+}
+
+/// An event decoded ahead of its classification ([`Rules::predecode`]), `None` when not.
+pub(crate) type Predecoded = Option<Result<Change, DecodeFailure>>;
+
+impl Rules {
+    /// Decodes `raw` ahead of time (the fetcher does this while the sink commits the batch
+    /// before), when [`Rules::classify`] would decode it unless its row is blocked: its subject
+    /// maps to a row of a synced table and its body is within `apply.max_event_bytes`. The
+    /// result is what `classify` would get from decoding it (a pure function of the event), so
+    /// handing it over changes nothing of the verdict.
+    pub(crate) fn predecode(&self, raw: RawEvent<'_>) -> Predecoded {
+        let row = row_of(&self.prefix, raw.subject).ok()?;
+        if !self.syncs(&row.table) || raw.payload.len() as u64 > self.max_event_bytes {
+            return None;
+        }
+        Some(decode(&self.prefix, raw, self.limits))
     }
 }
 
@@ -433,6 +493,7 @@ impl Rules {
     pub(crate) fn classify_run(
         &self,
         events: &[(u64, &jetstream::Message)],
+        decoded: &mut [Predecoded],
         floor: u64,
         blocked: &mut HashMap<RowId, u64>,
     ) -> Classified {
@@ -460,7 +521,8 @@ impl Rules {
                 }
                 out.last = seq;
                 let raw = RawEvent::of_message(seq, message);
-                verdicts.push((k, self.classify(raw, msg_id_of(message), blocked)));
+                let pre = decoded.get_mut(k).and_then(Option::take);
+                verdicts.push((k, self.classify(raw, msg_id_of(message), pre, blocked)));
             }
             if let Some(id) = id {
                 park_whole_transaction(id, events, &mut verdicts, blocked);
@@ -742,7 +804,14 @@ mod tests {
             format: Some("postcard/1"),
             payload,
         };
-        rules.classify(raw, Some("id"), blocked)
+        let verdict = rules.classify(raw, Some("id"), None, &mut blocked.clone());
+        // A pre-decoded event gets the same verdict.
+        let pre = rules.predecode(raw);
+        assert_eq!(
+            rules.classify(raw, Some("id"), pre, &mut blocked.clone()),
+            verdict
+        );
+        rules.classify(raw, Some("id"), None, blocked)
     }
 
     fn reason(verdict: &Verdict) -> (&str, Option<u64>) {

@@ -45,7 +45,7 @@ pub(crate) async fn bootstrap<S: Sink>(
         let events: Vec<(u64, &jetstream::Message)> = batch.iter().map(|(s, m)| (*s, m)).collect();
         let through = events.last().map(|e| e.0).unwrap_or(applier.applied);
         if !applier
-            .apply(&events, through, Mode::Apply, false, shutdown)
+            .apply(&events, &mut [], through, Mode::Apply, false, shutdown)
             .await?
         {
             return Ok(false);

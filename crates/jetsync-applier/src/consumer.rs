@@ -16,7 +16,7 @@ use async_nats::jetstream::{
     stream::Stream,
 };
 
-use crate::EngineError;
+use crate::{fetch::CATCH_UP_FACTOR, EngineError};
 
 /// Settings of the durable consumer, derived from the configuration.
 #[derive(Debug, Clone)]
@@ -39,11 +39,12 @@ pub(crate) struct ConsumerSpec {
 const TRANSACTION_ROOM: i64 = 2_000;
 
 impl ConsumerSpec {
-    /// Deliveries the server may have outstanding: two batches, plus room for a batch to be
-    /// stretched over a whole transaction (a server batch holds up to 1,000 messages) without
-    /// the server holding back its last members.
+    /// Deliveries the server may have outstanding: two batches (the one the engine applies and
+    /// the one it receives meanwhile, see `fetch.rs`) at their catch-up size, plus room for a
+    /// batch to be stretched over a whole transaction (a server batch holds up to 1,000
+    /// messages) without the server holding back its last members.
     fn max_ack_pending(&self) -> i64 {
-        self.batch_max as i64 * 2 + TRANSACTION_ROOM
+        (self.batch_max * CATCH_UP_FACTOR) as i64 * 2 + TRANSACTION_ROOM
     }
 
     /// The replicas the consumer gets on a stream with `stream_replicas` replicas.
@@ -100,6 +101,13 @@ impl ConsumerSpec {
             && have.inactive_threshold.is_zero()
             && have.deliver_subject.is_none()
     }
+}
+
+/// Most messages one pull request asks for: a catch-up batch, so that one pull fills it (with
+/// pulls of `batch_max` a fast sink waited for the second pull of every catch-up batch: 63k/s
+/// instead of 89k/s replaying 400k events over 10k keys into SQLite).
+pub(crate) fn pull_messages(spec: &ConsumerSpec) -> usize {
+    spec.batch_max * CATCH_UP_FACTOR
 }
 
 /// A consumer ready to pull from, and the consumer sequence its next delivery will carry.

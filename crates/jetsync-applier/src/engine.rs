@@ -1,11 +1,19 @@
-//! The apply loop: durable consumer → decode → sink transaction with fence → redb checkpoint →
-//! AckAll acknowledgement. One batch in flight at a time.
+//! The apply loop: durable consumer → receive, check and cut into batches (the fetcher task,
+//! `fetch.rs`) → decode → sink transaction with fence → redb checkpoint → AckAll
+//! acknowledgement (this task). The two halves overlap: while this task applies batch N (ending
+//! at sequence L), the fetcher receives batch N+1 (ending at L₂ > L); at most these two batches
+//! are in flight. Only this task writes, records and acknowledges, one batch at a time in
+//! stream order, so the sink's fence, the checkpoint and the ack floor move in batch order.
 //!
-//! Crash windows (what survives a SIGKILL at each point), for a batch ending at sequence L after
-//! the applied sequence S:
-//! 1. while pulling or decoding: nothing was written; the restart resumes after S.
-//! 2. during the sink transaction: the sink rolls back; nothing of the batch is visible and the
-//!    fence is still S; the restart resumes after S.
+//! Crash windows (what survives a SIGKILL at each point), for batch N ending at sequence L after
+//! the applied sequence S, with batch N+1 received (whole or in part) meanwhile:
+//! 1. while pulling or decoding batch N (the fetcher filling it, the channel handing it over,
+//!    this task classifying it): nothing was written; the restart resumes after S. Batch N+1 was
+//!    never acknowledged either: the server redelivers both (startup reconciliation recreates
+//!    the consumer at S + 1).
+//! 2. during the sink transaction of batch N: the sink rolls back; nothing of the batch is
+//!    visible and the fence is still S; the restart resumes after S. Batch N+1, held by the
+//!    fetcher or waiting in the channel, was not written and not acknowledged: delivered again.
 //! 3. after the sink commit, before the redb checkpoint is committed: rows and fence are at L,
 //!    redb says S or any sequence in between. With a sink that keeps a fence the checkpoint is
 //!    committed at most every `CHECKPOINT_EVERY` (200 ms; see `offsets.rs`), so this window
@@ -15,12 +23,21 @@
 //!    and the engine resumes after L', whichever way redb and the server's ack floor differ
 //!    from it. With a sink without a fence the checkpoint is committed right after every batch,
 //!    so this window is just the gap between the two commits: a kill in it makes the restart
-//!    apply the batch again (nothing can tell without a fence).
-//! 4. after the checkpoint, before the ack reaches the server (the ack is sent without waiting
-//!    for its confirmation): the server still thinks the batch is unacknowledged, so startup
-//!    reconciliation recreates the consumer at L + 1 (and any redelivery with seq ≤ L is
-//!    skipped). An ack lost in transit is covered by the next batch's AckAll.
-//! 5. after the ack: everything agrees.
+//!    apply the batch again (nothing can tell without a fence). Batch N+1 is still only in
+//!    memory: the restart receives it again after L.
+//! 4. after the checkpoint, before the ack reaches the server (the ack of L's message is sent
+//!    without waiting for its confirmation): the server still thinks batch N is
+//!    unacknowledged, so startup reconciliation recreates the consumer at L + 1 (and any
+//!    redelivery with seq ≤ L is skipped). An ack lost in transit is covered by the next
+//!    batch's AckAll. The AckAll of L acknowledges nothing of batch N+1 (all its sequences are
+//!    above L), so a kill here loses nothing of it either.
+//! 5. after the ack: everything up to L agrees; batch N+1 is in windows 1-2 (it becomes batch
+//!    N of the next round).
+//!
+//! A delivery anomaly (a consumer sequence that jumps or steps back, a failed pull, a
+//! reconnect) is found by the fetcher, which hands over what precedes it (never an open
+//! transaction) with the reason and stops: nothing past the hole is applied or acknowledged,
+//! and the session ends with a fresh consumer at applied + 1.
 
 use std::{
     future::Future,
@@ -29,26 +46,25 @@ use std::{
 };
 
 use async_nats::jetstream;
-use futures::{FutureExt, StreamExt};
 use jetsync::{Config, OnGap};
+use tokio::sync::mpsc;
 
 use crate::{
     apply::{Applier, Mode, NOT_SYNCED_HERE},
     backoff::Backoff,
     bootstrap::bootstrap,
     consumer::{self, ConsumerSpec},
+    fetch::{AbortOnDrop, FetchLimits, Fetched, Fetcher, Pulled, Reconnects, RECONNECTED},
     offsets::Offsets,
     ops, raw,
     resync::resync,
     shutdown::Shutdown,
     startup::{sink_description, sink_is_empty, start_point_and_fence, NewStore},
-    txn, EngineError, Sink, Stats,
+    EngineError, Sink, Stats,
 };
 
 /// How often a catching-up engine logs its progress.
 pub(crate) const PROGRESS_EVERY: Duration = Duration::from_secs(5);
-/// How often a consumer session checks whether its NATS connection was re-established.
-const CONNECTION_CHECK: Duration = Duration::from_millis(200);
 /// How long a stream may report a last sequence below the applied one (a new leader still
 /// applying its log) before the engine stops with [`EngineError::AheadOfStream`].
 const AHEAD_GRACE: Duration = Duration::from_secs(60);
@@ -424,30 +440,21 @@ impl Session<'_> {
             .observe_stream(last, last.saturating_sub(applied));
 
         let ready = consumer::reconcile(&stream, &state.spec, applied).await?;
-        let mut expected_cseq = ready.next_consumer_seq;
         // Pulls are bounded in bytes as well as events, but never below the largest message
         // the server accepts (a pull smaller than one message would never deliver it).
         let nats = client.nats();
-        let batch_max_bytes = self.config.apply.batch_max_bytes as usize;
-        let pull_bytes = batch_max_bytes.max(nats.server_info().max_payload + 64 * 1024);
+        let sizes = FetchLimits::of(self.config);
+        let pull_bytes = sizes
+            .batch_max_bytes
+            .max(nats.server_info().max_payload + 64 * 1024);
         // A reconnect during the session (the client library drops its connection on a
         // message it cannot parse, see `raw.rs`) ends it: deliveries may have been lost, and
         // the engine must see the failure at once rather than after `ack_wait`.
-        let connection = nats.statistics();
-        let connects = connection
-            .connects
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let reconnected = || {
-            connection
-                .connects
-                .load(std::sync::atomic::Ordering::Relaxed)
-                != connects
-        };
-        let mut connection_check = tokio::time::interval(CONNECTION_CHECK);
-        let mut messages = ready
+        let reconnects = Reconnects::watch(nats.statistics());
+        let messages = ready
             .consumer
             .stream()
-            .max_messages_per_batch(state.spec.batch_max)
+            .max_messages_per_batch(consumer::pull_messages(&state.spec))
             .max_bytes_per_batch(pull_bytes)
             .heartbeat(Duration::from_millis(self.config.apply.heartbeat_ms))
             .expires(PULL_EXPIRES)
@@ -455,161 +462,75 @@ impl Session<'_> {
             .await
             .map_err(|e| EngineError::nats("start pulling", e))?;
         let _connected = self.stats.session_started(); // `connected` (readiness) until the session ends
-        let batch_wait = Duration::from_millis(self.config.apply.batch_wait_ms);
-        let batch_max = state.spec.batch_max;
-        // The message that completed the last batch's final transaction, which starts the next.
-        let mut carry: Option<Pulled> = None;
+
+        // The pipeline: the fetcher receives and checks the next batch while this task applies
+        // the current one (see `fetch.rs`); a channel of one slot keeps two batches in flight
+        // at most. Only this task applies, records and acknowledges, in batch order.
+        let (tx, mut batches) = mpsc::channel(1);
+        let fetcher = Fetcher {
+            messages,
+            expected_cseq: ready.next_consumer_seq,
+            last_seen: applied,
+            limits,
+            sizes,
+            reconnects: reconnects.clone(),
+            rules: state.applier.rules.clone(),
+        };
+        let _fetcher = AbortOnDrop(tokio::spawn(fetcher.run(tx)));
 
         loop {
-            // Wait for the first message of a batch, or shutdown; commit a lazily recorded
-            // checkpoint once it is due, so that an idle applier's file (`status`) is exact.
-            // After 50 ms with nothing in hand, a sink that defers durability (the redb replica)
-            // makes its last commits durable (`Sink::idle`).
-            let mut batch: Vec<Pulled> = Vec::new();
-            let mut batch_bytes = 0usize;
-            let mut anomaly: Option<String> = None;
-            if let Some(p) = carry.take() {
-                // The message that completed the previous batch's last transaction.
-                batch_bytes += p.message.payload.len();
-                batch.push(p);
-            } else {
-                let mut idle_at = Some(Instant::now() + Duration::from_millis(50));
-                let first = loop {
-                    let flush_at = state.applier.offsets.flush_due();
-                    tokio::select! {
-                        biased;
-                        _ = shutdown.requested() => return Ok(SessionEnd::Shutdown),
-                        next = messages.next() => break next,
-                        _ = sleep_until(flush_at) => state.applier.offsets.flush()?,
-                        _ = sleep_until(idle_at) => {
-                            idle_at = None;
-                            state.applier.sink.idle().await?;
-                        }
-                        _ = connection_check.tick() => {
-                            if reconnected() {
-                                return Ok(SessionEnd::Reset("the NATS connection was lost and re-established".into()));
-                            }
-                        }
-                    }
-                };
-                match first {
-                    None => return Ok(SessionEnd::Reset("the pull stream ended".into())),
-                    Some(Err(e)) => return Ok(SessionEnd::Reset(format!("pull failed: {e}"))),
-                    Some(Ok(m)) => match Pulled::check(m, &mut expected_cseq) {
-                        Ok(p) => {
-                            batch_bytes += p.message.payload.len();
-                            batch.push(p);
-                        }
-                        Err(reason) => return Ok(SessionEnd::Reset(reason)),
-                    },
-                }
-            }
-            // Fill the batch: take what is already buffered without waiting; wait up to
-            // `batch_wait` only while the server says more events are pending. A batch also
-            // ends once its bodies reach `apply.batch_max_bytes`.
-            while batch.len() < batch_max && batch_bytes < batch_max_bytes {
-                let next = match messages.next().now_or_never() {
-                    Some(next) => next,
-                    None => {
-                        let pending = batch.last().map(|p| p.pending).unwrap_or(0);
-                        if pending == 0 || batch_wait.is_zero() {
-                            break;
-                        }
-                        match tokio::time::timeout(batch_wait, messages.next()).await {
-                            Ok(next) => next,
-                            Err(_) => break,
-                        }
-                    }
-                };
-                match next {
-                    Some(Ok(m)) => match Pulled::check(m, &mut expected_cseq) {
-                        Ok(p) => {
-                            batch_bytes += p.message.payload.len();
-                            batch.push(p);
-                        }
-                        Err(reason) => {
-                            anomaly = Some(reason);
-                            break;
-                        }
-                    },
-                    Some(Err(e)) => {
-                        anomaly = Some(format!("pull failed: {e}"));
-                        break;
-                    }
-                    None => {
-                        anomaly = Some("the pull stream ended".into());
-                        break;
+            // Wait for the next batch, or shutdown; commit a lazily recorded checkpoint once it
+            // is due, so that an idle applier's file (`status`) is exact. After 50 ms with
+            // nothing in hand, a sink that defers durability (the redb replica) makes its last
+            // commits durable (`Sink::idle`).
+            let mut idle_at = Some(Instant::now() + Duration::from_millis(50));
+            let next = loop {
+                let flush_at = state.applier.offsets.flush_due();
+                tokio::select! {
+                    biased;
+                    _ = shutdown.requested() => return Ok(SessionEnd::Shutdown),
+                    next = batches.recv() => break next,
+                    _ = sleep_until(flush_at) => state.applier.offsets.flush()?,
+                    _ = sleep_until(idle_at) => {
+                        idle_at = None;
+                        state.applier.sink.idle().await?;
                     }
                 }
-            }
-            // A transaction is applied whole: a batch never ends inside one (see `txn.rs`).
-            // What ends the stretch early (shutdown, a delivery anomaly, a reconnect) leaves the
-            // open transaction out of this batch; it is delivered again after applied + 1.
-            let mut stop = None;
-            if anomaly.is_none() {
-                let stretched = stretch(
-                    &mut messages,
-                    &mut batch,
-                    &mut carry,
-                    &mut expected_cseq,
-                    batch_max_bytes,
-                    shutdown,
-                    &mut connection_check,
-                    &reconnected,
-                )
-                .await;
-                match stretched {
-                    Stretched::Complete => {}
-                    Stretched::Anomaly(reason) => anomaly = Some(reason),
-                    Stretched::Shutdown => stop = Some(SessionEnd::Shutdown),
+            };
+            let Some(Fetched {
+                batch,
+                after_jump,
+                end,
+            }) = next
+            else {
+                // The fetcher stops only after handing over the reason; it did not.
+                return Ok(SessionEnd::Reset("the fetcher stopped".into()));
+            };
+            if after_jump {
+                // A stream-sequence jump on a stream with limits may be a gap (events removed
+                // by the limits before this instance got them): everything before the jump is
+                // applied; ask the server where the stream starts now.
+                let before = state.applier.applied;
+                let first = stream
+                    .info()
+                    .await
+                    .map_err(|e| EngineError::nats("stream info", e))?
+                    .state
+                    .first_sequence;
+                if first > before + 1 {
+                    return self.gap(js, state, shutdown, first, "while running").await;
                 }
             }
-            if let Some(open) = txn::open_tail(&txn::tags(batch.iter().map(|p| &p.message))) {
-                if anomaly.is_some() || stop.is_some() {
-                    batch.truncate(open);
-                }
-            }
-            // A stream-sequence jump on a stream with limits may be a gap (events removed by
-            // the limits before this instance got them): apply what precedes the jump, then
-            // ask the server where the stream starts now.
-            if limits {
-                if let Some(cut) = first_jump(&batch, state.applier.applied) {
-                    // Not inside a transaction: the part before its start is applied first.
-                    let cut = txn::start_of(&txn::tags(batch.iter().map(|p| &p.message)), cut);
-                    let rest = batch.split_off(cut);
-                    let before = if cut == 0 {
-                        state.applier.applied
-                    } else {
-                        batch[cut - 1].stream_seq.max(state.applier.applied)
-                    };
-                    if !self.apply_batch(state, batch, shutdown).await? {
-                        return Ok(SessionEnd::Shutdown);
-                    }
-                    let first = stream
-                        .info()
-                        .await
-                        .map_err(|e| EngineError::nats("stream info", e))?
-                        .state
-                        .first_sequence;
-                    if first > before + 1 {
-                        return self.gap(js, state, shutdown, first, "while running").await;
-                    }
-                    batch = rest;
-                }
-            }
+            // Shutdown finishes this batch (the one in hand); the fetcher's next one is
+            // dropped unacknowledged.
             if !self.apply_batch(state, batch, shutdown).await? {
                 return Ok(SessionEnd::Shutdown);
             }
-            if let Some(end) = stop {
-                return Ok(end);
-            }
-            if let Some(reason) = anomaly {
+            if let Some(reason) = end {
                 return Ok(SessionEnd::Reset(reason));
             }
-            if reconnected() {
-                return Ok(SessionEnd::Reset(
-                    "the NATS connection was lost and re-established".into(),
-                ));
+            if reconnects.happened() {
+                return Ok(SessionEnd::Reset(RECONNECTED.into()));
             }
             if shutdown.is_requested() {
                 return Ok(SessionEnd::Shutdown);
@@ -725,9 +646,10 @@ impl Session<'_> {
     async fn apply_batch<S: Sink>(
         &self,
         state: &mut LoopState<S>,
-        batch: Vec<Pulled>,
+        mut batch: Vec<Pulled>,
         shutdown: &mut Shutdown,
     ) -> Result<bool, EngineError> {
+        let mut decoded: Vec<_> = batch.iter_mut().map(|p| p.decoded.take()).collect();
         let Some(last) = batch.last() else {
             return Ok(true);
         };
@@ -738,7 +660,14 @@ impl Session<'_> {
             batch.iter().map(|p| (p.stream_seq, &p.message)).collect();
         if !state
             .applier
-            .apply(&events, last.stream_seq, Mode::Apply, true, shutdown)
+            .apply(
+                &events,
+                &mut decoded,
+                last.stream_seq,
+                Mode::Apply,
+                true,
+                shutdown,
+            )
             .await?
         {
             return Ok(false);
@@ -756,126 +685,12 @@ impl Session<'_> {
     }
 }
 
-/// How [`stretch`] ended.
-enum Stretched {
-    /// The batch ends at a transaction boundary (or the open transaction timed out, or grew
-    /// past the stretch limits, and is applied as it is, with a warning).
-    Complete,
-    /// A delivery anomaly: the session must end (the open transaction is not applied).
-    Anomaly(String),
-    /// Shutdown was requested (the open transaction is not applied).
-    Shutdown,
-}
-
-/// Stretches `batch` to the end of the transaction its last message leaves open: pulls until
-/// the commit member arrives (added to the batch) or a message outside the transaction (kept in
-/// `carry` to start the next batch). Waits at most [`txn::OPEN_TIMEOUT`] for each message: a
-/// transaction still open then was never an atomic batch (see `txn.rs`) and is applied as
-/// stored. Beyond [`txn::MAX_STRETCH`] further events or four times `batch_max_bytes`, the run
-/// is applied in parts, with a warning.
-#[allow(clippy::too_many_arguments)]
-async fn stretch(
-    messages: &mut jetstream::consumer::pull::Stream,
-    batch: &mut Vec<Pulled>,
-    carry: &mut Option<Pulled>,
-    expected_cseq: &mut u64,
-    batch_max_bytes: usize,
-    shutdown: &mut Shutdown,
-    connection_check: &mut tokio::time::Interval,
-    reconnected: &(dyn Fn() -> bool + Sync),
-) -> Stretched {
-    let Some(open) = txn::open_tail(&txn::tags(batch.iter().map(|p| &p.message))) else {
-        return Stretched::Complete;
-    };
-    let id = txn::batch_id(&batch[open].message)
-        .unwrap_or_default()
-        .to_owned();
-    let first_seq = batch[open].stream_seq;
-    let mut bytes: usize = batch.iter().map(|p| p.message.payload.len()).sum();
-    let mut added = 0usize;
-    // The wait for the next member restarts when one arrives, not when the connection check
-    // ticks.
-    let mut deadline = tokio::time::Instant::now() + txn::OPEN_TIMEOUT;
-    loop {
-        if added >= txn::MAX_STRETCH || bytes >= batch_max_bytes.saturating_mul(4) {
-            tracing::warn!(
-                txn = %id,
-                first_seq,
-                events = batch.len() - open,
-                "transaction too large to apply in one sink transaction (more than {} events or {} bytes in hand); applying it in parts",
-                txn::MAX_STRETCH,
-                batch_max_bytes.saturating_mul(4)
-            );
-            return Stretched::Complete;
-        }
-        let next = tokio::select! {
-            biased;
-            _ = shutdown.requested() => return Stretched::Shutdown,
-            next = tokio::time::timeout_at(deadline, messages.next()) => next,
-            _ = connection_check.tick() => {
-                if reconnected() {
-                    return Stretched::Anomaly("the NATS connection was lost and re-established".into());
-                }
-                continue;
-            }
-        };
-        let message = match next {
-            Err(_) => {
-                tracing::warn!(
-                    txn = %id,
-                    first_seq,
-                    events = batch.len() - open,
-                    "transaction without a commit and nothing after it for {:?}: applying its stored members (an atomic batch is stored whole at once; these batch headers were probably stored by a server without atomic publish)",
-                    txn::OPEN_TIMEOUT
-                );
-                return Stretched::Complete;
-            }
-            Ok(None) => return Stretched::Anomaly("the pull stream ended".into()),
-            Ok(Some(Err(e))) => return Stretched::Anomaly(format!("pull failed: {e}")),
-            Ok(Some(Ok(m))) => m,
-        };
-        let pulled = match Pulled::check(message, expected_cseq) {
-            Ok(p) => p,
-            Err(reason) => return Stretched::Anomaly(reason),
-        };
-        if txn::batch_id(&pulled.message) != Some(id.as_str()) {
-            // Complete: a later message outside it arrived; it starts the next batch.
-            *carry = Some(pulled);
-            return Stretched::Complete;
-        }
-        let commit = txn::tag(&pulled.message).is_some_and(|t| t.commit);
-        bytes += pulled.message.payload.len();
-        added += 1;
-        deadline = tokio::time::Instant::now() + txn::OPEN_TIMEOUT;
-        batch.push(pulled);
-        if commit {
-            return Stretched::Complete;
-        }
-    }
-}
-
 /// Sleeps until `at`, forever for `None`.
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
     }
-}
-
-/// The index of the first delivery in `batch` whose stream sequence is not the one after its
-/// predecessor (the applied sequence for the first), ignoring already applied deliveries.
-fn first_jump(batch: &[Pulled], applied: u64) -> Option<usize> {
-    let mut prev = applied;
-    for (i, p) in batch.iter().enumerate() {
-        if p.stream_seq <= prev {
-            continue;
-        }
-        if p.stream_seq > prev + 1 {
-            return Some(i);
-        }
-        prev = p.stream_seq;
-    }
-    None
 }
 
 /// Mutable state of the apply loop that outlives consumer sessions.
@@ -891,59 +706,6 @@ enum SessionEnd {
     Shutdown,
     /// Recreate the consumer at applied + 1 (a lost delivery, a broken pull stream).
     Reset(String),
-}
-
-/// A delivered message with its parsed delivery metadata.
-struct Pulled {
-    message: jetstream::Message,
-    stream_seq: u64,
-    pending: u64,
-}
-
-impl Pulled {
-    /// Checks the delivery's consumer sequence against the expected one. The server numbers
-    /// every delivery of a consumer, redeliveries included, with the next consumer sequence, so
-    /// anything but `expected` means its view of this consumer and ours diverged, and nothing
-    /// past that point may be applied or acknowledged (the session ends and the consumer is
-    /// recreated at applied + 1):
-    /// - a jump: a delivery was lost in transit (reconnect, server restart); the next AckAll
-    ///   would acknowledge it although it was never applied.
-    /// - a step back: the server lost the tail of its consumer state and delivers again under
-    ///   sequences we already saw. A kill -9 of the server does this: its file store writes
-    ///   consumer state at most every 100 ms. The same consumer sequence then need not carry
-    ///   the same event as before (on a compacted stream the events in between were superseded
-    ///   and removed meanwhile), so skipping "already seen" sequences would skip new events
-    ///   for good; and a consumer that delivers fewer events than before never reaches the
-    ///   expected sequence again, so waiting for it would stall the applier forever.
-    fn check(message: jetstream::Message, expected_cseq: &mut u64) -> Result<Pulled, String> {
-        let info = message
-            .info()
-            .map_err(|e| format!("unparseable delivery metadata: {e}"))?;
-        let (cseq, stream_seq, pending) =
-            (info.consumer_sequence, info.stream_sequence, info.pending);
-        check_consumer_seq(cseq, stream_seq, *expected_cseq)?;
-        *expected_cseq += 1;
-        Ok(Pulled {
-            message,
-            stream_seq,
-            pending,
-        })
-    }
-}
-
-/// The consumer-sequence rule of [`Pulled::check`]: a delivery must carry exactly `expected`.
-fn check_consumer_seq(cseq: u64, stream_seq: u64, expected: u64) -> Result<(), String> {
-    if cseq > expected {
-        return Err(format!(
-            "delivery {expected} of the consumer went missing (got {cseq}, stream seq {stream_seq})"
-        ));
-    }
-    if cseq < expected {
-        return Err(format!(
-            "the server delivered consumer sequence {cseq} (stream seq {stream_seq}) again, expecting {expected}: it lost part of the consumer's state (restarted?)"
-        ));
-    }
-    Ok(())
 }
 
 /// Progress logs while catching up on a backlog.
@@ -982,25 +744,5 @@ impl Progress {
         }
         self.last_log = Instant::now();
         self.last_applied = applied;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::check_consumer_seq;
-
-    #[test]
-    fn only_the_expected_consumer_sequence_is_accepted() {
-        assert!(check_consumer_seq(7, 40, 7).is_ok());
-        // A jump: delivery 7 was lost in transit.
-        let hole = check_consumer_seq(8, 41, 7).unwrap_err();
-        assert!(
-            hole.contains("delivery 7 of the consumer went missing"),
-            "{hole}"
-        );
-        // A step back: the server lost consumer state; consumer sequence 5 may now carry an
-        // event never seen before (stream seq 41 here), so it must not be skipped as stale.
-        let back = check_consumer_seq(5, 41, 7).unwrap_err();
-        assert!(back.contains("lost part of the consumer's state"), "{back}");
     }
 }

@@ -93,6 +93,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "jetsync_gap_margin_seconds",
     "jetsync_fleet_digest_seq",
     "jetsync_fleet_diverged_tables",
+    "jetsync_events_coalesced",
 ];
 
 /// Whether an engine with these counters is ready: connected, and at most `max_lag` events
@@ -319,6 +320,12 @@ impl Collector for StatsCollector {
                 ConstGauge::new(value).encode(m)?;
             }
         }
+        Self::counter(
+            e,
+            "events_coalesced",
+            "Applied events whose write a later change of the same row in the same batch replaced (apply.coalesce); also counted in events_applied",
+            s.events_coalesced,
+        )?;
         Ok(())
     }
 }
@@ -724,6 +731,7 @@ mod tests {
             format!("jetsync_resyncs_total{{{l}}} 0\n"),
             format!("jetsync_events_skipped_total{{{l}}} 0\n"),
             format!("jetsync_transactions_applied_total{{{l}}} 0\n"),
+            format!("jetsync_events_coalesced_total{{{l}}} 0\n"),
         ] {
             assert!(text.contains(&want), "missing {want:?} in\n{text}");
         }

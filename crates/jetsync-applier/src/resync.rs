@@ -205,7 +205,9 @@ async fn chunk<S: Sink>(
         mut sources,
         parks,
         ..
-    } = applier.rules.classify_run(events, 0, &mut state.blocked);
+    } = applier
+        .rules
+        .classify_run(events, &mut [], 0, &mut state.blocked);
     if applier.on_poison == OnPoison::Halt {
         if let Some(p) = parks.first() {
             return Err(EngineError::Poison {

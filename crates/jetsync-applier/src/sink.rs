@@ -191,6 +191,15 @@ pub trait Sink: Send {
         async {}
     }
 
+    /// Whether the sink must be handed every change, even one a later change of the same row in
+    /// the same batch replaces (the redb replica's audit mode counts every sequence). When false
+    /// (the default) the engine may write a row changed several times in one batch once, with
+    /// its last change (`apply.coalesce`): an upsert replaces the whole row, so the end state is
+    /// the same.
+    fn sees_every_change(&self) -> bool {
+        false
+    }
+
     /// Called by the engine when it has no event in hand (the applier caught up): a sink that
     /// defers durability (the redb replica) makes its last commit durable now.
     fn idle(&mut self) -> impl Future<Output = Result<(), SinkError>> + Send {

@@ -30,6 +30,7 @@ pub struct Stats {
     events_skipped: AtomicU64,
     resyncs: AtomicU64,
     transactions_applied: AtomicU64,
+    events_coalesced: AtomicU64,
     parked: AtomicU64,
     connected: AtomicBool,
     /// table → events applied, indexed by `OpKind as usize`.
@@ -78,6 +79,9 @@ pub struct StatsSnapshot {
     pub transactions_applied: u64,
     /// Events currently parked (poison events and the events held behind them).
     pub parked: u64,
+    /// Events of this run's applied events whose write was folded into a later change of the
+    /// same row in the same batch (`apply.coalesce`); they are counted in `events_applied` too.
+    pub events_coalesced: u64,
     /// Whether a consumer session is running: connected to NATS, consumer reconciled, pulling.
     pub connected: bool,
 }
@@ -196,6 +200,7 @@ impl Stats {
             resyncs: self.resyncs.load(Ordering::Relaxed),
             transactions_applied: self.transactions_applied.load(Ordering::Relaxed),
             parked: self.parked.load(Ordering::Relaxed),
+            events_coalesced: self.events_coalesced.load(Ordering::Relaxed),
             connected: self.connected.load(Ordering::Relaxed),
         }
     }
@@ -272,6 +277,13 @@ impl Stats {
     pub(crate) fn add_transactions(&self, n: u64) {
         if n > 0 {
             self.transactions_applied.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts applied events whose write a later change of the same row replaced.
+    pub(crate) fn add_coalesced(&self, events: u64) {
+        if events > 0 {
+            self.events_coalesced.fetch_add(events, Ordering::Relaxed);
         }
     }
 

@@ -386,6 +386,11 @@ pub struct ApplyConfig {
     /// not applied expires in less than this many seconds (`jetsync_gap_margin_seconds`).
     /// 0 (default): a tenth of the stream's `max_age`.
     pub gap_warn_seconds: u64,
+    /// Within one batch (one sink transaction), write a row changed several times once, with
+    /// its last change (an upsert replaces the row, so the end state is the same). `false`
+    /// hands the sink every change (databases whose triggers must see each one). Never applies
+    /// to the redb replica's audit mode or to tables with `merge = true`.
+    pub coalesce: bool,
 }
 
 /// Where a durable consumer keeps its state (delivered and acknowledged sequences).
@@ -431,6 +436,7 @@ impl Default for ApplyConfig {
             consumer_storage: ConsumerStorage::default(),
             gap_warn_events: 0,
             gap_warn_seconds: 0,
+            coalesce: true,
         }
     }
 }

@@ -136,7 +136,7 @@ fn jetsync_stream(config: &stream::Config) -> Result<StreamConfig> {
 
 /// Checks a consumer definition against what the applier creates and reuses (DESIGN 5):
 /// durable `jetsync_<instance>`, one filter `<prefix>.>`, AckPolicy All, unlimited deliveries,
-/// `ack_wait` = `apply.ack_wait_ms` (30 s), `max_ack_pending` ≥ 2 × `apply.batch_max` + 2000 (room for a transaction), no
+/// `ack_wait` = `apply.ack_wait_ms` (30 s), `max_ack_pending` ≥ 4 × `apply.batch_max` + 2000 (room for two catch-up batches and a transaction), no
 /// inactive threshold (2.9 deletes idle durables with one), pull (no deliver subject), one
 /// replica and memory storage.
 fn check_applier_consumer(rel: &str, config: &pull::Config, stream: &stream::Config) -> Result<()> {
@@ -159,7 +159,7 @@ fn check_applier_consumer(rel: &str, config: &pull::Config, stream: &stream::Con
         "{rel}: ack_wait"
     );
     ensure!(
-        config.max_ack_pending >= 2 * defaults.batch_max as i64 + 2000,
+        config.max_ack_pending >= 4 * defaults.batch_max as i64 + 2000,
         "{rel}: max_ack_pending"
     );
     ensure!(

@@ -82,6 +82,14 @@ impl Sink for AnySink {
         }
     }
 
+    fn sees_every_change(&self) -> bool {
+        match self {
+            AnySink::Sqlite(s) => s.sees_every_change(),
+            AnySink::Redb(s) => s.sees_every_change(),
+            AnySink::Postgres(s) => s.sees_every_change(),
+        }
+    }
+
     async fn is_empty(&mut self) -> Result<bool, SinkError> {
         match self {
             AnySink::Sqlite(s) => s.is_empty().await,

@@ -515,6 +515,11 @@ impl Sink for RedbSink {
         self.is_empty_blocking()
     }
 
+    fn sees_every_change(&self) -> bool {
+        // The audit table counts every applied sequence: nothing may be coalesced away.
+        self.audit
+    }
+
     async fn apply(
         &mut self,
         group: &str,
