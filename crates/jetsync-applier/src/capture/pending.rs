@@ -41,8 +41,23 @@ pub fn skipped_total() -> u64 {
 /// The pending entries of one apply transaction: `(table, key)` → acknowledged sequence.
 #[derive(Debug, Default)]
 pub struct Pending {
-    entries: HashMap<(String, String), Option<u64>>,
+    entries: HashMap<(String, String), State>,
 }
+
+/// Where a row's latest local change is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Not published yet (`seq` NULL): every change arriving now is ordered before it.
+    Unpublished,
+    /// Being published (`seq` = [`IN_FLIGHT`]): the server may have stored it already, so a
+    /// change arriving now may be ordered before or after it; the batch waits.
+    InFlight,
+    /// Stored at this stream sequence.
+    Stored(u64),
+}
+
+/// The `seq` the relay writes on the entries of the batches it is about to publish.
+pub const IN_FLIGHT: i64 = -1;
 
 /// The changes a batch keeps once the pending rule was applied.
 #[derive(Debug)]
@@ -67,26 +82,48 @@ impl Pending {
     }
 
     fn insert(&mut self, table: String, key: String, seq: Option<i64>) {
+        let state = match seq {
+            None => State::Unpublished,
+            Some(s) if s < 0 => State::InFlight,
+            Some(s) => State::Stored(s as u64),
+        };
+        self.entries.insert((table, key), state);
+    }
+
+    fn state(&self, change: &Change) -> Option<State> {
         self.entries
-            .insert((table, key), seq.map(|s| s.max(0) as u64));
+            .get(&(change.table.clone(), change.key.clone()))
+            .copied()
     }
 
     /// Whether `change` is to be applied.
     fn applies(&self, change: &Change) -> bool {
-        match self
-            .entries
-            .get(&(change.table.clone(), change.key.clone()))
-        {
+        match self.state(change) {
             None => true,
-            Some(Some(seq)) => change.seq >= *seq,
-            Some(None) => false,
+            Some(State::Stored(seq)) => change.seq >= seq,
+            Some(State::Unpublished | State::InFlight) => false,
         }
     }
 
-    /// The changes to apply, `None` when every change applies (the common case: no copy).
-    pub fn keep(&self, changes: &[Change]) -> Option<Kept> {
+    /// The changes to apply, `Ok(None)` when every change applies (the common case: no copy).
+    /// A change of a row whose latest local change is being published cannot be placed yet:
+    /// [`SinkError::Unavailable`](crate::SinkError::Unavailable), the engine retries the batch
+    /// shortly (the relay records the sequence right after the server's acknowledgement).
+    pub fn keep(&self, changes: &[Change]) -> Result<Option<Kept>, crate::SinkError> {
         if self.entries.is_empty() || changes.iter().all(|c| self.applies(c)) {
-            return None;
+            return Ok(None);
+        }
+        if let Some(c) = changes
+            .iter()
+            .find(|c| self.state(c) == Some(State::InFlight))
+        {
+            return Err(crate::SinkError::Unavailable {
+                reason: format!(
+                    "capture: the local change of {}/{} is being published; the change at seq {} \
+                     waits for its stream sequence",
+                    c.table, c.key, c.seq
+                ),
+            });
         }
         let mut kept = Kept {
             changes: Vec::with_capacity(changes.len()),
@@ -108,7 +145,7 @@ impl Pending {
             }
         }
         SKIPPED.fetch_add(skipped, Ordering::Relaxed);
-        Some(kept)
+        Ok(Some(kept))
     }
 }
 
@@ -154,7 +191,7 @@ pub fn settle_sqlite(
     if pending.is_empty() {
         return Ok(());
     }
-    conn.prepare_cached("DELETE FROM jetsync_capture_pending WHERE seq <= ?1")?
+    conn.prepare_cached("DELETE FROM jetsync_capture_pending WHERE seq >= 0 AND seq <= ?1")?
         .execute([fence])?;
     Ok(())
 }
@@ -195,7 +232,7 @@ pub async fn settle_postgres(
     }
     client
         .execute(
-            &format!("DELETE FROM {schema}.{PENDING_TABLE} WHERE seq <= $1"),
+            &format!("DELETE FROM {schema}.{PENDING_TABLE} WHERE seq >= 0 AND seq <= $1"),
             &[&fence],
         )
         .await?;

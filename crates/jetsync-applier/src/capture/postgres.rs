@@ -607,15 +607,30 @@ impl Store {
     ///
     /// `acks` gives the stream sequence the server acknowledged for each published entry
     /// (`None`: unknown), written to the rows' pending entries (`pending.rs`).
+    #[cfg(test)]
     pub(super) async fn delete(&mut self, batch: &Batch, acks: &[Ack]) -> Result<(), CaptureError> {
+        self.delete_many(&[batch], acks).await
+    }
+
+    /// Deletes several published batches and counts their entries as published, in one
+    /// transaction (one commit for all the batches a relay cycle published).
+    pub(super) async fn delete_many(
+        &mut self,
+        batches: &[&Batch],
+        acks: &[Ack],
+    ) -> Result<(), CaptureError> {
         let s = quoted(&self.schema);
-        let ids: Vec<i64> = batch
-            .entries
+        let ids: Vec<i64> = batches
             .iter()
-            .map(|e| e.id)
-            .chain(batch.unpublishable.iter().map(|(id, _)| *id))
+            .flat_map(|batch| {
+                batch
+                    .entries
+                    .iter()
+                    .map(|e| e.id)
+                    .chain(batch.unpublishable.iter().map(|(id, _)| *id))
+            })
             .collect();
-        let published = batch.entries.len() as i64;
+        let published: i64 = batches.iter().map(|b| b.entries.len() as i64).sum();
         let tx = self
             .client
             .transaction()
@@ -664,6 +679,21 @@ impl Store {
         .await
         .map_err(|e| pg_error("count published rows", &e))?;
         tx.commit().await.map_err(|e| pg_error("commit", &e))
+    }
+
+    /// Marks the pending entries of these outbox ids as being published (`pending.rs`).
+    pub(super) async fn mark_in_flight(&mut self, ids: &[i64]) -> Result<(), CaptureError> {
+        let s = quoted(&self.schema);
+        self.client
+            .execute(
+                &format!(
+                    "UPDATE {s}.jetsync_capture_pending SET seq = $1 WHERE outbox_id = ANY($2)"
+                ),
+                &[&super::pending::IN_FLIGHT, &ids],
+            )
+            .await
+            .map_err(|e| pg_error("mark published rows", &e))?;
+        Ok(())
     }
 
     /// (backlog, published over the instance's life).

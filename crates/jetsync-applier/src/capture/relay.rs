@@ -172,10 +172,21 @@ impl Store {
         }
     }
 
-    async fn delete(&mut self, batch: &Batch, acks: &[Ack]) -> Result<(), CaptureError> {
+    async fn delete(&mut self, batches: &[&Batch], acks: &[Ack]) -> Result<(), CaptureError> {
+        if batches.is_empty() {
+            return Ok(());
+        }
         match self {
-            Store::Sqlite(s) => blocking(|| s.delete(batch, acks)),
-            Store::Postgres(s) => s.delete(batch, acks).await,
+            Store::Sqlite(s) => blocking(|| s.delete_many(batches, acks)),
+            Store::Postgres(s) => s.delete_many(batches, acks).await,
+        }
+    }
+
+    /// Marks the pending entries (`pending.rs`) of these outbox ids as being published.
+    async fn mark_in_flight(&mut self, ids: &[i64]) -> Result<(), CaptureError> {
+        match self {
+            Store::Sqlite(s) => blocking(|| s.mark_in_flight(ids)),
+            Store::Postgres(s) => s.mark_in_flight(ids).await,
         }
     }
 
@@ -272,6 +283,22 @@ impl Relayer {
             self.client = Some(Client::connect(&self.config).await?);
             self.tables.clear();
         }
+        // The batches are published in order, each acknowledged before the next; the
+        // acknowledged ones are deleted together, in one transaction, at the end of the cycle
+        // (or before returning a publish error), never before the server acknowledged them.
+        let ids: Vec<i64> = batches
+            .iter()
+            .flat_map(|b| b.entries.iter().map(|e| e.id))
+            .collect();
+        self.store
+            .as_mut()
+            .expect("opened above")
+            .mark_in_flight(&ids)
+            .await?;
+        let mut done: Vec<&Batch> = Vec::new();
+        let mut acks: Vec<Ack> = Vec::new();
+        let mut failure = None;
+        let mut publishes = 0u64;
         for batch in &batches {
             for (id, reason) in &batch.unpublishable {
                 tracing::error!(
@@ -280,12 +307,28 @@ impl Relayer {
                     "captured change cannot be published; it is dropped from the outbox"
                 );
             }
-            let (publishes, acks) = self.publish(batch).await?;
-            let store = self.store.as_mut().expect("opened above");
-            store.delete(batch, &acks).await?;
-            let capture = self.stats.capture();
+            match self.publish(batch).await {
+                Ok((batch_publishes, batch_acks)) => {
+                    done.push(batch);
+                    acks.extend(batch_acks);
+                    publishes += batch_publishes;
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        let store = self.store.as_mut().expect("opened above");
+        store.delete(&done, &acks).await?;
+        let capture = self.stats.capture();
+        for batch in &done {
             capture.add_unpublishable(batch.unpublishable.len() as u64);
-            capture.add_published(batch.entries.len() as u64, publishes);
+        }
+        let entries: usize = done.iter().map(|b| b.entries.len()).sum();
+        capture.add_published(entries as u64, publishes);
+        if let Some(e) = failure {
+            return Err(e);
         }
         let store = self.store.as_mut().expect("opened above");
         let backlog = store.backlog().await?;

@@ -639,8 +639,19 @@ impl Store {
     /// Deletes a published batch and counts its entries as published, in one transaction.
     /// `acks` gives the stream sequence the server acknowledged for each published entry
     /// (`None`: unknown), written to the rows' pending entries (`pending.rs`).
+    #[cfg(test)]
     pub(super) fn delete(&mut self, batch: &Batch, acks: &[Ack]) -> Result<(), CaptureError> {
-        let published = batch.entries.len() as i64;
+        self.delete_many(&[batch], acks)
+    }
+
+    /// Deletes several published batches and counts their entries as published, in one
+    /// transaction (one commit for all the batches a relay cycle published).
+    pub(super) fn delete_many(
+        &mut self,
+        batches: &[&Batch],
+        acks: &[Ack],
+    ) -> Result<(), CaptureError> {
+        let published: i64 = batches.iter().map(|b| b.entries.len() as i64).sum();
         let run = |conn: &Connection| -> rusqlite::Result<()> {
             conn.execute_batch("BEGIN IMMEDIATE")?;
             for ack in acks {
@@ -655,8 +666,10 @@ impl Store {
                         .execute([ack.id])?,
                 };
             }
-            conn.prepare_cached("DELETE FROM jetsync_outbox WHERE batch = ?1")?
-                .execute([batch.id])?;
+            for batch in batches {
+                conn.prepare_cached("DELETE FROM jetsync_outbox WHERE batch = ?1")?
+                    .execute([batch.id])?;
+            }
             conn.prepare_cached(
                 "UPDATE jetsync_capture_state SET published = published + ?1 WHERE id = 1",
             )?
@@ -668,6 +681,25 @@ impl Store {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
         result.map_err(|e| self.err("delete published rows from", e))
+    }
+
+    /// Marks the pending entries of these outbox ids as being published (`pending.rs`).
+    pub(super) fn mark_in_flight(&mut self, ids: &[i64]) -> Result<(), CaptureError> {
+        let run = |conn: &Connection| -> rusqlite::Result<()> {
+            conn.execute_batch("BEGIN IMMEDIATE")?;
+            for id in ids {
+                conn.prepare_cached(
+                    "UPDATE jetsync_capture_pending SET seq = ?1 WHERE outbox_id = ?2",
+                )?
+                .execute(params![super::pending::IN_FLIGHT, id])?;
+            }
+            conn.execute_batch("COMMIT")
+        };
+        let result = run(&self.conn);
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        result.map_err(|e| self.err("mark published rows in", e))
     }
 
     /// (backlog, published over the instance's life).

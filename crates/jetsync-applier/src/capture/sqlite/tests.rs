@@ -427,3 +427,43 @@ async fn older_echo_never_overwrites_a_newer_local_write() {
         "the applier's writes are not captured"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_waits_while_the_rows_local_change_is_in_flight() {
+    let (_dir, path, conn) = setup();
+    install(&path, &tables(), false).unwrap();
+    conn.execute("INSERT INTO capture_items (id, i) VALUES ('k', 1)", [])
+        .unwrap();
+    let mut store = Store::open(&path, tables()).unwrap();
+    store.assign(10_000).unwrap();
+    let batches = store.pending(10_000).unwrap();
+    let id = batches[0].entries[0].id;
+    store.mark_in_flight(&[id]).unwrap();
+    let mut options = SqliteOptions::new(path.clone());
+    options
+        .key_columns
+        .insert("capture_items".into(), "id".into());
+    let mut sink = SqliteSink::open(options).unwrap();
+    let mut row = Row::new();
+    row.insert("i".into(), Value::I64(9));
+    let remote = Change {
+        seq: 5,
+        table: "capture_items".into(),
+        key: "k".into(),
+        op: Op::Upsert(row),
+    };
+    // Stored before or after ours? Unknown until the relay records the sequence: retried.
+    let err = sink
+        .apply("G", std::slice::from_ref(&remote), 5)
+        .await
+        .unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+    assert_eq!(item_i(&conn, "k"), Some(1));
+    // Ours was stored at 4: the remote change at 5 is after it and applies.
+    store
+        .delete(&batches[0], &[Ack { id, seq: Some(4) }])
+        .unwrap();
+    sink.apply("G", &[remote], 5).await.unwrap();
+    assert_eq!(item_i(&conn, "k"), Some(9));
+    assert_eq!(pending_entry(&conn, "k"), None);
+}

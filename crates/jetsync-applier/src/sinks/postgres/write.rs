@@ -124,7 +124,7 @@ impl PostgresSink {
         let pending = crate::capture::pending::load_postgres(self.client()?, &schema)
             .await
             .map_err(|e| self.op_error("read the pending local changes of", &e))?;
-        let kept = pending.keep(&changes[offset..]);
+        let kept = pending.keep(&changes[offset..])?;
         let applied = kept
             .as_ref()
             .map_or(&changes[offset..], |k| k.changes.as_slice());
