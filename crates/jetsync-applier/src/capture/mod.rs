@@ -26,6 +26,10 @@
 //!   [`jetsync::MAX_TRANSACTION_ROWS`] such rows are split into several batches with a WARN
 //!   (this happens after the relay was not running while the service wrote).
 //!
+//! **Pending local changes** (`pending.rs`, table `jetsync_capture_pending`): the origin never
+//! applies a change of a row over a newer local change of that row that has not come back
+//! through the stream yet.
+//!
 //! Batches are written down before they are published, so a relay killed between publish and
 //! delete republishes exactly the same batches with the same message ids, which the server
 //! drops as duplicates within the stream's duplicate window.

@@ -4,6 +4,9 @@
 //! the outbox:
 //! - the capture triggers (and `capture install --backfill`) write the row's entry on every
 //!   captured change: `outbox_id` = the change's outbox id, `seq` = NULL (not yet published);
+//! - the relay, before publishing, sets `seq` = [`IN_FLIGHT`] on the entries of the batches'
+//!   outbox ids (a change of such a row arriving meanwhile may be ordered before or after ours:
+//!   the sink returns a retryable error and the engine retries the batch shortly);
 //! - the relay, in the transaction that deletes an acknowledged batch, sets `seq` to the stream
 //!   sequence the server acknowledged, on the entries whose `outbox_id` is in that batch (only a
 //!   row's latest local change qualifies: a newer one replaced the entry);
