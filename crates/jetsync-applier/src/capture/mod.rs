@@ -26,11 +26,16 @@
 //!   [`jetsync::MAX_TRANSACTION_ROWS`] such rows are split into several batches with a WARN
 //!   (this happens after the relay was not running while the service wrote).
 //!
+//! **Pending local changes** (`pending.rs`, table `jetsync_capture_pending`): the origin never
+//! applies a change of a row over a newer local change of that row that has not come back
+//! through the stream yet.
+//!
 //! Batches are written down before they are published, so a relay killed between publish and
 //! delete republishes exactly the same batches with the same message ids, which the server
 //! drops as duplicates within the stream's duplicate window.
 
 mod image;
+pub mod pending;
 mod postgres;
 mod relay;
 mod sqlite;
@@ -276,4 +281,15 @@ pub(crate) struct Batch {
     /// Entries that cannot be published (a key that is neither text nor an integer, a row
     /// image that does not decode): logged and deleted with the batch.
     pub unpublishable: Vec<(i64, String)>,
+}
+
+/// What the server acknowledged for one published outbox entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ack {
+    /// The outbox id.
+    pub id: i64,
+    /// The stream sequence the entry is stored at (or an upper bound within its own atomic
+    /// batch); `None` when unknown (a duplicate whose sequence the server no longer tells, or
+    /// an entry that was not published): its pending entry is then dropped.
+    pub seq: Option<u64>,
 }

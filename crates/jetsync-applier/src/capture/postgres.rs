@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use jetsync::{Change, Config, Row, Value, MAX_TRANSACTION_ROWS};
 use tokio_postgres::{types::Type, Client, NoTls};
 
-use super::{image, Batch, CaptureError, CaptureReport, Entry, TableAction};
+use super::{image, Ack, Batch, CaptureError, CaptureReport, Entry, TableAction};
 use crate::sinks::sql::push_quoted;
 
 fn quoted(name: &str) -> String {
@@ -87,18 +87,27 @@ fn create_sql(s: &str) -> String {
          CREATE TABLE IF NOT EXISTS {s}.jetsync_capture_state (\
             id int PRIMARY KEY CHECK (id = 1), published bigint NOT NULL); \
          INSERT INTO {s}.jetsync_capture_state (id, published) VALUES (1, 0) ON CONFLICT DO NOTHING; \
+         CREATE TABLE IF NOT EXISTS {s}.jetsync_capture_pending (\
+            tbl text NOT NULL, key text NOT NULL, outbox_id bigint NOT NULL, seq bigint, \
+            PRIMARY KEY (tbl, key)); \
+         CREATE INDEX IF NOT EXISTS jetsync_capture_pending_outbox ON {s}.jetsync_capture_pending (outbox_id); \
          CREATE OR REPLACE FUNCTION {s}.jetsync_capture() RETURNS trigger LANGUAGE plpgsql \
          SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $jetsync$ \
-         DECLARE k text := TG_ARGV[0]; \
+         DECLARE k text := TG_ARGV[0]; oid bigint; rk text; \
          BEGIN \
+           IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND (to_jsonb(OLD) -> k) IS DISTINCT FROM (to_jsonb(NEW) -> k)) THEN \
+             rk := to_jsonb(OLD) ->> k; \
+             INSERT INTO {s}.jetsync_outbox (tbl, op, key) VALUES (TG_TABLE_NAME, 'delete', rk) RETURNING id INTO oid; \
+             INSERT INTO {s}.jetsync_capture_pending (tbl, key, outbox_id) VALUES (TG_TABLE_NAME, rk, oid) \
+               ON CONFLICT (tbl, key) DO UPDATE SET outbox_id = EXCLUDED.outbox_id, seq = NULL; \
+           END IF; \
            IF TG_OP = 'DELETE' THEN \
-             INSERT INTO {s}.jetsync_outbox (tbl, op, key) VALUES (TG_TABLE_NAME, 'delete', to_jsonb(OLD) ->> k); \
              RETURN NULL; \
            END IF; \
-           IF TG_OP = 'UPDATE' AND (to_jsonb(OLD) -> k) IS DISTINCT FROM (to_jsonb(NEW) -> k) THEN \
-             INSERT INTO {s}.jetsync_outbox (tbl, op, key) VALUES (TG_TABLE_NAME, 'delete', to_jsonb(OLD) ->> k); \
-           END IF; \
-           INSERT INTO {s}.jetsync_outbox (tbl, op, key, row) VALUES (TG_TABLE_NAME, 'upsert', to_jsonb(NEW) ->> k, to_jsonb(NEW)); \
+           rk := to_jsonb(NEW) ->> k; \
+           INSERT INTO {s}.jetsync_outbox (tbl, op, key, row) VALUES (TG_TABLE_NAME, 'upsert', rk, to_jsonb(NEW)) RETURNING id INTO oid; \
+           INSERT INTO {s}.jetsync_capture_pending (tbl, key, outbox_id) VALUES (TG_TABLE_NAME, rk, oid) \
+             ON CONFLICT (tbl, key) DO UPDATE SET outbox_id = EXCLUDED.outbox_id, seq = NULL; \
            RETURN NULL; \
          END $jetsync$"
     )
@@ -184,6 +193,17 @@ pub(super) async fn install(
                 )
                 .await
                 .map_err(|e| pg_error(&format!("queue the rows of {table}"), &e))?;
+            tx.execute(
+                &format!(
+                    "INSERT INTO {s}.jetsync_capture_pending (tbl, key, outbox_id) \
+                     SELECT tbl, key, max(id) FROM {s}.jetsync_outbox \
+                     WHERE tbl = $1 AND key IS NOT NULL GROUP BY tbl, key \
+                     ON CONFLICT (tbl, key) DO UPDATE SET outbox_id = EXCLUDED.outbox_id, seq = NULL"
+                ),
+                &[table],
+            )
+            .await
+            .map_err(|e| pg_error(&format!("queue the rows of {table}"), &e))?;
             action += &format!(", {rows} existing row(s) queued (backfill)");
         }
         actions.push(TableAction {
@@ -584,20 +604,66 @@ impl Store {
     }
 
     /// Deletes a published batch and counts its entries as published, in one transaction.
-    pub(super) async fn delete(&mut self, batch: &Batch) -> Result<(), CaptureError> {
+    ///
+    /// `acks` gives the stream sequence the server acknowledged for each published entry
+    /// (`None`: unknown), written to the rows' pending entries (`pending.rs`).
+    #[cfg(test)]
+    pub(super) async fn delete(&mut self, batch: &Batch, acks: &[Ack]) -> Result<(), CaptureError> {
+        self.delete_many(&[batch], acks).await
+    }
+
+    /// Deletes several published batches and counts their entries as published, in one
+    /// transaction (one commit for all the batches a relay cycle published).
+    pub(super) async fn delete_many(
+        &mut self,
+        batches: &[&Batch],
+        acks: &[Ack],
+    ) -> Result<(), CaptureError> {
         let s = quoted(&self.schema);
-        let ids: Vec<i64> = batch
-            .entries
+        let ids: Vec<i64> = batches
             .iter()
-            .map(|e| e.id)
-            .chain(batch.unpublishable.iter().map(|(id, _)| *id))
+            .flat_map(|batch| {
+                batch
+                    .entries
+                    .iter()
+                    .map(|e| e.id)
+                    .chain(batch.unpublishable.iter().map(|(id, _)| *id))
+            })
             .collect();
-        let published = batch.entries.len() as i64;
+        let published: i64 = batches.iter().map(|b| b.entries.len() as i64).sum();
         let tx = self
             .client
             .transaction()
             .await
             .map_err(|e| pg_error("begin", &e))?;
+        let (known, seqs): (Vec<i64>, Vec<i64>) = acks
+            .iter()
+            .filter_map(|a| a.seq.map(|seq| (a.id, seq as i64)))
+            .unzip();
+        let unknown: Vec<i64> = acks
+            .iter()
+            .filter(|a| a.seq.is_none())
+            .map(|a| a.id)
+            .collect();
+        if !known.is_empty() {
+            tx.execute(
+                &format!(
+                    "UPDATE {s}.jetsync_capture_pending p SET seq = a.seq \
+                     FROM unnest($1::bigint[], $2::bigint[]) AS a(id, seq) WHERE p.outbox_id = a.id"
+                ),
+                &[&known, &seqs],
+            )
+            .await
+            .map_err(|e| pg_error("record acknowledged sequences", &e))?;
+        }
+        if !unknown.is_empty() {
+            tx.execute(
+                &format!("DELETE FROM {s}.jetsync_capture_pending WHERE outbox_id = ANY($1)"),
+                &[&unknown],
+            )
+            .await
+            .map_err(|e| pg_error("record acknowledged sequences", &e))?;
+        }
         tx.execute(
             &format!("DELETE FROM {s}.jetsync_outbox WHERE id = ANY($1)"),
             &[&ids],
@@ -613,6 +679,21 @@ impl Store {
         .await
         .map_err(|e| pg_error("count published rows", &e))?;
         tx.commit().await.map_err(|e| pg_error("commit", &e))
+    }
+
+    /// Marks the pending entries of these outbox ids as being published (`pending.rs`).
+    pub(super) async fn mark_in_flight(&mut self, ids: &[i64]) -> Result<(), CaptureError> {
+        let s = quoted(&self.schema);
+        self.client
+            .execute(
+                &format!(
+                    "UPDATE {s}.jetsync_capture_pending SET seq = $1 WHERE outbox_id = ANY($2)"
+                ),
+                &[&super::pending::IN_FLIGHT, &ids],
+            )
+            .await
+            .map_err(|e| pg_error("mark published rows", &e))?;
+        Ok(())
     }
 
     /// (backlog, published over the instance's life).

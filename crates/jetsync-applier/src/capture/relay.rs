@@ -19,7 +19,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use jetsync::{Change, Client, Config, Row, SinkKind, Table, WriteOptions};
 use tokio::{sync::watch, task::JoinHandle};
 
-use super::{postgres, sqlite, Batch, CaptureError};
+use super::{postgres, sqlite, Ack, Batch, CaptureError};
 use crate::{backoff::Backoff, shutdown::Shutdown, Stats};
 
 /// Longest wait between retries of a failing cycle.
@@ -172,10 +172,21 @@ impl Store {
         }
     }
 
-    async fn delete(&mut self, batch: &Batch) -> Result<(), CaptureError> {
+    async fn delete(&mut self, batches: &[&Batch], acks: &[Ack]) -> Result<(), CaptureError> {
+        if batches.is_empty() {
+            return Ok(());
+        }
         match self {
-            Store::Sqlite(s) => blocking(|| s.delete(batch)),
-            Store::Postgres(s) => s.delete(batch).await,
+            Store::Sqlite(s) => blocking(|| s.delete_many(batches, acks)),
+            Store::Postgres(s) => s.delete_many(batches, acks).await,
+        }
+    }
+
+    /// Marks the pending entries (`pending.rs`) of these outbox ids as being published.
+    async fn mark_in_flight(&mut self, ids: &[i64]) -> Result<(), CaptureError> {
+        match self {
+            Store::Sqlite(s) => blocking(|| s.mark_in_flight(ids)),
+            Store::Postgres(s) => s.mark_in_flight(ids).await,
         }
     }
 
@@ -272,6 +283,22 @@ impl Relayer {
             self.client = Some(Client::connect(&self.config).await?);
             self.tables.clear();
         }
+        // The batches are published in order, each acknowledged before the next; the
+        // acknowledged ones are deleted together, in one transaction, at the end of the cycle
+        // (or before returning a publish error), never before the server acknowledged them.
+        let ids: Vec<i64> = batches
+            .iter()
+            .flat_map(|b| b.entries.iter().map(|e| e.id))
+            .collect();
+        self.store
+            .as_mut()
+            .expect("opened above")
+            .mark_in_flight(&ids)
+            .await?;
+        let mut done: Vec<&Batch> = Vec::new();
+        let mut acks: Vec<Ack> = Vec::new();
+        let mut failure = None;
+        let mut publishes = 0u64;
         for batch in &batches {
             for (id, reason) in &batch.unpublishable {
                 tracing::error!(
@@ -280,12 +307,28 @@ impl Relayer {
                     "captured change cannot be published; it is dropped from the outbox"
                 );
             }
-            let publishes = self.publish(batch).await?;
-            let store = self.store.as_mut().expect("opened above");
-            store.delete(batch).await?;
-            let capture = self.stats.capture();
+            match self.publish(batch).await {
+                Ok((batch_publishes, batch_acks)) => {
+                    done.push(batch);
+                    acks.extend(batch_acks);
+                    publishes += batch_publishes;
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        let store = self.store.as_mut().expect("opened above");
+        store.delete(&done, &acks).await?;
+        let capture = self.stats.capture();
+        for batch in &done {
             capture.add_unpublishable(batch.unpublishable.len() as u64);
-            capture.add_published(batch.entries.len() as u64, publishes);
+        }
+        let entries: usize = done.iter().map(|b| b.entries.len()).sum();
+        capture.add_published(entries as u64, publishes);
+        if let Some(e) = failure {
+            return Err(e);
         }
         let store = self.store.as_mut().expect("opened above");
         let backlog = store.backlog().await?;
@@ -303,10 +346,16 @@ impl Relayer {
         Ok(table)
     }
 
-    /// Publishes one batch; returns the number of publishes it took.
-    async fn publish(&mut self, batch: &Batch) -> Result<u64, CaptureError> {
+    /// Publishes one batch; returns the number of publishes it took and what the server
+    /// acknowledged for every outbox id of the batch (`None` for the ones not published).
+    async fn publish(&mut self, batch: &Batch) -> Result<(u64, Vec<Ack>), CaptureError> {
+        let mut acks: Vec<Ack> = batch
+            .unpublishable
+            .iter()
+            .map(|(id, _)| Ack { id: *id, seq: None })
+            .collect();
         if batch.entries.is_empty() {
-            return Ok(0);
+            return Ok((0, acks));
         }
         let instance = self.config.instance.clone();
         let msg_id = |id: i64| format!("{instance}-{id}");
@@ -317,6 +366,7 @@ impl Relayer {
                 .expect("connected by the caller")
                 .clone();
             let mut tx = client.transaction();
+            let mut added_ids = Vec::with_capacity(batch.entries.len());
             for entry in &batch.entries {
                 let table = self.table(&entry.table)?;
                 let added = tx.change_with_msg_id(
@@ -325,6 +375,9 @@ impl Relayer {
                     entry.change.clone(),
                     msg_id(entry.id),
                 );
+                if added.is_ok() {
+                    added_ids.push(entry.id);
+                }
                 if let Err(e) = added {
                     // What the entry itself holds (a key no subject can carry, a value the
                     // codec refuses): it can never be published.
@@ -335,12 +388,23 @@ impl Relayer {
                         "captured change cannot be published; it is dropped from the outbox"
                     );
                     self.stats.capture().add_unpublishable(1);
+                    acks.push(Ack {
+                        id: entry.id,
+                        seq: None,
+                    });
                 }
             }
             if tx.is_empty() {
-                return Ok(0);
+                return Ok((0, acks));
             }
             let committed = tx.commit().await?;
+            // Every member of the batch is at or below the commit member's sequence, and
+            // nothing else is stored between them: that sequence stands for each. A duplicate
+            // whose sequence the server no longer tells exactly (`first_seq` 0) is unknown.
+            let seq = (!committed.duplicate || committed.first_seq != 0)
+                .then_some(committed.seq)
+                .filter(|s| *s > 0);
+            acks.extend(added_ids.into_iter().map(|id| Ack { id, seq }));
             tracing::debug!(
                 batch = batch.id,
                 entries = batch.entries.len(),
@@ -348,7 +412,7 @@ impl Relayer {
                 duplicate = committed.duplicate,
                 "published captured transaction"
             );
-            return Ok(1);
+            return Ok((1, acks));
         }
         for entry in &batch.entries {
             let table = self.table(&entry.table)?;
@@ -356,11 +420,15 @@ impl Relayer {
                 msg_id: Some(msg_id(entry.id)),
                 expected_seq: None,
             };
-            match &entry.change {
+            let published = match &entry.change {
                 Change::Upsert(row) => table.upsert_with(&entry.key, row, options).await?,
                 Change::Delete => table.delete_with(&entry.key, options).await?,
             };
+            acks.push(Ack {
+                id: entry.id,
+                seq: Some(published.seq).filter(|s| *s > 0),
+            });
         }
-        Ok(batch.entries.len() as u64)
+        Ok((batch.entries.len() as u64, acks))
     }
 }

@@ -18,7 +18,7 @@ use std::{
 use jetsync::{Change, Config, MAX_TRANSACTION_ROWS};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{image, Batch, CaptureError, CaptureReport, Entry, TableAction};
+use super::{image, Ack, Batch, CaptureError, CaptureReport, Entry, TableAction};
 use crate::sinks::sql::push_quoted;
 
 /// How long the relay's and install's statements wait for the service's write lock.
@@ -36,7 +36,11 @@ const CREATE_TABLES: &str = "\
     CREATE TABLE IF NOT EXISTS jetsync_capture_state (\
         id INTEGER PRIMARY KEY CHECK (id = 1), published INTEGER NOT NULL); \
     INSERT OR IGNORE INTO jetsync_capture_state (id, published) VALUES (1, 0); \
-    CREATE TABLE IF NOT EXISTS jetsync_capture_applying (flag INTEGER)";
+    CREATE TABLE IF NOT EXISTS jetsync_capture_applying (flag INTEGER); \
+    CREATE TABLE IF NOT EXISTS jetsync_capture_pending (\
+        tbl TEXT NOT NULL, key TEXT NOT NULL, outbox_id INTEGER NOT NULL, seq INTEGER, \
+        PRIMARY KEY (tbl, key)); \
+    CREATE INDEX IF NOT EXISTS jetsync_capture_pending_outbox ON jetsync_capture_pending (outbox_id)";
 
 /// The SQLite file of the sink.
 pub(super) fn sink_path(config: &Config) -> PathBuf {
@@ -132,17 +136,32 @@ fn trigger_sql(table: &str, key: &str, columns: &[String]) -> String {
     let k = quoted(key);
     let when = "WHEN NOT EXISTS (SELECT 1 FROM jetsync_capture_applying)";
     let image = image_sql("NEW", columns);
+    // The row's pending entry (see `pending.rs`): the outbox id just written, not yet published.
+    let pending = |row: &str, filter: &str| {
+        format!(
+            "INSERT OR REPLACE INTO jetsync_capture_pending (tbl, key, outbox_id, seq) \
+             SELECT {tl}, CAST({row}.{k} AS TEXT), (SELECT max(id) FROM jetsync_outbox), NULL{filter};"
+        )
+    };
+    let old_key_moved = format!(" WHERE OLD.{k} IS NOT NEW.{k}");
     format!(
         "CREATE TRIGGER {ins} AFTER INSERT ON {t} {when} BEGIN \
            INSERT INTO jetsync_outbox (tbl, op, key, row) VALUES ({tl}, 'upsert', NEW.{k}, {image}); \
+           {pending_new} \
          END; \
          CREATE TRIGGER {upd} AFTER UPDATE ON {t} {when} BEGIN \
            INSERT INTO jetsync_outbox (tbl, op, key) SELECT {tl}, 'delete', OLD.{k} WHERE OLD.{k} IS NOT NEW.{k}; \
+           {pending_moved} \
            INSERT INTO jetsync_outbox (tbl, op, key, row) VALUES ({tl}, 'upsert', NEW.{k}, {image}); \
+           {pending_new} \
          END; \
          CREATE TRIGGER {del} AFTER DELETE ON {t} {when} BEGIN \
            INSERT INTO jetsync_outbox (tbl, op, key) VALUES ({tl}, 'delete', OLD.{k}); \
+           {pending_old} \
          END;",
+        pending_new = pending("NEW", ""),
+        pending_moved = pending("OLD", &old_key_moved),
+        pending_old = pending("OLD", ""),
         ins = quoted(&trigger_name(table, "insert")),
         upd = quoted(&trigger_name(table, "update")),
         del = quoted(&trigger_name(table, "delete")),
@@ -230,6 +249,17 @@ fn queue_every_row(
     )
 }
 
+/// Writes the pending entry (`pending.rs`) of every row of `table` in the outbox: its latest
+/// outbox id, not yet published.
+fn queue_pending(conn: &Connection, table: &str) -> rusqlite::Result<usize> {
+    conn.execute(
+        "INSERT OR REPLACE INTO jetsync_capture_pending (tbl, key, outbox_id, seq) \
+         SELECT tbl, CAST(key AS TEXT), max(id), NULL FROM jetsync_outbox WHERE tbl = ?1 \
+         GROUP BY tbl, CAST(key AS TEXT)",
+        [table],
+    )
+}
+
 /// `capture install` on the file at `path`; with `backfill`, every current row of the
 /// captured tables is queued as an upsert too, in the same transaction.
 pub(super) fn install(
@@ -255,6 +285,7 @@ pub(super) fn install(
             if backfill {
                 let rows = queue_every_row(&conn, table, key, &action.columns)
                     .map_err(|e| db_error(path, "queue the rows of", e))?;
+                queue_pending(&conn, table).map_err(|e| db_error(path, "queue the rows of", e))?;
                 let mut action = action;
                 action.action += &format!(", {rows} existing row(s) queued (backfill)");
                 actions.push(action);
@@ -606,12 +637,39 @@ impl Store {
     }
 
     /// Deletes a published batch and counts its entries as published, in one transaction.
-    pub(super) fn delete(&mut self, batch: &Batch) -> Result<(), CaptureError> {
-        let published = batch.entries.len() as i64;
+    /// `acks` gives the stream sequence the server acknowledged for each published entry
+    /// (`None`: unknown), written to the rows' pending entries (`pending.rs`).
+    #[cfg(test)]
+    pub(super) fn delete(&mut self, batch: &Batch, acks: &[Ack]) -> Result<(), CaptureError> {
+        self.delete_many(&[batch], acks)
+    }
+
+    /// Deletes several published batches and counts their entries as published, in one
+    /// transaction (one commit for all the batches a relay cycle published).
+    pub(super) fn delete_many(
+        &mut self,
+        batches: &[&Batch],
+        acks: &[Ack],
+    ) -> Result<(), CaptureError> {
+        let published: i64 = batches.iter().map(|b| b.entries.len() as i64).sum();
         let run = |conn: &Connection| -> rusqlite::Result<()> {
             conn.execute_batch("BEGIN IMMEDIATE")?;
-            conn.prepare_cached("DELETE FROM jetsync_outbox WHERE batch = ?1")?
-                .execute([batch.id])?;
+            for ack in acks {
+                match ack.seq {
+                    Some(seq) => conn
+                        .prepare_cached(
+                            "UPDATE jetsync_capture_pending SET seq = ?1 WHERE outbox_id = ?2",
+                        )?
+                        .execute(params![seq as i64, ack.id])?,
+                    None => conn
+                        .prepare_cached("DELETE FROM jetsync_capture_pending WHERE outbox_id = ?1")?
+                        .execute([ack.id])?,
+                };
+            }
+            for batch in batches {
+                conn.prepare_cached("DELETE FROM jetsync_outbox WHERE batch = ?1")?
+                    .execute([batch.id])?;
+            }
             conn.prepare_cached(
                 "UPDATE jetsync_capture_state SET published = published + ?1 WHERE id = 1",
             )?
@@ -623,6 +681,25 @@ impl Store {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
         result.map_err(|e| self.err("delete published rows from", e))
+    }
+
+    /// Marks the pending entries of these outbox ids as being published (`pending.rs`).
+    pub(super) fn mark_in_flight(&mut self, ids: &[i64]) -> Result<(), CaptureError> {
+        let run = |conn: &Connection| -> rusqlite::Result<()> {
+            conn.execute_batch("BEGIN IMMEDIATE")?;
+            for id in ids {
+                conn.prepare_cached(
+                    "UPDATE jetsync_capture_pending SET seq = ?1 WHERE outbox_id = ?2",
+                )?
+                .execute(params![super::pending::IN_FLIGHT, id])?;
+            }
+            conn.execute_batch("COMMIT")
+        };
+        let result = run(&self.conn);
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        result.map_err(|e| self.err("mark published rows in", e))
     }
 
     /// (backlog, published over the instance's life).

@@ -126,8 +126,8 @@ async fn values_keep_their_types_and_key_changes() {
     );
     assert_eq!(batches[1].entries.len(), 1);
     assert!(matches!(batches[1].entries[0].change, Op::Delete));
-    store.delete(&batches[0]).await.unwrap();
-    store.delete(&batches[1]).await.unwrap();
+    store.delete(&batches[0], &[]).await.unwrap();
+    store.delete(&batches[1], &[]).await.unwrap();
     assert_eq!(store.counts().await.unwrap(), (0, 4));
     // A nullable column added later is captured without reinstalling.
     client
@@ -222,7 +222,7 @@ async fn a_transaction_committing_after_a_later_one_is_not_skipped() {
     assert_eq!(batches.len(), 1);
     assert_eq!(batches[0].entries[0].key, "late");
     assert!(batches[0].entries[0].id > 1);
-    store.delete(&batches[0]).await.unwrap();
+    store.delete(&batches[0], &[]).await.unwrap();
     early.batch_execute("COMMIT").await.unwrap();
     let batches = store.pending(10_000).await.unwrap();
     assert_eq!(

@@ -1,7 +1,7 @@
 //! Capture on real SQLite files: triggers, value round trips, no echo, schema changes.
 
 use jetsync::{Change as Op, Row, Value};
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 
 use super::*;
 use crate::{Change, Sink, SqliteOptions, SqliteSink};
@@ -284,7 +284,7 @@ fn batches_split_at_the_server_limit_and_deletes_count() {
     assert_eq!(sizes, [1000, 1000, 500]);
     // Assigned batches are stable: read again, they are the same.
     assert_eq!(store.pending(10_000).unwrap(), batches);
-    store.delete(&batches[0]).unwrap();
+    store.delete(&batches[0], &[]).unwrap();
     assert_eq!(store.counts().unwrap(), (1500, 1000));
     // A later write goes to a new batch; the old ones keep their ids.
     conn.execute("INSERT INTO capture_items (id) VALUES ('late')", [])
@@ -331,4 +331,139 @@ fn backfill_queues_the_rows_already_there() {
     };
     assert_eq!(row["b"], Value::Bytes(vec![10]));
     assert_eq!(row["i"], Value::I64(1));
+}
+
+fn pending_entry(conn: &Connection, key: &str) -> Option<(i64, Option<i64>)> {
+    conn.query_row(
+        "SELECT outbox_id, seq FROM jetsync_capture_pending WHERE tbl = 'capture_items' AND key = ?1",
+        [key],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .optional()
+    .unwrap()
+}
+
+fn item_i(conn: &Connection, key: &str) -> Option<i64> {
+    conn.query_row("SELECT i FROM capture_items WHERE id = ?1", [key], |r| {
+        r.get(0)
+    })
+    .optional()
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn older_echo_never_overwrites_a_newer_local_write() {
+    let (_dir, path, conn) = setup();
+    install(&path, &tables(), false).unwrap();
+    // Two local writes of one row; the first is published (seq 10), the second not yet.
+    conn.execute("INSERT INTO capture_items (id, i) VALUES ('k', 1)", [])
+        .unwrap();
+    let mut store = Store::open(&path, tables()).unwrap();
+    store.assign(10_000).unwrap();
+    let first = store.pending(10_000).unwrap();
+    conn.execute("UPDATE capture_items SET i = 2 WHERE id = 'k'", [])
+        .unwrap();
+    let latest = pending_entry(&conn, "k").unwrap();
+    assert_eq!(latest.1, None, "a new local change is not published yet");
+    store
+        .delete(
+            &first[0],
+            &[Ack {
+                id: first[0].entries[0].id,
+                seq: Some(10),
+            }],
+        )
+        .unwrap();
+    // The ack of the older change does not settle the newer one.
+    assert_eq!(pending_entry(&conn, "k"), Some(latest));
+
+    let mut options = SqliteOptions::new(path.clone());
+    options
+        .key_columns
+        .insert("capture_items".into(), "id".into());
+    let mut sink = SqliteSink::open(options).unwrap();
+    let row = Row::new();
+    let echo = |seq, i| {
+        let mut row = row.clone();
+        row.insert("i".into(), Value::I64(i));
+        Change {
+            seq,
+            table: "capture_items".into(),
+            key: "k".into(),
+            op: Op::Upsert(row),
+        }
+    };
+    // The echo of the first write (and a remote write ordered before our pending one) are
+    // skipped: the row keeps the newer local value.
+    sink.apply("G", &[echo(10, 1), echo(11, 5)], 11)
+        .await
+        .unwrap();
+    assert_eq!(item_i(&conn, "k"), Some(2));
+    // The second write is acknowledged at 12: its echo and what follows apply, and the entry
+    // is settled.
+    store.assign(10_000).unwrap();
+    let second = store.pending(10_000).unwrap();
+    store
+        .delete(
+            &second[0],
+            &[Ack {
+                id: second[0].entries[0].id,
+                seq: Some(12),
+            }],
+        )
+        .unwrap();
+    assert_eq!(pending_entry(&conn, "k").unwrap().1, Some(12));
+    sink.apply("G", &[echo(12, 2), echo(13, 7)], 13)
+        .await
+        .unwrap();
+    assert_eq!(item_i(&conn, "k"), Some(7));
+    assert_eq!(pending_entry(&conn, "k"), None);
+    // Rows without a pending entry apply as before.
+    sink.apply("G", &[echo(14, 8)], 14).await.unwrap();
+    assert_eq!(item_i(&conn, "k"), Some(8));
+    assert_eq!(
+        outbox_rows(&conn),
+        0,
+        "the applier's writes are not captured"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_waits_while_the_rows_local_change_is_in_flight() {
+    let (_dir, path, conn) = setup();
+    install(&path, &tables(), false).unwrap();
+    conn.execute("INSERT INTO capture_items (id, i) VALUES ('k', 1)", [])
+        .unwrap();
+    let mut store = Store::open(&path, tables()).unwrap();
+    store.assign(10_000).unwrap();
+    let batches = store.pending(10_000).unwrap();
+    let id = batches[0].entries[0].id;
+    store.mark_in_flight(&[id]).unwrap();
+    let mut options = SqliteOptions::new(path.clone());
+    options
+        .key_columns
+        .insert("capture_items".into(), "id".into());
+    let mut sink = SqliteSink::open(options).unwrap();
+    let mut row = Row::new();
+    row.insert("i".into(), Value::I64(9));
+    let remote = Change {
+        seq: 5,
+        table: "capture_items".into(),
+        key: "k".into(),
+        op: Op::Upsert(row),
+    };
+    // Stored before or after ours? Unknown until the relay records the sequence: retried.
+    let err = sink
+        .apply("G", std::slice::from_ref(&remote), 5)
+        .await
+        .unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+    assert_eq!(item_i(&conn, "k"), Some(1));
+    // Ours was stored at 4: the remote change at 5 is after it and applies.
+    store
+        .delete(&batches[0], &[Ack { id, seq: Some(4) }])
+        .unwrap();
+    sink.apply("G", &[remote], 5).await.unwrap();
+    assert_eq!(item_i(&conn, "k"), Some(9));
+    assert_eq!(pending_entry(&conn, "k"), None);
 }

@@ -119,9 +119,26 @@ impl PostgresSink {
             seq: fence,
             how: FenceWrite::Advance,
         };
-        self.write_slice(args, &changes[offset..])
+        // Capture: skip the changes of rows whose newer local change is still pending.
+        let schema = crate::sinks::sql::quote(&self.schema);
+        let pending = crate::capture::pending::load_postgres(self.client()?, &schema)
             .await
-            .map_err(|e| shift(e, offset))?;
+            .map_err(|e| self.op_error("read the pending local changes of", &e))?;
+        let kept = pending.keep(&changes[offset..])?;
+        let applied = kept
+            .as_ref()
+            .map_or(&changes[offset..], |k| k.changes.as_slice());
+        self.write_slice(args, applied).await.map_err(|e| {
+            shift(
+                crate::capture::pending::reposition(e, kept.as_ref()),
+                offset,
+            )
+        })?;
+        if let Err(e) =
+            crate::capture::pending::settle_postgres(self.client()?, &schema, &pending, fence).await
+        {
+            tracing::warn!(error = %e, "capture: cannot delete settled pending local changes (retried with the next batch)");
+        }
         self.groups
             .stored
             .insert(group.to_owned(), stored.max(last_seq));

@@ -251,7 +251,15 @@ impl SqliteSink {
         schema
             .revalidate(conn)
             .map_err(|e| op_error("read the schema of", e))?;
-        write::apply_changes(conn, schema, options, changes)?;
+        // Capture: skip the changes of rows whose newer local change is still pending.
+        let pending =
+            crate::capture::pending::load_sqlite(conn).map_err(|e| op_error("read", e.into()))?;
+        let kept = pending.keep(changes)?;
+        let applied = kept.as_ref().map_or(changes, |k| k.changes.as_slice());
+        write::apply_changes(conn, schema, options, applied)
+            .map_err(|e| crate::capture::pending::reposition(e, kept.as_ref()))?;
+        crate::capture::pending::settle_sqlite(conn, &pending, fence)
+            .map_err(|e| op_error("write", e.into()))?;
         fence::advance(conn, group, fence).map_err(|e| op_error("write the fence to", e))?;
         schema
             .after_ddl(conn)

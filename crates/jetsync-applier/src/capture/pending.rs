@@ -1,0 +1,243 @@
+//! Pending local changes: the origin never goes back to an older value of a row it changed.
+//!
+//! Table `jetsync_capture_pending (tbl, key, outbox_id, seq)`, primary key `(tbl, key)`, beside
+//! the outbox:
+//! - the capture triggers (and `capture install --backfill`) write the row's entry on every
+//!   captured change: `outbox_id` = the change's outbox id, `seq` = NULL (not yet published);
+//! - the relay, before publishing, sets `seq` = [`IN_FLIGHT`] on the entries of the batches'
+//!   outbox ids (a change of such a row arriving meanwhile may be ordered before or after ours:
+//!   the sink returns a retryable error and the engine retries the batch shortly);
+//! - the relay, in the transaction that deletes an acknowledged batch, sets `seq` to the stream
+//!   sequence the server acknowledged, on the entries whose `outbox_id` is in that batch (only a
+//!   row's latest local change qualifies: a newer one replaced the entry);
+//! - the sinks' apply transaction ([`Pending::keep`]): a change at stream sequence `s` of a row
+//!   with an entry is applied only when the entry's `seq` is known and `s >= seq` (the stream
+//!   reached our latest local change of the row); otherwise it is skipped: our newer local
+//!   change is already in the row and comes later in the stream (or it is its own echo racing
+//!   the relay's bookkeeping). At the end of the transaction the entries with `seq` at or below
+//!   the batch's fence are deleted ([`settle_sqlite`], [`settle_postgres`]).
+//!
+//! No echo is counted, so compaction, duplicates and events the instance published through the
+//! client change nothing. A remote change that arrives while a local change of the row is pending
+//! is ordered before that local change in the stream, so skipping it still ends in the stream's
+//! last write.
+
+use std::{
+    collections::HashMap,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use crate::sink::Change;
+
+/// The pending table.
+pub const PENDING_TABLE: &str = "jetsync_capture_pending";
+
+/// Changes skipped because a newer local change of their row was pending, over the process life.
+static SKIPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Changes the sinks skipped because a newer local change of their row was pending (over the
+/// process's life).
+pub fn skipped_total() -> u64 {
+    SKIPPED.load(Ordering::Relaxed)
+}
+
+/// The pending entries of one apply transaction: `(table, key)` → acknowledged sequence.
+#[derive(Debug, Default)]
+pub struct Pending {
+    entries: HashMap<(String, String), State>,
+}
+
+/// Where a row's latest local change is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Not published yet (`seq` NULL): every change arriving now is ordered before it.
+    Unpublished,
+    /// Being published (`seq` = [`IN_FLIGHT`]): the server may have stored it already, so a
+    /// change arriving now may be ordered before or after it; the batch waits.
+    InFlight,
+    /// Stored at this stream sequence.
+    Stored(u64),
+}
+
+/// The `seq` the relay writes on the entries of the batches it is about to publish.
+pub const IN_FLIGHT: i64 = -1;
+
+/// The changes a batch keeps once the pending rule was applied.
+#[derive(Debug)]
+pub struct Kept {
+    /// The changes to apply, in order.
+    pub changes: Vec<Change>,
+    /// For each kept change, its position in the original batch.
+    pub positions: Vec<usize>,
+}
+
+impl Kept {
+    /// The original position of the kept change at `index`.
+    pub fn original(&self, index: usize) -> usize {
+        self.positions.get(index).copied().unwrap_or(index)
+    }
+}
+
+impl Pending {
+    /// Whether there is no pending entry at all.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn insert(&mut self, table: String, key: String, seq: Option<i64>) {
+        let state = match seq {
+            None => State::Unpublished,
+            Some(s) if s < 0 => State::InFlight,
+            Some(s) => State::Stored(s as u64),
+        };
+        self.entries.insert((table, key), state);
+    }
+
+    fn state(&self, change: &Change) -> Option<State> {
+        self.entries
+            .get(&(change.table.clone(), change.key.clone()))
+            .copied()
+    }
+
+    /// Whether `change` is to be applied.
+    fn applies(&self, change: &Change) -> bool {
+        match self.state(change) {
+            None => true,
+            Some(State::Stored(seq)) => change.seq >= seq,
+            Some(State::Unpublished | State::InFlight) => false,
+        }
+    }
+
+    /// The changes to apply, `Ok(None)` when every change applies (the common case: no copy).
+    /// A change of a row whose latest local change is being published cannot be placed yet:
+    /// [`SinkError::Unavailable`](crate::SinkError::Unavailable), the engine retries the batch
+    /// shortly (the relay records the sequence right after the server's acknowledgement).
+    pub fn keep(&self, changes: &[Change]) -> Result<Option<Kept>, crate::SinkError> {
+        if self.entries.is_empty() || changes.iter().all(|c| self.applies(c)) {
+            return Ok(None);
+        }
+        if let Some(c) = changes
+            .iter()
+            .find(|c| self.state(c) == Some(State::InFlight))
+        {
+            return Err(crate::SinkError::Unavailable {
+                reason: format!(
+                    "capture: the local change of {}/{} is being published; the change at seq {} \
+                     waits for its stream sequence",
+                    c.table, c.key, c.seq
+                ),
+            });
+        }
+        let mut kept = Kept {
+            changes: Vec::with_capacity(changes.len()),
+            positions: Vec::with_capacity(changes.len()),
+        };
+        let mut skipped = 0u64;
+        for (position, change) in changes.iter().enumerate() {
+            if self.applies(change) {
+                kept.changes.push(change.clone());
+                kept.positions.push(position);
+            } else {
+                skipped += 1;
+                tracing::debug!(
+                    table = %change.table,
+                    key = %change.key,
+                    seq = change.seq,
+                    "change skipped: a newer local change of the row is pending"
+                );
+            }
+        }
+        SKIPPED.fetch_add(skipped, Ordering::Relaxed);
+        Ok(Some(kept))
+    }
+}
+
+/// Maps the position of a rejected change back to the original batch.
+pub fn reposition(
+    mut error: crate::sink::SinkError,
+    kept: Option<&Kept>,
+) -> crate::sink::SinkError {
+    if let (crate::sink::SinkError::Rejected { index, .. }, Some(kept)) = (&mut error, kept) {
+        *index = kept.original(*index);
+    }
+    error
+}
+
+/// SQLite: the pending entries, read inside the caller's write transaction (`None` when the
+/// table does not exist: capture was never installed in the file).
+pub fn load_sqlite(conn: &rusqlite::Connection) -> rusqlite::Result<Pending> {
+    let exists: bool = conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' \
+             AND name = 'jetsync_capture_pending')",
+        )?
+        .query_row([], |r| r.get(0))?;
+    let mut pending = Pending::default();
+    if !exists {
+        return Ok(pending);
+    }
+    let mut stmt = conn.prepare_cached("SELECT tbl, key, seq FROM jetsync_capture_pending")?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        pending.insert(r.get(0)?, r.get(1)?, r.get(2)?);
+    }
+    Ok(pending)
+}
+
+/// SQLite: deletes the entries settled by the batch (sequence at or below `fence`), inside the
+/// caller's write transaction.
+pub fn settle_sqlite(
+    conn: &rusqlite::Connection,
+    pending: &Pending,
+    fence: i64,
+) -> rusqlite::Result<()> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    conn.prepare_cached("DELETE FROM jetsync_capture_pending WHERE seq >= 0 AND seq <= ?1")?
+        .execute([fence])?;
+    Ok(())
+}
+
+/// Postgres: the pending entries of schema `schema` (quoted), empty when the table does not
+/// exist.
+pub async fn load_postgres(
+    client: &tokio_postgres::Client,
+    schema: &str,
+) -> Result<Pending, tokio_postgres::Error> {
+    let table = format!("{schema}.{PENDING_TABLE}");
+    let exists: bool = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await?
+        .get(0);
+    let mut pending = Pending::default();
+    if !exists {
+        return Ok(pending);
+    }
+    for row in client
+        .query(&format!("SELECT tbl, key, seq FROM {table}"), &[])
+        .await?
+    {
+        pending.insert(row.get(0), row.get(1), row.get(2));
+    }
+    Ok(pending)
+}
+
+/// Postgres: deletes the entries settled by a committed batch (sequence at or below `fence`).
+pub async fn settle_postgres(
+    client: &tokio_postgres::Client,
+    schema: &str,
+    pending: &Pending,
+    fence: i64,
+) -> Result<(), tokio_postgres::Error> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    client
+        .execute(
+            &format!("DELETE FROM {schema}.{PENDING_TABLE} WHERE seq >= 0 AND seq <= $1"),
+            &[&fence],
+        )
+        .await?;
+    Ok(())
+}
