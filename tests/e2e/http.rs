@@ -388,9 +388,10 @@ async fn backlog() -> Result<()> {
         .value("jetsync_events_applied_total", &[("op", "delete")])
         .is_none());
     let batches = metrics.get("jetsync_batches_applied_total", labels)?;
+    // Catch-up batches grow to 2 × batch_max (`fetch.rs`) while the backlog is large.
     assert!(
-        batches >= n / 100.0,
-        "{batches} batches for {n} events of at most 100"
+        batches >= n / 200.0,
+        "{batches} batches for {n} events of at most 2 × 100"
     );
     assert_eq!(
         metrics.get("jetsync_batch_apply_duration_seconds_count", labels)?,

@@ -140,6 +140,9 @@ fn three_instances(
         for (key, value) in apply {
             instance.set_option("apply", key, value)?;
         }
+        // The audit trigger must see every change: coalescing (on by default) would write a row
+        // changed several times in one batch once.
+        instance.set_option("apply", "coalesce", "false")?;
         schemas.push(schema);
         instances.push(instance);
     }
@@ -1105,6 +1108,8 @@ async fn killed_commit() -> Result<()> {
     )?;
     instance.set_stream_option("history", &FULL_HISTORY.to_string())?;
     instance.set_option("apply", "batch_max", "50")?;
+    // The audit trigger must see every change (no coalescing).
+    instance.set_option("apply", "coalesce", "false")?;
     let (code, _, err) = instance.cli(&["provision"])?;
     ensure!(code == 0, "provision exited {code}: {err}");
     instance.start()?;
