@@ -112,17 +112,23 @@ async fn transaction(client: &Client, schema: &str, plans: &[Plan]) -> Result<u6
     }
 }
 
-/// Serialization failures, deadlocks and unique violations (two connections inserting the same
-/// new key) are retried.
+/// Serialization failures, deadlocks, lock timeouts (see [`out_of_order_pair`]) and unique
+/// violations (two connections inserting the same new key) are retried.
 fn retryable(e: &anyhow::Error) -> bool {
     e.downcast_ref::<tokio_postgres::Error>()
         .and_then(tokio_postgres::Error::code)
-        .is_some_and(|c| matches!(c.code(), "40001" | "40P01" | "23505" | "25P02"))
+        .is_some_and(|c| matches!(c.code(), "40001" | "40P01" | "55P03" | "23505" | "25P02"))
 }
 
 /// T1 writes first, T2 writes and commits, then T1 commits: T1's outbox id is the lower one,
 /// its commit the later. Keys of the two are distinct (else T2 would wait for T1's row lock).
 /// Returns the rows changed, or `None` when the pair had to be abandoned (a retryable error).
+///
+/// T1 waiting for T2 in this process is a lock edge Postgres cannot see: when T2 waits for a
+/// row lock held by a third session (the applier applying a remote change) that itself waits
+/// for T1's row, nobody would ever move. T2 therefore waits at most `lock_timeout` for a lock
+/// and the pair is abandoned (55P03), as a careful service holding one transaction open while
+/// it runs another would do.
 async fn out_of_order_pair(
     c1: &Client,
     c2: &Client,
@@ -131,7 +137,8 @@ async fn out_of_order_pair(
     p2: &Plan,
 ) -> Result<Option<u64>> {
     c1.batch_execute("BEGIN").await?;
-    c2.batch_execute("BEGIN").await?;
+    c2.batch_execute("BEGIN; SET LOCAL lock_timeout = '1s'")
+        .await?;
     let attempt = async {
         let a = write(c1, schema, p1).await?;
         let b = write(c2, schema, p2).await?;

@@ -10,7 +10,10 @@
 //!   fires only `WHEN (current_setting('jetsync.applying', true) IS DISTINCT FROM 'on')`: the
 //!   sink's sessions set it (no echo). The function runs with its owner's rights (`SECURITY
 //!   DEFINER`, fixed `search_path`), so the service's database user needs no privilege on the
-//!   outbox: whoever installs capture owns it.
+//!   outbox: whoever installs capture owns it. It also notifies channel `jetsync_capture` with
+//!   the schema's name, which Postgres delivers at commit: the relay, listening, publishes at
+//!   once rather than at its next poll (`capture.poll_ms` stays the fallback, e.g. for
+//!   triggers installed by an older version).
 //!
 //! Values: the relay reads each image column as text (`jsonb_each_text`, exact for numeric)
 //! and converts it by the column's type: integers → i64, float4/8 → f64, numeric → text (its
@@ -18,10 +21,12 @@
 //! (text, timestamps, uuid, ...) → text, which the Postgres sink of every instance converts back
 //! to the column's type.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
+use futures::StreamExt as _;
 use jetsync::{Change, Config, Row, Value, MAX_TRANSACTION_ROWS};
-use tokio_postgres::{types::Type, Client, NoTls};
+use tokio::sync::Notify;
+use tokio_postgres::{types::Type, AsyncMessage, Client, NoTls};
 
 use super::{image, Ack, Batch, CaptureError, CaptureReport, Entry, TableAction};
 use crate::sinks::sql::push_quoted;
@@ -40,9 +45,22 @@ fn pg_error(what: &str, e: &tokio_postgres::Error) -> CaptureError {
     CaptureError::Database(format!("Postgres: {what}: {detail}"))
 }
 
+/// The channel the capture triggers notify at commit (payload: the outbox's schema), so that
+/// the relay publishes at once instead of at its next poll.
+pub(super) const CHANNEL: &str = "jetsync_capture";
+
 /// Connects (as a plain session: this one's writes are captured like the service's) and
 /// returns the client with the sink's schema.
 pub(super) async fn connect(config: &Config) -> Result<(Client, String), CaptureError> {
+    connect_notified(config, None).await
+}
+
+/// [`connect`], and wakes `wake` on every notification the session receives (see
+/// [`CHANNEL`]) for the sink's schema.
+async fn connect_notified(
+    config: &Config,
+    wake: Option<Arc<Notify>>,
+) -> Result<(Client, String), CaptureError> {
     let url = config
         .sink
         .url
@@ -59,9 +77,31 @@ pub(super) async fn connect(config: &Config) -> Result<(Client, String), Capture
         .connect(NoTls)
         .await
         .map_err(|e| pg_error("connect", &e))?;
+    let (schema_tx, schema_rx) = tokio::sync::oneshot::channel::<String>();
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "capture's Postgres connection closed");
+        // Drives the connection; notifications for our schema wake the relay.
+        let mut connection = connection;
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        let mut schema_rx = Some(schema_rx);
+        let mut schema: Option<String> = None;
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(n)) => {
+                    if schema.is_none() {
+                        schema = schema_rx.take().and_then(|mut rx| rx.try_recv().ok());
+                    }
+                    if let Some(wake) = &wake {
+                        if schema.as_deref().is_none_or(|s| s == n.payload()) {
+                            wake.notify_one();
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "capture's Postgres connection closed");
+                    break;
+                }
+            }
         }
     });
     let schema = match &config.sink.schema {
@@ -76,10 +116,16 @@ pub(super) async fn connect(config: &Config) -> Result<(Client, String), Capture
                 reason: "no schema given and the connection has no current schema".into(),
             })?,
     };
+    let _ = schema_tx.send(schema.clone());
     Ok((client, schema))
 }
 
-fn create_sql(s: &str) -> String {
+/// The outbox, the capture state and pending tables and the trigger function of schema
+/// `schema` (`s`: its quoted name). The function notifies [`CHANNEL`] with the schema's name:
+/// Postgres delivers it at commit (once per transaction), which wakes the relay.
+fn create_sql(schema: &str, s: &str) -> String {
+    let channel = CHANNEL;
+    let payload = format!("'{}'", schema.replace('\'', "''"));
     format!(
         "CREATE TABLE IF NOT EXISTS {s}.jetsync_outbox (\
             id bigserial PRIMARY KEY, xid bigint NOT NULL DEFAULT txid_current(), \
@@ -102,12 +148,14 @@ fn create_sql(s: &str) -> String {
                ON CONFLICT (tbl, key) DO UPDATE SET outbox_id = EXCLUDED.outbox_id, seq = NULL; \
            END IF; \
            IF TG_OP = 'DELETE' THEN \
+             PERFORM pg_notify('{channel}', {payload}); \
              RETURN NULL; \
            END IF; \
            rk := to_jsonb(NEW) ->> k; \
            INSERT INTO {s}.jetsync_outbox (tbl, op, key, row) VALUES (TG_TABLE_NAME, 'upsert', rk, to_jsonb(NEW)) RETURNING id INTO oid; \
            INSERT INTO {s}.jetsync_capture_pending (tbl, key, outbox_id) VALUES (TG_TABLE_NAME, rk, oid) \
              ON CONFLICT (tbl, key) DO UPDATE SET outbox_id = EXCLUDED.outbox_id, seq = NULL; \
+           PERFORM pg_notify('{channel}', {payload}); \
            RETURN NULL; \
          END $jetsync$"
     )
@@ -125,7 +173,7 @@ pub(super) async fn install(
         .transaction()
         .await
         .map_err(|e| pg_error("begin", &e))?;
-    tx.batch_execute(&create_sql(&s))
+    tx.batch_execute(&create_sql(&schema, &s))
         .await
         .map_err(|e| pg_error("create the outbox and the capture function", &e))?;
     let mut actions = Vec::new();
@@ -391,8 +439,20 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    pub(super) async fn open(config: &Config) -> Result<Store, CaptureError> {
-        let (client, schema) = connect(config).await?;
+    /// Opens the relay's session; with `wake`, it listens on [`CHANNEL`], and a commit of
+    /// captured changes in the schema wakes `wake`.
+    pub(super) async fn open(
+        config: &Config,
+        wake: Option<Arc<Notify>>,
+    ) -> Result<Store, CaptureError> {
+        let listen = wake.is_some();
+        let (client, schema) = connect_notified(config, wake).await?;
+        if listen {
+            client
+                .batch_execute(&format!("LISTEN {CHANNEL}"))
+                .await
+                .map_err(|e| pg_error("listen for captured commits", &e))?;
+        }
         Ok(Store {
             client,
             schema,

@@ -1,7 +1,7 @@
 //! The relay: a task of `run` beside the engine that publishes the outbox.
 //!
-//! One cycle (every `capture.poll_ms` while the outbox is empty, back to back while it is
-//! not): follow the captured tables' schema (SQLite), assign new outbox rows to batches
+//! One cycle (when the service commits captured changes, which wakes the relay, else every
+//! `capture.poll_ms` while the outbox is empty; back to back while it is not): follow the captured tables' schema (SQLite), assign new outbox rows to batches
 //! (SQLite), read the pending batches, publish each (one atomic transaction, or row by row with
 //! `capture.atomic = false`; message id `<instance>-<outbox id>` on every entry), and delete a
 //! batch only once the server acknowledged it. Crash windows:
@@ -17,7 +17,10 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use jetsync::{Change, Client, Config, Row, SinkKind, Table, WriteOptions};
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::{
+    sync::{watch, Notify},
+    task::JoinHandle,
+};
 
 use super::{postgres, sqlite, Ack, Batch, CaptureError};
 use crate::{backoff::Backoff, shutdown::Shutdown, Stats};
@@ -141,15 +144,18 @@ fn blocking<R>(work: impl FnOnce() -> R) -> R {
 }
 
 impl Store {
-    async fn open(config: &Config) -> Result<Store, CaptureError> {
+    /// Opens the outbox; commits of captured changes wake `wake` (SQLite: a watcher of the
+    /// file's data version; Postgres: a notification the triggers send).
+    async fn open(config: &Config, wake: Arc<Notify>) -> Result<Store, CaptureError> {
         let tables = super::captured(config);
         match config.sink.kind {
             SinkKind::Postgres => Ok(Store::Postgres(Box::new(
-                postgres::Store::open(config).await?,
+                postgres::Store::open(config, Some(wake)).await?,
             ))),
             _ => {
                 let path = sqlite::sink_path(config);
-                blocking(|| sqlite::Store::open(&path, tables)).map(|s| Store::Sqlite(Box::new(s)))
+                blocking(|| sqlite::Store::open(&path, tables, Some(wake)))
+                    .map(|s| Store::Sqlite(Box::new(s)))
             }
         }
     }
@@ -205,6 +211,8 @@ struct Relayer {
     store: Option<Store>,
     client: Option<Client>,
     tables: HashMap<String, Table<Row>>,
+    /// Woken when the service commits captured changes.
+    wake: Arc<Notify>,
 }
 
 async fn run(config: Config, stats: Arc<Stats>, mut shutdown: Shutdown) {
@@ -215,6 +223,7 @@ async fn run(config: Config, stats: Arc<Stats>, mut shutdown: Shutdown) {
         store: None,
         client: None,
         tables: HashMap::new(),
+        wake: Arc::new(Notify::new()),
     };
     let mut backoff = Backoff::new("capture relay", MAX_BACKOFF);
     tracing::info!(
@@ -228,7 +237,11 @@ async fn run(config: Config, stats: Arc<Stats>, mut shutdown: Shutdown) {
                 backoff.succeed();
                 relayer.stats.capture().set_error(None);
                 if !worked {
+                    // A commit wakes the relay at once; `poll_ms` bounds the wait when no
+                    // wake-up comes (triggers installed by an older version, a watcher error).
+                    let wake = relayer.wake.clone();
                     tokio::select! {
+                        _ = wake.notified() => {}
                         _ = tokio::time::sleep(poll) => {}
                         _ = shutdown.requested() => {}
                     }
@@ -270,7 +283,7 @@ impl Relayer {
     /// One cycle; `Ok(true)` when it published something (look again at once).
     async fn cycle(&mut self) -> Result<bool, CaptureError> {
         if !self.store.as_ref().is_some_and(Store::usable) {
-            self.store = Some(Store::open(&self.config).await?);
+            self.store = Some(Store::open(&self.config, self.wake.clone()).await?);
         }
         let store = self.store.as_mut().expect("opened above");
         let batches = store.pending(self.config.capture.max_batch_rows).await?;

@@ -12,11 +12,16 @@
 
 use std::{
     path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
 use jetsync::{Change, Config, MAX_TRANSACTION_ROWS};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use tokio::sync::Notify;
 
 use super::{image, Ack, Batch, CaptureError, CaptureReport, Entry, TableAction};
 use crate::sinks::sql::push_quoted;
@@ -413,6 +418,54 @@ pub(super) fn counts(path: &Path) -> Result<(u64, u64), CaptureError> {
     counts_on(&conn, path)
 }
 
+/// How often the watcher looks for commits of other connections.
+const WATCH_INTERVAL: Duration = Duration::from_millis(1);
+
+/// Wakes the relay when another connection (the service) commits to the file: a thread with its
+/// own read-only connection compares `PRAGMA data_version` every [`WATCH_INTERVAL`], which
+/// costs a read of the WAL index header, not of the database. Stops when dropped.
+struct Watcher {
+    stop: Arc<AtomicBool>,
+}
+
+impl Watcher {
+    fn start(path: &Path, wake: Arc<Notify>) -> Result<Watcher, CaptureError> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| db_error(path, "open (to watch for commits)", e))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::Builder::new()
+            .name("jetsync-capture-watch".into())
+            .spawn(move || {
+                let mut last: Option<i64> = None;
+                while !stopped.load(Ordering::Relaxed) {
+                    // An error (the file busy, replaced) just means no wake-up: the relay's
+                    // own poll (`capture.poll_ms`) still finds the rows.
+                    let version = conn
+                        .prepare_cached("PRAGMA data_version")
+                        .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
+                        .ok();
+                    if version.is_some() && last.is_some() && version != last {
+                        wake.notify_one();
+                    }
+                    last = version.or(last);
+                    std::thread::sleep(WATCH_INTERVAL);
+                }
+            })
+            .map_err(|e| CaptureError::Database(format!("start the commit watcher: {e}")))?;
+        Ok(Watcher { stop })
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 /// The relay's handle on the outbox of one SQLite file.
 pub(super) struct Store {
     conn: Connection,
@@ -420,15 +473,26 @@ pub(super) struct Store {
     tables: Vec<(String, String)>,
     /// `PRAGMA schema_version` at the last schema check.
     schema_version: Option<i64>,
+    /// Wakes the relay on the service's commits (`None` without a wake-up).
+    _watcher: Option<Watcher>,
 }
 
 impl Store {
-    pub(super) fn open(path: &Path, tables: Vec<(String, String)>) -> Result<Store, CaptureError> {
+    /// Opens the relay's connection; with `wake`, a watcher wakes it on every commit of
+    /// another connection to the file.
+    pub(super) fn open(
+        path: &Path,
+        tables: Vec<(String, String)>,
+        wake: Option<Arc<Notify>>,
+    ) -> Result<Store, CaptureError> {
+        let conn = open(path)?;
+        let watcher = wake.map(|w| Watcher::start(path, w)).transpose()?;
         Ok(Store {
-            conn: open(path)?,
+            conn,
             path: path.to_owned(),
             tables,
             schema_version: None,
+            _watcher: watcher,
         })
     }
 

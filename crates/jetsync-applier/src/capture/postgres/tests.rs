@@ -99,7 +99,7 @@ async fn values_keep_their_types_and_key_changes() {
         )
         .await
         .unwrap();
-    let mut store = Store::open(&config).await.unwrap();
+    let mut store = Store::open(&config, None).await.unwrap();
     let batches = store.pending(10_000).await.unwrap();
     assert_eq!(batches.len(), 2, "two local transactions: {batches:?}");
     let first = &batches[0].entries;
@@ -217,7 +217,7 @@ async fn a_transaction_committing_after_a_later_one_is_not_skipped() {
         .batch_execute("INSERT INTO items (id, qty) VALUES ('late', 2)")
         .await
         .unwrap();
-    let mut store = Store::open(&config).await.unwrap();
+    let mut store = Store::open(&config, None).await.unwrap();
     let batches = store.pending(10_000).await.unwrap();
     assert_eq!(batches.len(), 1);
     assert_eq!(batches[0].entries[0].key, "late");
@@ -279,7 +279,7 @@ async fn backfill_queues_the_rows_already_there() {
         report.tables[0].action.contains("1 existing row(s) queued"),
         "{report:?}"
     );
-    let mut store = Store::open(&config).await.unwrap();
+    let mut store = Store::open(&config, None).await.unwrap();
     let batches = store.pending(1000).await.unwrap();
     let Op::Upsert(row) = &batches[0].entries[0].change else {
         panic!()

@@ -29,7 +29,7 @@ fn tables() -> Vec<(String, String)> {
 }
 
 fn pending(path: &Path) -> Vec<Batch> {
-    let mut store = Store::open(path, tables()).unwrap();
+    let mut store = Store::open(path, tables(), None).unwrap();
     store.check_schema().unwrap();
     store.assign(10_000).unwrap();
     store.pending(10_000).unwrap()
@@ -142,7 +142,7 @@ fn integer_keys_are_their_canonical_text() {
     install(&path, &t, false).unwrap();
     conn.execute("INSERT INTO capture_ints VALUES (-42, 'x')", [])
         .unwrap();
-    let mut store = Store::open(&path, t).unwrap();
+    let mut store = Store::open(&path, t, None).unwrap();
     store.assign(1000).unwrap();
     let batches = store.pending(1000).unwrap();
     assert_eq!(batches[0].entries[0].key, "-42");
@@ -208,7 +208,7 @@ fn install_is_idempotent_and_follows_added_columns() {
         )
         .unwrap();
     assert_eq!(triggers, 3);
-    let mut store = Store::open(&path, tables()).unwrap();
+    let mut store = Store::open(&path, tables(), None).unwrap();
     store.check_schema().unwrap();
     // A nullable column added by the service: the relay reinstalls and captures it.
     conn.execute_batch("ALTER TABLE capture_items ADD COLUMN extra TEXT")
@@ -252,7 +252,7 @@ fn many_columns_use_chained_json() {
         [],
     )
     .unwrap();
-    let mut store = Store::open(&path, t).unwrap();
+    let mut store = Store::open(&path, t, None).unwrap();
     store.assign(1000).unwrap();
     let batches = store.pending(1000).unwrap();
     let Op::Upsert(row) = &batches[0].entries[0].change else {
@@ -277,7 +277,7 @@ fn batches_split_at_the_server_limit_and_deletes_count() {
         .unwrap();
     }
     conn.execute_batch("COMMIT").unwrap();
-    let mut store = Store::open(&path, tables()).unwrap();
+    let mut store = Store::open(&path, tables(), None).unwrap();
     assert_eq!(store.assign(10_000).unwrap(), 2500);
     let batches = store.pending(10_000).unwrap();
     let sizes: Vec<usize> = batches.iter().map(|b| b.entries.len()).collect();
@@ -358,7 +358,7 @@ async fn older_echo_never_overwrites_a_newer_local_write() {
     // Two local writes of one row; the first is published (seq 10), the second not yet.
     conn.execute("INSERT INTO capture_items (id, i) VALUES ('k', 1)", [])
         .unwrap();
-    let mut store = Store::open(&path, tables()).unwrap();
+    let mut store = Store::open(&path, tables(), None).unwrap();
     store.assign(10_000).unwrap();
     let first = store.pending(10_000).unwrap();
     conn.execute("UPDATE capture_items SET i = 2 WHERE id = 'k'", [])
@@ -434,7 +434,7 @@ async fn a_change_waits_while_the_rows_local_change_is_in_flight() {
     install(&path, &tables(), false).unwrap();
     conn.execute("INSERT INTO capture_items (id, i) VALUES ('k', 1)", [])
         .unwrap();
-    let mut store = Store::open(&path, tables()).unwrap();
+    let mut store = Store::open(&path, tables(), None).unwrap();
     store.assign(10_000).unwrap();
     let batches = store.pending(10_000).unwrap();
     let id = batches[0].entries[0].id;
