@@ -244,7 +244,8 @@ pub struct CaptureConfig {
     /// 2.12.1 or later and implies `stream.transactions = true`. `false` explicitly allows
     /// publishing captured rows one by one (non-atomic) on servers without atomic batches.
     pub atomic: bool,
-    /// How often the relay looks for new outbox rows, in ms (1 to 60000).
+    /// Longest wait between the relay's looks at the outbox when no commit wakes it, in ms
+    /// (1 to 60000); commits of captured changes wake it at once.
     pub poll_ms: u64,
     /// Most outbox rows the relay reads per cycle (100 to 100000).
     pub max_batch_rows: usize,

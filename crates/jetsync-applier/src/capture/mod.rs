@@ -71,6 +71,11 @@ pub enum CaptureError {
     /// Publishing failed.
     #[error("capture: publishing: {0}")]
     Publish(#[from] jetsync::Error),
+    /// A row the relay must update is locked by a service transaction still open (Postgres):
+    /// the relay gave up its own transaction rather than wait while holding locks, and tries
+    /// again shortly (see `postgres.rs`).
+    #[error("capture: {0}")]
+    Busy(String),
 }
 
 /// What `capture install` or `capture remove` did, one line per table (plus the outbox).

@@ -224,6 +224,10 @@ pub async fn load_postgres(
 }
 
 /// Postgres: deletes the entries settled by a committed batch (sequence at or below `fence`).
+/// Entries locked by a service transaction still open are skipped, not waited for: that
+/// transaction is changing them to a newer local change (sequence unknown), which a delete
+/// would not match anyway, and a settled entry left behind blocks nothing (every later change
+/// of its row is after its sequence); a later batch deletes it.
 pub async fn settle_postgres(
     client: &tokio_postgres::Client,
     schema: &str,
@@ -235,7 +239,10 @@ pub async fn settle_postgres(
     }
     client
         .execute(
-            &format!("DELETE FROM {schema}.{PENDING_TABLE} WHERE seq >= 0 AND seq <= $1"),
+            &format!(
+                "DELETE FROM {schema}.{PENDING_TABLE} WHERE ctid IN (SELECT ctid FROM \
+                 {schema}.{PENDING_TABLE} WHERE seq >= 0 AND seq <= $1 FOR UPDATE SKIP LOCKED)"
+            ),
             &[&fence],
         )
         .await?;

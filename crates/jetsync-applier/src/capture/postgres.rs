@@ -37,7 +37,20 @@ fn quoted(name: &str) -> String {
     out
 }
 
+/// How long the relay's statements wait for a row lock held by another session. A service
+/// transaction that is still open may hold the pending entry of a row the relay settles; the
+/// relay must not wait for it while holding entries of its own: a service that keeps one
+/// transaction open while it runs another (on a second connection) would wait for the relay in
+/// that other transaction, a cycle Postgres cannot see. The relay rolls back instead and tries
+/// again at its next cycle ([`CaptureError::Busy`]).
+const RELAY_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '100ms'";
+
 fn pg_error(what: &str, e: &tokio_postgres::Error) -> CaptureError {
+    if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+        return CaptureError::Busy(format!(
+            "Postgres: {what}: a row is locked by a transaction still open; retrying"
+        ));
+    }
     let detail = e
         .as_db_error()
         .map(|d| d.message().to_owned())
@@ -696,6 +709,9 @@ impl Store {
             .transaction()
             .await
             .map_err(|e| pg_error("begin", &e))?;
+        tx.batch_execute(RELAY_LOCK_TIMEOUT)
+            .await
+            .map_err(|e| pg_error("set the lock timeout", &e))?;
         let (known, seqs): (Vec<i64>, Vec<i64>) = acks
             .iter()
             .filter_map(|a| a.seq.map(|seq| (a.id, seq as i64)))
@@ -744,16 +760,21 @@ impl Store {
     /// Marks the pending entries of these outbox ids as being published (`pending.rs`).
     pub(super) async fn mark_in_flight(&mut self, ids: &[i64]) -> Result<(), CaptureError> {
         let s = quoted(&self.schema);
-        self.client
-            .execute(
-                &format!(
-                    "UPDATE {s}.jetsync_capture_pending SET seq = $1 WHERE outbox_id = ANY($2)"
-                ),
-                &[&super::pending::IN_FLIGHT, &ids],
-            )
+        let tx = self
+            .client
+            .transaction()
             .await
-            .map_err(|e| pg_error("mark published rows", &e))?;
-        Ok(())
+            .map_err(|e| pg_error("begin", &e))?;
+        tx.batch_execute(RELAY_LOCK_TIMEOUT)
+            .await
+            .map_err(|e| pg_error("set the lock timeout", &e))?;
+        tx.execute(
+            &format!("UPDATE {s}.jetsync_capture_pending SET seq = $1 WHERE outbox_id = ANY($2)"),
+            &[&super::pending::IN_FLIGHT, &ids],
+        )
+        .await
+        .map_err(|e| pg_error("mark published rows", &e))?;
+        tx.commit().await.map_err(|e| pg_error("commit", &e))
     }
 
     /// (backlog, published over the instance's life).

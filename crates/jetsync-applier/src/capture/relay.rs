@@ -27,6 +27,8 @@ use crate::{backoff::Backoff, shutdown::Shutdown, Stats};
 
 /// Longest wait between retries of a failing cycle.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long the relay waits before looking again after [`CaptureError::Busy`].
+const BUSY_RETRY: Duration = Duration::from_millis(5);
 /// How long `stop` waits for the cycle in hand.
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -245,6 +247,15 @@ async fn run(config: Config, stats: Arc<Stats>, mut shutdown: Shutdown) {
                         _ = tokio::time::sleep(poll) => {}
                         _ = shutdown.requested() => {}
                     }
+                }
+            }
+            Err(CaptureError::Busy(reason)) => {
+                // Not a failure: a service transaction holds a row the relay must update. The
+                // relay's own transaction was rolled back; look again at the next cycle.
+                tracing::debug!(%reason, "capture relay waits for a service transaction");
+                tokio::select! {
+                    _ = tokio::time::sleep(BUSY_RETRY) => {}
+                    _ = shutdown.requested() => {}
                 }
             }
             Err(e) => {
