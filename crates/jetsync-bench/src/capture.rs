@@ -21,6 +21,7 @@ use std::{
 };
 
 use anyhow::bail;
+use futures::StreamExt as _;
 use serde::Serialize;
 
 use crate::{
@@ -53,6 +54,10 @@ pub(crate) struct CaptureReport {
     pub(crate) max_ms: f64,
     /// p99 of the service's own `COMMIT` on A (the triggers' cost is in it).
     pub(crate) commit_p99_ms: f64,
+    /// From A's `COMMIT` to the event reaching a plain NATS subscriber of the stream's
+    /// subjects (A's side: the relay's wake-up, outbox reads and publish), p50 and p99.
+    pub(crate) published_p50_ms: f64,
+    pub(crate) published_p99_ms: f64,
     /// Whether captured transactions were published as atomic batches.
     pub(crate) atomic: bool,
     /// `capture.poll_ms` of the relay.
@@ -201,6 +206,12 @@ pub(crate) async fn run(
     let atomic = at_least(server_version, (2, 12, 1));
     bench.delete_stream(STREAM).await;
     let root = tempfile::tempdir()?;
+    if std::env::var_os("JETSYNC_BENCH_KEEP").is_some() {
+        eprintln!(
+            "capture: keeping {} (JETSYNC_BENCH_KEEP)",
+            root.path().display()
+        );
+    }
     let (dir_a, dir_b) = (root.path().join("a"), root.path().join("b"));
     let config_a = write_config(&dir_a, "capbench-a", &bench.url, true, atomic)?;
     let config_b = write_config(&dir_b, "capbench-b", &bench.url, false, atomic)?;
@@ -232,6 +243,35 @@ pub(crate) async fn run(
     let writes = (rate as f64 * duration.as_secs_f64()).round() as u64;
     let total = WARM_UP + writes;
     let stop = Arc::new(AtomicBool::new(false));
+    // A plain subscriber of the group's subjects: when each row's event left A (the first
+    // arrival per row id, from the subject's key; a republished duplicate counts once).
+    let nats = async_nats::connect(&bench.url).await?;
+    let mut subscription = nats.subscribe(format!("{PREFIX}.>")).await?;
+    nats.flush().await?;
+    let arrivals = tokio::spawn(async move {
+        let mut arrived: Vec<Option<Instant>> = vec![None; total as usize + 1];
+        let mut count = 0u64;
+        while count < total {
+            match tokio::time::timeout(Duration::from_secs(90), subscription.next()).await {
+                Ok(Some(message)) => {
+                    let now = Instant::now();
+                    let id = message
+                        .subject
+                        .rsplit('.')
+                        .next()
+                        .and_then(|k| k.parse::<usize>().ok());
+                    if let Some(slot) = id.and_then(|id| arrived.get_mut(id)) {
+                        if slot.is_none() {
+                            *slot = Some(now);
+                            count += 1;
+                        }
+                    }
+                }
+                _ => break,
+            }
+        }
+        arrived
+    });
     let watcher = {
         let (path, stop) = (db_b.clone(), stop.clone());
         std::thread::spawn(move || watch(path, total, stop))
@@ -282,6 +322,9 @@ pub(crate) async fn run(
         }
     }
     bench.delete_stream(STREAM).await;
+    if std::env::var_os("JETSYNC_BENCH_KEEP").is_some() {
+        let _ = root.keep();
+    }
 
     let measured = &seen[WARM_UP as usize..];
     if measured.len() != committed.len() {
@@ -291,6 +334,18 @@ pub(crate) async fn run(
             committed.len()
         );
     }
+    let arrived = arrivals.await?;
+    // Row ids WARM_UP + 1 ..= total were the measured writes, in order.
+    let mut published: Vec<f64> = arrived
+        .get(WARM_UP as usize + 1..)
+        .unwrap_or_default()
+        .iter()
+        .zip(&committed)
+        .filter_map(|(at, committed)| {
+            at.map(|at| at.saturating_duration_since(*committed).as_secs_f64() * 1e3)
+        })
+        .collect();
+    published.sort_by(f64::total_cmp);
     let mut latencies: Vec<f64> = measured
         .iter()
         .zip(&committed)
@@ -307,6 +362,8 @@ pub(crate) async fn run(
         p999_ms: harness::percentile(&latencies, 0.999),
         max_ms: latencies.last().copied().unwrap_or(0.0),
         commit_p99_ms: harness::percentile(&commit_ms, 0.99),
+        published_p50_ms: harness::percentile(&published, 0.50),
+        published_p99_ms: harness::percentile(&published, 0.99),
         atomic,
         poll_ms: POLL_MS,
     })

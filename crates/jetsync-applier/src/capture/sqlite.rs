@@ -66,9 +66,11 @@ pub(super) fn open(path: &Path) -> Result<Connection, CaptureError> {
                 .map_err(|e| CaptureError::Database(format!("create {}: {e}", parent.display())))?;
         }
     }
-    let conn = Connection::open(path).map_err(|e| db_error(path, "open", e))?;
-    conn.busy_timeout(BUSY_TIMEOUT)
-        .map_err(|e| db_error(path, "configure", e))?;
+    let mut conn = Connection::open(path).map_err(|e| db_error(path, "open", e))?;
+    conn.busy_handler(Some(
+        crate::sinks::sqlite::busy_wait::<{ BUSY_TIMEOUT.as_millis() as i32 }>,
+    ))
+    .map_err(|e| db_error(path, "configure", e))?;
     let _: String = conn
         .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
         .map_err(|e| db_error(path, "switch to WAL mode", e))?;
@@ -419,7 +421,7 @@ pub(super) fn counts(path: &Path) -> Result<(u64, u64), CaptureError> {
 }
 
 /// How often the watcher looks for commits of other connections.
-const WATCH_INTERVAL: Duration = Duration::from_millis(1);
+const WATCH_INTERVAL: Duration = Duration::from_micros(250);
 
 /// Wakes the relay when another connection (the service) commits to the file: a thread with its
 /// own read-only connection compares `PRAGMA data_version` every [`WATCH_INTERVAL`], which
@@ -475,6 +477,8 @@ pub(super) struct Store {
     schema_version: Option<i64>,
     /// Wakes the relay on the service's commits (`None` without a wake-up).
     _watcher: Option<Watcher>,
+    /// Outbox ids the last [`Store::assign`] assigned and marked in flight, in id order.
+    marked: Vec<i64>,
 }
 
 impl Store {
@@ -493,6 +497,7 @@ impl Store {
             tables,
             schema_version: None,
             _watcher: watcher,
+            marked: Vec::new(),
         })
     }
 
@@ -606,6 +611,15 @@ impl Store {
                 )?
                 .execute(params![first, last])?;
             }
+            // The relay publishes these next: their pending entries are marked in flight in
+            // the same transaction, which spares [`Store::mark_in_flight`] its own write
+            // transaction (and the service a lock wait) on the way to the publish.
+            for id in &ids {
+                conn.prepare_cached(
+                    "UPDATE jetsync_capture_pending SET seq = ?1 WHERE outbox_id = ?2",
+                )?
+                .execute(params![super::pending::IN_FLIGHT, id])?;
+            }
             conn.execute_batch("COMMIT")?;
             Ok(ids)
         };
@@ -614,6 +628,7 @@ impl Store {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
         let ids = result.map_err(|e| self.err("assign outbox rows in", e))?;
+        self.marked = ids.clone();
         if ids.len() > MAX_TRANSACTION_ROWS {
             tracing::warn!(
                 rows = ids.len(),
@@ -749,9 +764,19 @@ impl Store {
 
     /// Marks the pending entries of these outbox ids as being published (`pending.rs`).
     pub(super) fn mark_in_flight(&mut self, ids: &[i64]) -> Result<(), CaptureError> {
+        // Those the last `assign` marked are done (`marked` is in id order).
+        let marked = std::mem::take(&mut self.marked);
+        let ids: Vec<i64> = ids
+            .iter()
+            .copied()
+            .filter(|id| marked.binary_search(id).is_err())
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
         let run = |conn: &Connection| -> rusqlite::Result<()> {
             conn.execute_batch("BEGIN IMMEDIATE")?;
-            for id in ids {
+            for id in &ids {
                 conn.prepare_cached(
                     "UPDATE jetsync_capture_pending SET seq = ?1 WHERE outbox_id = ?2",
                 )?

@@ -16,6 +16,25 @@ const STATEMENT_CACHE_CAPACITY: usize = 256;
 /// (which then becomes a retryable [`SinkError::Unavailable`]).
 pub(super) const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
 
+/// Busy handler: while another connection holds the lock, retries every 50 µs for the first
+/// 2 ms, then every millisecond, for about `MS` ms in all; then the statement fails with
+/// SQLITE_BUSY. SQLite's own handler (`busy_timeout`) sleeps 1 ms, then 2, 5, 10 ms and more
+/// between tries, which puts whole milliseconds on every short lock conflict between the
+/// service's writes, the capture relay and the sink (each holds the lock for well under a
+/// millisecond).
+pub(crate) fn busy_wait<const MS: i32>(count: i32) -> bool {
+    const FINE_TRIES: i32 = 40;
+    if count < FINE_TRIES {
+        std::thread::sleep(Duration::from_micros(50));
+        true
+    } else if count < FINE_TRIES + MS {
+        std::thread::sleep(Duration::from_millis(1));
+        true
+    } else {
+        false
+    }
+}
+
 /// Creates the file readable and writable by its owner only (0600) when it does not exist, so
 /// that synced rows are not readable by every local user; SQLite gives the `-wal` and `-shm`
 /// files it creates later the same mode. An existing file keeps its mode: the operator chose
@@ -53,10 +72,12 @@ pub(super) fn open(path: &Path) -> Result<Connection, SinkError> {
     if path.as_os_str() != ":memory:" {
         create_private(path).map_err(|e| fatal("create", &e))?;
     }
-    let conn = Connection::open(path).map_err(|e| fatal("open", &e))?;
+    let mut conn = Connection::open(path).map_err(|e| fatal("open", &e))?;
     // Before anything that takes a lock: the service may hold the file right now.
-    conn.busy_timeout(DEFAULT_BUSY_TIMEOUT)
-        .map_err(|e| fatal("configure", &e))?;
+    conn.busy_handler(Some(
+        busy_wait::<{ DEFAULT_BUSY_TIMEOUT.as_millis() as i32 }>,
+    ))
+    .map_err(|e| fatal("configure", &e))?;
     let mode: String = conn
         .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
         .map_err(|e| fatal("open", &e))?;

@@ -85,6 +85,7 @@ use self::errors::{sink_error, Error};
 use self::schema::SchemaCache;
 use crate::{Change, Sink, SinkError, TableDigest};
 
+pub(crate) use self::connection::busy_wait;
 pub use self::options::SqliteOptions;
 
 /// A sink writing synced tables into one SQLite file (WAL mode), which the service reads with any
