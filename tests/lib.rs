@@ -1296,20 +1296,37 @@ pub async fn stream_bounds(url: &str, stream: &str) -> Result<(u64, u64)> {
     Ok((state.first_sequence, state.last_sequence))
 }
 
+/// A publishing client of `stream` connected to every node of `cluster` (so that a node kill
+/// moves it to another), with `origin` as its instance id.
+pub async fn cluster_client(
+    cluster: &jetsync_testkit::Cluster,
+    stream: jetsync::StreamConfig,
+    origin: &str,
+) -> Result<jetsync::Client> {
+    let nats = async_nats::connect(cluster.urls()).await?;
+    Ok(jetsync::Client::from_nats(nats, stream, origin)?)
+}
+
 // ---- Helpers for the transaction scenarios (issue #13). ----
 
 /// Whether the `nats-server` the tests run supports atomic batches (transactions): 2.12.1 or
 /// later. On an older one it prints the loud `SKIPPED` line for `test` and returns `false`.
 pub fn transactions_supported(test: &str) -> bool {
+    server_at_least(test, (2, 12, 1), "needs nats-server >= 2.12.1")
+}
+
+/// Whether the `nats-server` the tests run is at least `min`. On an older one it prints the
+/// loud line `<test>: SKIPPED (<why>, running <version>)` and returns `false`.
+pub fn server_at_least(test: &str, min: (u64, u64, u64), why: &str) -> bool {
     let version = jetsync_testkit::server_version().unwrap_or_else(|e| format!("unknown ({e})"));
-    if version_at_least(&version, (2, 12, 1)) {
+    if version_at_least(&version, min) {
         return true;
     }
     // Written to the process's stderr directly: the test harness captures `eprintln!` of a
     // passing test, and a skip must be seen in the suite's output.
     let _ = writeln!(
         std::io::stderr().lock(),
-        "{test}: SKIPPED (needs nats-server >= 2.12.1, running {version})"
+        "{test}: SKIPPED ({why}, running {version})"
     );
     false
 }

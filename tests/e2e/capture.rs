@@ -1226,12 +1226,11 @@ fn bank_reader(path: PathBuf, reads: Arc<Reads>, stop: Arc<AtomicBool>) {
 #[test]
 fn bank_over_captured_transactions() -> Result<()> {
     let _heavy = heavy();
-    if !atomic_server() {
-        let version = jetsync_testkit::server_version().unwrap_or_default();
-        let _ = writeln!(
-            std::io::stderr().lock(),
-            "bank_over_captured_transactions: SKIPPED (captured transactions are atomic only on nats-server >= 2.12.1, running {version})"
-        );
+    if !jetsync_e2e::server_at_least(
+        "bank_over_captured_transactions",
+        (2, 12, 1),
+        "captured transactions are atomic only on nats-server >= 2.12.1",
+    ) {
         return Ok(());
     }
     runtime()?.block_on(async {

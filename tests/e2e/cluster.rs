@@ -231,13 +231,11 @@ fn cluster_stream_leader_kills() -> Result<()> {
     // 2.9.10 clusters intermittently stall an instance for minutes, or report a last sequence
     // below what was delivered, after repeated leader kills (2 of 3 clean-clone CI runs on
     // 2026-12-04): skipped there, loudly, until that is understood; it runs on current servers.
-    let version = jetsync_testkit::server_version()?;
-    if !jetsync_e2e::version_at_least(&version, (2, 10, 0)) {
-        use std::io::Write as _;
-        let _ = writeln!(
-            std::io::stderr().lock(),
-            "cluster_stream_leader_kills: SKIPPED on nats-server {version} (2.9 cluster failovers stall or roll back; see the session 5 note)"
-        );
+    if !jetsync_e2e::server_at_least(
+        "cluster_stream_leader_kills",
+        (2, 10, 0),
+        "2.9 cluster failovers stall or roll back; see the session 5 note",
+    ) {
         return Ok(());
     }
     let _heavy = heavy();
@@ -266,14 +264,11 @@ fn cluster_stream_leader_kills() -> Result<()> {
         history: FULL_HISTORY as i64,
         ..group.stream_config()
     };
-    let client = rt.block_on(async {
-        let nats = async_nats::connect(cluster.urls()).await?;
-        anyhow::Ok(jetsync::Client::from_nats(
-            nats,
-            stream_config,
-            "cluster-pub",
-        )?)
-    })?;
+    let client = rt.block_on(jetsync_e2e::cluster_client(
+        &cluster,
+        stream_config,
+        "cluster-pub",
+    ))?;
 
     // The test data: every row keeps all its events (history), so every acknowledged sequence
     // must reach every instance.
@@ -600,13 +595,11 @@ fn cluster_stream_leader_kills() -> Result<()> {
 fn cluster_consumer_host_kills() -> Result<()> {
     const STREAM: &str = "CKILL";
     const EVENTS: usize = 3_000;
-    let version = jetsync_testkit::server_version()?;
-    if !jetsync_e2e::version_at_least(&version, (2, 10, 0)) {
-        use std::io::Write as _;
-        let _ = writeln!(
-            std::io::stderr().lock(),
-            "cluster_consumer_host_kills: SKIPPED on nats-server {version} (2.9 cluster failovers stall or roll back, as for cluster_stream_leader_kills)"
-        );
+    if !jetsync_e2e::server_at_least(
+        "cluster_consumer_host_kills",
+        (2, 10, 0),
+        "2.9 cluster failovers stall or roll back, as for cluster_stream_leader_kills",
+    ) {
         return Ok(());
     }
     let _heavy = heavy();
@@ -630,18 +623,15 @@ fn cluster_consumer_host_kills() -> Result<()> {
     for instance in &mut instances {
         instance.start()?;
     }
-    let client = rt.block_on(async {
-        let nats = async_nats::connect(cluster.urls()).await?;
-        anyhow::Ok(jetsync::Client::from_nats(
-            nats,
-            jetsync::StreamConfig {
-                replicas: 3,
-                history: FULL_HISTORY as i64,
-                ..group.stream_config()
-            },
-            "ckill-pub",
-        )?)
-    })?;
+    let client = rt.block_on(jetsync_e2e::cluster_client(
+        &cluster,
+        jetsync::StreamConfig {
+            replicas: 3,
+            history: FULL_HISTORY as i64,
+            ..group.stream_config()
+        },
+        "ckill-pub",
+    ))?;
     let mut reference = Reference::default();
     let warm_row: Row = [("id".to_owned(), Value::Text("warm".into()))]
         .into_iter()

@@ -122,17 +122,14 @@ fn fleet_sees_five_instances_on_a_cluster() -> Result<()> {
     for instance in &mut instances {
         instance.start()?;
     }
-    let client = rt.block_on(async {
-        let nats = async_nats::connect(cluster.urls()).await?;
-        anyhow::Ok(jetsync::Client::from_nats(
-            nats,
-            jetsync::StreamConfig {
-                replicas: 3,
-                ..group.stream_config()
-            },
-            "fleet-pub",
-        )?)
-    })?;
+    let client = rt.block_on(jetsync_e2e::cluster_client(
+        &cluster,
+        jetsync::StreamConfig {
+            replicas: 3,
+            ..group.stream_config()
+        },
+        "fleet-pub",
+    ))?;
     let first = rt.block_on(publish(&client, "a", 40))?;
     for instance in &mut instances {
         instance.wait_applied("FLEET", first, CATCH_UP)?;

@@ -203,7 +203,7 @@ pub(crate) async fn run(
     rate: u64,
     duration: Duration,
 ) -> anyhow::Result<CaptureReport> {
-    let atomic = at_least(server_version, (2, 12, 1));
+    let atomic = jetsync::transaction::supports_transactions(server_version);
     bench.delete_stream(STREAM).await;
     let root = tempfile::tempdir()?;
     if std::env::var_os("JETSYNC_BENCH_KEEP").is_some() {
@@ -367,18 +367,4 @@ pub(crate) async fn run(
         atomic,
         poll_ms: POLL_MS,
     })
-}
-
-/// Whether a version text like `2.12.8` is at least `min`.
-fn at_least(version: &str, min: (u64, u64, u64)) -> bool {
-    let mut parts = version
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|p| !p.is_empty())
-        .map(|p| p.parse::<u64>().unwrap_or(0));
-    let have = (
-        parts.next().unwrap_or(0),
-        parts.next().unwrap_or(0),
-        parts.next().unwrap_or(0),
-    );
-    have >= min
 }

@@ -8,7 +8,6 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
-use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
 use futures::StreamExt;
 use jetsync::StreamConfig;
 
@@ -41,19 +40,7 @@ pub(crate) async fn run(
     let mut conn = plain_sqlite::open(path)?;
     let started = Instant::now();
     let durable = "bench_handwritten";
-    let handle = js.get_stream(&stream.name).await?;
-    let consumer: PullConsumer = handle
-        .create_consumer(pull::Config {
-            durable_name: Some(durable.to_owned()),
-            deliver_policy: DeliverPolicy::All,
-            ack_policy: AckPolicy::All,
-            ack_wait: Duration::from_secs(30),
-            filter_subject: jetsync::group_filter(&stream.subject_prefix),
-            max_ack_pending: (batch * 2) as i64,
-            ..Default::default()
-        })
-        .await
-        .context("creating the hand-written consumer")?;
+    let consumer = harness::ack_all_consumer(&js, stream, durable, batch).await?;
     let mut messages = consumer
         .stream()
         .max_messages_per_batch(batch)
@@ -107,6 +94,6 @@ pub(crate) async fn run(
     }
     let rate = harness::eps(events, started.elapsed());
     drop(messages);
-    let _ = handle.delete_consumer(durable).await;
+    let _ = js.delete_consumer_from_stream(durable, &stream.name).await;
     Ok(rate)
 }

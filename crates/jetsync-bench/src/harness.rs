@@ -289,6 +289,33 @@ impl Drop for RunningEngine {
     }
 }
 
+/// A durable pull consumer of every event of `stream` (deliver all, AckAll, 30 s ack wait,
+/// unlimited deliveries, `2 x batch` acknowledgements pending): what a careful hand-written
+/// consumer creates, and what the bench's raw ceiling reads with.
+pub(crate) async fn ack_all_consumer(
+    js: &async_nats::jetstream::Context,
+    stream: &StreamConfig,
+    durable: &str,
+    batch: usize,
+) -> anyhow::Result<async_nats::jetstream::consumer::PullConsumer> {
+    use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+    let handle = js.get_stream(&stream.name).await?;
+    let consumer = handle
+        .create_consumer(pull::Config {
+            durable_name: Some(durable.to_owned()),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::All,
+            ack_wait: Duration::from_secs(30),
+            max_deliver: -1,
+            filter_subject: jetsync::group_filter(&stream.subject_prefix),
+            max_ack_pending: (batch * 2) as i64,
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("creating the durable consumer {durable}"))?;
+    Ok(consumer)
+}
+
 /// Nearest-rank percentile of sorted values (`q` in 0..=1); 0 for no values.
 pub(crate) fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {

@@ -26,7 +26,6 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context as _};
-use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
 use futures::StreamExt;
 use jetsync::{codec::Format, StreamConfig};
 use jetsync_applier::{Sink as _, StatsSnapshot};
@@ -568,20 +567,7 @@ async fn raw_consume(
     let js = bench.fresh_context().await?;
     let started = Instant::now();
     let deadline = started + timeout;
-    let handle = js.get_stream(&stream.name).await?;
-    let consumer: PullConsumer = handle
-        .create_consumer(pull::Config {
-            durable_name: Some(durable.to_owned()),
-            deliver_policy: DeliverPolicy::All,
-            ack_policy: AckPolicy::All,
-            ack_wait: Duration::from_secs(30),
-            max_deliver: -1,
-            filter_subject: jetsync::group_filter(&stream.subject_prefix),
-            max_ack_pending: (BATCH * 2) as i64,
-            ..Default::default()
-        })
-        .await
-        .context("creating the raw consumer")?;
+    let consumer = harness::ack_all_consumer(&js, stream, durable, BATCH).await?;
     let mut messages = consumer
         .stream()
         .max_messages_per_batch(BATCH)
@@ -616,7 +602,7 @@ async fn raw_consume(
     }
     let rate = harness::eps(events, started.elapsed());
     drop(messages);
-    let _ = handle.delete_consumer(durable).await;
+    let _ = js.delete_consumer_from_stream(durable, &stream.name).await;
     Ok(rate)
 }
 

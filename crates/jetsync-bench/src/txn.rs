@@ -95,30 +95,13 @@ pub(crate) struct TxnFigures {
     pub(crate) replay_sqlite_ratio: f64,
 }
 
-/// Whether a server of `version` stores transactions (2.12.1 or later).
-fn supports_transactions(version: &str) -> bool {
-    let mut parts = version.trim_start_matches('v').split('.').map(|p| {
-        p.chars()
-            .take_while(char::is_ascii_digit)
-            .collect::<String>()
-            .parse::<u64>()
-            .unwrap_or(0)
-    });
-    let v = (
-        parts.next().unwrap_or(0),
-        parts.next().unwrap_or(0),
-        parts.next().unwrap_or(0),
-    );
-    v >= (2, 12, 1)
-}
-
 pub(crate) async fn run(
     bench: &Bench,
     server_version: &str,
     rows: u64,
     rounds: usize,
 ) -> anyhow::Result<TxnReport> {
-    if !supports_transactions(server_version) {
+    if !jetsync::transaction::supports_transactions(server_version) {
         let why = format!("needs nats-server >= 2.12.1, running {server_version}");
         eprintln!("txn: SKIPPED ({why})");
         return Ok(TxnReport {
@@ -369,8 +352,8 @@ async fn replay_both(
 mod tests {
     #[test]
     fn versions() {
-        assert!(!super::supports_transactions("2.9.10"));
-        assert!(!super::supports_transactions("2.12.0"));
-        assert!(super::supports_transactions("2.12.8"));
+        assert!(!jetsync::transaction::supports_transactions("2.9.10"));
+        assert!(!jetsync::transaction::supports_transactions("2.12.0"));
+        assert!(jetsync::transaction::supports_transactions("2.12.8"));
     }
 }

@@ -200,24 +200,33 @@ pub fn settle_sqlite(
 }
 
 /// Postgres: the pending entries of schema `schema` (quoted), empty when the table does not
-/// exist.
+/// exist (capture never installed there, or the schema is not created yet). One round trip per batch: the read itself tells
+/// whether the table exists (it runs outside the sink's transaction, so its failure aborts
+/// nothing).
 pub async fn load_postgres(
     client: &tokio_postgres::Client,
     schema: &str,
 ) -> Result<Pending, tokio_postgres::Error> {
-    let table = format!("{schema}.{PENDING_TABLE}");
-    let exists: bool = client
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
-        .await?
-        .get(0);
     let mut pending = Pending::default();
-    if !exists {
-        return Ok(pending);
-    }
-    for row in client
-        .query(&format!("SELECT tbl, key, seq FROM {table}"), &[])
-        .await?
+    let rows = match client
+        .query(
+            &format!("SELECT tbl, key, seq FROM {schema}.{PENDING_TABLE}"),
+            &[],
+        )
+        .await
     {
+        Ok(rows) => rows,
+        Err(e)
+            if e.code().is_some_and(|c| {
+                *c == tokio_postgres::error::SqlState::UNDEFINED_TABLE
+                    || *c == tokio_postgres::error::SqlState::INVALID_SCHEMA_NAME
+            }) =>
+        {
+            return Ok(pending)
+        }
+        Err(e) => return Err(e),
+    };
+    for row in rows {
         pending.insert(row.get(0), row.get(1), row.get(2));
     }
     Ok(pending)

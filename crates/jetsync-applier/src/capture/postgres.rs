@@ -21,7 +21,10 @@
 //! (text, timestamps, uuid, ...) → text, which the Postgres sink of every instance converts back
 //! to the column's type.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{Arc, OnceLock},
+};
 
 use futures::StreamExt as _;
 use jetsync::{Change, Config, Row, Value, MAX_TRANSACTION_ROWS};
@@ -90,23 +93,19 @@ async fn connect_notified(
         .connect(NoTls)
         .await
         .map_err(|e| pg_error("connect", &e))?;
-    let (schema_tx, schema_rx) = tokio::sync::oneshot::channel::<String>();
+    // The schema is known once the session can answer; notifications come only after LISTEN.
+    let known_schema = Arc::new(OnceLock::<String>::new());
+    let for_driver = known_schema.clone();
     tokio::spawn(async move {
         // Drives the connection; notifications for our schema wake the relay.
         let mut connection = connection;
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-        let mut schema_rx = Some(schema_rx);
-        let mut schema: Option<String> = None;
         while let Some(message) = messages.next().await {
             match message {
                 Ok(AsyncMessage::Notification(n)) => {
-                    if schema.is_none() {
-                        schema = schema_rx.take().and_then(|mut rx| rx.try_recv().ok());
-                    }
-                    if let Some(wake) = &wake {
-                        if schema.as_deref().is_none_or(|s| s == n.payload()) {
-                            wake.notify_one();
-                        }
+                    let ours = for_driver.get().is_none_or(|s| s == n.payload());
+                    if let (true, Some(wake)) = (ours, &wake) {
+                        wake.notify_one();
                     }
                 }
                 Ok(_) => {}
@@ -129,7 +128,7 @@ async fn connect_notified(
                 reason: "no schema given and the connection has no current schema".into(),
             })?,
     };
-    let _ = schema_tx.send(schema.clone());
+    let _ = known_schema.set(schema.clone());
     Ok((client, schema))
 }
 
@@ -704,14 +703,7 @@ impl Store {
             })
             .collect();
         let published: i64 = batches.iter().map(|b| b.entries.len() as i64).sum();
-        let tx = self
-            .client
-            .transaction()
-            .await
-            .map_err(|e| pg_error("begin", &e))?;
-        tx.batch_execute(RELAY_LOCK_TIMEOUT)
-            .await
-            .map_err(|e| pg_error("set the lock timeout", &e))?;
+        let tx = self.relay_transaction().await?;
         let (known, seqs): (Vec<i64>, Vec<i64>) = acks
             .iter()
             .filter_map(|a| a.seq.map(|seq| (a.id, seq as i64)))
@@ -757,9 +749,8 @@ impl Store {
         tx.commit().await.map_err(|e| pg_error("commit", &e))
     }
 
-    /// Marks the pending entries of these outbox ids as being published (`pending.rs`).
-    pub(super) async fn mark_in_flight(&mut self, ids: &[i64]) -> Result<(), CaptureError> {
-        let s = quoted(&self.schema);
+    /// A transaction whose statements wait at most [`RELAY_LOCK_TIMEOUT`] for a row lock.
+    async fn relay_transaction(&mut self) -> Result<tokio_postgres::Transaction<'_>, CaptureError> {
         let tx = self
             .client
             .transaction()
@@ -768,6 +759,13 @@ impl Store {
         tx.batch_execute(RELAY_LOCK_TIMEOUT)
             .await
             .map_err(|e| pg_error("set the lock timeout", &e))?;
+        Ok(tx)
+    }
+
+    /// Marks the pending entries of these outbox ids as being published (`pending.rs`).
+    pub(super) async fn mark_in_flight(&mut self, ids: &[i64]) -> Result<(), CaptureError> {
+        let s = quoted(&self.schema);
+        let tx = self.relay_transaction().await?;
         tx.execute(
             &format!("UPDATE {s}.jetsync_capture_pending SET seq = $1 WHERE outbox_id = ANY($2)"),
             &[&super::pending::IN_FLIGHT, &ids],

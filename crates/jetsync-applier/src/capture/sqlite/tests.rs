@@ -24,6 +24,15 @@ fn setup() -> (tempfile::TempDir, PathBuf, Connection) {
     (dir, path, conn)
 }
 
+/// The applier's SQLite sink on the file, keyed by `id` in the captured table.
+fn sink(path: &Path) -> SqliteSink {
+    let mut options = SqliteOptions::new(path.to_owned());
+    options
+        .key_columns
+        .insert("capture_items".into(), "id".into());
+    SqliteSink::open(options).unwrap()
+}
+
 fn tables() -> Vec<(String, String)> {
     vec![("capture_items".into(), "id".into())]
 }
@@ -152,11 +161,7 @@ fn integer_keys_are_their_canonical_text() {
 async fn the_applier_writes_are_not_captured() {
     let (_dir, path, conn) = setup();
     install(&path, &tables(), false).unwrap();
-    let mut options = SqliteOptions::new(path.clone());
-    options
-        .key_columns
-        .insert("capture_items".into(), "id".into());
-    let mut sink = SqliteSink::open(options).unwrap();
+    let mut sink = sink(&path);
     let mut row = Row::new();
     row.insert("i".into(), Value::I64(7));
     let change = |seq, key: &str, op: Op| Change {
@@ -377,11 +382,7 @@ async fn older_echo_never_overwrites_a_newer_local_write() {
     // The ack of the older change does not settle the newer one.
     assert_eq!(pending_entry(&conn, "k"), Some(latest));
 
-    let mut options = SqliteOptions::new(path.clone());
-    options
-        .key_columns
-        .insert("capture_items".into(), "id".into());
-    let mut sink = SqliteSink::open(options).unwrap();
+    let mut sink = sink(&path);
     let row = Row::new();
     let echo = |seq, i| {
         let mut row = row.clone();
@@ -439,11 +440,7 @@ async fn a_change_waits_while_the_rows_local_change_is_in_flight() {
     let batches = store.pending(10_000).unwrap();
     let id = batches[0].entries[0].id;
     store.mark_in_flight(&[id]).unwrap();
-    let mut options = SqliteOptions::new(path.clone());
-    options
-        .key_columns
-        .insert("capture_items".into(), "id".into());
-    let mut sink = SqliteSink::open(options).unwrap();
+    let mut sink = sink(&path);
     let mut row = Row::new();
     row.insert("i".into(), Value::I64(9));
     let remote = Change {
