@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use futures::StreamExt;
 use jetsync::{Row, Value};
 use jetsync_e2e::{heavy, wait_until, Group, Instance, SinkKind};
@@ -137,10 +137,19 @@ fn fleet_sees_five_instances_on_a_cluster() -> Result<()> {
 
     // Discovery from a plain NATS client: every instance answers.
     let answered = rt.block_on(ping(cluster.urls(), 5))?;
-    ensure!(
-        answered.len() == 5,
-        "$SRV.PING.jetsync answered by {answered:?} only"
-    );
+    if answered.len() != 5 {
+        // Say whether the silent ones answer a second request (a late registration) or never
+        // (a lost subscription), with their logs.
+        let again = rt.block_on(ping(cluster.urls(), 5)).unwrap_or_default();
+        let logs: String = instances
+            .iter()
+            .filter(|i| !answered.contains(&i.name))
+            .map(|i| format!("\n{}'s log:\n{}", i.name, strip_ansi(&i.log())))
+            .collect();
+        bail!(
+            "$SRV.PING.jetsync answered by {answered:?} only (a second request: {again:?}){logs}"
+        );
+    }
 
     // One instance stops; the others go on. `fleet` shows it missing, from its last report,
     // with the lag it has now.

@@ -58,6 +58,10 @@ pub(crate) struct CaptureReport {
     /// subjects (A's side: the relay's wake-up, outbox reads and publish), p50 and p99.
     pub(crate) published_p50_ms: f64,
     pub(crate) published_p99_ms: f64,
+    /// From the event reaching the plain subscriber to the row being readable in B's file
+    /// (B's side: delivery, apply, commit, and the watcher's poll), p50 and p99.
+    pub(crate) applied_after_publish_p50_ms: f64,
+    pub(crate) applied_after_publish_p99_ms: f64,
     /// Whether captured transactions were published as atomic batches.
     pub(crate) atomic: bool,
     /// `capture.poll_ms` of the relay.
@@ -103,7 +107,9 @@ fn sqlite_path(dir: &Path, instance: &str) -> PathBuf {
     dir.join("data").join(format!("{instance}.db"))
 }
 
-/// Rows of the bench table in `path`; 0 while the file or the table does not exist yet.
+/// Rows of the bench table in `path` (its highest id: B applies the rows in id order, ids
+/// from 1); 0 while the file or the table does not exist yet. A primary-key lookup, not a
+/// `count(*)`: the watcher polls every 0.2 ms on the same two cores as everything measured.
 fn row_count(conn: &mut Option<rusqlite::Connection>, path: &Path) -> u64 {
     if conn.is_none() {
         if !path.exists() {
@@ -120,24 +126,36 @@ fn row_count(conn: &mut Option<rusqlite::Connection>, path: &Path) -> u64 {
     }
     conn.as_ref()
         .and_then(|c| {
-            c.query_row(&format!("SELECT count(*) FROM {TABLE}"), [], |r| {
-                r.get::<_, i64>(0)
-            })
-            .ok()
+            c.prepare_cached(&format!("SELECT coalesce(max(id), 0) FROM {TABLE}"))
+                .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
+                .ok()
         })
         .map_or(0, |n| n as u64)
 }
 
+/// The file's `PRAGMA data_version` (changes when another connection commits), or `None`.
+fn data_version(conn: &Option<rusqlite::Connection>) -> Option<i64> {
+    conn.as_ref()?
+        .query_row("PRAGMA data_version", [], |r| r.get(0))
+        .ok()
+}
+
 /// Polls B's file until `target` rows are visible or `stop`; returns when each row count was
-/// first seen (`seen[n - 1]` = when the n-th row became readable).
+/// first seen (`seen[n - 1]` = when the n-th row became readable). The rows are read only when
+/// the file's data version moved.
 fn watch(path: PathBuf, target: u64, stop: Arc<AtomicBool>) -> Vec<Instant> {
     let mut conn = None;
     let mut seen = Vec::with_capacity(target as usize);
+    let mut version = None;
     while (seen.len() as u64) < target && !stop.load(Ordering::Relaxed) {
-        let n = row_count(&mut conn, &path);
-        let now = Instant::now();
-        while (seen.len() as u64) < n.min(target) {
-            seen.push(now);
+        let now_version = data_version(&conn);
+        if now_version.is_none() || now_version != version {
+            version = now_version;
+            let n = row_count(&mut conn, &path);
+            let now = Instant::now();
+            while (seen.len() as u64) < n.min(target) {
+                seen.push(now);
+            }
         }
         std::thread::sleep(Duration::from_micros(200));
     }
@@ -346,6 +364,16 @@ pub(crate) async fn run(
         })
         .collect();
     published.sort_by(f64::total_cmp);
+    let mut after_publish: Vec<f64> = arrived
+        .get(WARM_UP as usize + 1..)
+        .unwrap_or_default()
+        .iter()
+        .zip(measured)
+        .filter_map(|(at, seen)| {
+            at.map(|at| seen.saturating_duration_since(at).as_secs_f64() * 1e3)
+        })
+        .collect();
+    after_publish.sort_by(f64::total_cmp);
     let mut latencies: Vec<f64> = measured
         .iter()
         .zip(&committed)
@@ -364,6 +392,8 @@ pub(crate) async fn run(
         commit_p99_ms: harness::percentile(&commit_ms, 0.99),
         published_p50_ms: harness::percentile(&published, 0.50),
         published_p99_ms: harness::percentile(&published, 0.99),
+        applied_after_publish_p50_ms: harness::percentile(&after_publish, 0.50),
+        applied_after_publish_p99_ms: harness::percentile(&after_publish, 0.99),
         atomic,
         poll_ms: POLL_MS,
     })
