@@ -40,7 +40,7 @@ use async_nats::{
 use bytes::Bytes;
 use futures::StreamExt;
 use jetsync::{Config, SinkKind};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
 use crate::{
     build_sink, consistent_digest,
@@ -55,8 +55,8 @@ pub const SERVICE_NAME: &str = "jetsync";
 /// How long `run` waits for the first report before starting the engine: a gap-margin warning
 /// is logged before the applier catches up, and a server that is down delays nothing more.
 const FIRST_CONTACT: Duration = Duration::from_secs(3);
-/// A `status` request is answered from a report at most this old.
-const STATUS_FRESH: Duration = Duration::from_millis(250);
+/// How long a `status` request that arrives before the first report waits for it.
+const FIRST_REPORT_WAIT: Duration = Duration::from_secs(2);
 /// How often the stream's limits are read again for the warning thresholds.
 const LIMITS_EVERY: Duration = Duration::from_secs(60);
 /// How often a low margin is logged again while it stays low.
@@ -225,8 +225,8 @@ struct Member {
     started_at_ms: u64,
     client: Option<jetsync::Client>,
     service: Option<Registered>,
-    /// The last report and when it was made.
-    report: Option<(Instant, StatusReport)>,
+    /// The last report, for the answer task ([`Live`]).
+    reports: watch::Sender<Option<StatusReport>>,
     fleet_bucket: Option<kv::Store>,
     digest_bucket: Option<kv::Store>,
     bucket_retry_at: Option<Instant>,
@@ -245,11 +245,32 @@ struct Member {
     ),
 }
 
-/// The service registration and its two endpoints.
+/// The service registration and the task answering its two endpoints.
 struct Registered {
     service: service::Service,
-    status: service::endpoint::Endpoint,
-    digest: service::endpoint::Endpoint,
+    /// Answers `status` and `digest` requests; it ends when an endpoint's subscription ended
+    /// (the member then registers again).
+    answers: tokio::task::JoinHandle<()>,
+}
+
+impl Registered {
+    async fn stop(self) {
+        self.answers.abort();
+        let _ = self.service.stop().await;
+    }
+}
+
+/// What answering a `status` request needs, shared by the member and its answer task: the
+/// last report and the engine's live counters. Requests are answered by a task of their own,
+/// never behind a report round (stream and consumer info, bucket writes), which can take
+/// seconds on a busy cluster while `fleet` waits 3 s for answers.
+#[derive(Clone)]
+struct Live {
+    config: Config,
+    stats: Arc<Stats>,
+    last_error: LastError,
+    started_at_ms: u64,
+    reports: watch::Receiver<Option<StatusReport>>,
 }
 
 impl Member {
@@ -261,7 +282,7 @@ impl Member {
             started_at_ms: now_ms(),
             client: None,
             service: None,
-            report: None,
+            reports: watch::channel(None).0,
             fleet_bucket: None,
             digest_bucket: None,
             bucket_retry_at: None,
@@ -296,10 +317,6 @@ impl Member {
                     }
                     break;
                 }
-                (which, request) = next_request(&mut self.service) => match which {
-                    Endpoint::Status => self.answer_status(request).await,
-                    Endpoint::Digest => self.answer_digest(request),
-                },
                 Some(digest) = self.digests.1.recv() => self.check_convergence(digest).await,
                 _ = tick.tick() => {
                     if !self.engine_opened() {
@@ -312,7 +329,18 @@ impl Member {
             }
         }
         if let Some(registered) = self.service.take() {
-            let _ = registered.service.stop().await;
+            registered.stop().await;
+        }
+    }
+
+    /// What the answer task reads.
+    fn live(&self) -> Live {
+        Live {
+            config: self.config.clone(),
+            stats: self.stats.clone(),
+            last_error: self.last_error.clone(),
+            started_at_ms: self.started_at_ms,
+            reports: self.reports.subscribe(),
         }
     }
 
@@ -337,6 +365,16 @@ impl Member {
                     tracing::debug!(error = %e, "fleet: cannot connect to NATS yet");
                     return false;
                 }
+            }
+        }
+        if self
+            .service
+            .as_ref()
+            .is_some_and(|r| r.answers.is_finished())
+        {
+            // An endpoint's subscription ended: register again.
+            if let Some(old) = self.service.take() {
+                old.stop().await;
             }
         }
         if self.service.is_none() {
@@ -403,11 +441,8 @@ impl Member {
             .queue_group(&queue)
             .add(service_subject(&config.stream.name, "digest"))
             .await?;
-        Ok(Registered {
-            service,
-            status,
-            digest,
-        })
+        let answers = tokio::spawn(answer(status, digest, self.live(), self.digesting.clone()));
+        Ok(Registered { service, answers })
     }
 
     /// A fresh status report with the `run` section.
@@ -426,39 +461,8 @@ impl Member {
             }
             .with_error(e.to_string()),
         };
-        let report = self.with_live_counters(report);
-        self.report = Some((Instant::now(), report.clone()));
-        report
-    }
-
-    /// `report` brought up to the engine's live counters (no I/O): the applied sequence (the
-    /// checkpoint `status` reads may trail the engine by one lazy commit; a sink with a fence
-    /// commits it every 200 ms), the lag, and the `run` section.
-    fn with_live_counters(&self, mut report: StatusReport) -> StatusReport {
-        let live = self.stats.snapshot();
-        for g in &mut report.groups {
-            if live.applied_seq > g.applied_seq {
-                let moved = live.applied_seq - g.applied_seq;
-                g.applied_seq = live.applied_seq;
-                if let Some(lag) = g.lag {
-                    let fewer = lag.min(moved);
-                    g.lag = Some(lag - fewer);
-                    g.gap_margin_events = g.gap_margin_events.map(|m| m.saturating_add(fewer));
-                }
-            }
-            if live.connected && live.stream_last_seq >= g.stream_last_seq.unwrap_or(0) {
-                g.stream_last_seq = Some(live.stream_last_seq);
-                g.lag = Some(live.lag());
-            }
-        }
-        report.run = Some(RunInfo {
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            sink: sink_name(self.config.sink.kind),
-            started_at_ms: self.started_at_ms,
-            reported_at_ms: now_ms(),
-            connected: live.connected,
-            last_error: self.last_error.get(),
-        });
+        let report = self.live().with_live_counters(report);
+        self.reports.send_replace(Some(report.clone()));
         report
     }
 
@@ -680,52 +684,105 @@ impl Member {
             g.diverged_tables = Some(diverged);
         });
     }
+}
 
-    async fn answer_status(&mut self, request: Option<service::Request>) {
-        let Some(request) = request else {
-            // The endpoint's subscription ended: register again at the next tick.
-            self.service = None;
-            return;
-        };
-        // Answered from the last report brought up to the engine's live counters, without
-        // I/O, so that a request is answered at once even on a busy machine; a report older
-        // than two rounds (NATS trouble) is made again.
-        let stale = Duration::from_millis(self.config.fleet.report_interval_ms) * 2;
-        let report = match &self.report {
-            Some((at, report))
-                if at.elapsed() < stale.max(STATUS_FRESH) || !self.engine_opened() =>
-            {
-                self.with_live_counters(report.clone())
+impl Live {
+    /// `report` brought up to the engine's live counters (no I/O): the applied sequence (the
+    /// checkpoint `status` reads may trail the engine by one lazy commit; a sink with a fence
+    /// commits it every 200 ms), the lag, and the `run` section.
+    fn with_live_counters(&self, mut report: StatusReport) -> StatusReport {
+        let live = self.stats.snapshot();
+        for g in &mut report.groups {
+            if live.applied_seq > g.applied_seq {
+                let moved = live.applied_seq - g.applied_seq;
+                g.applied_seq = live.applied_seq;
+                if let Some(lag) = g.lag {
+                    let fewer = lag.min(moved);
+                    g.lag = Some(lag - fewer);
+                    g.gap_margin_events = g.gap_margin_events.map(|m| m.saturating_add(fewer));
+                }
             }
-            _ => self.collect().await,
-        };
-        let body = serde_json::to_vec(&report).unwrap_or_default();
-        if let Err(e) = request.respond(Ok(body.into())).await {
-            tracing::debug!(error = %e, "fleet: answering a status request failed");
+            if live.connected && live.stream_last_seq >= g.stream_last_seq.unwrap_or(0) {
+                g.stream_last_seq = Some(live.stream_last_seq);
+                g.lag = Some(live.lag());
+            }
+        }
+        report.run = Some(RunInfo {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            sink: sink_name(self.config.sink.kind),
+            started_at_ms: self.started_at_ms,
+            reported_at_ms: now_ms(),
+            connected: live.connected,
+            last_error: self.last_error.get(),
+        });
+        report
+    }
+}
+
+/// Answers the `status` and `digest` requests of one registration until an endpoint's
+/// subscription ends.
+async fn answer(
+    mut status: service::endpoint::Endpoint,
+    mut digest: service::endpoint::Endpoint,
+    mut live: Live,
+    digesting: Arc<Semaphore>,
+) {
+    loop {
+        tokio::select! {
+            request = status.next() => match request {
+                Some(request) => answer_status(&mut live, request).await,
+                None => break,
+            },
+            request = digest.next() => match request {
+                Some(request) => answer_digest(&live.config, &digesting, request),
+                None => break,
+            },
         }
     }
+}
 
-    fn answer_digest(&mut self, request: Option<service::Request>) {
-        let Some(request) = request else {
-            self.service = None;
-            return;
-        };
-        let config = self.config.clone();
-        let digesting = self.digesting.clone();
-        tokio::spawn(async move {
-            let answer = match digesting.acquire_owned().await {
-                Ok(_permit) => take_digest(&config).await,
-                Err(_) => Err("shutting down".to_owned()),
-            };
-            let response = match answer {
-                Ok(report) => Ok(serde_json::to_vec(&report).unwrap_or_default().into()),
-                Err(status) => Err(service::error::Error { status, code: 500 }),
-            };
-            if let Err(e) = request.respond(response).await {
-                tracing::debug!(error = %e, "fleet: answering a digest request failed");
-            }
-        });
+/// Answers from the last report brought up to the engine's live counters, without I/O, so a
+/// request is answered at once even on a busy machine. Before the first report it waits for it
+/// (bounded), then answers with what the counters say.
+async fn answer_status(live: &mut Live, request: service::Request) {
+    if live.reports.borrow().is_none() {
+        let _ =
+            tokio::time::timeout(FIRST_REPORT_WAIT, live.reports.wait_for(Option::is_some)).await;
     }
+    let last = live.reports.borrow().clone();
+    let report = last.unwrap_or_else(|| {
+        StatusReport {
+            instance: live.config.instance.clone(),
+            groups: Vec::new(),
+            capture: None,
+            run: None,
+        }
+        .with_error("no status report made yet (starting)".to_owned())
+    });
+    let report = live.with_live_counters(report);
+    let body = serde_json::to_vec(&report).unwrap_or_default();
+    if let Err(e) = request.respond(Ok(body.into())).await {
+        tracing::debug!(error = %e, "fleet: answering a status request failed");
+    }
+}
+
+/// Takes the digest on a task of its own (one at a time) and answers with it.
+fn answer_digest(config: &Config, digesting: &Arc<Semaphore>, request: service::Request) {
+    let config = config.clone();
+    let digesting = digesting.clone();
+    tokio::spawn(async move {
+        let answer = match digesting.acquire_owned().await {
+            Ok(_permit) => take_digest(&config).await,
+            Err(_) => Err("shutting down".to_owned()),
+        };
+        let response = match answer {
+            Ok(report) => Ok(serde_json::to_vec(&report).unwrap_or_default().into()),
+            Err(status) => Err(service::error::Error { status, code: 500 }),
+        };
+        if let Err(e) = request.respond(response).await {
+            tracing::debug!(error = %e, "fleet: answering a digest request failed");
+        }
+    });
 }
 
 /// [`digest_blocking_work`] on a blocking thread: opening and reading the sink are synchronous
@@ -757,23 +814,6 @@ async fn digest_blocking_work(config: &Config) -> Result<DigestReport, String> {
         applied_seq,
         tables,
     })
-}
-
-#[derive(Clone, Copy)]
-enum Endpoint {
-    Status,
-    Digest,
-}
-
-/// The next request to either endpoint; pending forever while not registered.
-async fn next_request(registered: &mut Option<Registered>) -> (Endpoint, Option<service::Request>) {
-    match registered {
-        Some(r) => tokio::select! {
-            request = r.status.next() => (Endpoint::Status, request),
-            request = r.digest.next() => (Endpoint::Digest, request),
-        },
-        None => std::future::pending().await,
-    }
 }
 
 impl StatusReport {
