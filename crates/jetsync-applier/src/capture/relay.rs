@@ -297,7 +297,9 @@ impl Relayer {
             self.store = Some(Store::open(&self.config, self.wake.clone()).await?);
         }
         let store = self.store.as_mut().expect("opened above");
+        let started = std::time::Instant::now();
         let batches = store.pending(self.config.capture.max_batch_rows).await?;
+        let read = started.elapsed();
         if batches.is_empty() {
             // Nothing committed waits (rows of open transactions are not visible yet).
             self.stats.capture().set_backlog(0);
@@ -343,8 +345,16 @@ impl Relayer {
                 }
             }
         }
+        let published = started.elapsed();
         let store = self.store.as_mut().expect("opened above");
         store.delete(&done, &acks).await?;
+        tracing::trace!(
+            batches = done.len(),
+            read_us = read.as_micros() as u64,
+            publish_us = (published - read).as_micros() as u64,
+            delete_us = (started.elapsed() - published).as_micros() as u64,
+            "relay cycle"
+        );
         let capture = self.stats.capture();
         for batch in &done {
             capture.add_unpublishable(batch.unpublishable.len() as u64);
