@@ -62,6 +62,14 @@ pub(crate) struct CaptureReport {
     /// (B's side: delivery, apply, commit, and the watcher's poll), p50 and p99.
     pub(crate) applied_after_publish_p50_ms: f64,
     pub(crate) applied_after_publish_p99_ms: f64,
+    /// The server's own publish round trip at the same rate, without jetsync (a request per
+    /// message, paced at `rate`): a plain publish, p50 and p99.
+    pub(crate) server_plain_p50_ms: f64,
+    pub(crate) server_plain_p99_ms: f64,
+    /// The same for a one-message atomic batch (what the relay sends for a local transaction
+    /// of one change on servers with atomic batches); 0 where the server has none.
+    pub(crate) server_atomic_p50_ms: f64,
+    pub(crate) server_atomic_p99_ms: f64,
     /// Whether captured transactions were published as atomic batches.
     pub(crate) atomic: bool,
     /// `capture.poll_ms` of the relay.
@@ -200,6 +208,57 @@ fn write(
         commit_ms.push((done - began).as_secs_f64() * 1e3);
     }
     Ok((committed, commit_ms))
+}
+
+/// Round trips of `count` publishes (requests awaiting the server's acknowledgement) paced at
+/// `rate` per second into a scratch stream, sorted, in ms: plain messages, or one-message
+/// atomic batches. The floor under the relay's publish, measured on the same server.
+async fn server_round_trips(
+    bench: &Bench,
+    atomic: bool,
+    count: u64,
+    rate: u64,
+) -> anyhow::Result<Vec<f64>> {
+    const RT_STREAM: &str = "BENCH_CAPTURE_RT";
+    const RT_PREFIX: &str = "benchcaprt";
+    bench.delete_stream(RT_STREAM).await;
+    let mut definition = async_nats::jetstream::stream::Config {
+        name: RT_STREAM.into(),
+        subjects: vec![format!("{RT_PREFIX}.>")],
+        max_messages_per_subject: 1,
+        ..Default::default()
+    };
+    definition.allow_atomic_publish = atomic;
+    bench.js.create_stream(definition).await?;
+    let nats = async_nats::connect(&bench.url).await?;
+    let body = bytes::Bytes::from_static(&[b'x'; 120]);
+    let start = Instant::now();
+    let mut times = Vec::with_capacity(count as usize);
+    for i in 0..count {
+        let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
+        tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("rt-{atomic}-{i}").as_str());
+        if atomic {
+            headers.insert("Nats-Batch-Id", format!("rtb{i}").as_str());
+            headers.insert("Nats-Batch-Sequence", "1");
+            headers.insert("Nats-Batch-Commit", "1");
+        }
+        let began = Instant::now();
+        let reply = nats
+            .request_with_headers(format!("{RT_PREFIX}.t.{}", i % 500), headers, body.clone())
+            .await?;
+        times.push(began.elapsed().as_secs_f64() * 1e3);
+        if i == 0 && !String::from_utf8_lossy(&reply.payload).contains("\"seq\"") {
+            bail!(
+                "the server did not store a probe message: {}",
+                String::from_utf8_lossy(&reply.payload)
+            );
+        }
+    }
+    bench.delete_stream(RT_STREAM).await;
+    times.sort_by(f64::total_cmp);
+    Ok(times)
 }
 
 /// Runs a one-shot subcommand of the binary and fails unless it exits 0.
@@ -346,6 +405,14 @@ pub(crate) async fn run(
         let _ = root.keep();
     }
 
+    // The server's own floor, after the appliers stopped (nothing else loads it).
+    let probes = writes.min(3 * RATE);
+    let plain = server_round_trips(bench, false, probes, rate).await?;
+    let atomic_rt = if atomic {
+        server_round_trips(bench, true, probes, rate).await?
+    } else {
+        Vec::new()
+    };
     let measured = &seen[WARM_UP as usize..];
     if measured.len() != committed.len() {
         bail!(
@@ -396,6 +463,10 @@ pub(crate) async fn run(
         published_p99_ms: harness::percentile(&published, 0.99),
         applied_after_publish_p50_ms: harness::percentile(&after_publish, 0.50),
         applied_after_publish_p99_ms: harness::percentile(&after_publish, 0.99),
+        server_plain_p50_ms: harness::percentile(&plain, 0.50),
+        server_plain_p99_ms: harness::percentile(&plain, 0.99),
+        server_atomic_p50_ms: harness::percentile(&atomic_rt, 0.50),
+        server_atomic_p99_ms: harness::percentile(&atomic_rt, 0.99),
         atomic,
         poll_ms: POLL_MS,
     })

@@ -439,6 +439,11 @@ impl Report {
                 c.rate, c.p50_ms, c.p99_ms, c.p999_ms, c.max_ms, c.published_p50_ms, c.published_p99_ms, c.applied_after_publish_p50_ms, c.applied_after_publish_p99_ms, int(c.achieved_wps), c.commit_p99_ms,
                 if c.atomic { "atomic" } else { "per-row" }, c.poll_ms
             );
+            let _ = writeln!(
+                w,
+                "           server's own publish round trip at the same rate: plain p50 {:.2} p99 {:.2} ms, one-message atomic batch p50 {:.2} p99 {:.2} ms",
+                c.server_plain_p50_ms, c.server_plain_p99_ms, c.server_atomic_p50_ms, c.server_atomic_p99_ms
+            );
         }
         if let Some(f) = &self.fleet {
             let b = &f.baseline;

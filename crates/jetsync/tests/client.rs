@@ -836,6 +836,27 @@ async fn get_of_a_malformed_stored_message_is_a_typed_error() -> Result<()> {
     })
     .await??;
     let bad_seq = good.seq + 1;
+    // PONG says the server read the publish, not that the stream stored it (2.12 queues
+    // JetStream ingest): wait until it did.
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await?);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let last = js
+            .get_stream(STREAM)
+            .await?
+            .info()
+            .await?
+            .state
+            .last_sequence;
+        if last >= bad_seq {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the raw publish was not stored within 10 s (last seq {last})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     match products.get("A-1").await {
         Err(Error::Malformed { seq, reason }) => {
