@@ -284,12 +284,41 @@ pub(super) struct SchemaCache {
     version: Option<i64>,
     /// This transaction created or altered a table.
     pub(super) changed: bool,
+    /// Per table, the upsert of the last row shape written there (see [`Shape`]). Dropped with
+    /// the table's entry, so a schema change never reuses one.
+    shapes: HashMap<String, Shape>,
+}
+
+/// An upsert statement prepared for one shape of row (the same column names in the same
+/// order) of one table, so that the next row of that shape skips the column checks, the
+/// lookups and building the SQL. Consecutive events of a table nearly always share a shape.
+#[derive(Debug)]
+pub(super) struct Shape {
+    /// The row's column names, in the row's order.
+    pub(super) names: Vec<String>,
+    /// The `INSERT … ON CONFLICT` statement.
+    pub(super) sql: String,
+    /// For each parameter after the key, the position of its value in the row.
+    pub(super) order: Vec<usize>,
+    /// The position of the key column in the row, when the row carries it.
+    pub(super) key_position: Option<usize>,
+    /// The key column's name and how it stores the key.
+    pub(super) key_name: String,
+    pub(super) key_kind: KeyKind,
+}
+
+impl Shape {
+    /// Whether `row` has exactly this shape's column names, in order.
+    pub(super) fn fits(&self, row: &jetsync::Row) -> bool {
+        self.names.len() == row.len() && self.names.iter().zip(row.keys()).all(|(a, b)| a == b)
+    }
 }
 
 impl SchemaCache {
     /// Forgets everything (after a rollback, which may have undone our own DDL).
     pub(super) fn clear(&mut self) {
         self.tables.clear();
+        self.shapes.clear();
         self.version = None;
         self.changed = false;
     }
@@ -299,6 +328,7 @@ impl SchemaCache {
         let version = schema_version(conn)?;
         if self.version != Some(version) {
             self.tables.clear();
+            self.shapes.clear();
             self.version = Some(version);
         }
         self.changed = false;
@@ -312,6 +342,23 @@ impl SchemaCache {
             self.changed = false;
         }
         Ok(())
+    }
+
+    /// The last upsert shape of `table`, when its schema did not change since.
+    pub(super) fn shape(&self, table: &str) -> Option<&Shape> {
+        self.shapes.get(table)
+    }
+
+    /// Remembers the upsert shape of `table` (a table looked up since the schema changed).
+    pub(super) fn remember(&mut self, table: &str, shape: Shape) {
+        if self.tables.contains_key(table) {
+            match self.shapes.get_mut(table) {
+                Some(slot) => *slot = shape,
+                None => {
+                    self.shapes.insert(table.to_owned(), shape);
+                }
+            }
+        }
     }
 
     /// Whether `table` was looked up (and allowed) since the schema last changed.
@@ -340,6 +387,7 @@ impl SchemaCache {
         table: &str,
     ) -> Result<(), Error> {
         self.tables.remove(table);
+        self.shapes.remove(table);
         let info = discover(conn, options, table)?;
         self.tables.insert(table.to_owned(), info);
         Ok(())

@@ -851,6 +851,63 @@ fn column_added_by_the_service_is_nulled_by_later_upserts() {
     );
 }
 
+/// The upsert statement kept per table and row shape: rows of two tables interleaved, a new
+/// column half-way through a batch, then the old shape again, each row written in full.
+#[test]
+fn row_shapes_interleaved_across_tables_and_columns() {
+    let (_dir, mut sink) = fresh();
+    apply(
+        &mut sink,
+        &[
+            up(1, "t", "a", &[("v", Value::I64(1))]),
+            up(2, "u", "a", &[("v", Value::from("u1"))]),
+            up(3, "t", "b", &[("v", Value::I64(2))]),
+            up(
+                4,
+                "t",
+                "c",
+                &[("v", Value::I64(3)), ("w", Value::Bool(true))],
+            ),
+            up(5, "t", "a", &[("v", Value::I64(4))]),
+            up(6, "u", "b", &[("v", Value::from("u2"))]),
+            up(
+                7,
+                "t",
+                "b",
+                &[("id", Value::from("b")), ("v", Value::I64(5))],
+            ),
+        ],
+    )
+    .unwrap();
+    let t = |id: &str, v: i64, w: Value| {
+        row(&[("id", Value::from(id)), ("v", Value::I64(v)), ("w", w)])
+    };
+    assert_eq!(
+        sink.read_table("t").unwrap(),
+        vec![
+            t("a", 4, Value::Null),
+            t("b", 5, Value::Null),
+            t("c", 3, Value::I64(1))
+        ]
+    );
+    assert_eq!(sink.read_table("u").unwrap().len(), 2);
+    // The same shape with a key that does not match is still refused.
+    let err = apply(
+        &mut sink,
+        &[up(
+            8,
+            "t",
+            "d",
+            &[("id", Value::from("x")), ("v", Value::I64(6))],
+        )],
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, SinkError::Rejected { index: 0, .. }),
+        "{err:?}"
+    );
+}
+
 #[test]
 fn open_fails_fatally_with_the_path() {
     let dir = tempfile::tempdir().unwrap();

@@ -17,7 +17,7 @@ use rusqlite::Connection;
 
 use super::errors::{sink_error, Error};
 use super::options::{validate_identifier, SqliteOptions};
-use super::schema::{self, KeyKind, SchemaCache, TableInfo};
+use super::schema::{self, KeyKind, SchemaCache, Shape, TableInfo};
 use super::scope;
 use crate::sinks::sql::push_quoted;
 use crate::{Change, SinkError};
@@ -57,17 +57,57 @@ pub(super) fn canonical_integer(key: &str) -> Option<i64> {
 
 /// The subject key as the key column of `table` stores it.
 fn key_param<'a>(info: &TableInfo, table: &str, key: &'a str) -> Result<Param<'a>, Error> {
-    match &info.key_kind {
+    key_param_of(&info.key_kind, &info.columns[info.key].name, table, key)
+}
+
+/// The subject key as a key column `key_name` of kind `kind` stores it.
+fn key_param_of<'a>(
+    kind: &KeyKind,
+    key_name: &str,
+    table: &str,
+    key: &'a str,
+) -> Result<Param<'a>, Error> {
+    match kind {
         KeyKind::Text => Ok(Param::Text(key)),
         KeyKind::Integer(declared) => canonical_integer(key).map(Param::Integer).ok_or_else(|| {
             Error::Reject(format!(
                 "key `{key}` is not the canonical spelling of an integer (such as `42` or `-7`), \
-                 but the key column `{}` of table `{table}` is declared `{declared}`: SQLite \
-                 would convert the key, so two different keys could write one row",
-                info.columns[info.key].name
+                 but the key column `{key_name}` of table `{table}` is declared `{declared}`: \
+                 SQLite would convert the key, so two different keys could write one row"
             ))
         }),
     }
+}
+
+/// The upsert of a row whose shape was written to `table` before: the checks that depend on
+/// the column names alone were done then; the key is checked again.
+fn upsert_known_shape(
+    conn: &Connection,
+    shape: &Shape,
+    table: &str,
+    change: &Change,
+    row: &Row,
+) -> Result<(), Error> {
+    let values: Vec<&Value> = row.values().collect();
+    if let Some(position) = shape.key_position {
+        check_key_value(values[position], &change.key, &shape.names[position])?;
+    }
+    let mut params = Vec::with_capacity(shape.order.len() + 1);
+    params.push(key_param_of(
+        &shape.key_kind,
+        &shape.key_name,
+        table,
+        &change.key,
+    )?);
+    params.extend(
+        shape
+            .order
+            .iter()
+            .map(|&position| Param::Value(values[position])),
+    );
+    conn.prepare_cached(&shape.sql)?
+        .execute(rusqlite::params_from_iter(params))?;
+    Ok(())
 }
 
 /// Whether the row's own key column value is the subject key.
@@ -119,6 +159,9 @@ fn upsert(
     row: &Row,
 ) -> Result<(), Error> {
     let table = change.table.as_str();
+    if let Some(shape) = schema.shape(table).filter(|shape| shape.fits(row)) {
+        return upsert_known_shape(conn, shape, table, change, row);
+    }
     if !schema.knows(table) {
         // Known tables passed this check since the schema last changed.
         scope::check_allowed(conn, options, table)?;
@@ -160,15 +203,18 @@ fn upsert(
 
     let key = info.key;
     let key_param = key_param(info, table, &change.key)?;
-    // The event's value of each column, by column index.
+    // The event's value of each column, by column index, and its position in the row.
     let mut values: Vec<Option<&Value>> = vec![None; info.columns.len()];
-    for (name, value) in row {
+    let mut positions: Vec<usize> = vec![0; info.columns.len()];
+    let mut key_position = None;
+    for (position, (name, value)) in row.iter().enumerate() {
         let index = info
             .find(name)
             .ok_or_else(|| Error::Fatal(format!("column `{name}` of `{table}` vanished")))?;
         let column = &info.columns[index];
         if index == key {
             check_key_value(value, &change.key, name)?;
+            key_position = Some(position);
             continue;
         }
         if values[index].is_some() {
@@ -184,6 +230,7 @@ fn upsert(
             )));
         }
         values[index] = Some(value);
+        positions[index] = position;
     }
 
     // INSERT … ON CONFLICT DO UPDATE: the event's row replaces the stored row entirely; every
@@ -191,6 +238,7 @@ fn upsert(
     let key_name = &info.columns[key].name;
     let mut sql = String::with_capacity(64 + 48 * info.columns.len());
     let mut params = Vec::with_capacity(row.len() + 1);
+    let mut order = Vec::with_capacity(row.len());
     params.push(key_param);
     sql.push_str("INSERT INTO ");
     push_quoted(&mut sql, table);
@@ -212,6 +260,7 @@ fn upsert(
             Some(value) => {
                 sql.push_str(", ?");
                 params.push(Param::Value(value));
+                order.push(positions[index]);
             }
             None => sql.push_str(", NULL"),
         }
@@ -233,6 +282,15 @@ fn upsert(
     }
     conn.prepare_cached(&sql)?
         .execute(rusqlite::params_from_iter(params))?;
+    let shape = Shape {
+        names: row.keys().cloned().collect(),
+        sql,
+        order,
+        key_position,
+        key_name: key_name.clone(),
+        key_kind: info.key_kind.clone(),
+    };
+    schema.remember(table, shape);
     Ok(())
 }
 
