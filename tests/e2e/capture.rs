@@ -745,6 +745,75 @@ async fn assert_identical(
     Ok(want.len())
 }
 
+/// For a failure message: every key whose row differs between the instances, with each
+/// instance's row and the key's events in the stream (sequence, message id, op, row), so that
+/// a divergence can be traced to the event an instance applied or skipped.
+async fn diverged_histories(
+    url: &str,
+    stream: &str,
+    instances: &[Instance],
+    dbs: &[Db],
+) -> Result<String> {
+    use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+    let mut views = Vec::new();
+    for db in dbs {
+        views.push(db.rows("items").await?);
+    }
+    let keys: std::collections::BTreeSet<&String> = views.iter().flat_map(|v| v.keys()).collect();
+    let diverged: Vec<&String> = keys
+        .into_iter()
+        .filter(|k| views.iter().any(|v| v.get(*k) != views[0].get(*k)))
+        .take(5)
+        .collect();
+    let js = async_nats::jetstream::new(async_nats::connect(url).await?);
+    let handle = js.get_stream(stream).await?;
+    let prefix = stream.to_lowercase();
+    let mut out = String::from("diverged rows:");
+    for key in diverged {
+        out.push_str(&format!("\n  key {key}:"));
+        for (instance, view) in instances.iter().zip(&views) {
+            out.push_str(&format!("\n    {}: {:?}", instance.name, view.get(key)));
+        }
+        let subject = format!("{prefix}.items.{}", jetsync::encode_key(key)?);
+        let consumer = handle
+            .create_consumer(pull::OrderedConfig {
+                deliver_policy: DeliverPolicy::All,
+                filter_subject: subject.clone(),
+                ..Default::default()
+            })
+            .await?;
+        let pending = consumer.cached_info().num_pending;
+        let mut messages = consumer.messages().await?;
+        for _ in 0..pending {
+            let Ok(Some(Ok(message))) =
+                tokio::time::timeout(Duration::from_secs(10), messages.next()).await
+            else {
+                break;
+            };
+            let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+            let header = |name: &str| {
+                message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(name))
+                    .map(|v| v.as_str().to_owned())
+                    .unwrap_or_default()
+            };
+            let event = jetsync::codec::decode_message(
+                Some(header("Jetsync-Format").as_str()).filter(|f| !f.is_empty()),
+                &message.payload,
+            );
+            out.push_str(&format!(
+                "\n    seq {seq} id {} batch {:?}: {:?}",
+                header("Nats-Msg-Id"),
+                header("Nats-Batch-Sequence"),
+                event.map(|e| e.change).map_err(|e| e.to_string())
+            ));
+        }
+    }
+    Ok(out)
+}
+
 /// The Postgres DDL of the services' table.
 const PG_ITEMS: &str =
     "CREATE TABLE {schema}.items (id text PRIMARY KEY, n bigint, s text, f double precision);";
@@ -830,7 +899,15 @@ async fn acceptance(scenario: &str, postgres: bool) -> Result<()> {
     let drained = started.elapsed();
     stop_all(&mut instances)?;
     let stopped = started.elapsed();
-    let rows = assert_identical(&instances, &dbs, "items", last).await?;
+    let rows = match assert_identical(&instances, &dbs, "items", last).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            let histories = diverged_histories(&server.url(), stream, &instances, &dbs)
+                .await
+                .unwrap_or_else(|h| format!("(histories unavailable: {h})"));
+            bail!("{e:#}\n{histories}");
+        }
+    };
     ensure!(rows > 0, "no rows left at all: the test data is degenerate");
     let compared = started.elapsed();
 
