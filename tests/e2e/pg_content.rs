@@ -92,8 +92,12 @@ fn postgres_content_errors_are_parked_and_never_fatal() -> Result<()> {
         group.tables.insert("secrets".into(), "id".into());
         let mut instance = Instance::new(&group, root.path(), "c1", SinkKind::Sqlite)?;
         instance.use_postgres(&app_url, &schema.name)?;
-        // Keep every event of a row, so the held events stay in the stream.
+        // Keep every event of a row, so the held events stay in the stream; and hand the sink
+        // every change: with coalescing a refused change and a valid later change of its row
+        // arriving in one batch would be written as the later one alone, never refused
+        // (README, "Coalescing"), and this test is about what is refused.
         instance.set_stream_option("history", &FULL_HISTORY.to_string())?;
+        instance.set_option("apply", "coalesce", "false")?;
         let (code, _, err) = instance.cli(&["provision"])?;
         ensure!(code == 0, "provision: {err}");
         instance.start()?;
