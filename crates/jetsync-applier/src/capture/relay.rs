@@ -395,9 +395,9 @@ impl Relayer {
         let msg_id = |id: i64| format!("{instance}-{id}");
         // Every batch, a single change included, is one atomic batch. Publishing single
         // changes as plain messages instead cut capture-to-applied p50 from about 2.4 to 1.5 ms
-        // (the server's atomic-batch path is slower on 2.12.8), but the Postgres acceptance test
-        // then diverged in 2 of 4 runs (one row present on one instance only), and in none of 4
-        // with this path: not done until that is understood.
+        // once (the server's atomic-batch path is slower on 2.12.8), and the Postgres acceptance
+        // test diverged in 2 of 4 runs then; tried again later it passed 11 of 11, but the p99
+        // did not move (the origin's tail is elsewhere), so this path stays.
         if self.config.capture.atomic {
             let client = self
                 .client
