@@ -219,10 +219,9 @@ impl Drop for FleetMember {
 
 /// What the background task of a [`FleetMember`] keeps.
 struct Member {
-    config: Config,
-    stats: Arc<Stats>,
-    last_error: LastError,
-    started_at_ms: u64,
+    /// The configuration, the engine's counters and the last report, shared with the answer
+    /// task of each registration.
+    live: Live,
     client: Option<jetsync::Client>,
     service: Option<Registered>,
     /// The last report, for the answer task ([`Live`]).
@@ -275,14 +274,18 @@ struct Live {
 
 impl Member {
     fn new(config: Config, stats: Arc<Stats>, last_error: LastError) -> Member {
+        let (reports, receiver) = watch::channel(None);
         Member {
-            config,
-            stats,
-            last_error,
-            started_at_ms: now_ms(),
+            live: Live {
+                config,
+                stats,
+                last_error,
+                started_at_ms: now_ms(),
+                reports: receiver,
+            },
             client: None,
             service: None,
-            reports: watch::channel(None).0,
+            reports,
             fleet_bucket: None,
             digest_bucket: None,
             bucket_retry_at: None,
@@ -303,7 +306,7 @@ impl Member {
     }
 
     async fn run(mut self, mut stopped: oneshot::Receiver<()>) {
-        let every = Duration::from_millis(self.config.fleet.report_interval_ms);
+        let every = Duration::from_millis(self.live.config.fleet.report_interval_ms);
         // The first report was made before the engine started; the next ones read the
         // checkpoint store only once the engine has opened it (see `engine_opened`).
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -333,33 +336,23 @@ impl Member {
         }
     }
 
-    /// What the answer task reads.
-    fn live(&self) -> Live {
-        Live {
-            config: self.config.clone(),
-            stats: self.stats.clone(),
-            last_error: self.last_error.clone(),
-            started_at_ms: self.started_at_ms,
-            reports: self.reports.subscribe(),
-        }
-    }
-
     /// Whether the engine has (very likely) opened its checkpoint store, which it does first
     /// thing: a read-only open of the store by a report at that very moment would make the
     /// engine's exclusive open fail as if a second `run` held it. Connected, something applied,
     /// or a few seconds after the start.
     fn engine_opened(&self) -> bool {
-        let s = self.stats.snapshot();
+        let s = self.live.stats.snapshot();
         s.connected
             || s.applied_seq > 0
-            || now_ms().saturating_sub(self.started_at_ms) > ENGINE_OPEN_GRACE.as_millis() as u64
+            || now_ms().saturating_sub(self.live.started_at_ms)
+                > ENGINE_OPEN_GRACE.as_millis() as u64
     }
 
     /// Connects and registers the service unless done; false while NATS is unreachable (the
     /// next tick tries again).
     async fn ensure_connected(&mut self) -> bool {
         if self.client.is_none() {
-            match jetsync::Client::connect(&self.config).await {
+            match jetsync::Client::connect(&self.live.config).await {
                 Ok(client) => self.client = Some(client),
                 Err(e) => {
                     tracing::debug!(error = %e, "fleet: cannot connect to NATS yet");
@@ -367,22 +360,16 @@ impl Member {
                 }
             }
         }
-        if self
-            .service
-            .as_ref()
-            .is_some_and(|r| r.answers.is_finished())
-        {
-            // An endpoint's subscription ended: register again.
-            if let Some(old) = self.service.take() {
-                old.stop().await;
-            }
+        // An endpoint's subscription ended: register again.
+        if let Some(old) = self.service.take_if(|r| r.answers.is_finished()) {
+            old.stop().await;
         }
         if self.service.is_none() {
             match self.register().await {
                 Ok(registered) => {
                     tracing::info!(
                         service = SERVICE_NAME,
-                        subject = %service_subject(&self.config.stream.name, "status"),
+                        subject = %service_subject(&self.live.config.stream.name, "status"),
                         "registered with the NATS service protocol"
                     );
                     self.service = Some(registered);
@@ -398,7 +385,7 @@ impl Member {
 
     async fn register(&self) -> Result<Registered, async_nats::Error> {
         let client = self.client.as_ref().expect("connected").nats().clone();
-        let config = &self.config;
+        let config = &self.live.config;
         let metadata: HashMap<String, String> = [
             ("instance", config.instance.clone()),
             ("stream", config.stream.name.clone()),
@@ -408,7 +395,7 @@ impl Member {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
-        let stats = self.stats.clone();
+        let stats = self.live.stats.clone();
         let service = client
             .service_builder()
             .description(format!(
@@ -441,7 +428,12 @@ impl Member {
             .queue_group(&queue)
             .add(service_subject(&config.stream.name, "digest"))
             .await?;
-        let answers = tokio::spawn(answer(status, digest, self.live(), self.digesting.clone()));
+        let answers = tokio::spawn(answer(
+            status,
+            digest,
+            self.live.clone(),
+            self.digesting.clone(),
+        ));
         Ok(Registered { service, answers })
     }
 
@@ -451,17 +443,17 @@ impl Member {
             Some(client) => Remote::Use(client),
             None => Remote::Unavailable("not connected to NATS yet".into()),
         };
-        let report = match collect_status_with(&self.config, remote).await {
+        let report = match collect_status_with(&self.live.config, remote).await {
             Ok(report) => report,
             Err(e) => StatusReport {
-                instance: self.config.instance.clone(),
+                instance: self.live.config.instance.clone(),
                 groups: Vec::new(),
                 capture: None,
                 run: None,
             }
             .with_error(e.to_string()),
         };
-        let report = self.live().with_live_counters(report);
+        let report = self.live.with_live_counters(report);
         self.reports.send_replace(Some(report.clone()));
         report
     }
@@ -473,7 +465,7 @@ impl Member {
             return;
         };
         if group.nats_error.is_none() {
-            self.stats.update_fleet_gauges(|g| {
+            self.live.stats.update_fleet_gauges(|g| {
                 g.gap_margin_events = group.gap_margin_events;
                 g.gap_margin_seconds = group.gap_margin_seconds;
             });
@@ -483,7 +475,7 @@ impl Member {
         if let Some(bucket) = &self.fleet_bucket {
             match serde_json::to_vec(&report) {
                 Ok(body) => {
-                    if let Err(e) = bucket.put(&self.config.instance, body.into()).await {
+                    if let Err(e) = bucket.put(&self.live.config.instance, body.into()).await {
                         tracing::debug!(error = %e, "fleet: writing the status report failed");
                     }
                 }
@@ -510,12 +502,12 @@ impl Member {
         if stale {
             if let Some(client) = &self.client {
                 let js = client.jetstream();
-                if let Ok(mut stream) = js.get_stream(&self.config.stream.name).await {
+                if let Ok(mut stream) = js.get_stream(&self.live.config.stream.name).await {
                     if let Ok(info) = stream.info().await {
                         let limits = StreamLimits::of(info);
                         self.thresholds = Some((
                             Instant::now(),
-                            GapThresholds::new(&self.config.apply, &limits),
+                            GapThresholds::new(&self.live.config.apply, &limits),
                         ));
                     }
                 }
@@ -562,8 +554,8 @@ impl Member {
         }
         let Some(client) = &self.client else { return };
         let js = client.jetstream();
-        let replicas = self.config.stream.replicas;
-        let stream = &self.config.stream.name;
+        let replicas = self.live.config.stream.replicas;
+        let stream = &self.live.config.stream.name;
         let opened = async {
             let fleet = open_bucket(js, &fleet_bucket(stream), replicas, Duration::ZERO).await?;
             let digests =
@@ -595,8 +587,11 @@ impl Member {
     /// Starts a periodic digest when due: caught up, at a new applied sequence, and
     /// `fleet.digest_interval_ms` after the last one.
     fn maybe_digest(&mut self, group: &crate::GroupStatus) {
-        let every = self.config.fleet.digest_interval_ms;
-        if every == 0 || self.config.sink.kind == SinkKind::Redb || self.digest_bucket.is_none() {
+        let every = self.live.config.fleet.digest_interval_ms;
+        if every == 0
+            || self.live.config.sink.kind == SinkKind::Redb
+            || self.digest_bucket.is_none()
+        {
             return;
         }
         if group.nats_error.is_some() || group.lag != Some(0) || !self.engine_opened() {
@@ -611,7 +606,7 @@ impl Member {
             return;
         };
         self.periodic = Some((group.applied_seq, Instant::now()));
-        let config = self.config.clone();
+        let config = self.live.config.clone();
         let results = self.digests.0.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -679,7 +674,7 @@ impl Member {
                 differ.len() as u64
             }
         };
-        self.stats.update_fleet_gauges(|g| {
+        self.live.stats.update_fleet_gauges(|g| {
             g.digest_seq = Some(digest.applied_seq);
             g.diverged_tables = Some(diverged);
         });

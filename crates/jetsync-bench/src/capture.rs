@@ -221,15 +221,15 @@ async fn server_round_trips(
 ) -> anyhow::Result<Vec<f64>> {
     const RT_STREAM: &str = "BENCH_CAPTURE_RT";
     const RT_PREFIX: &str = "benchcaprt";
-    bench.delete_stream(RT_STREAM).await;
-    let mut definition = async_nats::jetstream::stream::Config {
-        name: RT_STREAM.into(),
-        subjects: vec![format!("{RT_PREFIX}.>")],
-        max_messages_per_subject: 1,
-        ..Default::default()
-    };
-    definition.allow_atomic_publish = atomic;
-    bench.js.create_stream(definition).await?;
+    bench
+        .create_group_stream(jetsync::StreamConfig {
+            name: RT_STREAM.into(),
+            subject_prefix: RT_PREFIX.into(),
+            provision: false,
+            transactions: atomic,
+            ..jetsync::StreamConfig::default()
+        })
+        .await?;
     let nats = async_nats::connect(&bench.url).await?;
     let body = bytes::Bytes::from_static(&[b'x'; 120]);
     let start = Instant::now();
@@ -240,9 +240,12 @@ async fn server_round_trips(
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", format!("rt-{atomic}-{i}").as_str());
         if atomic {
-            headers.insert("Nats-Batch-Id", format!("rtb{i}").as_str());
-            headers.insert("Nats-Batch-Sequence", "1");
-            headers.insert("Nats-Batch-Commit", "1");
+            use jetsync::transaction::{
+                BATCH_COMMIT_HEADER, BATCH_ID_HEADER, BATCH_SEQUENCE_HEADER,
+            };
+            headers.insert(BATCH_ID_HEADER, format!("rtb{i}").as_str());
+            headers.insert(BATCH_SEQUENCE_HEADER, "1");
+            headers.insert(BATCH_COMMIT_HEADER, "1");
         }
         let began = Instant::now();
         let reply = nats

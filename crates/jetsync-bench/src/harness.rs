@@ -55,18 +55,27 @@ impl Bench {
         prefix: &str,
         history: i64,
     ) -> anyhow::Result<StreamConfig> {
-        let cfg = StreamConfig {
+        self.create_group_stream(StreamConfig {
             name: name.to_owned(),
             subject_prefix: prefix.to_owned(),
             history,
             provision: false,
             ..StreamConfig::default()
-        };
-        let _ = self.js.delete_stream(name).await;
+        })
+        .await
+    }
+
+    /// Creates the stream `cfg` describes with the product's definition, replacing any stream
+    /// of that name.
+    pub(crate) async fn create_group_stream(
+        &self,
+        cfg: StreamConfig,
+    ) -> anyhow::Result<StreamConfig> {
+        let _ = self.js.delete_stream(&cfg.name).await;
         self.js
             .create_stream(jetsync::stream_definition(&cfg))
             .await
-            .with_context(|| format!("creating stream {name}"))?;
+            .with_context(|| format!("creating stream {}", cfg.name))?;
         Ok(cfg)
     }
 

@@ -204,21 +204,16 @@ async fn create_txn_stream(
     prefix: &str,
     history: i64,
 ) -> anyhow::Result<StreamConfig> {
-    let cfg = StreamConfig {
-        name: name.to_owned(),
-        subject_prefix: prefix.to_owned(),
-        history,
-        provision: false,
-        transactions: true,
-        ..StreamConfig::default()
-    };
-    bench.delete_stream(name).await;
     bench
-        .js
-        .create_stream(jetsync::stream_definition(&cfg))
+        .create_group_stream(StreamConfig {
+            name: name.to_owned(),
+            subject_prefix: prefix.to_owned(),
+            history,
+            provision: false,
+            transactions: true,
+            ..StreamConfig::default()
+        })
         .await
-        .with_context(|| format!("creating stream {name}"))?;
-    Ok(cfg)
 }
 
 /// One publish run of `side` on a fresh stream; returns rows/s. Commit latencies (ms) of the

@@ -352,12 +352,7 @@ impl SchemaCache {
     /// Remembers the upsert shape of `table` (a table looked up since the schema changed).
     pub(super) fn remember(&mut self, table: &str, shape: Shape) {
         if self.tables.contains_key(table) {
-            match self.shapes.get_mut(table) {
-                Some(slot) => *slot = shape,
-                None => {
-                    self.shapes.insert(table.to_owned(), shape);
-                }
-            }
+            self.shapes.insert(table.to_owned(), shape);
         }
     }
 

@@ -79,8 +79,8 @@ fn key_param_of<'a>(
     }
 }
 
-/// The upsert of a row whose shape was written to `table` before: the checks that depend on
-/// the column names alone were done then; the key is checked again.
+/// The upsert of a row of `shape` (the checks that depend on the column names alone were done
+/// when the shape was made); the key is checked for every row.
 fn upsert_known_shape(
     conn: &Connection,
     shape: &Shape,
@@ -202,7 +202,8 @@ fn upsert(
         .ok_or_else(|| Error::Fatal(format!("table `{table}` vanished while altering it")))?;
 
     let key = info.key;
-    let key_param = key_param(info, table, &change.key)?;
+    // A key the key column would convert is refused before anything else is looked at.
+    key_param(info, table, &change.key)?;
     // The event's value of each column, by column index, and its position in the row.
     let mut values: Vec<Option<&Value>> = vec![None; info.columns.len()];
     let mut positions: Vec<usize> = vec![0; info.columns.len()];
@@ -237,9 +238,7 @@ fn upsert(
     // column the event lacks is NULL on both paths.
     let key_name = &info.columns[key].name;
     let mut sql = String::with_capacity(64 + 48 * info.columns.len());
-    let mut params = Vec::with_capacity(row.len() + 1);
     let mut order = Vec::with_capacity(row.len());
-    params.push(key_param);
     sql.push_str("INSERT INTO ");
     push_quoted(&mut sql, table);
     sql.push_str(" (");
@@ -257,9 +256,8 @@ fn upsert(
     sql.push_str(") VALUES (?");
     for (index, _) in writable() {
         match values[index] {
-            Some(value) => {
+            Some(_) => {
                 sql.push_str(", ?");
-                params.push(Param::Value(value));
                 order.push(positions[index]);
             }
             None => sql.push_str(", NULL"),
@@ -280,8 +278,6 @@ fn upsert(
         // The table has nothing but its key: an existing row is already what the event says.
         sql.push_str("NOTHING");
     }
-    conn.prepare_cached(&sql)?
-        .execute(rusqlite::params_from_iter(params))?;
     let shape = Shape {
         names: row.keys().cloned().collect(),
         sql,
@@ -290,6 +286,7 @@ fn upsert(
         key_name: key_name.clone(),
         key_kind: info.key_kind.clone(),
     };
+    upsert_known_shape(conn, &shape, table, change, row)?;
     schema.remember(table, shape);
     Ok(())
 }
