@@ -29,6 +29,7 @@ use crate::{
     backoff::Backoff,
     coalesce,
     decode::{decode, header, row_of, DecodeFailure, RawEvent},
+    freer::Freer,
     offsets::Offsets,
     parked::{now_ms, ParkedEvent, RowId},
     shutdown::Shutdown,
@@ -68,6 +69,8 @@ pub(crate) struct Applier<S> {
     /// Whether batches are coalesced (`apply.coalesce`, and the sink does not need to see every
     /// change; see `coalesce.rs`).
     coalesce: bool,
+    /// Drops applied batches off this task (see `freer.rs`).
+    pub(crate) freer: Freer,
 }
 
 impl<S: Sink> Applier<S> {
@@ -98,6 +101,7 @@ impl<S: Sink> Applier<S> {
             stats,
             lazy_checkpoint: false,
             coalesce,
+            freer: Freer::spawn(),
         })
     }
 
@@ -273,6 +277,7 @@ impl<S: Sink> Applier<S> {
             elapsed_us = started.elapsed().as_micros() as u64,
             "batch applied"
         );
+        self.freer.free((changes, sources, parks));
         Ok(true)
     }
 
@@ -520,9 +525,19 @@ impl Rules {
                     continue;
                 }
                 out.last = seq;
-                let raw = RawEvent::of_message(seq, message);
                 let pre = decoded.get_mut(k).and_then(Option::take);
-                verdicts.push((k, self.classify(raw, msg_id_of(message), pre, blocked)));
+                let verdict = match pre {
+                    // Decoded by the fetcher, so its subject maps to a row of a synced table and
+                    // its body is within the limit (see `Rules::predecode`): unless its row is
+                    // blocked, `classify` would apply it as decoded; this path skips deriving
+                    // the row and reading the headers again.
+                    Some(Ok(change)) if !held_behind(blocked, &change) => Verdict::Apply(change),
+                    pre => {
+                        let raw = RawEvent::of_message(seq, message);
+                        self.classify(raw, msg_id_of(message), pre, blocked)
+                    }
+                };
+                verdicts.push((k, verdict));
             }
             if let Some(id) = id {
                 park_whole_transaction(id, events, &mut verdicts, blocked);
@@ -541,6 +556,18 @@ impl Rules {
         }
         out
     }
+}
+
+/// Whether `change`'s row has a parked event before it (so it must be held behind it).
+fn held_behind(blocked: &HashMap<RowId, u64>, change: &Change) -> bool {
+    if blocked.is_empty() {
+        return false;
+    }
+    let row = RowId {
+        table: change.table.clone(),
+        key: change.key.clone(),
+    };
+    blocked.get(&row).is_some_and(|&first| change.seq > first)
 }
 
 /// When a member of transaction `id` is parked, parks the others too (blocking their rows) and

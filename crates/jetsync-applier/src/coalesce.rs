@@ -76,7 +76,8 @@ pub(crate) fn fold(
     sources: &mut Vec<usize>,
     merge: &BTreeSet<String>,
 ) -> Option<Folded> {
-    let mut last: HashMap<(&str, &str), usize> = HashMap::with_capacity(changes.len());
+    let mut last: HashMap<(&str, &str), usize, foldhash::fast::RandomState> =
+        HashMap::with_capacity_and_hasher(changes.len(), Default::default());
     let mut keep = vec![true; changes.len()];
     let mut any = false;
     for (i, change) in changes.iter().enumerate() {

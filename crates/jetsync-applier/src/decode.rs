@@ -45,9 +45,19 @@ impl<'a> RawEvent<'a> {
     }
 }
 
-/// A header's value, if present.
+/// A header's (first) value, if present. Header names match exactly, as in
+/// `HeaderMap::get`.
+///
+/// A message carries a handful of headers, so this walks them instead of calling
+/// `HeaderMap::get`, which checks the name's characters, compares it with every standard
+/// header name and hashes it on every call: three lookups per event on the apply path were 5%
+/// of the engine thread's time in a replay profile.
 pub(crate) fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
-    headers.and_then(|h| h.get(name)).map(|v| v.as_str())
+    headers?
+        .iter()
+        .find(|(n, _)| AsRef::<str>::as_ref(*n) == name)
+        .and_then(|(_, values)| values.first())
+        .map(|v| v.as_str())
 }
 
 /// The row a subject of the sync group with `prefix` maps to.

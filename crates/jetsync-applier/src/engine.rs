@@ -484,6 +484,7 @@ impl Session<'_> {
             // nothing in hand, a sink that defers durability (the redb replica) makes its last
             // commits durable (`Sink::idle`).
             let mut idle_at = Some(Instant::now() + Duration::from_millis(50));
+            let wait_started = Instant::now();
             let next = loop {
                 let flush_at = state.applier.offsets.flush_due();
                 tokio::select! {
@@ -523,9 +524,13 @@ impl Session<'_> {
             }
             // Shutdown finishes this batch (the one in hand); the fetcher's next one is
             // dropped unacknowledged.
+            let apply_started = Instant::now();
             if !self.apply_batch(state, batch, shutdown).await? {
                 return Ok(SessionEnd::Shutdown);
             }
+            state
+                .progress
+                .spent(apply_started - wait_started, apply_started.elapsed());
             if let Some(reason) = end {
                 return Ok(SessionEnd::Reset(reason));
             }
@@ -681,6 +686,7 @@ impl Session<'_> {
             tracing::debug!(error = %e, seq = last.stream_seq, "acknowledgement not sent");
         }
         state.progress.maybe_log(state.applier.applied, pending);
+        state.applier.freer.free(batch);
         Ok(true)
     }
 }
@@ -712,6 +718,10 @@ enum SessionEnd {
 struct Progress {
     last_log: Instant,
     last_applied: u64,
+    /// Time this task spent waiting for the fetcher's next batch since the last log.
+    waiting: Duration,
+    /// Time this task spent applying batches (sink, checkpoint, ack) since the last log.
+    applying: Duration,
 }
 
 impl Progress {
@@ -719,7 +729,15 @@ impl Progress {
         Progress {
             last_log: Instant::now(),
             last_applied: applied,
+            waiting: Duration::ZERO,
+            applying: Duration::ZERO,
         }
+    }
+
+    /// Counts `waited` waiting for a batch and `applied_in` applying it.
+    fn spent(&mut self, waited: Duration, applied_in: Duration) {
+        self.waiting += waited;
+        self.applying += applied_in;
     }
 
     fn maybe_log(&mut self, applied: u64, remaining: u64) {
@@ -734,15 +752,23 @@ impl Progress {
             } else {
                 f64::INFINITY
             };
+            // Where the time went: a sink busy most of the time bounds the rate; an engine
+            // waiting for batches most of the time is bound by receiving (the server, the
+            // network, decoding).
+            let share = |d: Duration| (d.as_secs_f64() / elapsed.as_secs_f64() * 100.0).round();
             tracing::info!(
                 applied,
                 remaining,
                 events_per_s = rate.round() as u64,
                 eta_s = eta_s.round(),
+                applying_pct = share(self.applying),
+                waiting_for_events_pct = share(self.waiting),
                 "catching up"
             );
         }
         self.last_log = Instant::now();
         self.last_applied = applied;
+        self.waiting = Duration::ZERO;
+        self.applying = Duration::ZERO;
     }
 }

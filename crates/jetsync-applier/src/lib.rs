@@ -29,6 +29,7 @@ mod engine;
 mod error;
 mod fetch;
 mod fleet;
+mod freer;
 mod gap;
 mod http;
 mod last_error;

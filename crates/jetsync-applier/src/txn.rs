@@ -19,6 +19,8 @@ use std::time::Duration;
 use async_nats::jetstream;
 use jetsync::transaction::{BATCH_COMMIT_HEADER, BATCH_ID_HEADER};
 
+use crate::decode::header;
+
 /// How long an open transaction at the end of what has arrived waits for its next member
 /// before it is applied as stored (longer than the server's 10 s batch timeout).
 pub(crate) const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
@@ -39,14 +41,12 @@ pub(crate) struct Tag<'a> {
 
 /// The transaction tag of a message, `None` outside a transaction.
 pub(crate) fn tag(message: &jetstream::Message) -> Option<Tag<'_>> {
-    let headers = message.headers.as_ref()?;
-    let id = headers.get(BATCH_ID_HEADER)?.as_str();
+    let headers = message.headers.as_ref();
+    let id = header(headers, BATCH_ID_HEADER)?;
     if id.is_empty() {
         return None;
     }
-    let commit = headers
-        .get(BATCH_COMMIT_HEADER)
-        .is_some_and(|v| v.as_str().trim() == "1");
+    let commit = header(headers, BATCH_COMMIT_HEADER).is_some_and(|v| v.trim() == "1");
     Some(Tag { id, commit })
 }
 

@@ -40,6 +40,7 @@ pub(crate) async fn run(
     let log = dir.join("applier.log");
     let checkpoint = dir.join("data").join(format!("{instance}.redb"));
     let timeout = Duration::from_secs(60 + last / 1_000);
+    harness::mark(&format!("{instance} binary"));
     let mut process = Process::spawn(&applier.path, &config, &log)?;
     let (peak_kib, done, elapsed) = memory::sample_peak(&mut process, &log, timeout, false, || {
         let applied = jetsync_applier::read_checkpoint(&checkpoint, &stream.name)
@@ -49,6 +50,7 @@ pub(crate) async fn run(
     })
     .await
     .with_context(|| format!("jetsync-applier run ({instance})"))?;
+    harness::mark(&format!("{instance} binary done"));
     if done.is_none() {
         bail!("jetsync-applier ({instance}) exited before applying seq {last}");
     }

@@ -63,6 +63,7 @@
 //! [`SinkError::Rejected`] with its index, and nothing of the batch remains. What an event
 //! contains never makes the sink fail with [`SinkError::Fatal`].
 
+mod checkpoint;
 mod connection;
 mod digest;
 mod errors;
@@ -81,6 +82,7 @@ use std::time::Duration;
 use jetsync::Row;
 use rusqlite::Connection;
 
+use self::checkpoint::Checkpointer;
 use self::errors::{sink_error, Error};
 use self::schema::SchemaCache;
 use crate::{Change, Sink, SinkError, TableDigest};
@@ -105,6 +107,9 @@ pub struct SqliteSink {
     /// The sync group whose replacement (snapshot resync) is open, if any: the connection is
     /// inside its transaction between `replace_begin` and `replace_commit`/`replace_abort`.
     replacing: Option<String>,
+    /// The thread that checkpoints the WAL off the writer's thread (`checkpoint.rs`); `None`
+    /// for an in-memory database, or when it could not be started.
+    _checkpointer: Option<Checkpointer>,
 }
 
 impl SqliteSink {
@@ -118,13 +123,18 @@ impl SqliteSink {
         options
             .validate()
             .map_err(|reason| SinkError::Fatal { reason })?;
-        let conn = connection::open(&options.path)?;
+        let mut conn = connection::open(&options.path)?;
+        let checkpointer = match options.path.as_os_str() == ":memory:" {
+            true => None,
+            false => Checkpointer::start(&options.path, &mut conn),
+        };
         tracing::debug!(path = %options.path.display(), "opened SQLite sink");
         Ok(SqliteSink {
             conn,
             options,
             schema: SchemaCache::default(),
             replacing: None,
+            _checkpointer: checkpointer,
         })
     }
 
