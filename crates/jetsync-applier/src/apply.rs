@@ -29,7 +29,6 @@ use crate::{
     backoff::Backoff,
     coalesce,
     decode::{decode, header, row_of, DecodeFailure, RawEvent},
-    freer::Freer,
     offsets::Offsets,
     parked::{now_ms, ParkedEvent, RowId},
     shutdown::Shutdown,
@@ -69,8 +68,6 @@ pub(crate) struct Applier<S> {
     /// Whether batches are coalesced (`apply.coalesce`, and the sink does not need to see every
     /// change; see `coalesce.rs`).
     coalesce: bool,
-    /// Drops applied batches off this task (see `freer.rs`).
-    pub(crate) freer: Freer,
 }
 
 impl<S: Sink> Applier<S> {
@@ -101,7 +98,6 @@ impl<S: Sink> Applier<S> {
             stats,
             lazy_checkpoint: false,
             coalesce,
-            freer: Freer::spawn(),
         })
     }
 
@@ -277,7 +273,6 @@ impl<S: Sink> Applier<S> {
             elapsed_us = started.elapsed().as_micros() as u64,
             "batch applied"
         );
-        self.freer.free((changes, sources, parks));
         Ok(true)
     }
 

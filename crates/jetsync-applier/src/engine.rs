@@ -686,7 +686,6 @@ impl Session<'_> {
             tracing::debug!(error = %e, seq = last.stream_seq, "acknowledgement not sent");
         }
         state.progress.maybe_log(state.applier.applied, pending);
-        state.applier.freer.free(batch);
         Ok(true)
     }
 }

@@ -29,7 +29,6 @@ mod engine;
 mod error;
 mod fetch;
 mod fleet;
-mod freer;
 mod gap;
 mod http;
 mod last_error;
