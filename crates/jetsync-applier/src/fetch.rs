@@ -44,6 +44,13 @@ pub(crate) const CATCH_UP_PENDING: u64 = 10_000;
 /// `apply.batch_max_bytes`).
 pub(crate) const CATCH_UP_FACTOR: usize = 2;
 
+/// The fewest bytes of event bodies a batch may hold while it is stretched to the end of a
+/// transaction (beyond them the transaction is applied in parts, with a warning): four times
+/// `apply.batch_max_bytes`, but never less than this, so that a smaller `batch_max_bytes`
+/// (which bounds memory while nothing is open) does not split transactions it used to apply
+/// whole.
+const STRETCH_MIN_BYTES: usize = 64 * 1024 * 1024;
+
 /// A delivered message with its parsed delivery metadata.
 pub(crate) struct Pulled {
     pub(crate) message: jetstream::Message,
@@ -392,7 +399,8 @@ impl Fetcher {
     /// transaction (kept in `carry` to start the next batch). Waits at most
     /// [`txn::OPEN_TIMEOUT`] for each message: a transaction still open then was never an
     /// atomic batch (see `txn.rs`) and is applied as stored. Beyond [`txn::MAX_STRETCH`]
-    /// further events or four times `batch_max_bytes`, the run is applied in parts, with a
+    /// further events or four times `batch_max_bytes` (at least [`STRETCH_MIN_BYTES`]), the run
+    /// is applied in parts, with a
     /// warning. Returns the reason of a delivery anomaly that ended it.
     async fn stretch(
         &mut self,
@@ -405,21 +413,25 @@ impl Fetcher {
             .unwrap_or_default()
             .to_owned();
         let first_seq = batch[open].stream_seq;
-        let batch_max_bytes = self.sizes.batch_max_bytes;
+        let stretch_max_bytes = self
+            .sizes
+            .batch_max_bytes
+            .saturating_mul(4)
+            .max(STRETCH_MIN_BYTES);
         let mut bytes: usize = batch.iter().map(|p| p.message.payload.len()).sum();
         let mut added = 0usize;
         // The wait for the next member restarts when one arrives, not when the connection
         // check ticks.
         let mut deadline = tokio::time::Instant::now() + txn::OPEN_TIMEOUT;
         loop {
-            if added >= txn::MAX_STRETCH || bytes >= batch_max_bytes.saturating_mul(4) {
+            if added >= txn::MAX_STRETCH || bytes >= stretch_max_bytes {
                 tracing::warn!(
                     txn = %id,
                     first_seq,
                     events = batch.len() - open,
                     "transaction too large to apply in one sink transaction (more than {} events or {} bytes in hand); applying it in parts",
                     txn::MAX_STRETCH,
-                    batch_max_bytes.saturating_mul(4)
+                    stretch_max_bytes
                 );
                 return None;
             }
