@@ -521,13 +521,9 @@ impl Rules {
                 }
                 out.last = seq;
                 let pre = decoded.get_mut(k).and_then(Option::take);
-                let verdict = match pre {
-                    // Decoded by the fetcher, so its subject maps to a row of a synced table and
-                    // its body is within the limit (see `Rules::predecode`): unless its row is
-                    // blocked, `classify` would apply it as decoded; this path skips deriving
-                    // the row and reading the headers again.
-                    Some(Ok(change)) if !held_behind(blocked, &change) => Verdict::Apply(change),
-                    pre => {
+                let verdict = match applied_as_decoded(pre, blocked) {
+                    Ok(verdict) => verdict,
+                    Err(pre) => {
                         let raw = RawEvent::of_message(seq, message);
                         self.classify(raw, msg_id_of(message), pre, blocked)
                     }
@@ -550,6 +546,21 @@ impl Rules {
             i = end;
         }
         out
+    }
+}
+
+/// The verdict of an event the fetcher decoded without error, when its row is not blocked:
+/// applied as decoded. Such an event's subject maps to a row of a synced table and its body is
+/// within `apply.max_event_bytes` (see [`Rules::predecode`]), so [`Rules::classify`] would
+/// reach the same verdict; this skips deriving the row and reading the headers again. Anything
+/// else is handed back for `classify`.
+fn applied_as_decoded(
+    pre: Predecoded,
+    blocked: &HashMap<RowId, u64>,
+) -> Result<Verdict, Predecoded> {
+    match pre {
+        Some(Ok(change)) if !held_behind(blocked, &change) => Ok(Verdict::Apply(change)),
+        pre => Err(pre),
     }
 }
 
@@ -836,6 +847,10 @@ mod tests {
             }
             v
         };
+        // So does the engine's shortcut for decoded events whose row is not blocked.
+        if let Ok(shortcut) = applied_as_decoded(pre.clone(), blocked) {
+            assert_eq!(shortcut, verdict);
+        }
         assert_eq!(
             timeless(rules.classify(raw, Some("id"), pre, &mut blocked.clone())),
             timeless(verdict)
