@@ -559,21 +559,29 @@ fn applied_as_decoded(
     blocked: &HashMap<RowId, u64>,
 ) -> Result<Verdict, Predecoded> {
     match pre {
-        Some(Ok(change)) if !held_behind(blocked, &change) => Ok(Verdict::Apply(change)),
+        Some(Ok(change)) if parked_before(blocked, &change).is_none() => Ok(Verdict::Apply(change)),
         pre => Err(pre),
     }
 }
 
-/// Whether `change`'s row has a parked event before it (so it must be held behind it).
-fn held_behind(blocked: &HashMap<RowId, u64>, change: &Change) -> bool {
-    if blocked.is_empty() {
-        return false;
-    }
-    let row = RowId {
+/// The row `change` writes.
+fn row_id(change: &Change) -> RowId {
+    RowId {
         table: change.table.clone(),
         key: change.key.clone(),
-    };
-    blocked.get(&row).is_some_and(|&first| change.seq > first)
+    }
+}
+
+/// The sequence of the first parked event of `change`'s row when it comes before `change`
+/// (which must then be held behind it).
+fn parked_before(blocked: &HashMap<RowId, u64>, change: &Change) -> Option<u64> {
+    if blocked.is_empty() {
+        return None;
+    }
+    blocked
+        .get(&row_id(change))
+        .copied()
+        .filter(|&first| first < change.seq)
 }
 
 /// When a member of transaction `id` is parked, parks the others too (blocking their rows) and
@@ -593,10 +601,7 @@ fn park_whole_transaction(
     for (k, verdict) in verdicts.iter_mut() {
         if let Verdict::Apply(change) = verdict {
             let (seq, message) = events[*k];
-            let row = RowId {
-                table: change.table.clone(),
-                key: change.key.clone(),
-            };
+            let row = row_id(change);
             blocked.entry(row.clone()).or_insert(seq);
             *verdict = Verdict::Park(record(
                 RawEvent::of_message(seq, message),
@@ -672,29 +677,14 @@ pub(crate) fn take_rejected(
     let mut i = lo;
     while i < changes.len() {
         let (_, end) = group_around(sources, events, i);
-        let held_at = (i..end).find(|&k| {
-            let c = &changes[k];
-            let row = RowId {
-                table: c.table.clone(),
-                key: c.key.clone(),
-            };
-            blocked.get(&row).is_some_and(|&first| first < c.seq)
-        });
+        let held_at = (i..end).find(|&k| parked_before(blocked, &changes[k]).is_some());
         let Some(held_at) = held_at else {
             i = end;
             continue;
         };
         let id = txn::batch_id(events[sources[i]].1).unwrap_or_default();
         for k in i..end {
-            let c = &changes[k];
-            let first = blocked
-                .get(&RowId {
-                    table: c.table.clone(),
-                    key: c.key.clone(),
-                })
-                .copied()
-                .filter(|&first| first < c.seq);
-            let (why, behind) = match first {
+            let (why, behind) = match parked_before(blocked, &changes[k]) {
                 Some(first) => (
                     format!("held behind parked event {first} of the same row"),
                     Some(first),
@@ -751,10 +741,7 @@ fn park_change(
     held_behind: Option<u64>,
     blocked: &mut HashMap<RowId, u64>,
 ) -> ParkedEvent {
-    let row = RowId {
-        table: change.table.clone(),
-        key: change.key.clone(),
-    };
+    let row = row_id(change);
     blocked.entry(row.clone()).or_insert(seq);
     let mut parked = record(
         RawEvent::of_message(seq, message),

@@ -22,6 +22,7 @@ use std::{
 
 use anyhow::bail;
 use futures::StreamExt as _;
+use jetsync::transaction::{BATCH_COMMIT_HEADER, BATCH_ID_HEADER, BATCH_SEQUENCE_HEADER};
 use serde::Serialize;
 
 use crate::{
@@ -240,9 +241,6 @@ async fn server_round_trips(
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", format!("rt-{atomic}-{i}").as_str());
         if atomic {
-            use jetsync::transaction::{
-                BATCH_COMMIT_HEADER, BATCH_ID_HEADER, BATCH_SEQUENCE_HEADER,
-            };
             headers.insert(BATCH_ID_HEADER, format!("rtb{i}").as_str());
             headers.insert(BATCH_SEQUENCE_HEADER, "1");
             headers.insert(BATCH_COMMIT_HEADER, "1");

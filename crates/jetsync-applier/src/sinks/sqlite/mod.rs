@@ -124,9 +124,10 @@ impl SqliteSink {
             .validate()
             .map_err(|reason| SinkError::Fatal { reason })?;
         let mut conn = connection::open(&options.path)?;
-        let checkpointer = match options.path.as_os_str() == ":memory:" {
-            true => None,
-            false => Checkpointer::start(&options.path, &mut conn),
+        let checkpointer = if options.path.as_os_str() == ":memory:" {
+            None
+        } else {
+            Checkpointer::start(&options.path, &mut conn)
         };
         tracing::debug!(path = %options.path.display(), "opened SQLite sink");
         Ok(SqliteSink {
