@@ -20,11 +20,15 @@
 //!   id; every cycle scans what is left, never a high-water mark.
 //! - SQLite gives triggers no transaction id. SQLite runs one writer at a time, so the relay, in
 //!   one short write transaction per cycle, assigns every committed, unassigned outbox row to a
-//!   publish batch (column `batch` = the batch's first id) before publishing: the local
-//!   transactions committed between two relay cycles (10 ms apart by default) become one
-//!   atomic transaction, a superset, so no reader anywhere sees part of one. More than
-//!   [`jetsync::MAX_TRANSACTION_ROWS`] such rows are split into several batches with a WARN
+//!   publish batch (column `batch` = the batch's first id) before publishing, split at the
+//!   commit boundaries its watcher saw (`commits.rs`): local transactions committed too close
+//!   together to tell apart (or more than four waiting at once) become
+//!   one atomic transaction, a superset, so no reader anywhere sees part of one. A commit of
+//!   more than [`jetsync::MAX_TRANSACTION_ROWS`] rows is split into several batches with a WARN
 //!   (this happens after the relay was not running while the service wrote).
+//!
+//! A batch of one change is published as a plain message (one message is stored whole or not
+//! at all); only batches of several changes need the server's atomic batches.
 //!
 //! **Pending local changes** (`pending.rs`, table `jetsync_capture_pending`): the origin never
 //! applies a change of a row over a newer local change of that row that has not come back
@@ -34,6 +38,7 @@
 //! delete republishes exactly the same batches with the same message ids, which the server
 //! drops as duplicates within the stream's duplicate window.
 
+mod commits;
 mod image;
 pub mod pending;
 mod postgres;

@@ -23,7 +23,10 @@ use jetsync::{Change, Config, MAX_TRANSACTION_ROWS};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::Notify;
 
-use super::{image, Ack, Batch, CaptureError, CaptureReport, Entry, TableAction};
+use super::{
+    commits::{self, Boundaries, Grouping},
+    image, Ack, Batch, CaptureError, CaptureReport, Entry, TableAction,
+};
 use crate::sinks::sql::push_quoted;
 
 /// How long the relay's and install's statements wait for the service's write lock.
@@ -425,13 +428,18 @@ const WATCH_INTERVAL: Duration = Duration::from_micros(250);
 
 /// Wakes the relay when another connection (the service) commits to the file: a thread with its
 /// own read-only connection compares `PRAGMA data_version` every [`WATCH_INTERVAL`], which
-/// costs a read of the WAL index header, not of the database. Stops when dropped.
+/// costs a read of the WAL index header, not of the database. On every commit it also records
+/// the outbox's commit boundary ([`Boundaries`]). Stops when dropped.
 struct Watcher {
     stop: Arc<AtomicBool>,
 }
 
 impl Watcher {
-    fn start(path: &Path, wake: Arc<Notify>) -> Result<Watcher, CaptureError> {
+    fn start(
+        path: &Path,
+        wake: Arc<Notify>,
+        boundaries: Boundaries,
+    ) -> Result<Watcher, CaptureError> {
         let conn = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -451,6 +459,16 @@ impl Watcher {
                         .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
                         .ok();
                     if version.is_some() && last.is_some() && version != last {
+                        // The highest outbox id handed out so far ends a transaction
+                        // (`commits.rs`); recorded before the relay wakes up to use it.
+                        let highest = conn
+                            .prepare_cached(
+                                "SELECT seq FROM sqlite_sequence WHERE name = 'jetsync_outbox'",
+                            )
+                            .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)).optional());
+                        if let Ok(Some(highest)) = highest {
+                            boundaries.record(highest);
+                        }
                         wake.notify_one();
                     }
                     last = version.or(last);
@@ -479,6 +497,8 @@ pub(super) struct Store {
     _watcher: Option<Watcher>,
     /// Outbox ids the last [`Store::assign`] assigned and marked in flight, in id order.
     marked: Vec<i64>,
+    /// Commit boundaries the watcher saw (empty without a watcher).
+    boundaries: Boundaries,
 }
 
 impl Store {
@@ -490,7 +510,10 @@ impl Store {
         wake: Option<Arc<Notify>>,
     ) -> Result<Store, CaptureError> {
         let conn = open(path)?;
-        let watcher = wake.map(|w| Watcher::start(path, w)).transpose()?;
+        let boundaries = Boundaries::default();
+        let watcher = wake
+            .map(|w| Watcher::start(path, w, boundaries.clone()))
+            .transpose()?;
         Ok(Store {
             conn,
             path: path.to_owned(),
@@ -498,6 +521,7 @@ impl Store {
             schema_version: None,
             _watcher: watcher,
             marked: Vec::new(),
+            boundaries,
         })
     }
 
@@ -584,7 +608,8 @@ impl Store {
     }
 
     /// Assigns up to `max_rows` committed, unassigned outbox rows to publish batches of at most
-    /// [`MAX_TRANSACTION_ROWS`], in one short write transaction. Returns the rows assigned.
+    /// [`MAX_TRANSACTION_ROWS`], in one short write transaction, split at the commit boundaries
+    /// the watcher saw ([`commits::group`]). Returns the rows assigned.
     pub(super) fn assign(&mut self, max_rows: usize) -> Result<usize, CaptureError> {
         // A read first: the write lock is taken only when there is something to assign, so an
         // idle relay never competes with the service's writers.
@@ -596,16 +621,23 @@ impl Store {
         if !waiting {
             return Ok(0);
         }
-        let run = |conn: &Connection| -> rusqlite::Result<Vec<i64>> {
+        let boundaries = self.boundaries.clone();
+        let run = |conn: &Connection| -> rusqlite::Result<(Vec<i64>, Grouping)> {
             conn.execute_batch("BEGIN IMMEDIATE")?;
-            let ids: Vec<i64> = conn
+            let mut ids: Vec<i64> = conn
                 .prepare_cached(
                     "SELECT id FROM jetsync_outbox WHERE batch IS NULL ORDER BY id LIMIT ?1",
                 )?
                 .query_map([max_rows as i64], |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
-            for chunk in ids.chunks(MAX_TRANSACTION_ROWS) {
-                let (first, last) = (chunk[0], chunk[chunk.len() - 1]);
+            // The write lock is held: no transaction is under way, so the last row read ends
+            // one (unless the limit cut the read).
+            let bounds = ids.last().map_or_else(Vec::new, |l| boundaries.up_to(*l));
+            let grouping =
+                commits::group(&ids, &bounds, ids.len() >= max_rows, MAX_TRANSACTION_ROWS);
+            tracing::trace!(?ids, ?bounds, ?grouping, "assign");
+            ids.truncate(ids.len() - grouping.held_back);
+            for (first, last) in &grouping.batches {
                 conn.prepare_cached(
                     "UPDATE jetsync_outbox SET batch = ?1 WHERE id BETWEEN ?1 AND ?2 AND batch IS NULL",
                 )?
@@ -621,24 +653,27 @@ impl Store {
                 .execute(params![super::pending::IN_FLIGHT, id])?;
             }
             conn.execute_batch("COMMIT")?;
-            Ok(ids)
+            Ok((ids, grouping))
         };
         let result = run(&self.conn);
         if !self.conn.is_autocommit() {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
-        let ids = result.map_err(|e| self.err("assign outbox rows in", e))?;
+        let (ids, grouping) = result.map_err(|e| self.err("assign outbox rows in", e))?;
+        if let Some(last) = ids.last() {
+            self.boundaries.forget_through(*last);
+        }
         self.marked = ids.clone();
-        if ids.len() > MAX_TRANSACTION_ROWS {
+        for (first_id, last_id, rows) in grouping.cut {
             tracing::warn!(
-                rows = ids.len(),
-                first_id = ids[0],
-                last_id = ids[ids.len() - 1],
+                rows,
+                first_id,
+                last_id,
                 max = MAX_TRANSACTION_ROWS,
-                "captured changes committed since the last relay cycle (outbox ids first_id..=last_id) \
-                 exceed one atomic batch: published as several transactions, so a local \
-                 transaction among them may be split (this happens when the service wrote while \
-                 the relay was not running)"
+                "captured changes of one commit (outbox ids first_id..=last_id; a local \
+                 transaction, or several committed too close together to tell apart) exceed one \
+                 atomic batch: published as several transactions, so a local transaction among \
+                 them is split"
             );
         }
         Ok(ids.len())

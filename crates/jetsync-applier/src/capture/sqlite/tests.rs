@@ -300,6 +300,75 @@ fn batches_split_at_the_server_limit_and_deletes_count() {
     assert_eq!(again.len(), 3);
 }
 
+/// Waits (up to 10 s) until the store's watcher has recorded a commit boundary at `id`.
+fn wait_for_boundary(store: &Store, id: i64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !store.boundaries.up_to(id).contains(&id) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the watcher recorded no boundary at {id}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Commits each transaction (its keys), waiting for the store's watcher to see each commit
+/// (its last outbox id).
+fn commit_each(conn: &Connection, store: &Store, transactions: &[(i64, &[&str])]) {
+    for (id, keys) in transactions {
+        conn.execute_batch("BEGIN").unwrap();
+        for key in *keys {
+            conn.execute("INSERT INTO capture_items (id) VALUES (?1)", [key])
+                .unwrap();
+        }
+        conn.execute_batch("COMMIT").unwrap();
+        wait_for_boundary(store, *id);
+    }
+}
+
+#[test]
+fn batches_follow_the_commits_the_watcher_saw() {
+    let (_dir, path, conn) = setup();
+    install(&path, &tables(), false).unwrap();
+    let wake = Arc::new(Notify::new());
+    let mut store = Store::open(&path, tables(), Some(wake)).unwrap();
+    // Three one-row transactions, then one of two rows.
+    commit_each(
+        &conn,
+        &store,
+        &[(1, &["a"]), (2, &["b"]), (3, &["c"]), (5, &["d", "e"])],
+    );
+    assert_eq!(store.assign(10_000).unwrap(), 5);
+    let sizes: Vec<usize> = store
+        .pending(10_000)
+        .unwrap()
+        .iter()
+        .map(|b| b.entries.len())
+        .collect();
+    assert_eq!(sizes, [1, 1, 1, 2]);
+
+    // More commits than are published one by one are merged, never cutting a transaction.
+    commit_each(
+        &conn,
+        &store,
+        &[
+            (6, &["f"]),
+            (8, &["g", "h"]),
+            (9, &["i"]),
+            (10, &["j"]),
+            (11, &["k"]),
+        ],
+    );
+    assert_eq!(store.assign(10_000).unwrap(), 6);
+    let batches = store.pending(10_000).unwrap();
+    let last: Vec<i64> = batches[4..]
+        .iter()
+        .flat_map(|b| b.entries.iter().map(|e| e.id))
+        .collect();
+    assert_eq!(batches.len(), 5, "{batches:?}");
+    assert_eq!(last, (6..=11).collect::<Vec<i64>>());
+}
+
 #[test]
 fn remove_drops_triggers_and_keeps_the_outbox() {
     let (_dir, path, conn) = setup();
