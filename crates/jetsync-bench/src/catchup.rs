@@ -19,6 +19,10 @@ pub(crate) struct CatchUp {
     pub(crate) eps: f64,
     /// Peak resident memory of the process (MiB).
     pub(crate) peak_rss_mib: f64,
+    /// CPU time per event of the process (µs), start-up included.
+    pub(crate) applier_cpu_us: Option<f64>,
+    /// CPU time per event of the nats-server meanwhile (µs).
+    pub(crate) server_cpu_us: Option<f64>,
 }
 
 /// Runs `jetsync-applier run` as instance `instance` (its files under `dir`) with `sink` as the
@@ -41,7 +45,11 @@ pub(crate) async fn run(
     let checkpoint = dir.join("data").join(format!("{instance}.redb"));
     let timeout = Duration::from_secs(60 + last / 1_000);
     harness::mark(&format!("{instance} binary"));
+    let server = [harness::server_pid()];
+    let server_cpu = harness::CpuMark::now(&server);
     let mut process = Process::spawn(&applier.path, &config, &log)?;
+    let own = [Some(process.child.id())];
+    let own_cpu = harness::CpuMark::now(&own);
     let (peak_kib, done, elapsed) = memory::sample_peak(&mut process, &log, timeout, false, || {
         let applied = jetsync_applier::read_checkpoint(&checkpoint, &stream.name)
             .map(|c| c.applied)
@@ -54,6 +62,10 @@ pub(crate) async fn run(
     if done.is_none() {
         bail!("jetsync-applier ({instance}) exited before applying seq {last}");
     }
+    let (applier_cpu_us, server_cpu_us) = (
+        own_cpu.us_per_event(&own, last),
+        server_cpu.us_per_event(&server, last),
+    );
     let status = process.terminate(Duration::from_secs(15))?;
     if !status.success() {
         bail!(
@@ -64,5 +76,7 @@ pub(crate) async fn run(
     Ok(CatchUp {
         eps: harness::eps(last, elapsed),
         peak_rss_mib: peak_kib as f64 / 1024.0,
+        applier_cpu_us,
+        server_cpu_us,
     })
 }

@@ -31,9 +31,45 @@ fn next_changes(draws: &mut Draws, first: u64, n: u64) -> Vec<Change> {
         .collect()
 }
 
-/// Writes `events` changes of `draws` into `sink` as group `group`, `batch` per `apply`;
-/// returns events per second of time inside `apply`.
+/// A sink ceiling.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ceiling {
+    /// Events per second of time inside `apply`.
+    pub(crate) eps: f64,
+    /// CPU time per event (µs) of this process for the writes, every thread of the sink (e.g.
+    /// SQLite's checkpoint thread) included, building the changes excluded.
+    pub(crate) cpu_us: Option<f64>,
+}
+
+/// Writes `events` changes of `draws` into `sink` as group `group`, `batch` per `apply`.
 pub(crate) async fn through_sink<S: Sink>(
+    sink: &mut S,
+    group: &str,
+    draws: Draws,
+    events: u64,
+    batch: usize,
+) -> anyhow::Result<Ceiling> {
+    let own = [Some(std::process::id())];
+    // The CPU of building (and dropping) the changes alone, taken off below.
+    let building = harness::CpuMark::now(&own);
+    let mut dry = draws.clone();
+    let mut next = 1u64;
+    while next <= events {
+        let n = (batch as u64).min(events + 1 - next);
+        drop(std::hint::black_box(next_changes(&mut dry, next, n)));
+        next += n;
+    }
+    let building_us = building.us_per_event(&own, events).unwrap_or(0.0);
+    let cpu = harness::CpuMark::now(&own);
+    let eps = write_through(sink, group, draws, events, batch).await?;
+    let cpu_us = cpu
+        .us_per_event(&own, events)
+        .map(|us| (us - building_us).max(0.0));
+    Ok(Ceiling { eps, cpu_us })
+}
+
+/// [`through_sink`]'s writes; returns events per second of time inside `apply`.
+async fn write_through<S: Sink>(
     sink: &mut S,
     group: &str,
     mut draws: Draws,

@@ -127,7 +127,7 @@ pub(crate) async fn run(
     let client = jetsync::Client::connect(&config).await?;
     let table = client.rows(TABLE)?;
     let mut rng = Rng::new(0x5eed_0015);
-    let tick = clock_ticks()?;
+    let tick = harness::clock_ticks()?;
 
     // The publisher alone; its first event also gives new instances something to apply.
     let mut instances: Vec<Instance> = Vec::new();
@@ -216,15 +216,17 @@ async fn step(
     let poll_stop = stop.clone();
     let poller = tokio::task::spawn_blocking(move || poll_fences(&dbs, &poll_stop));
 
-    let cpu_server = cpu_ticks(server_pid);
-    let cpu_appliers: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
+    let cpu_server = harness::cpu_ticks(server_pid);
+    let cpu_appliers: u64 = pids.iter().map(|p| harness::cpu_ticks(*p)).sum();
     let started = Instant::now();
     let sends = live::publish_paced(table, rng, rate, duration).await?;
     let wall = started.elapsed().as_secs_f64();
-    let server_cpu_pct = (cpu_ticks(server_pid) - cpu_server) as f64 / tick / wall * 100.0;
-    let applier_cpu_pct =
-        (pids.iter().map(|p| cpu_ticks(*p)).sum::<u64>() - cpu_appliers) as f64 / tick / wall
-            * 100.0;
+    let server_cpu_pct = (harness::cpu_ticks(server_pid) - cpu_server) as f64 / tick / wall * 100.0;
+    let applier_cpu_pct = (pids.iter().map(|p| harness::cpu_ticks(*p)).sum::<u64>() - cpu_appliers)
+        as f64
+        / tick
+        / wall
+        * 100.0;
     let last = sends.iter().map(|s| s.0).max().unwrap_or(0);
 
     // Every instance applies the last event; then the poller stops.
@@ -379,32 +381,4 @@ async fn wait_fences(
         }
     }
     Ok(())
-}
-
-/// utime + stime of `pid` in clock ticks (0 when unreadable).
-fn cpu_ticks(pid: u32) -> u64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0;
-    };
-    // Fields after the command name (which may hold spaces) start at field 3 (state).
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |n: usize| {
-        fields
-            .get(n - 3)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    field(14) + field(15)
-}
-
-/// Clock ticks per second (`getconf CLK_TCK`).
-fn clock_ticks() -> anyhow::Result<f64> {
-    let out = Command::new("getconf").arg("CLK_TCK").output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.trim()
-        .parse::<f64>()
-        .with_context(|| format!("getconf CLK_TCK: {text:?}"))
 }

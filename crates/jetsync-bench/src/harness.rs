@@ -199,6 +199,13 @@ pub(crate) fn engine_config(
     if let Some(&batch_max) = BATCH_MAX.get() {
         config.apply.batch_max = batch_max;
     }
+    // Experiments: `JETSYNC_BENCH_BATCH_WAIT_MS` overrides `apply.batch_wait_ms`.
+    if let Some(ms) = std::env::var("JETSYNC_BENCH_BATCH_WAIT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        config.apply.batch_wait_ms = ms;
+    }
     config
 }
 
@@ -353,5 +360,73 @@ pub(crate) fn mark(what: &str) {
         let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
         let t = uptime.split_whitespace().next().unwrap_or("?");
         eprintln!("mark {t} {what}");
+    }
+}
+
+/// utime + stime of `pid` in clock ticks (0 when unreadable).
+pub(crate) fn cpu_ticks(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // Fields after the command name (which may hold spaces) start at field 3 (state).
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| {
+        fields
+            .get(n - 3)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(14) + field(15)
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`).
+pub(crate) fn clock_ticks() -> anyhow::Result<f64> {
+    let out = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .parse::<f64>()
+        .with_context(|| format!("getconf CLK_TCK: {text:?}"))
+}
+
+static SERVER_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// Notes the process id of the bench's nats-server (for its CPU time).
+pub(crate) fn set_server_pid(pid: Option<u32>) {
+    if let Some(pid) = pid {
+        let _ = SERVER_PID.set(pid);
+    }
+}
+
+/// The process id of the bench's nats-server, when known.
+pub(crate) fn server_pid() -> Option<u32> {
+    SERVER_PID.get().copied()
+}
+
+/// CPU time (user + system) of processes, to turn into CPU per event.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CpuMark {
+    ticks: u64,
+}
+
+impl CpuMark {
+    /// The CPU time `pids` used so far (a pid of `None` counts nothing).
+    pub(crate) fn now(pids: &[Option<u32>]) -> CpuMark {
+        CpuMark {
+            ticks: pids.iter().flatten().map(|p| cpu_ticks(*p)).sum(),
+        }
+    }
+
+    /// Microseconds of CPU per event that `pids` used since this mark, over `events`; `None`
+    /// when the clock tick is unknown or nothing was counted.
+    pub(crate) fn us_per_event(&self, pids: &[Option<u32>], events: u64) -> Option<f64> {
+        static TICK: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
+        let tick = (*TICK.get_or_init(|| clock_ticks().ok()))?;
+        let used = CpuMark::now(pids).ticks.checked_sub(self.ticks)?;
+        (used > 0 && events > 0).then(|| used as f64 / tick * 1e6 / events as f64)
     }
 }

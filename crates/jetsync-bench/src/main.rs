@@ -249,6 +249,7 @@ fn real_main() -> anyhow::Result<bool> {
         .start()
         .context("starting nats-server")?;
     eprintln!("nats-server {} at {}", server.version(), server.url());
+    harness::set_server_pid(server.pid());
     let mut report = Report {
         server: Server {
             version: server.version().to_owned(),

@@ -68,6 +68,18 @@ pub(crate) struct ReplayReport {
     pub(crate) raw_eps: f64,
     /// The raw consumer ran before and after the rest.
     pub(crate) raw_runs: Vec<f64>,
+    /// CPU time per event (µs) of the nats-server while the raw consumer ran (mean of the
+    /// runs that measured it).
+    pub(crate) raw_server_cpu_us: Option<f64>,
+    /// CPU time per event (µs) of the raw consumer's process (the bench) meanwhile.
+    pub(crate) raw_client_cpu_us: Option<f64>,
+    /// CPU time per event (µs) of the engine into the null sink (receiving, decoding,
+    /// checking, acknowledging: everything but a sink's writes).
+    pub(crate) null_sink_cpu_us: Option<f64>,
+    /// CPU time per event (µs) of the nats-server while the null-sink engine ran.
+    pub(crate) null_sink_server_cpu_us: Option<f64>,
+    /// Cores of the machine, which the server, the consumer and the sink share.
+    pub(crate) cores: usize,
     /// The engine in-process into a sink that stores nothing: the engine's own ceiling.
     pub(crate) null_sink_eps: f64,
     /// `null_sink_eps / raw_eps`.
@@ -93,6 +105,8 @@ pub(crate) struct ReplayReport {
 pub(crate) struct SinkFigures {
     /// The sink ceiling through the sink's own `Sink::apply` (events/s of time in `apply`).
     pub(crate) sink_apply_eps: Option<f64>,
+    /// CPU time per event (µs) of that ceiling, every thread of the sink included.
+    pub(crate) sink_apply_cpu_us: Option<f64>,
     /// SQLite only: the plain rusqlite fast path (prepared upsert, 1,000 per transaction, the
     /// sink's settings).
     pub(crate) plain_eps: Option<f64>,
@@ -108,12 +122,37 @@ pub(crate) struct SinkFigures {
     pub(crate) replay_vs_sink_apply: Option<f64>,
     /// `replay_eps / raw_eps`.
     pub(crate) replay_vs_raw: Option<f64>,
+    /// CPU time per event (µs) of the `jetsync-applier` process through its replay.
+    pub(crate) replay_applier_cpu_us: Option<f64>,
+    /// CPU time per event (µs) of the nats-server through that replay.
+    pub(crate) replay_server_cpu_us: Option<f64>,
+    /// What the machine's cores allow the engine with this sink, were every core busy all the
+    /// time: `cores` / (CPU per event of the engine into the null sink and of the server
+    /// meanwhile + the `Sink::apply` ceiling's CPU per event). SQLite and redb only (the
+    /// Postgres sink's work is mostly in another process).
+    pub(crate) cores_bound_eps: Option<f64>,
+    /// `replay_eps / cores_bound_eps`.
+    pub(crate) replay_vs_cores_bound: Option<f64>,
     /// Peak RSS of the binary through this replay (MiB).
     pub(crate) replay_peak_rss_mib: Option<f64>,
 }
 
 impl SinkFigures {
-    fn settle(&mut self, raw_eps: f64) {
+    /// Takes the figures of the `Sink::apply` ceiling.
+    fn ceiling(&mut self, ceiling: Option<ceiling::Ceiling>) {
+        self.sink_apply_eps = ceiling.map(|c| c.eps);
+        self.sink_apply_cpu_us = ceiling.and_then(|c| c.cpu_us);
+    }
+
+    /// Takes the figures of the binary's replay.
+    fn took(&mut self, c: &catchup::CatchUp) {
+        self.replay_eps = Some(c.eps);
+        self.replay_peak_rss_mib = Some(c.peak_rss_mib);
+        self.replay_applier_cpu_us = c.applier_cpu_us;
+        self.replay_server_cpu_us = c.server_cpu_us;
+    }
+
+    fn settle(&mut self, raw_eps: f64, engine_cpu_us: Option<f64>, cores: usize, bounded: bool) {
         let ceiling = match (self.sink_apply_eps, self.plain_eps) {
             (Some(s), Some(p)) if p > s => Some((p, "plain rusqlite")),
             (Some(s), _) => Some((s, "Sink::apply")),
@@ -126,6 +165,13 @@ impl SinkFigures {
             self.replay_ratio = self.ceiling_eps.map(|c| replay / c);
             self.replay_vs_sink_apply = self.sink_apply_eps.map(|c| replay / c);
             self.replay_vs_raw = Some(replay / raw_eps);
+        }
+        if let (true, Some(engine_us), Some(sink_us)) =
+            (bounded, engine_cpu_us, self.sink_apply_cpu_us)
+        {
+            let bound = cores as f64 * 1e6 / (engine_us + sink_us);
+            self.cores_bound_eps = Some(bound);
+            self.replay_vs_cores_bound = self.replay_eps.map(|r| r / bound);
         }
     }
 }
@@ -200,7 +246,7 @@ pub(crate) async fn run(
         ));
     }
     harness::mark("replay sqlite");
-    sqlite.sink_apply_eps = part(
+    sqlite.ceiling(part(
         &mut failures,
         "replay-sqlite-ceiling",
         sink_ceiling(
@@ -212,7 +258,7 @@ pub(crate) async fn run(
             events,
         )
         .await,
-    );
+    ));
     let plain_path = dir.path().join("plain.db");
     sqlite.plain_eps = part(
         &mut failures,
@@ -237,12 +283,11 @@ pub(crate) async fn run(
             )
             .await,
         ) {
-            sqlite.replay_eps = Some(c.eps);
-            sqlite.replay_peak_rss_mib = Some(c.peak_rss_mib);
+            sqlite.took(&c);
         }
     }
     harness::mark("replay redb");
-    redb.sink_apply_eps = part(
+    redb.ceiling(part(
         &mut failures,
         "replay-redb-ceiling",
         sink_ceiling(
@@ -254,7 +299,7 @@ pub(crate) async fn run(
             events,
         )
         .await,
-    );
+    ));
     if let Some(applier) = applier {
         if let Some(c) = part(
             &mut failures,
@@ -271,24 +316,22 @@ pub(crate) async fn run(
             )
             .await,
         ) {
-            redb.replay_eps = Some(c.eps);
-            redb.replay_peak_rss_mib = Some(c.peak_rss_mib);
+            redb.took(&c);
         }
     }
     harness::mark("replay postgres");
-    postgres.sink_apply_eps = part(
+    postgres.ceiling(part(
         &mut failures,
         "replay-postgres-ceiling",
         pg_ceiling(&url, dir.path(), uniform.clone(), events).await,
-    );
+    ));
     if let Some(applier) = applier {
         if let Some(c) = part(
             &mut failures,
             "replay-postgres",
             pg_replay(applier, dir.path(), &url, &stream, events).await,
         ) {
-            postgres.replay_eps = Some(c.eps);
-            postgres.replay_peak_rss_mib = Some(c.peak_rss_mib);
+            postgres.took(&c);
         }
     }
 
@@ -311,10 +354,26 @@ pub(crate) async fn run(
     let raw_second = raw_consume(bench, &stream, "bench_raw_2", events, timeout).await?;
     bench.delete_stream(STREAM).await;
 
-    let raw_runs = vec![raw_first, raw_second];
-    let raw_eps = (raw_first + raw_second) / 2.0;
-    for figures in [&mut sqlite, &mut redb, &mut postgres] {
-        figures.settle(raw_eps);
+    let raw_runs = vec![raw_first.eps, raw_second.eps];
+    let raw_eps = (raw_first.eps + raw_second.eps) / 2.0;
+    let mean = |f: fn(&RawRun) -> Option<f64>| {
+        let v: Vec<f64> = [&raw_first, &raw_second]
+            .into_iter()
+            .filter_map(f)
+            .collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    let raw_server_cpu_us = mean(|r| r.server_cpu_us);
+    let raw_client_cpu_us = mean(|r| r.client_cpu_us);
+    // The engine's own work and the server's, per event, without a sink.
+    let engine_cpu_us = null.server_cpu_us.zip(null.cpu_us).map(|(s, c)| s + c);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for (figures, bounded) in [
+        (&mut sqlite, true),
+        (&mut redb, true),
+        (&mut postgres, false),
+    ] {
+        figures.settle(raw_eps, engine_cpu_us, cores, bounded);
     }
 
     // The hot-key workload.
@@ -342,6 +401,11 @@ pub(crate) async fn run(
         batch,
         raw_eps,
         raw_runs,
+        raw_server_cpu_us,
+        raw_client_cpu_us,
+        null_sink_cpu_us: null.cpu_us,
+        null_sink_server_cpu_us: null.server_cpu_us,
+        cores,
         null_sink_eps: null.eps,
         null_sink_ratio: null.eps / raw_eps,
         null_sink: null.breakdown,
@@ -393,7 +457,7 @@ async fn sink_ceiling(
     sink_toml: &str,
     draws: Draws,
     events: u64,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<ceiling::Ceiling> {
     let stream = StreamConfig {
         name: format!("CEIL_{instance}"),
         subject_prefix: "ceil".into(),
@@ -412,7 +476,7 @@ async fn pg_ceiling(
     dir: &std::path::Path,
     draws: Draws,
     events: u64,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<ceiling::Ceiling> {
     let schema = pg::Schema::create("ceiling").await?;
     let sink = pg_sink_toml(&schema.name);
     let result = sink_ceiling(
@@ -557,14 +621,28 @@ pub(crate) async fn fill_backlog(
 
 /// The raw ceiling: a durable pull consumer with AckAll (same settings as the applier's),
 /// batches of 1,000, a `double_ack` on the last of each batch, nothing decoded. Returns events/s.
+/// One raw pull-consume run.
+struct RawRun {
+    eps: f64,
+    /// CPU time per event (µs) of the nats-server.
+    server_cpu_us: Option<f64>,
+    /// CPU time per event (µs) of this process (the consumer).
+    client_cpu_us: Option<f64>,
+}
+
 async fn raw_consume(
     bench: &Bench,
     stream: &StreamConfig,
     durable: &str,
     events: u64,
     timeout: Duration,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<RawRun> {
     let js = bench.fresh_context().await?;
+    let (server, client) = ([harness::server_pid()], [Some(std::process::id())]);
+    let (server_cpu, client_cpu) = (
+        harness::CpuMark::now(&server),
+        harness::CpuMark::now(&client),
+    );
     let started = Instant::now();
     let deadline = started + timeout;
     let consumer = harness::ack_all_consumer(&js, stream, durable, BATCH).await?;
@@ -601,9 +679,14 @@ async fn raw_consume(
         Err(_) => bail!("raw pull got {received} of {events} events within {timeout:?}"),
     }
     let rate = harness::eps(events, started.elapsed());
+    let run = RawRun {
+        eps: rate,
+        server_cpu_us: server_cpu.us_per_event(&server, events),
+        client_cpu_us: client_cpu.us_per_event(&client, events),
+    };
     drop(messages);
     let _ = js.delete_consumer_from_stream(durable, &stream.name).await;
-    Ok(rate)
+    Ok(run)
 }
 
 /// Where an engine's replay time went.
@@ -621,6 +704,10 @@ pub(crate) struct Breakdown {
 #[derive(Debug, Clone)]
 pub(crate) struct EngineRun {
     pub(crate) eps: f64,
+    /// CPU time per event (µs) of this process (the engine and its sink).
+    pub(crate) cpu_us: Option<f64>,
+    /// CPU time per event (µs) of the nats-server meanwhile.
+    pub(crate) server_cpu_us: Option<f64>,
     pub(crate) breakdown: Breakdown,
 }
 
@@ -631,8 +718,14 @@ async fn engine_replay<S: jetsync_applier::Sink + 'static>(
     last: u64,
     timeout: Duration,
 ) -> anyhow::Result<EngineRun> {
+    let (server, own) = ([harness::server_pid()], [Some(std::process::id())]);
+    let (server_cpu, own_cpu) = (harness::CpuMark::now(&server), harness::CpuMark::now(&own));
     let started = Instant::now();
     let (eps, stats) = engine_catch_up(config, sink, last, last, timeout).await?;
+    let (cpu_us, server_cpu_us) = (
+        own_cpu.us_per_event(&own, last),
+        server_cpu.us_per_event(&server, last),
+    );
     ensure!(
         stats.events_applied == last,
         "the engine applied {} events, expected {last}",
@@ -640,6 +733,8 @@ async fn engine_replay<S: jetsync_applier::Sink + 'static>(
     );
     Ok(EngineRun {
         eps,
+        cpu_us,
+        server_cpu_us,
         breakdown: Breakdown {
             total_s: started.elapsed().as_secs_f64(),
             sink_apply_s: clock.seconds(),

@@ -308,6 +308,19 @@ impl Report {
                 "replay     {} ev backlog ({}, {}, batches of {}): raw pull-consume {:>9} ev/s (JetStream ceiling); engine into a null sink {:>9} ev/s ({:.2} of raw)",
                 r.events, r.format, r.keys, r.batch, int(r.raw_eps), int(r.null_sink_eps), r.null_sink_ratio
             );
+            if let (Some(server), Some(client)) = (r.raw_server_cpu_us, r.raw_client_cpu_us) {
+                let engine = match (r.null_sink_server_cpu_us, r.null_sink_cpu_us) {
+                    (Some(s), Some(e)) => format!(
+                        "; engine into the null sink: nats-server {s:.2} us + engine {e:.2} us"
+                    ),
+                    _ => String::new(),
+                };
+                let _ = writeln!(
+                    w,
+                    "           CPU per event, raw pull-consume: nats-server {server:.2} us + consumer {client:.2} us{engine} ({} cores)",
+                    r.cores
+                );
+            }
             for (name, f) in [
                 ("sqlite", &r.sqlite),
                 ("redb", &r.redb),
@@ -327,6 +340,23 @@ impl Report {
                     opt(f.replay_eps), ratio(f.replay_ratio), opt(f.ceiling_eps), f.ceiling_from.unwrap_or("-"),
                     opt(f.sink_apply_eps), plain, ratio(f.replay_vs_raw),
                     f.replay_peak_rss_mib.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"))
+                );
+                let us = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"));
+                let bound = f
+                    .cores_bound_eps
+                    .map(|b| {
+                        format!(
+                            "; Sink::apply {} us; the cores allow {} ev/s (null-sink engine + its server + Sink::apply), replay = {} of it",
+                            us(f.sink_apply_cpu_us),
+                            int(b),
+                            ratio(f.replay_vs_cores_bound)
+                        )
+                    })
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    w,
+                    "           {:<8} CPU per event in the replay: jetsync-applier {} us, nats-server {} us{bound}",
+                    "", us(f.replay_applier_cpu_us), us(f.replay_server_cpu_us)
                 );
             }
             if let Some(h) = r.handwritten_eps {
