@@ -156,12 +156,16 @@ async fn run_case(atomic: bool) {
             });
     if atomic {
         // The local transaction (ids 1-3) is one atomic batch of its own. The two later
-        // single writes may share one (committed within one relay cycle: a superset).
-        let batch = |i: usize| messages[i].1.clone().expect("in a batch");
+        // single writes are plain messages, unless they were committed too close together for
+        // the relay's watcher to tell them apart: then they share one batch (a superset).
+        let batch = |i: usize| messages[i].1.clone();
+        assert!(batch(0).is_some(), "{messages:?}");
         assert_eq!(batch(0), batch(1), "{messages:?}");
         assert_eq!(batch(0), batch(2), "{messages:?}");
         assert_ne!(batch(2), batch(3), "{messages:?}");
-        assert_eq!(batches.values().sum::<usize>(), 5, "{messages:?}");
+        assert_eq!(batch(3), batch(4), "{messages:?}");
+        let in_batches = batches.values().sum::<usize>();
+        assert!(in_batches == 3 || in_batches == 5, "{messages:?}");
     } else {
         assert!(batches.is_empty(), "{messages:?}");
     }
