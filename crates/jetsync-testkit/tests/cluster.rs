@@ -64,6 +64,14 @@ async fn r3_stream_survives_leader_kill_and_restart() -> anyhow::Result<()> {
         assert_ne!(node.port(), 4222);
     }
     assert!(cluster.meta_leader().is_some());
+    // An R3 stream can be placed only once every node reports itself healthy: knowing the meta
+    // leader is not enough (under load the create can fail with "insufficient resources").
+    for i in 0..cluster.len() {
+        assert!(
+            blocking(|| cluster.wait_node_healthy(i, DEADLINE)),
+            "cluster node {i} not healthy within {DEADLINE:?}"
+        );
+    }
 
     let client = async_nats::connect(cluster.node(0).url()).await?;
     let js = jetstream::new(client.clone());
