@@ -400,8 +400,8 @@ impl Fetcher {
     /// [`txn::OPEN_TIMEOUT`] for each message: a transaction still open then was never an
     /// atomic batch (see `txn.rs`) and is applied as stored. Beyond [`txn::MAX_STRETCH`]
     /// further events or four times `batch_max_bytes` (at least [`STRETCH_MIN_BYTES`]), the run
-    /// is applied in parts, with a
-    /// warning. Returns the reason of a delivery anomaly that ended it.
+    /// is applied in parts, with a warning. Returns the reason of a delivery anomaly that ended
+    /// it.
     async fn stretch(
         &mut self,
         batch: &mut Vec<Pulled>,

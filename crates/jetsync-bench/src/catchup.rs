@@ -45,11 +45,9 @@ pub(crate) async fn run(
     let checkpoint = dir.join("data").join(format!("{instance}.redb"));
     let timeout = Duration::from_secs(60 + last / 1_000);
     harness::mark(&format!("{instance} binary"));
-    let server = [harness::server_pid()];
-    let server_cpu = harness::CpuMark::now(&server);
+    let server_cpu = harness::CpuMark::now(harness::server_pid());
     let mut process = Process::spawn(&applier.path, &config, &log)?;
-    let own = [Some(process.child.id())];
-    let own_cpu = harness::CpuMark::now(&own);
+    let own_cpu = harness::CpuMark::now(Some(process.child.id()));
     let (peak_kib, done, elapsed) = memory::sample_peak(&mut process, &log, timeout, false, || {
         let applied = jetsync_applier::read_checkpoint(&checkpoint, &stream.name)
             .map(|c| c.applied)
@@ -62,10 +60,8 @@ pub(crate) async fn run(
     if done.is_none() {
         bail!("jetsync-applier ({instance}) exited before applying seq {last}");
     }
-    let (applier_cpu_us, server_cpu_us) = (
-        own_cpu.us_per_event(&own, last),
-        server_cpu.us_per_event(&server, last),
-    );
+    let (applier_cpu_us, server_cpu_us) =
+        (own_cpu.us_per_event(last), server_cpu.us_per_event(last));
     let status = process.terminate(Duration::from_secs(15))?;
     if !status.success() {
         bail!(

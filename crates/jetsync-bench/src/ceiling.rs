@@ -49,9 +49,8 @@ pub(crate) async fn through_sink<S: Sink>(
     events: u64,
     batch: usize,
 ) -> anyhow::Result<Ceiling> {
-    let own = [Some(std::process::id())];
     // The CPU of building (and dropping) the changes alone, taken off below.
-    let building = harness::CpuMark::now(&own);
+    let building = harness::CpuMark::own();
     let mut dry = draws.clone();
     let mut next = 1u64;
     while next <= events {
@@ -59,11 +58,11 @@ pub(crate) async fn through_sink<S: Sink>(
         drop(std::hint::black_box(next_changes(&mut dry, next, n)));
         next += n;
     }
-    let building_us = building.us_per_event(&own, events).unwrap_or(0.0);
-    let cpu = harness::CpuMark::now(&own);
+    let building_us = building.us_per_event(events).unwrap_or(0.0);
+    let cpu = harness::CpuMark::own();
     let eps = write_through(sink, group, draws, events, batch).await?;
     let cpu_us = cpu
-        .us_per_event(&own, events)
+        .us_per_event(events)
         .map(|us| (us - building_us).max(0.0));
     Ok(Ceiling { eps, cpu_us })
 }

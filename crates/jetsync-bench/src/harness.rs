@@ -407,26 +407,33 @@ pub(crate) fn server_pid() -> Option<u32> {
     SERVER_PID.get().copied()
 }
 
-/// CPU time (user + system) of processes, to turn into CPU per event.
+/// The CPU time (user + system) a process had used at some moment, to turn into CPU per event.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CpuMark {
+    pid: Option<u32>,
     ticks: u64,
 }
 
 impl CpuMark {
-    /// The CPU time `pids` used so far (a pid of `None` counts nothing).
-    pub(crate) fn now(pids: &[Option<u32>]) -> CpuMark {
+    /// The CPU time process `pid` used so far (`None`: not known, nothing is counted).
+    pub(crate) fn now(pid: Option<u32>) -> CpuMark {
         CpuMark {
-            ticks: pids.iter().flatten().map(|p| cpu_ticks(*p)).sum(),
+            pid,
+            ticks: pid.map_or(0, cpu_ticks),
         }
     }
 
-    /// Microseconds of CPU per event that `pids` used since this mark, over `events`; `None`
-    /// when the clock tick is unknown or nothing was counted.
-    pub(crate) fn us_per_event(&self, pids: &[Option<u32>], events: u64) -> Option<f64> {
+    /// The CPU time of this process so far.
+    pub(crate) fn own() -> CpuMark {
+        CpuMark::now(Some(std::process::id()))
+    }
+
+    /// Microseconds of CPU per event the process used since this mark, over `events`; `None`
+    /// when the process or the clock tick is unknown or nothing was counted.
+    pub(crate) fn us_per_event(&self, events: u64) -> Option<f64> {
         static TICK: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
         let tick = (*TICK.get_or_init(|| clock_ticks().ok()))?;
-        let used = CpuMark::now(pids).ticks.checked_sub(self.ticks)?;
+        let used = cpu_ticks(self.pid?).checked_sub(self.ticks)?;
         (used > 0 && events > 0).then(|| used as f64 / tick * 1e6 / events as f64)
     }
 }

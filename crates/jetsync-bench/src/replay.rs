@@ -638,10 +638,9 @@ async fn raw_consume(
     timeout: Duration,
 ) -> anyhow::Result<RawRun> {
     let js = bench.fresh_context().await?;
-    let (server, client) = ([harness::server_pid()], [Some(std::process::id())]);
     let (server_cpu, client_cpu) = (
-        harness::CpuMark::now(&server),
-        harness::CpuMark::now(&client),
+        harness::CpuMark::now(harness::server_pid()),
+        harness::CpuMark::own(),
     );
     let started = Instant::now();
     let deadline = started + timeout;
@@ -681,8 +680,8 @@ async fn raw_consume(
     let rate = harness::eps(events, started.elapsed());
     let run = RawRun {
         eps: rate,
-        server_cpu_us: server_cpu.us_per_event(&server, events),
-        client_cpu_us: client_cpu.us_per_event(&client, events),
+        server_cpu_us: server_cpu.us_per_event(events),
+        client_cpu_us: client_cpu.us_per_event(events),
     };
     drop(messages);
     let _ = js.delete_consumer_from_stream(durable, &stream.name).await;
@@ -718,14 +717,13 @@ async fn engine_replay<S: jetsync_applier::Sink + 'static>(
     last: u64,
     timeout: Duration,
 ) -> anyhow::Result<EngineRun> {
-    let (server, own) = ([harness::server_pid()], [Some(std::process::id())]);
-    let (server_cpu, own_cpu) = (harness::CpuMark::now(&server), harness::CpuMark::now(&own));
+    let (server_cpu, own_cpu) = (
+        harness::CpuMark::now(harness::server_pid()),
+        harness::CpuMark::own(),
+    );
     let started = Instant::now();
     let (eps, stats) = engine_catch_up(config, sink, last, last, timeout).await?;
-    let (cpu_us, server_cpu_us) = (
-        own_cpu.us_per_event(&own, last),
-        server_cpu.us_per_event(&server, last),
-    );
+    let (cpu_us, server_cpu_us) = (own_cpu.us_per_event(last), server_cpu.us_per_event(last));
     ensure!(
         stats.events_applied == last,
         "the engine applied {} events, expected {last}",

@@ -23,7 +23,7 @@ use std::{
 /// Commits waiting at most this many are published one batch each (a single change as a plain
 /// message); more are merged into batches of up to [`jetsync::MAX_TRANSACTION_ROWS`] rows,
 /// which catches up faster than one publish per commit.
-pub(super) const SEPARATE_UP_TO: usize = 4;
+const SEPARATE_UP_TO: usize = 4;
 
 /// Boundaries kept at most; the oldest are dropped beyond it (their commits are then merged,
 /// which is safe), so a relay that cannot publish does not grow the list without bound.
@@ -111,42 +111,42 @@ pub(super) fn group(ids: &[i64], boundaries: &[i64], truncated: bool, max_rows: 
             commits.push((start, ids.len()));
         }
     }
+    // Commits published together: each on its own while few wait, else merged.
+    let runs = if commits.len() <= SEPARATE_UP_TO {
+        commits
+    } else {
+        merge(&commits, max_rows)
+    };
     let mut batches = Vec::new();
     let mut cut = Vec::new();
-    let mut add_cut = |from: usize, to: usize, batches: &mut Vec<(i64, i64)>| {
+    for (from, to) in runs {
         if to - from > max_rows {
             cut.push((ids[from], ids[to - 1], to - from));
         }
-        for chunk in ids[from..to].chunks(max_rows) {
-            batches.push((chunk[0], chunk[chunk.len() - 1]));
-        }
-    };
-    if commits.len() <= SEPARATE_UP_TO {
-        for (from, to) in commits {
-            add_cut(from, to, &mut batches);
-        }
-    } else {
-        // Merge whole commits up to `max_rows`; only a commit larger than that is cut.
-        let mut open: Option<(usize, usize)> = None;
-        for (from, to) in commits {
-            match open {
-                Some((o_from, _)) if to - o_from <= max_rows => open = Some((o_from, to)),
-                Some((o_from, o_to)) => {
-                    add_cut(o_from, o_to, &mut batches);
-                    open = Some((from, to));
-                }
-                None => open = Some((from, to)),
-            }
-        }
-        if let Some((from, to)) = open {
-            add_cut(from, to, &mut batches);
-        }
+        batches.extend(
+            ids[from..to]
+                .chunks(max_rows)
+                .map(|chunk| (chunk[0], chunk[chunk.len() - 1])),
+        );
     }
     Grouping {
         batches,
         held_back,
         cut,
     }
+}
+
+/// Merges consecutive whole commits into runs of up to `max_rows` rows; a commit larger than
+/// that stays a run of its own (and is cut by the caller).
+fn merge(commits: &[(usize, usize)], max_rows: usize) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for &(from, to) in commits {
+        match runs.last_mut() {
+            Some(run) if to - run.0 <= max_rows => run.1 = to,
+            _ => runs.push((from, to)),
+        }
+    }
+    runs
 }
 
 #[cfg(test)]

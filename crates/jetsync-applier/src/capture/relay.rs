@@ -1,10 +1,11 @@
 //! The relay: a task of `run` beside the engine that publishes the outbox.
 //!
 //! One cycle (when the service commits captured changes, which wakes the relay, else every
-//! `capture.poll_ms` while the outbox is empty; back to back while it is not): follow the captured tables' schema (SQLite), assign new outbox rows to batches
-//! (SQLite), read the pending batches, publish each (one atomic transaction, a plain message for
-//! a batch of one change, or row by row with `capture.atomic = false`; message id `<instance>-<outbox id>` on every entry), and delete a
-//! batch only once the server acknowledged it. Crash windows:
+//! `capture.poll_ms` while the outbox is empty; back to back while it is not): follow the
+//! captured tables' schema (SQLite), assign new outbox rows to batches (SQLite), read the
+//! pending batches, publish each (one atomic transaction, a plain message for a batch of one
+//! change, or row by row with `capture.atomic = false`; message id `<instance>-<outbox id>` on
+//! every entry), and delete a batch only once the server acknowledged it. Crash windows:
 //! - killed before the publish: the batch is still in the outbox and is published next run.
 //! - killed after the server stored the batch, before the delete: the next run publishes the
 //!   same batch with the same message ids; the server refuses it as a duplicate (within the

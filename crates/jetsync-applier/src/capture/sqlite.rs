@@ -621,7 +621,7 @@ impl Store {
         if !waiting {
             return Ok(0);
         }
-        let boundaries = self.boundaries.clone();
+        let boundaries = &self.boundaries;
         let run = |conn: &Connection| -> rusqlite::Result<(Vec<i64>, Grouping)> {
             conn.execute_batch("BEGIN IMMEDIATE")?;
             let mut ids: Vec<i64> = conn
@@ -635,7 +635,6 @@ impl Store {
             let bounds = ids.last().map_or_else(Vec::new, |l| boundaries.up_to(*l));
             let grouping =
                 commits::group(&ids, &bounds, ids.len() >= max_rows, MAX_TRANSACTION_ROWS);
-            tracing::trace!(?ids, ?bounds, ?grouping, "assign");
             ids.truncate(ids.len() - grouping.held_back);
             for (first, last) in &grouping.batches {
                 conn.prepare_cached(
