@@ -652,9 +652,14 @@ fn cluster_consumer_host_kills() -> Result<()> {
     }
     // The consumers are what the issue asks for: one replica, memory storage.
     let consumer_host = |cluster: &Cluster, name: &str| -> Result<usize> {
-        let info = rt.block_on(async {
-            let stream = client.jetstream().get_stream(STREAM).await?;
-            anyhow::Ok(stream.consumer_info(name).await?)
+        // After a kill the instance recreates its consumer (it had one replica, in memory):
+        // until it has, the consumer is briefly not found.
+        let info = wait_until(&format!("consumer {name}"), CATCH_UP, || {
+            rt.block_on(async {
+                let stream = client.jetstream().get_stream(STREAM).await?;
+                anyhow::Ok(stream.consumer_info(name).await?)
+            })
+            .ok()
         })?;
         ensure!(
             info.config.memory_storage && info.config.num_replicas <= 1,
