@@ -24,6 +24,8 @@ use crate::{
 const STREAM_NOT_FOUND: u64 = 10059;
 /// JetStream API error code: "subjects overlap with an existing stream".
 const SUBJECT_OVERLAP: u64 = 10065;
+/// JetStream API error code: "stream name already in use with a different configuration".
+const STREAM_NAME_IN_USE: u64 = 10058;
 
 /// What `provision()` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -312,39 +314,73 @@ pub(crate) async fn provision(
             needed: version::NEEDED.to_owned(),
         });
     }
-    let mut want = stream_definition(cfg);
-    match js.get_stream(&cfg.name).await {
-        Ok(mut stream) => {
-            let info = stream
-                .info()
-                .await
-                .map_err(|e| Error::nats("stream info", e))?;
-            let changed = drift(&want, &info.config).map_err(|reason| Error::StreamConflict {
-                stream: cfg.name.clone(),
-                reason,
-            })?;
-            if changed.is_empty() {
-                return Ok(Provisioned::Unchanged);
-            }
-            // Never turned off by provisioning: a stream that allows atomic publish keeps it.
-            want.allow_atomic_publish |= info.config.allow_atomic_publish;
-            tracing::info!(stream = %cfg.name, fields = ?changed, "updating stream configuration");
-            js.update_stream(&want)
-                .await
-                .map_err(|e| stream_error(cfg, "update stream", e))?;
-            Ok(Provisioned::Updated)
-        }
-        Err(e) => match e.kind() {
-            GetStreamErrorKind::JetStream(js_err) if js_err.error_code().0 == STREAM_NOT_FOUND => {
-                js.create_stream(&want)
+    let want = stream_definition(cfg);
+    // Instances of a service start together and all provision the same stream: one creates it
+    // between another's lookup and its create, which the server then refuses (name in use, or
+    // subjects overlapping the stream just created). The loser looks again and goes through the
+    // existing-stream path; a creation that fails with the stream still absent is a real error.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match js.get_stream(&cfg.name).await {
+            Ok(mut stream) => {
+                let info = stream
+                    .info()
                     .await
-                    .map_err(|e| stream_error(cfg, "create stream", e))?;
-                tracing::info!(stream = %cfg.name, subjects = ?want.subjects, "created stream");
-                Ok(Provisioned::Created)
+                    .map_err(|e| Error::nats("stream info", e))?;
+                return reconcile(js, cfg, want, &info.config).await;
             }
-            _ => Err(Error::nats("get stream", e)),
-        },
+            Err(e) => match e.kind() {
+                GetStreamErrorKind::JetStream(js_err)
+                    if js_err.error_code().0 == STREAM_NOT_FOUND =>
+                {
+                    match js.create_stream(&want).await {
+                        Ok(_) => {
+                            tracing::info!(stream = %cfg.name, subjects = ?want.subjects, "created stream");
+                            return Ok(Provisioned::Created);
+                        }
+                        Err(e) if attempt < CREATE_ATTEMPTS && lost_creation_race(&e) => {
+                            tracing::debug!(stream = %cfg.name, error = %e, "stream created concurrently; looking again");
+                        }
+                        Err(e) => return Err(stream_error(cfg, "create stream", e)),
+                    }
+                }
+                _ => return Err(Error::nats("get stream", e)),
+            },
+        }
     }
+}
+
+/// How often [`provision`] tries to create the stream when other instances race it.
+const CREATE_ATTEMPTS: u32 = 3;
+
+/// Whether a failed create may be another instance having created the stream first.
+fn lost_creation_race(e: &async_nats::jetstream::context::CreateStreamError) -> bool {
+    matches!(e.kind(), CreateStreamErrorKind::JetStream(js_err)
+        if matches!(js_err.error_code().0, SUBJECT_OVERLAP | STREAM_NAME_IN_USE))
+}
+
+/// Brings an existing stream to `want` (see [`Provisioned`]), or refuses one that conflicts.
+async fn reconcile(
+    js: &jetstream::Context,
+    cfg: &StreamConfig,
+    mut want: jetstream::stream::Config,
+    have: &jetstream::stream::Config,
+) -> Result<Provisioned, Error> {
+    let changed = drift(&want, have).map_err(|reason| Error::StreamConflict {
+        stream: cfg.name.clone(),
+        reason,
+    })?;
+    if changed.is_empty() {
+        return Ok(Provisioned::Unchanged);
+    }
+    // Never turned off by provisioning: a stream that allows atomic publish keeps it.
+    want.allow_atomic_publish |= have.allow_atomic_publish;
+    tracing::info!(stream = %cfg.name, fields = ?changed, "updating stream configuration");
+    js.update_stream(&want)
+        .await
+        .map_err(|e| stream_error(cfg, "update stream", e))?;
+    Ok(Provisioned::Updated)
 }
 
 fn stream_error(

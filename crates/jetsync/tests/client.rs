@@ -572,6 +572,46 @@ async fn provision_is_idempotent_and_detects_conflicts() -> Result<()> {
     Ok(())
 }
 
+/// 7a. Instances of a service start together and provision the same stream at once: every
+/// one succeeds, whoever creates it first (a lost creation race looks the stream up again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_provisioning_all_succeed() -> Result<()> {
+    let server = NatsServer::start()?;
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await?);
+    for round in 0..10 {
+        let config = StreamConfig {
+            name: format!("RACE{round}"),
+            subject_prefix: format!("race{round}"),
+            ..StreamConfig::default()
+        };
+        let mut tasks = Vec::new();
+        for instance in 0..6 {
+            // Own connections, so the creates really reach the server side by side.
+            let nats = async_nats::connect(server.url()).await?;
+            let client = Client::from_nats(nats, config.clone(), format!("test-{instance}"))?;
+            tasks.push(tokio::spawn(async move { client.provision().await }));
+        }
+        let mut created = 0;
+        for task in tasks {
+            match task.await? {
+                Ok(Provisioned::Created) => created += 1,
+                Ok(_) => {}
+                Err(e) => panic!("round {round}: concurrent provisioning failed: {e}"),
+            }
+        }
+        assert!(created >= 1, "round {round}: nobody created the stream");
+        let info = js
+            .get_stream(&config.name)
+            .await?
+            .info()
+            .await?
+            .config
+            .clone();
+        assert_eq!(info.subjects, vec![format!("race{round}.>")]);
+    }
+    Ok(())
+}
+
 /// 7b. A stream made outside jetsync without direct gets: reading rows says why, and
 /// provisioning turns them on (a managed field, updated in place).
 #[tokio::test]
