@@ -35,6 +35,14 @@ use crate::{
     txn, Change, EngineError, Sink, SinkError, Stats,
 };
 
+/// How long a batch waits for the capture relay ([`SinkError::InFlight`]) with quick retries
+/// before falling back to the backoff (and its warning): the relay records a sequence within
+/// milliseconds of the server's acknowledgement unless it cannot publish at all.
+const IN_FLIGHT_PATIENCE: Duration = Duration::from_secs(1);
+/// Longest wait between those quick retries when no recording wakes the engine (a relay in
+/// another process, or one whose cycle failed).
+const IN_FLIGHT_RECHECK: Duration = Duration::from_millis(20);
+
 /// How a run of events reaches the sink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mode {
@@ -168,7 +176,13 @@ impl<S: Sink> Applier<S> {
         let started = Instant::now();
         let mut backoff = Backoff::new("applying to the sink", self.max_backoff);
         let mut last_progress_ack = Instant::now();
+        let mut in_flight_since: Option<Instant> = None;
         loop {
+            // Armed before the attempt, so that the relay recording a sequence during it is
+            // not missed (see `SinkError::InFlight` below).
+            let recorded = crate::capture::pending::recorded().notified();
+            tokio::pin!(recorded);
+            recorded.as_mut().enable();
             // Crash window 2: the sink transaction is all-or-nothing.
             let result = match mode {
                 Mode::Apply => self.sink.apply(&self.group, &changes, through).await,
@@ -176,7 +190,23 @@ impl<S: Sink> Applier<S> {
             };
             match result {
                 Ok(()) => break,
-                Err(e @ SinkError::Unavailable { .. }) => {
+                // The instance's own captured change of a row in the batch is being published:
+                // its relay records where the server stored it within milliseconds, so retry
+                // as soon as it does (not after the backoff's 100 ms, which stalled every
+                // origin's applies under a steady captured write load). A relay that cannot
+                // publish (NATS down) is waited for with the usual backoff after a second.
+                Err(SinkError::InFlight { reason })
+                    if in_flight_since.get_or_insert_with(Instant::now).elapsed()
+                        < IN_FLIGHT_PATIENCE =>
+                {
+                    tracing::debug!(%reason, "batch waits for the capture relay");
+                    tokio::select! {
+                        _ = recorded => {}
+                        _ = tokio::time::sleep(IN_FLIGHT_RECHECK) => {}
+                        _ = shutdown.requested() => return Ok(false),
+                    }
+                }
+                Err(e @ (SinkError::Unavailable { .. } | SinkError::InFlight { .. })) => {
                     if progress_acks && last_progress_ack.elapsed() >= self.ack_wait / 3 {
                         for &(_, message) in events {
                             let _ = message.ack_with(AckKind::Progress).await;

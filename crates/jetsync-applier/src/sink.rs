@@ -44,6 +44,16 @@ pub enum SinkError {
         /// What went wrong.
         reason: String,
     },
+    /// A change of the batch touches a row whose latest captured local change is being
+    /// published right now (see `capture/pending.rs`): where it goes in the stream is known
+    /// once the relay records the server's acknowledgement, within milliseconds. Nothing was
+    /// applied; the engine retries the batch as soon as the relay records it (no backoff, no
+    /// warning: this is the normal race between an instance's own echo and its relay).
+    #[error("waiting for the capture relay: {reason}")]
+    InFlight {
+        /// Which change waits for which row.
+        reason: String,
+    },
     /// The change at `index` of the batch is permanently rejected (constraint or type error,
     /// a key that does not match the row): nothing of the batch was applied. The engine routes
     /// that event to the poison path and retries the rest.
@@ -72,7 +82,10 @@ pub enum SinkError {
 impl SinkError {
     /// Whether retrying the same batch later may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, SinkError::Unavailable { .. })
+        matches!(
+            self,
+            SinkError::Unavailable { .. } | SinkError::InFlight { .. }
+        )
     }
 }
 

@@ -286,6 +286,7 @@ pub(crate) async fn run(
     let atomic = jetsync::transaction::supports_transactions(server_version);
     bench.delete_stream(STREAM).await;
     let root = tempfile::tempdir()?;
+    let root_path = root.path().to_owned();
     if std::env::var_os("JETSYNC_BENCH_KEEP").is_some() {
         eprintln!(
             "capture: keeping {} (JETSYNC_BENCH_KEEP)",
@@ -433,6 +434,24 @@ pub(crate) async fn run(
             at.map(|at| at.saturating_duration_since(*committed).as_secs_f64() * 1e3)
         })
         .collect();
+    if std::env::var_os("JETSYNC_BENCH_KEEP").is_some() {
+        // Investigation aid: per measured row, when its COMMIT returned on A and when its event
+        // reached the plain subscriber, in Unix µs (to line up with the appliers' trace logs).
+        let (wall, now) = (std::time::SystemTime::now(), Instant::now());
+        let unix_us = |at: Instant| {
+            let wall_at = wall - now.saturating_duration_since(at);
+            wall_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros())
+        };
+        let mut csv = String::from("id,committed_us,published_us\n");
+        for (i, committed) in committed.iter().enumerate() {
+            let id = WARM_UP as usize + 1 + i;
+            let at = arrived.get(id).copied().flatten().map_or(0, unix_us);
+            csv.push_str(&format!("{id},{},{at}\n", unix_us(*committed)));
+        }
+        let _ = fs::write(root_path.join("timeline.csv"), csv);
+    }
     published.sort_by(f64::total_cmp);
     let mut after_publish: Vec<f64> = arrived
         .get(WARM_UP as usize + 1..)

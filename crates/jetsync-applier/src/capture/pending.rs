@@ -32,6 +32,24 @@ use crate::sink::Change;
 /// The pending table.
 pub const PENDING_TABLE: &str = "jetsync_capture_pending";
 
+/// Fired by the relays of this process whenever they recorded acknowledged sequences (or gave
+/// in-flight entries back), so that an engine waiting on
+/// [`SinkError::InFlight`](crate::SinkError::InFlight) retries at once.
+static RECORDED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// What an engine waits on after [`SinkError::InFlight`](crate::SinkError::InFlight): fired
+/// each time a relay of this process recorded the sequences the server acknowledged. Create the
+/// [`Notified`](tokio::sync::futures::Notified) future (and `enable` it) before the apply
+/// attempt, so that a recording in between is not missed.
+pub fn recorded() -> &'static tokio::sync::Notify {
+    &RECORDED
+}
+
+/// Called by the relays after they recorded acknowledged sequences.
+pub(crate) fn fire_recorded() {
+    RECORDED.notify_waiters();
+}
+
 /// Changes skipped because a newer local change of their row was pending, over the process life.
 static SKIPPED: AtomicU64 = AtomicU64::new(0);
 
@@ -110,8 +128,9 @@ impl Pending {
 
     /// The changes to apply, `Ok(None)` when every change applies (the common case: no copy).
     /// A change of a row whose latest local change is being published cannot be placed yet:
-    /// [`SinkError::Unavailable`](crate::SinkError::Unavailable), the engine retries the batch
-    /// shortly (the relay records the sequence right after the server's acknowledgement).
+    /// [`SinkError::InFlight`](crate::SinkError::InFlight), the engine retries the batch as
+    /// soon as the relay records the sequence, right after the server's acknowledgement
+    /// ([`recorded`]).
     pub fn keep(&self, changes: &[Change]) -> Result<Option<Kept>, crate::SinkError> {
         if self.entries.is_empty() || changes.iter().all(|c| self.applies(c)) {
             return Ok(None);
@@ -120,10 +139,10 @@ impl Pending {
             .iter()
             .find(|c| self.state(c) == Some(State::InFlight))
         {
-            return Err(crate::SinkError::Unavailable {
+            return Err(crate::SinkError::InFlight {
                 reason: format!(
-                    "capture: the local change of {}/{} is being published; the change at seq {} \
-                     waits for its stream sequence",
+                    "the local change of {}/{} is being published; the change at seq {} waits \
+                     for its stream sequence",
                     c.table, c.key, c.seq
                 ),
             });
@@ -256,4 +275,61 @@ pub async fn settle_postgres(
         )
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(seq: u64, key: &str) -> Change {
+        Change {
+            seq,
+            table: "items".into(),
+            key: key.into(),
+            op: jetsync::Change::Delete,
+        }
+    }
+
+    #[test]
+    fn the_pending_rule_per_state() {
+        let mut pending = Pending::default();
+        assert!(pending.keep(&[change(1, "a")]).unwrap().is_none());
+        pending.insert("items".into(), "new".into(), None);
+        pending.insert("items".into(), "stored".into(), Some(10));
+        let batch = [
+            change(8, "free"),
+            change(9, "new"),
+            change(9, "stored"),
+            change(10, "stored"),
+        ];
+        let kept = pending.keep(&batch).unwrap().expect("some changes skipped");
+        // Not yet published: ordered before our change; stored at 10: older ones are skipped.
+        assert_eq!(kept.positions, vec![0, 3]);
+        assert_eq!(kept.original(1), 3);
+
+        // Being published: where it lands is not known yet, so the batch waits (retryable,
+        // and not the generic `Unavailable` the engine backs off from).
+        pending.insert("items".into(), "flying".into(), Some(IN_FLIGHT));
+        let err = pending
+            .keep(&[change(11, "free"), change(12, "flying")])
+            .unwrap_err();
+        assert!(
+            matches!(&err, crate::SinkError::InFlight { reason } if reason.contains("items/flying")),
+            "{err:?}"
+        );
+        assert!(err.is_retryable());
+        // A batch without that row is not held up by it.
+        assert!(pending.keep(&[change(11, "free")]).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_recording_wakes_a_waiter_armed_before_it() {
+        let notified = recorded().notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        fire_recorded();
+        tokio::time::timeout(std::time::Duration::from_secs(5), notified)
+            .await
+            .expect("the armed waiter was woken");
+    }
 }

@@ -349,8 +349,12 @@ impl Relayer {
         let published = started.elapsed();
         let store = self.store.as_mut().expect("opened above");
         store.delete(&done, &acks).await?;
+        // An engine of this process may be waiting for these sequences (`SinkError::InFlight`).
+        super::pending::fire_recorded();
         tracing::trace!(
             batches = done.len(),
+            first_id = ids.first().copied().unwrap_or_default(),
+            last_id = ids.last().copied().unwrap_or_default(),
             read_us = read.as_micros() as u64,
             publish_us = (published - read).as_micros() as u64,
             delete_us = (started.elapsed() - published).as_micros() as u64,
@@ -448,13 +452,17 @@ impl Relayer {
                 return Ok((1, acks));
             }
             let committed = tx.commit().await?;
-            // Every member of the batch is at or below the commit member's sequence, and
-            // nothing else is stored between them: that sequence stands for each. A duplicate
-            // whose sequence the server no longer tells exactly (`first_seq` 0) is unknown.
-            let seq = (!committed.duplicate || committed.first_seq != 0)
-                .then_some(committed.seq)
-                .filter(|s| *s > 0);
-            acks.extend(added_ids.into_iter().map(|id| Ack { id, seq }));
+            // The members are stored contiguously, in the order they were added: member i is
+            // at `first_seq + i`. Each pending entry gets its change's exact sequence: with
+            // the commit member's sequence for every member, the origin skipped the echo of
+            // its own earlier member as "older than the pending change", and a remote value
+            // that had slipped in (the Postgres window in `pending.rs`) was never repaired. A
+            // duplicate whose sequences the server no longer tells (`first_seq` 0) is unknown.
+            let exact = committed.first_seq > 0 && committed.count == added_ids.len() as u64;
+            acks.extend(added_ids.into_iter().enumerate().map(|(i, id)| Ack {
+                id,
+                seq: exact.then_some(committed.first_seq + i as u64),
+            }));
             tracing::debug!(
                 batch = batch.id,
                 entries = batch.entries.len(),

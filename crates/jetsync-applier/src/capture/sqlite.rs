@@ -429,7 +429,8 @@ const WATCH_INTERVAL: Duration = Duration::from_micros(250);
 /// Wakes the relay when another connection (the service) commits to the file: a thread with its
 /// own read-only connection compares `PRAGMA data_version` every [`WATCH_INTERVAL`], which
 /// costs a read of the WAL index header, not of the database. On every commit it also records
-/// the outbox's commit boundary ([`Boundaries`]). Stops when dropped.
+/// the outbox's commit boundary ([`Boundaries`]), and it wakes the relay only when that moved
+/// (a commit that added outbox rows). Stops when dropped.
 struct Watcher {
     stop: Arc<AtomicBool>,
 }
@@ -451,6 +452,7 @@ impl Watcher {
             .name("jetsync-capture-watch".into())
             .spawn(move || {
                 let mut last: Option<i64> = None;
+                let mut last_highest: Option<i64> = None;
                 while !stopped.load(Ordering::Relaxed) {
                     // An error (the file busy, replaced) just means no wake-up: the relay's
                     // own poll (`capture.poll_ms`) still finds the rows.
@@ -466,10 +468,20 @@ impl Watcher {
                                 "SELECT seq FROM sqlite_sequence WHERE name = 'jetsync_outbox'",
                             )
                             .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)).optional());
-                        if let Ok(Some(highest)) = highest {
-                            boundaries.record(highest);
+                        match highest {
+                            // No new outbox row: a commit of the applier's sink or of the
+                            // relay itself, or a service write to no captured table. Waking
+                            // the relay for those would only cost both cores a cycle.
+                            Ok(Some(highest)) if last_highest == Some(highest) => {}
+                            Ok(Some(highest)) => {
+                                tracing::trace!(highest, "capture watcher saw a commit");
+                                boundaries.record(highest);
+                                last_highest = Some(highest);
+                                wake.notify_one();
+                            }
+                            // No outbox row ever (or the read failed): wake the relay anyway.
+                            _ => wake.notify_one(),
                         }
-                        wake.notify_one();
                     }
                     last = version.or(last);
                     std::thread::sleep(WATCH_INTERVAL);
