@@ -122,6 +122,18 @@ async fn run_case(atomic: bool) {
         stats.capture().snapshot().published == 3
     })
     .await;
+    // Each row's latest local change gets the exact sequence the server stored it at (members
+    // of an atomic batch too): 'b' (outbox id 2) at 2, 'a' (its UPDATE, id 3) at 3. With the
+    // commit's sequence for every member, the origin would skip its own echo of 'b'.
+    let pending: BTreeMap<String, i64> = db
+        .prepare("SELECT key, seq FROM jetsync_capture_pending")
+        .unwrap()
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let want: BTreeMap<String, i64> = [("a".to_owned(), 3), ("b".to_owned(), 2)].into();
+    assert_eq!(pending, want, "pending entries after the first transaction");
     db.execute("DELETE FROM items WHERE id = 'b'", []).unwrap();
     db.execute("INSERT INTO items VALUES ('c', 4, NULL)", [])
         .unwrap();
