@@ -75,6 +75,13 @@ pub(crate) struct CaptureReport {
     pub(crate) atomic: bool,
     /// `capture.poll_ms` of the relay.
     pub(crate) poll_ms: u64,
+    /// CPU per measured write (µs) of A's applier (relay, watcher and the engine applying
+    /// A's own echoes), of B's applier, of nats-server and of the bench process (the
+    /// service's writes, B's watcher and the plain subscriber): where the two cores go.
+    pub(crate) cpu_us_a: f64,
+    pub(crate) cpu_us_b: f64,
+    pub(crate) cpu_us_server: f64,
+    pub(crate) cpu_us_bench: f64,
 }
 
 /// Writes the configuration of `instance` under `dir` (data in `dir/data`); returns its path.
@@ -375,9 +382,16 @@ pub(crate) async fn run(
         }
         let path = db_a.clone();
         let started = Instant::now();
+        let cpu = [
+            harness::CpuMark::now(Some(a.child.id())),
+            harness::CpuMark::now(Some(b.child.id())),
+            harness::CpuMark::now(harness::server_pid()),
+            harness::CpuMark::own(),
+        ];
         let (committed, commit_ms) =
             tokio::task::spawn_blocking(move || write(&path, WARM_UP + 1, writes, rate)).await??;
         let achieved = harness::eps(writes, started.elapsed());
+        let cpu_us = cpu.map(|mark| mark.us_per_event(writes).unwrap_or(0.0));
         let deadline = Instant::now() + Duration::from_secs(60);
         while !watcher.is_finished() {
             if Instant::now() >= deadline {
@@ -388,14 +402,14 @@ pub(crate) async fn run(
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        anyhow::Ok((committed, commit_ms, achieved))
+        anyhow::Ok((committed, commit_ms, achieved, cpu_us))
     }
     .await;
     stop.store(true, Ordering::Relaxed);
     let seen = watcher
         .join()
         .map_err(|_| anyhow::anyhow!("the watcher panicked"))?;
-    let (committed, mut commit_ms, achieved) = outcome?;
+    let (committed, mut commit_ms, achieved, cpu_us) = outcome?;
     for p in [&mut a, &mut b] {
         let status = p.terminate(Duration::from_secs(15))?;
         if !status.success() {
@@ -489,5 +503,9 @@ pub(crate) async fn run(
         server_atomic_p99_ms: harness::percentile(&atomic_rt, 0.99),
         atomic,
         poll_ms: POLL_MS,
+        cpu_us_a: cpu_us[0],
+        cpu_us_b: cpu_us[1],
+        cpu_us_server: cpu_us[2],
+        cpu_us_bench: cpu_us[3],
     })
 }

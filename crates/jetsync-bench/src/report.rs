@@ -474,6 +474,11 @@ impl Report {
                 "           server's own publish round trip at the same rate: plain p50 {:.2} p99 {:.2} ms, one-message atomic batch p50 {:.2} p99 {:.2} ms",
                 c.server_plain_p50_ms, c.server_plain_p99_ms, c.server_atomic_p50_ms, c.server_atomic_p99_ms
             );
+            let _ = writeln!(
+                w,
+                "           CPU per write while measuring: A (capture + relay + applying its echoes) {:.1} us, B (applier) {:.1} us, nats-server {:.1} us, bench (service + readers) {:.1} us",
+                c.cpu_us_a, c.cpu_us_b, c.cpu_us_server, c.cpu_us_bench
+            );
         }
         if let Some(f) = &self.fleet {
             let b = &f.baseline;
