@@ -423,14 +423,74 @@ pub(super) fn counts(path: &Path) -> Result<(u64, u64), CaptureError> {
     counts_on(&conn, path)
 }
 
-/// How often the watcher looks for commits of other connections.
+/// How often the watcher looks for commits of other connections where it cannot sleep until
+/// the file is written to (no inotify).
 const WATCH_INTERVAL: Duration = Duration::from_micros(250);
+/// With inotify: the longest sleep without a write (a bound should an event be missed).
+const EVENT_TIMEOUT: Duration = Duration::from_millis(50);
+/// With inotify: after a write that showed no new commit yet, how often and how many times the
+/// watcher looks again (the committer publishes the commit in the WAL index just after writing
+/// its pages, which is what the event reports).
+const RECHECK_INTERVAL: Duration = Duration::from_micros(100);
+const RECHECKS: u32 = 3;
+
+/// How the watcher waits between two looks at the file.
+enum Pace {
+    /// Sleeps until a file of the directory is written to ([`inotify::Inotify`]).
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    Events {
+        watch: inotify::Inotify,
+        /// Looks left after the last write before sleeping until the next one.
+        rechecks: u32,
+    },
+    /// Looks every [`WATCH_INTERVAL`].
+    Poll,
+}
+
+impl Pace {
+    fn new(path: &Path) -> Pace {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            match inotify::Inotify::new(dir) {
+                Ok(watch) => return Pace::Events { watch, rechecks: 0 },
+                Err(e) => tracing::debug!(
+                    dir = %dir.display(),
+                    error = %e,
+                    "capture watcher cannot use inotify; polling the file instead"
+                ),
+            }
+        }
+        let _ = path;
+        Pace::Poll
+    }
+
+    /// Waits before the next look; `changed`: whether the last look saw a new commit.
+    fn wait(&mut self, changed: bool) {
+        match self {
+            #[cfg(any(target_os = "linux", target_os = "android"))]
+            Pace::Events { watch, rechecks } => {
+                if changed {
+                    *rechecks = 0;
+                }
+                if *rechecks > 0 {
+                    *rechecks -= 1;
+                    std::thread::sleep(RECHECK_INTERVAL);
+                } else if watch.wait(EVENT_TIMEOUT) {
+                    *rechecks = RECHECKS;
+                }
+            }
+            Pace::Poll => std::thread::sleep(WATCH_INTERVAL),
+        }
+    }
+}
 
 /// Wakes the relay when another connection (the service) commits to the file: a thread with its
-/// own read-only connection compares `PRAGMA data_version` every [`WATCH_INTERVAL`], which
-/// costs a read of the WAL index header, not of the database. On every commit it also records
-/// the outbox's commit boundary ([`Boundaries`]), and it wakes the relay only when that moved
-/// (a commit that added outbox rows). Stops when dropped.
+/// own read-only connection compares `PRAGMA data_version` (a read of the WAL index header, not
+/// of the database) whenever a file of the directory was written to (inotify, with a 50 ms
+/// bound), else every [`WATCH_INTERVAL`]. On every commit it also records the outbox's commit
+/// boundary ([`Boundaries`]), and it wakes the relay only when that moved (a commit that added
+/// outbox rows). Stops when dropped.
 struct Watcher {
     stop: Arc<AtomicBool>,
 }
@@ -446,6 +506,7 @@ impl Watcher {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(|e| db_error(path, "open (to watch for commits)", e))?;
+        let mut pace = Pace::new(path);
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         std::thread::Builder::new()
@@ -460,7 +521,8 @@ impl Watcher {
                         .prepare_cached("PRAGMA data_version")
                         .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
                         .ok();
-                    if version.is_some() && last.is_some() && version != last {
+                    let changed = version.is_some() && last.is_some() && version != last;
+                    if changed {
                         // The highest outbox id handed out so far ends a transaction
                         // (`commits.rs`); recorded before the relay wakes up to use it.
                         let highest = conn
@@ -484,7 +546,7 @@ impl Watcher {
                         }
                     }
                     last = version.or(last);
-                    std::thread::sleep(WATCH_INTERVAL);
+                    pace.wait(changed);
                 }
             })
             .map_err(|e| CaptureError::Database(format!("start the commit watcher: {e}")))?;
@@ -849,5 +911,7 @@ impl std::fmt::Debug for Store {
     }
 }
 
+#[cfg(any(target_os = "linux", target_os = "android"))]
+mod inotify;
 #[cfg(test)]
 mod tests;
