@@ -27,6 +27,8 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
+use rusqlite::OptionalExtension;
+
 use crate::sink::Change;
 
 /// The pending table.
@@ -63,7 +65,15 @@ pub fn skipped_total() -> u64 {
 #[derive(Debug, Default)]
 pub struct Pending {
     entries: HashMap<(String, String), State>,
+    /// Whether the batch's transaction deletes the settled entries (`settle_*`): there are
+    /// entries, or there were too many to read them all (only the batch's rows were).
+    settle: bool,
 }
+
+/// Up to this many entries (or the batch's length, if larger) are read whole; a larger table
+/// (a backlog of local changes not yet published, e.g. while NATS was unreachable) is looked
+/// up for the batch's rows only, so that a catch-up does not read it all for every batch.
+const READ_WHOLE: usize = 256;
 
 /// Where a row's latest local change is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,7 +112,14 @@ impl Pending {
         self.entries.is_empty()
     }
 
+    /// The number of entries to read at most before switching to per-row lookups for a batch
+    /// of `batch` changes (one more than are read whole).
+    fn read_limit(batch: usize) -> usize {
+        batch.max(READ_WHOLE) + 1
+    }
+
     fn insert(&mut self, table: String, key: String, seq: Option<i64>) {
+        self.settle = true;
         let state = match seq {
             None => State::Unpublished,
             Some(s) if s < 0 => State::InFlight,
@@ -182,9 +199,10 @@ pub fn reposition(
     error
 }
 
-/// SQLite: the pending entries, read inside the caller's write transaction (`None` when the
-/// table does not exist: capture was never installed in the file).
-pub fn load_sqlite(conn: &rusqlite::Connection) -> rusqlite::Result<Pending> {
+/// SQLite: the pending entries that matter to `changes`, read inside the caller's write
+/// transaction (none when the table does not exist: capture was never installed in the file).
+/// A small table is read whole; a large one is looked up for the batch's rows.
+pub fn load_sqlite(conn: &rusqlite::Connection, changes: &[Change]) -> rusqlite::Result<Pending> {
     let exists: bool = conn
         .prepare_cached(
             "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' \
@@ -195,10 +213,37 @@ pub fn load_sqlite(conn: &rusqlite::Connection) -> rusqlite::Result<Pending> {
     if !exists {
         return Ok(pending);
     }
-    let mut stmt = conn.prepare_cached("SELECT tbl, key, seq FROM jetsync_capture_pending")?;
-    let mut rows = stmt.query([])?;
-    while let Some(r) = rows.next()? {
-        pending.insert(r.get(0)?, r.get(1)?, r.get(2)?);
+    let limit = Pending::read_limit(changes.len());
+    let mut read = 0usize;
+    {
+        let mut stmt =
+            conn.prepare_cached("SELECT tbl, key, seq FROM jetsync_capture_pending LIMIT ?1")?;
+        let mut rows = stmt.query([limit as i64])?;
+        while let Some(r) = rows.next()? {
+            pending.insert(r.get(0)?, r.get(1)?, r.get(2)?);
+            read += 1;
+        }
+    }
+    if read < limit {
+        return Ok(pending);
+    }
+    let mut pending = Pending {
+        settle: true,
+        ..Pending::default()
+    };
+    let mut stmt =
+        conn.prepare_cached("SELECT seq FROM jetsync_capture_pending WHERE tbl = ?1 AND key = ?2")?;
+    for change in changes {
+        let id = (change.table.clone(), change.key.clone());
+        if pending.entries.contains_key(&id) {
+            continue;
+        }
+        let seq: Option<Option<i64>> = stmt
+            .query_row([&change.table, &change.key], |r| r.get(0))
+            .optional()?;
+        if let Some(seq) = seq {
+            pending.insert(id.0, id.1, seq);
+        }
     }
     Ok(pending)
 }
@@ -210,7 +255,7 @@ pub fn settle_sqlite(
     pending: &Pending,
     fence: i64,
 ) -> rusqlite::Result<()> {
-    if pending.is_empty() {
+    if !pending.settle {
         return Ok(());
     }
     conn.prepare_cached("DELETE FROM jetsync_capture_pending WHERE seq >= 0 AND seq <= ?1")?
@@ -218,18 +263,21 @@ pub fn settle_sqlite(
     Ok(())
 }
 
-/// Postgres: the pending entries of schema `schema` (quoted), empty when the table does not
-/// exist (capture never installed there, or the schema is not created yet). One round trip per batch: the read itself tells
-/// whether the table exists (it runs outside the sink's transaction, so its failure aborts
-/// nothing).
+/// Postgres: the pending entries of schema `schema` (quoted) that matter to `changes`, none
+/// when the table does not exist (capture never installed there, or the schema is not created
+/// yet). A small table is read whole (one round trip, which also tells whether the table
+/// exists); a large one is then looked up for the batch's rows. It runs outside the sink's
+/// transaction, so its failure aborts nothing.
 pub async fn load_postgres(
     client: &tokio_postgres::Client,
     schema: &str,
+    changes: &[Change],
 ) -> Result<Pending, tokio_postgres::Error> {
     let mut pending = Pending::default();
+    let limit = Pending::read_limit(changes.len());
     let rows = match client
         .query(
-            &format!("SELECT tbl, key, seq FROM {schema}.{PENDING_TABLE}"),
+            &format!("SELECT tbl, key, seq FROM {schema}.{PENDING_TABLE} LIMIT {limit}"),
             &[],
         )
         .await
@@ -244,6 +292,30 @@ pub async fn load_postgres(
             return Ok(pending)
         }
         Err(e) => return Err(e),
+    };
+    if rows.len() < limit {
+        for row in rows {
+            pending.insert(row.get(0), row.get(1), row.get(2));
+        }
+        return Ok(pending);
+    }
+    let (tables, keys): (Vec<&str>, Vec<&str>) = changes
+        .iter()
+        .map(|c| (c.table.as_str(), c.key.as_str()))
+        .unzip();
+    let rows = client
+        .query(
+            &format!(
+                "SELECT p.tbl, p.key, p.seq FROM {schema}.{PENDING_TABLE} p \
+                 JOIN unnest($1::text[], $2::text[]) AS b (tbl, key) \
+                 ON p.tbl = b.tbl AND p.key = b.key"
+            ),
+            &[&tables, &keys],
+        )
+        .await?;
+    let mut pending = Pending {
+        settle: true,
+        ..Pending::default()
     };
     for row in rows {
         pending.insert(row.get(0), row.get(1), row.get(2));
@@ -262,7 +334,7 @@ pub async fn settle_postgres(
     pending: &Pending,
     fence: i64,
 ) -> Result<(), tokio_postgres::Error> {
-    if pending.is_empty() {
+    if !pending.settle {
         return Ok(());
     }
     client
@@ -320,6 +392,68 @@ mod tests {
         assert!(err.is_retryable());
         // A batch without that row is not held up by it.
         assert!(pending.keep(&[change(11, "free")]).unwrap().is_none());
+    }
+
+    /// A file with `n` pending entries `k0..k{n-1}` of table `items`: even ones stored at
+    /// sequence 100 + i, odd ones not published yet.
+    fn file_with_entries(n: usize) -> rusqlite::Connection {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE jetsync_capture_pending (tbl TEXT NOT NULL, key TEXT NOT NULL, \
+             outbox_id INTEGER NOT NULL, seq INTEGER, PRIMARY KEY (tbl, key))",
+        )
+        .unwrap();
+        for i in 0..n {
+            let seq = (i % 2 == 0).then_some(100 + i as i64);
+            conn.execute(
+                "INSERT INTO jetsync_capture_pending VALUES ('items', ?1, ?2, ?3)",
+                rusqlite::params![format!("k{i}"), i as i64, seq],
+            )
+            .unwrap();
+        }
+        conn
+    }
+
+    #[test]
+    fn a_large_table_is_looked_up_for_the_batch_rows_only() {
+        // Stored at 100 + 0, not published, stored at 100 + 200, no entry at all.
+        let batch = [
+            change(50, "k0"),
+            change(150, "k1"),
+            change(250, "k200"),
+            change(350, "k200"),
+            change(60, "free"),
+        ];
+        for n in [10, READ_WHOLE + 50] {
+            let conn = file_with_entries(n);
+            let pending = load_sqlite(&conn, &batch).unwrap();
+            let large = n > READ_WHOLE;
+            if large {
+                assert_eq!(pending.entries.len(), 3, "only the batch's rows were read");
+            } else {
+                assert_eq!(pending.entries.len(), n, "a small table is read whole");
+            }
+            assert!(pending.settle);
+            let kept = pending.keep(&batch).unwrap().expect("some skipped");
+            // k0 at 50 < 100: skipped; k1 unpublished: skipped; k200 (in the large table only,
+            // stored at 300): 250 skipped, 350 applied; without an entry both apply; `free`
+            // applied.
+            let want = if large { vec![3, 4] } else { vec![2, 3, 4] };
+            assert_eq!(kept.positions, want, "n = {n}");
+            settle_sqlite(&conn, &pending, 200).unwrap();
+            let left: i64 = conn
+                .query_row("SELECT count(*) FROM jetsync_capture_pending", [], |r| {
+                    r.get(0)
+                })
+                .unwrap();
+            // Stored at or below 200: the even keys below 100.
+            let settled = (0..n).filter(|i| i % 2 == 0 && 100 + i <= 200).count();
+            assert_eq!(left as usize, n - settled, "n = {n}");
+        }
+        // No table at all: nothing pending, nothing to settle.
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        let pending = load_sqlite(&conn, &batch).unwrap();
+        assert!(pending.is_empty() && !pending.settle);
     }
 
     #[tokio::test]

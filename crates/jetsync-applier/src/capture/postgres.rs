@@ -149,6 +149,7 @@ fn create_sql(schema: &str, s: &str) -> String {
             tbl text NOT NULL, key text NOT NULL, outbox_id bigint NOT NULL, seq bigint, \
             PRIMARY KEY (tbl, key)); \
          CREATE INDEX IF NOT EXISTS jetsync_capture_pending_outbox ON {s}.jetsync_capture_pending (outbox_id); \
+         CREATE INDEX IF NOT EXISTS jetsync_capture_pending_seq ON {s}.jetsync_capture_pending (seq); \
          CREATE OR REPLACE FUNCTION {s}.jetsync_capture() RETURNS trigger LANGUAGE plpgsql \
          SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $jetsync$ \
          DECLARE k text := TG_ARGV[0]; oid bigint; rk text; \

@@ -48,7 +48,8 @@ const CREATE_TABLES: &str = "\
     CREATE TABLE IF NOT EXISTS jetsync_capture_pending (\
         tbl TEXT NOT NULL, key TEXT NOT NULL, outbox_id INTEGER NOT NULL, seq INTEGER, \
         PRIMARY KEY (tbl, key)); \
-    CREATE INDEX IF NOT EXISTS jetsync_capture_pending_outbox ON jetsync_capture_pending (outbox_id)";
+    CREATE INDEX IF NOT EXISTS jetsync_capture_pending_outbox ON jetsync_capture_pending (outbox_id); \
+    CREATE INDEX IF NOT EXISTS jetsync_capture_pending_seq ON jetsync_capture_pending (seq)";
 
 /// The SQLite file of the sink.
 pub(super) fn sink_path(config: &Config) -> PathBuf {

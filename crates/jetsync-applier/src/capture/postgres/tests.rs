@@ -287,3 +287,52 @@ async fn backfill_queues_the_rows_already_there() {
     assert_eq!(batches[0].entries[0].key, "old");
     assert_eq!(row["price"], Value::Text("2.50".into()));
 }
+
+/// A large pending table (a backlog of unpublished local changes) is looked up for the
+/// batch's rows only, with the same outcome as reading it whole.
+#[tokio::test]
+async fn a_large_pending_table_is_looked_up_per_batch() {
+    let (schema, config, client) = setup(ITEMS).await;
+    super::super::install(&config).await.unwrap();
+    let quoted = crate::sinks::sql::quote(&schema.0);
+    // 400 entries: even keys stored at 100 + i, odd ones not published yet.
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {quoted}.jetsync_capture_pending (tbl, key, outbox_id, seq) \
+             SELECT 'items', 'k' || i, i, CASE WHEN i % 2 = 0 THEN 100 + i END \
+             FROM generate_series(0, 399) AS i"
+        ))
+        .await
+        .unwrap();
+    let change = |seq: u64, key: &str| Change {
+        seq,
+        table: "items".into(),
+        key: key.into(),
+        op: Op::Delete,
+    };
+    let batch = [
+        change(50, "k0"),
+        change(150, "k1"),
+        change(250, "k200"),
+        change(350, "k200"),
+        change(60, "free"),
+    ];
+    let pending = crate::capture::pending::load_postgres(&client, &quoted, &batch)
+        .await
+        .unwrap();
+    let kept = pending.keep(&batch).unwrap().expect("some changes skipped");
+    assert_eq!(kept.positions, vec![3, 4]);
+    crate::capture::pending::settle_postgres(&client, &quoted, &pending, 200)
+        .await
+        .unwrap();
+    let left: i64 = client
+        .query_one(
+            &format!("SELECT count(*) FROM {quoted}.jetsync_capture_pending"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // Settled: the even keys stored at or below 200 (k0, k2, ..., k100).
+    assert_eq!(left, 400 - 51);
+}

@@ -121,9 +121,10 @@ impl PostgresSink {
         };
         // Capture: skip the changes of rows whose newer local change is still pending.
         let schema = crate::sinks::sql::quote(&self.schema);
-        let pending = crate::capture::pending::load_postgres(self.client()?, &schema)
-            .await
-            .map_err(|e| self.op_error("read the pending local changes of", &e))?;
+        let pending =
+            crate::capture::pending::load_postgres(self.client()?, &schema, &changes[offset..])
+                .await
+                .map_err(|e| self.op_error("read the pending local changes of", &e))?;
         let kept = pending.keep(&changes[offset..])?;
         let applied = kept
             .as_ref()

@@ -264,8 +264,8 @@ impl SqliteSink {
             .revalidate(conn)
             .map_err(|e| op_error("read the schema of", e))?;
         // Capture: skip the changes of rows whose newer local change is still pending.
-        let pending =
-            crate::capture::pending::load_sqlite(conn).map_err(|e| op_error("read", e.into()))?;
+        let pending = crate::capture::pending::load_sqlite(conn, changes)
+            .map_err(|e| op_error("read", e.into()))?;
         let kept = pending.keep(changes)?;
         let applied = kept.as_ref().map_or(changes, |k| k.changes.as_slice());
         write::apply_changes(conn, schema, options, applied)
