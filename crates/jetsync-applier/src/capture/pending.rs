@@ -350,7 +350,7 @@ pub async fn settle_postgres(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn change(seq: u64, key: &str) -> Change {
@@ -414,16 +414,22 @@ mod tests {
         conn
     }
 
-    #[test]
-    fn a_large_table_is_looked_up_for_the_batch_rows_only() {
-        // Stored at 100 + 0, not published, stored at 100 + 200, no entry at all.
-        let batch = [
+    /// A batch over entries `k{i}` (even ones stored at 100 + i, odd ones unpublished): `k0`
+    /// before its stored change, `k1` unpublished, `k200` before and after its stored change,
+    /// and a row without an entry. Against a large table, positions 3 and 4 apply.
+    pub(crate) fn batch_over_entries() -> [Change; 5] {
+        [
             change(50, "k0"),
             change(150, "k1"),
             change(250, "k200"),
             change(350, "k200"),
             change(60, "free"),
-        ];
+        ]
+    }
+
+    #[test]
+    fn a_large_table_is_looked_up_for_the_batch_rows_only() {
+        let batch = batch_over_entries();
         for n in [10, READ_WHOLE + 50] {
             let conn = file_with_entries(n);
             let pending = load_sqlite(&conn, &batch).unwrap();

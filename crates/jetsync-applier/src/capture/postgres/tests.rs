@@ -304,19 +304,7 @@ async fn a_large_pending_table_is_looked_up_per_batch() {
         ))
         .await
         .unwrap();
-    let change = |seq: u64, key: &str| Change {
-        seq,
-        table: "items".into(),
-        key: key.into(),
-        op: Op::Delete,
-    };
-    let batch = [
-        change(50, "k0"),
-        change(150, "k1"),
-        change(250, "k200"),
-        change(350, "k200"),
-        change(60, "free"),
-    ];
+    let batch = crate::capture::pending::tests::batch_over_entries();
     let pending = crate::capture::pending::load_postgres(&client, &quoted, &batch)
         .await
         .unwrap();
