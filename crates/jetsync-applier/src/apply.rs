@@ -38,7 +38,7 @@ use crate::{
 /// How long a batch waits for the capture relay ([`SinkError::InFlight`]) with quick retries
 /// before falling back to the backoff (and its warning): the relay records a sequence within
 /// milliseconds of the server's acknowledgement unless it cannot publish at all.
-const IN_FLIGHT_PATIENCE: Duration = Duration::from_secs(1);
+const IN_FLIGHT_PATIENCE: Duration = Duration::from_secs(5);
 /// Longest wait between those quick retries when no recording wakes the engine (a relay in
 /// another process, or one whose cycle failed).
 const IN_FLIGHT_RECHECK: Duration = Duration::from_millis(20);
@@ -194,7 +194,7 @@ impl<S: Sink> Applier<S> {
                 // its relay records where the server stored it within milliseconds, so retry
                 // as soon as it does (not after the backoff's 100 ms, which stalled every
                 // origin's applies under a steady captured write load). A relay that cannot
-                // publish (NATS down) is waited for with the usual backoff after a second.
+                // publish (NATS down) is waited for with the usual backoff after 5 s.
                 Err(SinkError::InFlight { reason })
                     if in_flight_since.get_or_insert_with(Instant::now).elapsed()
                         < IN_FLIGHT_PATIENCE =>
