@@ -200,6 +200,9 @@ impl<S: Sink> Applier<S> {
                         < IN_FLIGHT_PATIENCE =>
                 {
                     tracing::debug!(%reason, "batch waits for the capture relay");
+                    if progress_acks {
+                        progress_ack(events, &mut last_progress_ack, self.ack_wait).await;
+                    }
                     tokio::select! {
                         _ = recorded => {}
                         _ = tokio::time::sleep(IN_FLIGHT_RECHECK) => {}
@@ -207,11 +210,8 @@ impl<S: Sink> Applier<S> {
                     }
                 }
                 Err(e @ (SinkError::Unavailable { .. } | SinkError::InFlight { .. })) => {
-                    if progress_acks && last_progress_ack.elapsed() >= self.ack_wait / 3 {
-                        for &(_, message) in events {
-                            let _ = message.ack_with(AckKind::Progress).await;
-                        }
-                        last_progress_ack = Instant::now();
+                    if progress_acks {
+                        progress_ack(events, &mut last_progress_ack, self.ack_wait).await;
                     }
                     // Shutdown does not abandon the batch in hand: keep retrying, but stop once
                     // asked to (nothing was applied, so nothing is lost).
@@ -648,6 +648,21 @@ fn park_whole_transaction(
 }
 
 /// How many transactions the changes at `sources` (indexes into `events`) belong to.
+/// Tells the server the batch in hand is still being worked on (a progress ack per event) when
+/// a third of `ack_wait` passed since `last`, so that it does not redeliver it meanwhile.
+async fn progress_ack(
+    events: &[(u64, &jetstream::Message)],
+    last: &mut Instant,
+    ack_wait: Duration,
+) {
+    if last.elapsed() >= ack_wait / 3 {
+        for &(_, message) in events {
+            let _ = message.ack_with(AckKind::Progress).await;
+        }
+        *last = Instant::now();
+    }
+}
+
 fn transactions_in(events: &[(u64, &jetstream::Message)], sources: &[usize]) -> u64 {
     let mut n = 0;
     let mut previous: Option<&str> = None;
