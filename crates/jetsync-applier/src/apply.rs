@@ -178,11 +178,9 @@ impl<S: Sink> Applier<S> {
         let mut last_progress_ack = Instant::now();
         let mut in_flight_since: Option<Instant> = None;
         loop {
-            // Armed before the attempt, so that the relay recording a sequence during it is
+            // Taken before the attempt, so that the relay recording a sequence during it is
             // not missed (see `SinkError::InFlight` below).
-            let recorded = crate::capture::pending::recorded().notified();
-            tokio::pin!(recorded);
-            recorded.as_mut().enable();
+            let recordings = crate::capture::pending::recordings();
             // Crash window 2: the sink transaction is all-or-nothing.
             let result = match mode {
                 Mode::Apply => self.sink.apply(&self.group, &changes, through).await,
@@ -204,8 +202,7 @@ impl<S: Sink> Applier<S> {
                         progress_ack(events, &mut last_progress_ack, self.ack_wait).await;
                     }
                     tokio::select! {
-                        _ = recorded => {}
-                        _ = tokio::time::sleep(IN_FLIGHT_RECHECK) => {}
+                        _ = crate::capture::pending::wait_recorded(recordings, IN_FLIGHT_RECHECK) => {}
                         _ = shutdown.requested() => return Ok(false),
                     }
                 }
@@ -647,7 +644,6 @@ fn park_whole_transaction(
     }
 }
 
-/// How many transactions the changes at `sources` (indexes into `events`) belong to.
 /// Tells the server the batch in hand is still being worked on (a progress ack per event) when
 /// a third of `ack_wait` passed since `last`, so that it does not redeliver it meanwhile.
 async fn progress_ack(
@@ -663,6 +659,7 @@ async fn progress_ack(
     }
 }
 
+/// How many transactions the changes at `sources` (indexes into `events`) belong to.
 fn transactions_in(events: &[(u64, &jetstream::Message)], sources: &[usize]) -> u64 {
     let mut n = 0;
     let mut previous: Option<&str> = None;

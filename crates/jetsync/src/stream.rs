@@ -223,26 +223,34 @@ pub async fn check_existing_stream(
     js: &jetstream::Context,
     cfg: &StreamConfig,
 ) -> Result<(), Error> {
-    let mut stream = match js.get_stream(&cfg.name).await {
-        Ok(stream) => stream,
-        Err(e) => {
-            return Err(match e.kind() {
-                GetStreamErrorKind::JetStream(js_err)
-                    if js_err.error_code().0 == STREAM_NOT_FOUND =>
-                {
-                    Error::StreamNotFound {
-                        stream: cfg.name.clone(),
-                    }
-                }
-                _ => Error::nats("get stream", e),
-            })
+    let have = existing_config(js, &cfg.name)
+        .await?
+        .ok_or_else(|| Error::StreamNotFound {
+            stream: cfg.name.clone(),
+        })?;
+    check_unprovisioned(cfg, &have).map_err(|e| Error::Config(e.into()))
+}
+
+/// The configuration of stream `name`, `None` when there is no such stream.
+async fn existing_config(
+    js: &jetstream::Context,
+    name: &str,
+) -> Result<Option<jetstream::stream::Config>, Error> {
+    match js.get_stream(name).await {
+        Ok(mut stream) => {
+            let info = stream
+                .info()
+                .await
+                .map_err(|e| Error::nats("stream info", e))?;
+            Ok(Some(info.config.clone()))
         }
-    };
-    let info = stream
-        .info()
-        .await
-        .map_err(|e| Error::nats("stream info", e))?;
-    check_unprovisioned(cfg, &info.config).map_err(|e| Error::Config(e.into()))
+        Err(e) => match e.kind() {
+            GetStreamErrorKind::JetStream(js_err) if js_err.error_code().0 == STREAM_NOT_FOUND => {
+                Ok(None)
+            }
+            _ => Err(Error::nats("get stream", e)),
+        },
+    }
 }
 
 /// Differences between the wanted definition and an existing stream that provisioning may fix
@@ -319,34 +327,21 @@ pub(crate) async fn provision(
     // between another's lookup and its create, which the server then refuses (name in use, or
     // subjects overlapping the stream just created). The loser looks again and goes through the
     // existing-stream path; a creation that fails with the stream still absent is a real error.
-    let mut attempt = 0;
+    let mut attempt = 1;
     loop {
-        attempt += 1;
-        match js.get_stream(&cfg.name).await {
-            Ok(mut stream) => {
-                let info = stream
-                    .info()
-                    .await
-                    .map_err(|e| Error::nats("stream info", e))?;
-                return reconcile(js, cfg, want, &info.config).await;
+        if let Some(have) = existing_config(js, &cfg.name).await? {
+            return reconcile(js, cfg, want, &have).await;
+        }
+        match js.create_stream(&want).await {
+            Ok(_) => {
+                tracing::info!(stream = %cfg.name, subjects = ?want.subjects, "created stream");
+                return Ok(Provisioned::Created);
             }
-            Err(e) => match e.kind() {
-                GetStreamErrorKind::JetStream(js_err)
-                    if js_err.error_code().0 == STREAM_NOT_FOUND =>
-                {
-                    match js.create_stream(&want).await {
-                        Ok(_) => {
-                            tracing::info!(stream = %cfg.name, subjects = ?want.subjects, "created stream");
-                            return Ok(Provisioned::Created);
-                        }
-                        Err(e) if attempt < CREATE_ATTEMPTS && lost_creation_race(&e) => {
-                            tracing::debug!(stream = %cfg.name, error = %e, "stream created concurrently; looking again");
-                        }
-                        Err(e) => return Err(stream_error(cfg, "create stream", e)),
-                    }
-                }
-                _ => return Err(Error::nats("get stream", e)),
-            },
+            Err(e) if attempt < CREATE_ATTEMPTS && lost_creation_race(&e) => {
+                tracing::debug!(stream = %cfg.name, error = %e, "stream created concurrently; looking again");
+                attempt += 1;
+            }
+            Err(e) => return Err(stream_error(cfg, "create stream", e)),
         }
     }
 }

@@ -34,21 +34,35 @@ use crate::sink::Change;
 /// The pending table.
 pub const PENDING_TABLE: &str = "jetsync_capture_pending";
 
-/// Fired by the relays of this process whenever they recorded acknowledged sequences (or gave
-/// in-flight entries back), so that an engine waiting on
-/// [`SinkError::InFlight`](crate::SinkError::InFlight) retries at once.
+/// How many times the relays of this process recorded acknowledged sequences; with
+/// [`RECORDED`], what an engine waiting on [`SinkError::InFlight`](crate::SinkError::InFlight)
+/// watches.
+static RECORDINGS: AtomicU64 = AtomicU64::new(0);
+/// Woken at every recording.
 static RECORDED: tokio::sync::Notify = tokio::sync::Notify::const_new();
 
-/// What an engine waits on after [`SinkError::InFlight`](crate::SinkError::InFlight): fired
-/// each time a relay of this process recorded the sequences the server acknowledged. Create the
-/// [`Notified`](tokio::sync::futures::Notified) future (and `enable` it) before the apply
-/// attempt, so that a recording in between is not missed.
-pub fn recorded() -> &'static tokio::sync::Notify {
-    &RECORDED
+/// Where the relays' recordings stand: taken before an apply attempt (an atomic load, nothing
+/// more on the hot path), then given to [`wait_recorded`] if the attempt returned
+/// [`SinkError::InFlight`](crate::SinkError::InFlight).
+pub fn recordings() -> u64 {
+    RECORDINGS.load(Ordering::Acquire)
+}
+
+/// Waits until a relay of this process recorded acknowledged sequences after `since` (a
+/// [`recordings`] value), or `at_most`.
+pub async fn wait_recorded(since: u64, at_most: std::time::Duration) {
+    let notified = RECORDED.notified();
+    tokio::pin!(notified);
+    notified.as_mut().enable();
+    if recordings() != since {
+        return;
+    }
+    let _ = tokio::time::timeout(at_most, notified).await;
 }
 
 /// Called by the relays after they recorded acknowledged sequences.
 pub(crate) fn fire_recorded() {
+    RECORDINGS.fetch_add(1, Ordering::AcqRel);
     RECORDED.notify_waiters();
 }
 
@@ -65,9 +79,9 @@ pub fn skipped_total() -> u64 {
 #[derive(Debug, Default)]
 pub struct Pending {
     entries: HashMap<(String, String), State>,
-    /// Whether the batch's transaction deletes the settled entries (`settle_*`): there are
-    /// entries, or there were too many to read them all (only the batch's rows were).
-    settle: bool,
+    /// Only the batch's rows were read (the table was too large to read whole): other entries
+    /// may be there to settle.
+    partial: bool,
 }
 
 /// Up to this many entries (or the batch's length, if larger) are read whole; a larger table
@@ -118,8 +132,20 @@ impl Pending {
         batch.max(READ_WHOLE) + 1
     }
 
+    /// An empty set for a lookup of the batch's rows only.
+    fn partial() -> Pending {
+        Pending {
+            partial: true,
+            ..Pending::default()
+        }
+    }
+
+    /// Whether the batch's transaction deletes the settled entries (`settle_*`).
+    fn settles(&self) -> bool {
+        self.partial || !self.entries.is_empty()
+    }
+
     fn insert(&mut self, table: String, key: String, seq: Option<i64>) {
-        self.settle = true;
         let state = match seq {
             None => State::Unpublished,
             Some(s) if s < 0 => State::InFlight,
@@ -147,7 +173,7 @@ impl Pending {
     /// A change of a row whose latest local change is being published cannot be placed yet:
     /// [`SinkError::InFlight`](crate::SinkError::InFlight), the engine retries the batch as
     /// soon as the relay records the sequence, right after the server's acknowledgement
-    /// ([`recorded`]).
+    /// ([`wait_recorded`]).
     pub fn keep(&self, changes: &[Change]) -> Result<Option<Kept>, crate::SinkError> {
         if self.entries.is_empty() || changes.iter().all(|c| self.applies(c)) {
             return Ok(None);
@@ -227,22 +253,17 @@ pub fn load_sqlite(conn: &rusqlite::Connection, changes: &[Change]) -> rusqlite:
     if read < limit {
         return Ok(pending);
     }
-    let mut pending = Pending {
-        settle: true,
-        ..Pending::default()
-    };
+    let mut pending = Pending::partial();
     let mut stmt =
         conn.prepare_cached("SELECT seq FROM jetsync_capture_pending WHERE tbl = ?1 AND key = ?2")?;
-    for change in changes {
-        let id = (change.table.clone(), change.key.clone());
-        if pending.entries.contains_key(&id) {
-            continue;
-        }
-        let seq: Option<Option<i64>> = stmt
-            .query_row([&change.table, &change.key], |r| r.get(0))
-            .optional()?;
+    let rows: std::collections::HashSet<(&str, &str)> = changes
+        .iter()
+        .map(|c| (c.table.as_str(), c.key.as_str()))
+        .collect();
+    for (table, key) in rows {
+        let seq: Option<Option<i64>> = stmt.query_row([table, key], |r| r.get(0)).optional()?;
         if let Some(seq) = seq {
-            pending.insert(id.0, id.1, seq);
+            pending.insert(table.to_owned(), key.to_owned(), seq);
         }
     }
     Ok(pending)
@@ -255,7 +276,7 @@ pub fn settle_sqlite(
     pending: &Pending,
     fence: i64,
 ) -> rusqlite::Result<()> {
-    if !pending.settle {
+    if !pending.settles() {
         return Ok(());
     }
     conn.prepare_cached("DELETE FROM jetsync_capture_pending WHERE seq >= 0 AND seq <= ?1")?
@@ -313,10 +334,7 @@ pub async fn load_postgres(
             &[&tables, &keys],
         )
         .await?;
-    let mut pending = Pending {
-        settle: true,
-        ..Pending::default()
-    };
+    let mut pending = Pending::partial();
     for row in rows {
         pending.insert(row.get(0), row.get(1), row.get(2));
     }
@@ -334,7 +352,7 @@ pub async fn settle_postgres(
     pending: &Pending,
     fence: i64,
 ) -> Result<(), tokio_postgres::Error> {
-    if !pending.settle {
+    if !pending.settles() {
         return Ok(());
     }
     client
@@ -439,7 +457,7 @@ pub(crate) mod tests {
             } else {
                 assert_eq!(pending.entries.len(), n, "a small table is read whole");
             }
-            assert!(pending.settle);
+            assert!(pending.settles());
             let kept = pending.keep(&batch).unwrap().expect("some skipped");
             // k0 at 50 < 100: skipped; k1 unpublished: skipped; k200 (in the large table only,
             // stored at 300): 250 skipped, 350 applied; without an entry both apply; `free`
@@ -459,17 +477,24 @@ pub(crate) mod tests {
         // No table at all: nothing pending, nothing to settle.
         let conn = rusqlite::Connection::open_in_memory().unwrap();
         let pending = load_sqlite(&conn, &batch).unwrap();
-        assert!(pending.is_empty() && !pending.settle);
+        assert!(pending.is_empty() && !pending.settles());
     }
 
     #[tokio::test]
     async fn a_recording_wakes_a_waiter_armed_before_it() {
-        let notified = recorded().notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
+        // A recording between the mark and the wait ends the wait at once.
+        let mark = recordings();
         fire_recorded();
-        tokio::time::timeout(std::time::Duration::from_secs(5), notified)
-            .await
-            .expect("the armed waiter was woken");
+        let started = std::time::Instant::now();
+        wait_recorded(mark, std::time::Duration::from_secs(30)).await;
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
+        // A recording during the wait wakes it.
+        let mark = recordings();
+        let waiter = tokio::spawn(wait_recorded(mark, std::time::Duration::from_secs(30)));
+        while !waiter.is_finished() && started.elapsed() < std::time::Duration::from_secs(20) {
+            fire_recorded();
+            tokio::task::yield_now().await;
+        }
+        assert!(waiter.is_finished(), "the waiter was woken");
     }
 }
