@@ -22,13 +22,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use async_nats::jetstream::{self, AckKind};
+use async_nats::jetstream::AckKind;
+use bytes::Bytes;
 use jetsync::{codec::DecodeLimits, OnPoison, OtherTables};
 
 use crate::{
     backoff::Backoff,
     coalesce,
-    decode::{decode, header, row_of, DecodeFailure, RawEvent},
+    decode::{decode, row_of, DecodeFailure, RawEvent},
+    delivery::Delivery,
     offsets::Offsets,
     parked::{now_ms, ParkedEvent, RowId},
     shutdown::Shutdown,
@@ -120,11 +122,11 @@ impl<S: Sink> Applier<S> {
     /// unavailable (durable consumer deliveries only).
     pub(crate) async fn apply(
         &mut self,
-        events: &[(u64, &jetstream::Message)],
+        events: &[(u64, &Delivery)],
         decoded: &mut [Predecoded],
         through: u64,
         mode: Mode,
-        progress_acks: bool,
+        progress_acks: Option<&async_nats::Client>,
         shutdown: &mut Shutdown,
     ) -> Result<bool, EngineError> {
         let floor = match mode {
@@ -198,8 +200,8 @@ impl<S: Sink> Applier<S> {
                         < IN_FLIGHT_PATIENCE =>
                 {
                     tracing::debug!(%reason, "batch waits for the capture relay");
-                    if progress_acks {
-                        progress_ack(events, &mut last_progress_ack, self.ack_wait).await;
+                    if let Some(client) = progress_acks {
+                        progress_ack(client, events, &mut last_progress_ack, self.ack_wait).await;
                     }
                     tokio::select! {
                         _ = crate::capture::pending::wait_recorded(recordings, IN_FLIGHT_RECHECK) => {}
@@ -207,8 +209,8 @@ impl<S: Sink> Applier<S> {
                     }
                 }
                 Err(e @ (SinkError::Unavailable { .. } | SinkError::InFlight { .. })) => {
-                    if progress_acks {
-                        progress_ack(events, &mut last_progress_ack, self.ack_wait).await;
+                    if let Some(client) = progress_acks {
+                        progress_ack(client, events, &mut last_progress_ack, self.ack_wait).await;
                     }
                     // Shutdown does not abandon the batch in hand: keep retrying, but stop once
                     // asked to (nothing was applied, so nothing is lost).
@@ -362,7 +364,7 @@ impl<S: Sink> Applier<S> {
         through: u64,
         shutdown: &mut Shutdown,
     ) -> Result<bool, EngineError> {
-        self.apply(&[], &mut [], through, Mode::Apply, false, shutdown)
+        self.apply(&[], &mut [], through, Mode::Apply, None, shutdown)
             .await
     }
 }
@@ -519,7 +521,7 @@ impl Rules {
     /// whole or not at all.
     pub(crate) fn classify_run(
         &self,
-        events: &[(u64, &jetstream::Message)],
+        events: &[(u64, &Delivery)],
         decoded: &mut [Predecoded],
         floor: u64,
         blocked: &mut HashMap<RowId, u64>,
@@ -551,7 +553,7 @@ impl Rules {
                 let verdict = match applied_as_decoded(pre, blocked) {
                     Ok(verdict) => verdict,
                     Err(pre) => {
-                        let raw = RawEvent::of_message(seq, message);
+                        let raw = message.raw(seq);
                         self.classify(raw, msg_id_of(message), pre, blocked)
                     }
                 };
@@ -615,7 +617,7 @@ fn parked_before(blocked: &HashMap<RowId, u64>, change: &Change) -> Option<u64> 
 /// tags every parked member with the transaction.
 fn park_whole_transaction(
     id: &str,
-    events: &[(u64, &jetstream::Message)],
+    events: &[(u64, &Delivery)],
     verdicts: &mut [(usize, Verdict)],
     blocked: &mut HashMap<RowId, u64>,
 ) {
@@ -631,7 +633,7 @@ fn park_whole_transaction(
             let row = row_id(change);
             blocked.entry(row.clone()).or_insert(seq);
             *verdict = Verdict::Park(record(
-                RawEvent::of_message(seq, message),
+                message.raw(seq),
                 msg_id_of(message),
                 Some(row),
                 format!("part of transaction {id}, whose member at seq {cause} is parked"),
@@ -647,20 +649,25 @@ fn park_whole_transaction(
 /// Tells the server the batch in hand is still being worked on (a progress ack per event) when
 /// a third of `ack_wait` passed since `last`, so that it does not redeliver it meanwhile.
 async fn progress_ack(
-    events: &[(u64, &jetstream::Message)],
+    client: &async_nats::Client,
+    events: &[(u64, &Delivery)],
     last: &mut Instant,
     ack_wait: Duration,
 ) {
     if last.elapsed() >= ack_wait / 3 {
         for &(_, message) in events {
-            let _ = message.ack_with(AckKind::Progress).await;
+            if let Some(reply) = &message.reply {
+                let _ = client
+                    .publish(reply.clone(), Bytes::from(AckKind::Progress))
+                    .await;
+            }
         }
         *last = Instant::now();
     }
 }
 
 /// How many transactions the changes at `sources` (indexes into `events`) belong to.
-fn transactions_in(events: &[(u64, &jetstream::Message)], sources: &[usize]) -> u64 {
+fn transactions_in(events: &[(u64, &Delivery)], sources: &[usize]) -> u64 {
     let mut n = 0;
     let mut previous: Option<&str> = None;
     for &k in sources {
@@ -674,8 +681,8 @@ fn transactions_in(events: &[(u64, &jetstream::Message)], sources: &[usize]) -> 
 }
 
 /// The `Nats-Msg-Id` header of a delivered message.
-pub(crate) fn msg_id_of(message: &jetstream::Message) -> Option<&str> {
-    header(message.headers.as_ref(), "Nats-Msg-Id")
+pub(crate) fn msg_id_of(message: &Delivery) -> Option<&str> {
+    message.msg_id()
 }
 
 /// Removes the change at `index` that the sink refused for good from `changes` (and its entry of
@@ -687,7 +694,7 @@ pub(crate) fn msg_id_of(message: &jetstream::Message) -> Option<&str> {
 pub(crate) fn take_rejected(
     changes: &mut Vec<Change>,
     sources: &mut Vec<usize>,
-    events: &[(u64, &jetstream::Message)],
+    events: &[(u64, &Delivery)],
     index: usize,
     reason: &str,
     blocked: &mut HashMap<RowId, u64>,
@@ -755,11 +762,7 @@ pub(crate) fn take_rejected(
 
 /// The range of `changes` indexes (through `sources`) of the transaction containing change
 /// `at`, or just `at` outside a transaction.
-fn group_around(
-    sources: &[usize],
-    events: &[(u64, &jetstream::Message)],
-    at: usize,
-) -> (usize, usize) {
+fn group_around(sources: &[usize], events: &[(u64, &Delivery)], at: usize) -> (usize, usize) {
     let Some(id) = txn::batch_id(events[sources[at]].1) else {
         return (at, at + 1);
     };
@@ -778,7 +781,7 @@ fn group_around(
 /// The parked record of `change` (delivered as `event`), blocking its row.
 fn park_change(
     change: &Change,
-    (seq, message): (u64, &jetstream::Message),
+    (seq, message): (u64, &Delivery),
     why: String,
     held_behind: Option<u64>,
     blocked: &mut HashMap<RowId, u64>,
@@ -786,7 +789,7 @@ fn park_change(
     let row = row_id(change);
     blocked.entry(row.clone()).or_insert(seq);
     let mut parked = record(
-        RawEvent::of_message(seq, message),
+        message.raw(seq),
         msg_id_of(message),
         Some(row),
         why,

@@ -13,6 +13,7 @@ use jetsync::Config;
 
 use crate::{
     apply::{Applier, Mode},
+    delivery::Delivery,
     engine::PROGRESS_EVERY,
     shutdown::Shutdown,
     snapshot::start_snapshot,
@@ -42,10 +43,10 @@ pub(crate) async fn bootstrap<S: Sink>(
     );
     let mut last_log = Instant::now();
     while let Some(batch) = snapshot.next_batch(BOOTSTRAP_BATCH, shutdown).await? {
-        let events: Vec<(u64, &jetstream::Message)> = batch.iter().map(|(s, m)| (*s, m)).collect();
+        let events: Vec<(u64, &Delivery)> = batch.iter().map(|(s, m)| (*s, m)).collect();
         let through = events.last().map(|e| e.0).unwrap_or(applier.applied);
         if !applier
-            .apply(&events, &mut [], through, Mode::Apply, false, shutdown)
+            .apply(&events, &mut [], through, Mode::Apply, None, shutdown)
             .await?
         {
             return Ok(false);

@@ -1,8 +1,7 @@
 //! Turning one stream message into a [`Change`]: subject → table and key, header → format,
 //! body → event. Anything that fails here is a poison event, never a crash.
 
-use async_nats::{jetstream, HeaderMap};
-use jetsync::codec::{self, DecodeLimits, FORMAT_HEADER};
+use jetsync::codec::{self, DecodeLimits};
 
 use crate::{parked::RowId, Change};
 
@@ -31,33 +30,6 @@ pub(crate) struct RawEvent<'a> {
     pub subject: &'a str,
     pub format: Option<&'a str>,
     pub payload: &'a [u8],
-}
-
-impl<'a> RawEvent<'a> {
-    /// The raw parts of a delivered stream message with stream sequence `seq`.
-    pub(crate) fn of_message(seq: u64, message: &'a jetstream::Message) -> RawEvent<'a> {
-        RawEvent {
-            seq,
-            subject: message.subject.as_str(),
-            format: header(message.headers.as_ref(), FORMAT_HEADER),
-            payload: &message.payload,
-        }
-    }
-}
-
-/// A header's (first) value, if present. Header names match exactly, as in
-/// `HeaderMap::get`.
-///
-/// A message carries a handful of headers, so this walks them instead of calling
-/// `HeaderMap::get`, which checks the name's characters, compares it with every standard
-/// header name and hashes it on every call: three lookups per event on the apply path were 5%
-/// of the engine thread's time in a replay profile.
-pub(crate) fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
-    headers?
-        .iter()
-        .find(|(n, _)| AsRef::<str>::as_ref(*n) == name)
-        .and_then(|(_, values)| values.first())
-        .map(|v| v.as_str())
 }
 
 /// The row a subject of the sync group with `prefix` maps to.

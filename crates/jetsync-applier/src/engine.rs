@@ -46,6 +46,7 @@ use std::{
 };
 
 use async_nats::jetstream;
+use bytes::Bytes;
 use jetsync::{Config, OnGap};
 use tokio::sync::mpsc;
 
@@ -54,6 +55,7 @@ use crate::{
     backoff::Backoff,
     bootstrap::bootstrap,
     consumer::{self, ConsumerSpec},
+    delivery::Delivery,
     fetch::{AbortOnDrop, FetchLimits, Fetched, Fetcher, Pulled, Reconnects, RECONNECTED},
     offsets::Offsets,
     ops, raw,
@@ -525,12 +527,17 @@ impl Session<'_> {
             // Shutdown finishes this batch (the one in hand); the fetcher's next one is
             // dropped unacknowledged.
             let apply_started = Instant::now();
-            if !self.apply_batch(state, batch, shutdown).await? {
+            if !self.apply_batch(state, nats, batch, shutdown).await? {
                 return Ok(SessionEnd::Shutdown);
             }
-            state
-                .progress
-                .spent(apply_started - wait_started, apply_started.elapsed());
+            let (waited, applied_in) = (apply_started - wait_started, apply_started.elapsed());
+            tracing::trace!(
+                waited_us = waited.as_micros() as u64,
+                applied_us = applied_in.as_micros() as u64,
+                applied = state.applier.applied,
+                "batch done"
+            );
+            state.progress.spent(waited, applied_in);
             if let Some(reason) = end {
                 return Ok(SessionEnd::Reset(reason));
             }
@@ -651,6 +658,7 @@ impl Session<'_> {
     async fn apply_batch<S: Sink>(
         &self,
         state: &mut LoopState<S>,
+        nats: &async_nats::Client,
         mut batch: Vec<Pulled>,
         shutdown: &mut Shutdown,
     ) -> Result<bool, EngineError> {
@@ -661,7 +669,7 @@ impl Session<'_> {
         let pending = last.pending;
         self.stats
             .observe_stream(last.stream_seq + pending, pending);
-        let events: Vec<(u64, &jetstream::Message)> =
+        let events: Vec<(u64, &Delivery)> =
             batch.iter().map(|p| (p.stream_seq, &p.message)).collect();
         if !state
             .applier
@@ -670,7 +678,7 @@ impl Session<'_> {
                 &mut decoded,
                 last.stream_seq,
                 Mode::Apply,
-                true,
+                Some(nats),
                 shutdown,
             )
             .await?
@@ -682,8 +690,10 @@ impl Session<'_> {
         // depends on it (an ack lost in transit is covered by the next batch's AckAll, and a
         // restart reconciles the consumer with the applied sequence), and the round trip would
         // delay every batch.
-        if let Err(e) = last.message.ack().await {
-            tracing::debug!(error = %e, seq = last.stream_seq, "acknowledgement not sent");
+        if let Some(reply) = &last.message.reply {
+            if let Err(e) = nats.publish(reply.clone(), Bytes::new()).await {
+                tracing::debug!(error = %e, seq = last.stream_seq, "acknowledgement not sent");
+            }
         }
         state.progress.maybe_log(state.applier.applied, pending);
         Ok(true)

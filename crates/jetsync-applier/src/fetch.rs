@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     apply::{Predecoded, Rules},
-    decode::RawEvent,
+    delivery::Delivery,
     txn,
 };
 
@@ -51,9 +51,10 @@ pub(crate) const CATCH_UP_FACTOR: usize = 2;
 /// whole.
 const STRETCH_MIN_BYTES: usize = 64 * 1024 * 1024;
 
-/// A delivered message with its parsed delivery metadata.
+/// A delivered message (in its compact form, see `delivery.rs`) with its parsed delivery
+/// metadata.
 pub(crate) struct Pulled {
-    pub(crate) message: jetstream::Message,
+    pub(crate) message: Delivery,
     pub(crate) stream_seq: u64,
     pub(crate) pending: u64,
     /// The event decoded by the fetcher, while the engine applied the batch before.
@@ -84,7 +85,7 @@ impl Pulled {
         check_consumer_seq(cseq, stream_seq, *expected_cseq)?;
         *expected_cseq += 1;
         Ok(Pulled {
-            message,
+            message: Delivery::of(message.message),
             stream_seq,
             pending,
             decoded: None,
@@ -311,7 +312,7 @@ impl Fetcher {
     /// Checks a delivery ([`Pulled::check`]) and decodes its event ahead of the engine.
     fn check(&mut self, message: jetstream::Message) -> Result<Pulled, String> {
         let mut pulled = Pulled::check(message, &mut self.expected_cseq)?;
-        let raw = RawEvent::of_message(pulled.stream_seq, &pulled.message);
+        let raw = pulled.message.raw(pulled.stream_seq);
         pulled.decoded = self.rules.predecode(raw);
         Ok(pulled)
     }

@@ -24,6 +24,7 @@ pub mod capture;
 mod coalesce;
 mod consumer;
 mod decode;
+mod delivery;
 mod digest;
 mod engine;
 mod error;

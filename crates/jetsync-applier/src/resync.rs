@@ -34,6 +34,7 @@ use crate::{
     apply::{take_rejected, Applier, Classified},
     backoff::Backoff,
     bootstrap::BOOTSTRAP_BATCH,
+    delivery::Delivery,
     parked::{ParkedEvent, RowId},
     shutdown::Shutdown,
     snapshot::start_snapshot,
@@ -165,7 +166,7 @@ async fn stream<S: Sink>(
         if shutdown.is_requested() {
             return Ok(false);
         }
-        let events: Vec<(u64, &jetstream::Message)> = batch.iter().map(|(s, m)| (*s, m)).collect();
+        let events: Vec<(u64, &Delivery)> = batch.iter().map(|(s, m)| (*s, m)).collect();
         if !chunk(applier, state, &events, shutdown).await? {
             return Ok(false);
         }
@@ -194,7 +195,7 @@ async fn stream<S: Sink>(
 async fn chunk<S: Sink>(
     applier: &mut Applier<S>,
     state: &mut Streamed,
-    events: &[(u64, &jetstream::Message)],
+    events: &[(u64, &Delivery)],
     shutdown: &mut Shutdown,
 ) -> Result<bool, EngineError> {
     let group = applier.group.clone();

@@ -28,7 +28,7 @@ use futures::{FutureExt, StreamExt};
 
 use jetsync::Config;
 
-use crate::{shutdown::Shutdown, txn, EngineError};
+use crate::{delivery::Delivery, shutdown::Shutdown, txn, EngineError};
 
 /// How long a snapshot waits for the next event the server said is pending before giving up
 /// (the caller retries the snapshot from the start or from where it got).
@@ -82,7 +82,7 @@ pub(crate) struct Snapshot {
     stop_at: u64,
     done: bool,
     /// A delivery that completed the previous batch's last transaction and starts the next.
-    carry: Option<(u64, jetstream::Message, u64)>,
+    carry: Option<(u64, Delivery, u64)>,
 }
 
 impl Snapshot {
@@ -192,7 +192,7 @@ impl Snapshot {
         &mut self,
         max: usize,
         shutdown: &mut Shutdown,
-    ) -> Result<Option<Vec<(u64, jetstream::Message)>>, EngineError> {
+    ) -> Result<Option<Vec<(u64, Delivery)>>, EngineError> {
         if self.done {
             return Ok(None);
         }
@@ -291,7 +291,7 @@ impl Snapshot {
     fn checked(
         next_cseq: &mut u64,
         next: Option<Result<jetstream::Message, pull::MessagesError>>,
-    ) -> Result<(jetstream::Message, u64, u64), EngineError> {
+    ) -> Result<(Delivery, u64, u64), EngineError> {
         let message = match next {
             Some(Ok(m)) => m,
             Some(Err(e)) => return Err(EngineError::nats("read the snapshot", e)),
@@ -319,7 +319,10 @@ impl Snapshot {
         }
         *next_cseq += 1;
         let (seq, pending) = (info.stream_sequence, info.pending);
-        Ok((message, seq, pending))
+        // The compact form (see `delivery.rs`): an ordered consumer is never acknowledged.
+        let mut delivery = Delivery::of(message.message);
+        delivery.reply = None;
+        Ok((delivery, seq, pending))
     }
 
     /// Stretches `batch` to the end of the transaction its last event leaves open (a
@@ -330,7 +333,7 @@ impl Snapshot {
     /// Returns false on shutdown.
     async fn finish_transaction(
         &mut self,
-        batch: &mut Vec<(u64, jetstream::Message)>,
+        batch: &mut Vec<(u64, Delivery)>,
         shutdown: &mut Shutdown,
     ) -> Result<bool, EngineError> {
         let Some(open) = txn::open_tail(&txn::tags(batch.iter().map(|(_, m)| m))) else {

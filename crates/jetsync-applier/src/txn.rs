@@ -16,10 +16,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream;
-use jetsync::transaction::{BATCH_COMMIT_HEADER, BATCH_ID_HEADER};
-
-use crate::decode::header;
+use crate::delivery::Delivery;
 
 /// How long an open transaction at the end of what has arrived waits for its next member
 /// before it is applied as stored (longer than the server's 10 s batch timeout).
@@ -39,20 +36,15 @@ pub(crate) struct Tag<'a> {
     pub(crate) commit: bool,
 }
 
-/// The transaction tag of a message, `None` outside a transaction.
-pub(crate) fn tag(message: &jetstream::Message) -> Option<Tag<'_>> {
-    let headers = message.headers.as_ref();
-    let id = header(headers, BATCH_ID_HEADER)?;
-    if id.is_empty() {
-        return None;
-    }
-    let commit = header(headers, BATCH_COMMIT_HEADER).is_some_and(|v| v.trim() == "1");
-    Some(Tag { id, commit })
+/// The transaction tag of a message, `None` outside a transaction (read once, when it
+/// arrived: see `delivery.rs`).
+pub(crate) fn tag(message: &Delivery) -> Option<Tag<'_>> {
+    message.tag()
 }
 
 /// The batch id of a message, `None` outside a transaction.
-pub(crate) fn batch_id(message: &jetstream::Message) -> Option<&str> {
-    tag(message).map(|t| t.id)
+pub(crate) fn batch_id(message: &Delivery) -> Option<&str> {
+    message.batch_id()
 }
 
 /// The index where the open transaction at the end of `tags` starts, `None` when the last
@@ -84,9 +76,7 @@ pub(crate) fn start_of(tags: &[Option<Tag<'_>>], at: usize) -> usize {
 }
 
 /// The tags of a run of messages.
-pub(crate) fn tags<'a>(
-    messages: impl Iterator<Item = &'a jetstream::Message>,
-) -> Vec<Option<Tag<'a>>> {
+pub(crate) fn tags<'a>(messages: impl Iterator<Item = &'a Delivery>) -> Vec<Option<Tag<'a>>> {
     messages.map(tag).collect()
 }
 

@@ -404,14 +404,21 @@ impl Process {
             Some(path) => Stdio::from(fs::File::create(path)?),
             None => Stdio::null(),
         };
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        command
             .arg("--config")
             .arg(config)
             .args(args)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(log)
-            .env_remove("RUST_LOG")
+            .env_remove("RUST_LOG");
+        // An experiment knob: the binaries' log filter (e.g. `jetsync_applier::engine=trace`);
+        // with `JETSYNC_BENCH_KEEP` the replay keeps the logs.
+        if let Some(filter) = std::env::var_os("JETSYNC_BENCH_APPLIER_LOG") {
+            command.env("RUST_LOG", filter);
+        }
+        let child = command
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
         Ok(Process { child, done: false })

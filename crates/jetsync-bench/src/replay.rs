@@ -220,7 +220,14 @@ pub(crate) async fn run(
     let uniform = Draws::new(SEED, Keys::Uniform);
     let stream = fill(bench, STREAM, PREFIX, events, uniform.clone()).await?;
     let timeout = Duration::from_secs(60 + events / 2_000);
-    let dir = tempfile::tempdir()?;
+    let keep = std::env::var_os("JETSYNC_BENCH_KEEP").is_some();
+    let dir = tempfile::Builder::new().disable_cleanup(keep).tempdir()?;
+    if keep {
+        println!(
+            "replay: keeping {} (JETSYNC_BENCH_KEEP)",
+            dir.path().display()
+        );
+    }
     let mut failures = Vec::new();
     let url = bench.url.clone();
 

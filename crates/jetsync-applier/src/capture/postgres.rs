@@ -4,6 +4,11 @@
 //! - `jetsync_outbox (id bigserial, xid bigint DEFAULT txid_current(), tbl, op, key, row jsonb)`:
 //!   one row per captured change, tagged with the local transaction id.
 //! - `jetsync_capture_state (published)`: entries published over the instance's life.
+//! - function `jetsync_capture_truncate()` and, per captured table, trigger
+//!   `jetsync_capture_truncate` (BEFORE TRUNCATE, FOR EACH STATEMENT): `TRUNCATE` fires no row
+//!   trigger, so this one queues a delete of every row the table holds (keys spelled as the row
+//!   trigger spells them), in the truncating transaction. Without it a service's `TRUNCATE`
+//!   would empty the table on its own instance only.
 //! - function `jetsync_capture()` and, per captured table, trigger `jetsync_capture` (AFTER
 //!   INSERT OR UPDATE OR DELETE, FOR EACH ROW) with the key column as its argument. The row
 //!   image is `to_jsonb(NEW)`, so a column added later is captured without reinstalling. It
@@ -138,6 +143,8 @@ async fn connect_notified(
 fn create_sql(schema: &str, s: &str) -> String {
     let channel = CHANNEL;
     let payload = format!("'{}'", schema.replace('\'', "''"));
+    // The schema inside the truncate function's `format` string (a SQL literal there).
+    let sf = s.replace('%', "%%").replace('\'', "''");
     format!(
         "CREATE TABLE IF NOT EXISTS {s}.jetsync_outbox (\
             id bigserial PRIMARY KEY, xid bigint NOT NULL DEFAULT txid_current(), \
@@ -170,8 +177,33 @@ fn create_sql(schema: &str, s: &str) -> String {
              ON CONFLICT (tbl, key) DO UPDATE SET outbox_id = EXCLUDED.outbox_id, seq = NULL; \
            PERFORM pg_notify('{channel}', {payload}); \
            RETURN NULL; \
+         END $jetsync$; \
+         CREATE OR REPLACE FUNCTION {s}.jetsync_capture_truncate() RETURNS trigger LANGUAGE plpgsql \
+         SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $jetsync$ \
+         BEGIN \
+           EXECUTE format('WITH gone AS (\
+               INSERT INTO {sf}.jetsync_outbox (tbl, op, key) \
+               SELECT %L, ''delete'', k FROM (SELECT DISTINCT to_jsonb(x) ->> %L AS k FROM %I.%I x) d \
+               ORDER BY k RETURNING id, tbl, key) \
+             INSERT INTO {sf}.jetsync_capture_pending (tbl, key, outbox_id) SELECT tbl, key, id FROM gone \
+             ON CONFLICT (tbl, key) DO UPDATE SET outbox_id = EXCLUDED.outbox_id, seq = NULL', \
+             TG_TABLE_NAME, TG_ARGV[0], TG_TABLE_SCHEMA, TG_TABLE_NAME); \
+           PERFORM pg_notify('{channel}', {payload}); \
+           RETURN NULL; \
          END $jetsync$"
     )
+}
+
+/// The triggers capture puts on a table (`TRUNCATE` fires no row trigger: a statement trigger
+/// of its own turns it into a delete of every row the table held).
+const TRIGGERS: [&str; 2] = ["jetsync_capture", "jetsync_capture_truncate"];
+
+/// Drops both capture triggers of table `t` (schema-qualified and quoted).
+fn drop_triggers_sql(t: &str) -> String {
+    TRIGGERS
+        .iter()
+        .map(|name| format!("DROP TRIGGER IF EXISTS {name} ON {t}; "))
+        .collect()
 }
 
 /// `capture install`.
@@ -235,10 +267,14 @@ pub(super) async fn install(
         let t = format!("{s}.{}", quoted(table));
         let key_literal = format!("'{}'", key.replace('\'', "''"));
         tx.batch_execute(&format!(
-            "DROP TRIGGER IF EXISTS jetsync_capture ON {t}; \
+            "{drop}\
              CREATE TRIGGER jetsync_capture AFTER INSERT OR UPDATE OR DELETE ON {t} \
              FOR EACH ROW WHEN (current_setting('jetsync.applying', true) IS DISTINCT FROM 'on') \
-             EXECUTE FUNCTION {s}.jetsync_capture({key_literal})"
+             EXECUTE FUNCTION {s}.jetsync_capture({key_literal}); \
+             CREATE TRIGGER jetsync_capture_truncate BEFORE TRUNCATE ON {t} \
+             FOR EACH STATEMENT WHEN (current_setting('jetsync.applying', true) IS DISTINCT FROM 'on') \
+             EXECUTE FUNCTION {s}.jetsync_capture_truncate({key_literal})",
+            drop = drop_triggers_sql(&t)
         ))
         .await
         .map_err(|e| pg_error(&format!("create the capture trigger of {table}"), &e))?;
@@ -276,12 +312,9 @@ pub(super) async fn install(
     // Tables captured before but not any more.
     for table in triggered_tables(&tx, &schema).await? {
         if !tables.iter().any(|(t, _)| *t == table) {
-            tx.batch_execute(&format!(
-                "DROP TRIGGER IF EXISTS jetsync_capture ON {s}.{}",
-                quoted(&table)
-            ))
-            .await
-            .map_err(|e| pg_error("drop a trigger", &e))?;
+            tx.batch_execute(&drop_triggers_sql(&format!("{s}.{}", quoted(&table))))
+                .await
+                .map_err(|e| pg_error("drop a trigger", &e))?;
             actions.push(TableAction {
                 table,
                 action: "removed (no longer capture = true)".into(),
@@ -307,7 +340,8 @@ async fn triggered_tables(
         .query(
             "SELECT c.relname::text FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE n.nspname = $1 AND t.tgname = 'jetsync_capture' ORDER BY 1",
+             WHERE n.nspname = $1 AND t.tgname IN ('jetsync_capture', 'jetsync_capture_truncate') \
+             GROUP BY 1 ORDER BY 1",
             &[&schema],
         )
         .await
@@ -327,12 +361,9 @@ pub(super) async fn remove(config: &Config) -> Result<CaptureReport, CaptureErro
         .map_err(|e| pg_error("begin", &e))?;
     let mut actions = Vec::new();
     for table in triggered_tables(&tx, &schema).await? {
-        tx.batch_execute(&format!(
-            "DROP TRIGGER IF EXISTS jetsync_capture ON {s}.{}",
-            quoted(&table)
-        ))
-        .await
-        .map_err(|e| pg_error("drop a trigger", &e))?;
+        tx.batch_execute(&drop_triggers_sql(&format!("{s}.{}", quoted(&table))))
+            .await
+            .map_err(|e| pg_error("drop a trigger", &e))?;
         actions.push(TableAction {
             table,
             action: "removed".into(),

@@ -324,3 +324,75 @@ async fn a_large_pending_table_is_looked_up_per_batch() {
     // Settled: the even keys stored at or below 200 (k0, k2, ..., k100).
     assert_eq!(left, 400 - 51);
 }
+
+/// `TRUNCATE` fires no row trigger: the statement trigger queues a delete of every row, in the
+/// truncating transaction; the applier's own `TRUNCATE` is not captured; `remove` drops both.
+#[tokio::test]
+async fn truncate_is_captured_as_a_delete_of_every_row() {
+    let (schema, config, client) = setup(ITEMS).await;
+    super::super::install(&config).await.unwrap();
+    client
+        .batch_execute("INSERT INTO items (id, qty) VALUES ('a', 1), ('b', 2), ('c', 3)")
+        .await
+        .unwrap();
+    let mut store = Store::open(&config, None).await.unwrap();
+    let inserted = store.pending(1000).await.unwrap();
+    assert_eq!(inserted.len(), 1);
+    store.delete(&inserted[0], &[]).await.unwrap();
+    client.batch_execute("TRUNCATE items").await.unwrap();
+    let batches = store.pending(1000).await.unwrap();
+    assert_eq!(batches.len(), 1, "one local transaction: {batches:?}");
+    let deletes: Vec<(&str, bool)> = batches[0]
+        .entries
+        .iter()
+        .map(|e| (e.key.as_str(), matches!(e.change, Op::Delete)))
+        .collect();
+    assert_eq!(deletes, [("a", true), ("b", true), ("c", true)]);
+    // The pending rule knows the rows: their entries point at the deletes.
+    let s = &schema.0;
+    let pending: Vec<(String, i64)> = client
+        .query(
+            &format!("SELECT key, outbox_id FROM \"{s}\".jetsync_capture_pending ORDER BY key"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let expected: Vec<(String, i64)> = batches[0]
+        .entries
+        .iter()
+        .map(|e| (e.key.clone(), e.id))
+        .collect();
+    assert_eq!(pending, expected);
+    store.delete(&batches[0], &[]).await.unwrap();
+    // The applier's own TRUNCATE (jetsync.applying = on) is not captured.
+    client
+        .batch_execute(
+            "INSERT INTO items (id, qty) VALUES ('d', 4); \
+             BEGIN; SET LOCAL jetsync.applying = 'on'; TRUNCATE items; COMMIT",
+        )
+        .await
+        .unwrap();
+    let batches = store.pending(1000).await.unwrap();
+    let ops: Vec<(&str, bool)> = batches
+        .iter()
+        .flat_map(|b| &b.entries)
+        .map(|e| (e.key.as_str(), matches!(e.change, Op::Delete)))
+        .collect();
+    assert_eq!(ops, [("d", false)], "only the service's insert is captured");
+    // Remove drops both triggers.
+    super::super::remove(&config).await.unwrap();
+    let left: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND t.tgname LIKE 'jetsync%'",
+            &[s],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+}
