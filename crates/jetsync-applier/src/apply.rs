@@ -34,7 +34,7 @@ use crate::{
     offsets::Offsets,
     parked::{now_ms, ParkedEvent, RowId},
     shutdown::Shutdown,
-    txn, Change, EngineError, Sink, SinkError, Stats,
+    Change, EngineError, Sink, SinkError, Stats,
 };
 
 /// How long a batch waits for the capture relay ([`SinkError::InFlight`]) with quick retries
@@ -534,10 +534,10 @@ impl Rules {
         };
         let mut i = 0;
         while i < events.len() {
-            let id = txn::batch_id(events[i].1);
+            let id = events[i].1.batch_id();
             let mut end = i + 1;
             if let Some(id) = id {
-                while end < events.len() && txn::batch_id(events[end].1) == Some(id) {
+                while end < events.len() && events[end].1.batch_id() == Some(id) {
                     end += 1;
                 }
             }
@@ -554,7 +554,7 @@ impl Rules {
                     Ok(verdict) => verdict,
                     Err(pre) => {
                         let raw = message.raw(seq);
-                        self.classify(raw, msg_id_of(message), pre, blocked)
+                        self.classify(raw, message.msg_id(), pre, blocked)
                     }
                 };
                 verdicts.push((k, verdict));
@@ -634,7 +634,7 @@ fn park_whole_transaction(
             blocked.entry(row.clone()).or_insert(seq);
             *verdict = Verdict::Park(record(
                 message.raw(seq),
-                msg_id_of(message),
+                message.msg_id(),
                 Some(row),
                 format!("part of transaction {id}, whose member at seq {cause} is parked"),
                 None,
@@ -656,11 +656,9 @@ async fn progress_ack(
 ) {
     if last.elapsed() >= ack_wait / 3 {
         for &(_, message) in events {
-            if let Some(reply) = &message.reply {
-                let _ = client
-                    .publish(reply.clone(), Bytes::from(AckKind::Progress))
-                    .await;
-            }
+            let _ = message
+                .acknowledge(client, Bytes::from(AckKind::Progress))
+                .await;
         }
         *last = Instant::now();
     }
@@ -671,18 +669,13 @@ fn transactions_in(events: &[(u64, &Delivery)], sources: &[usize]) -> u64 {
     let mut n = 0;
     let mut previous: Option<&str> = None;
     for &k in sources {
-        let id = txn::batch_id(events[k].1);
+        let id = events[k].1.batch_id();
         if id.is_some() && id != previous {
             n += 1;
         }
         previous = id;
     }
     n
-}
-
-/// The `Nats-Msg-Id` header of a delivered message.
-pub(crate) fn msg_id_of(message: &Delivery) -> Option<&str> {
-    message.msg_id()
 }
 
 /// Removes the change at `index` that the sink refused for good from `changes` (and its entry of
@@ -701,7 +694,7 @@ pub(crate) fn take_rejected(
 ) -> Vec<ParkedEvent> {
     let rseq = changes[index].seq;
     let (lo, hi) = group_around(sources, events, index);
-    let id = txn::batch_id(events[sources[index]].1);
+    let id = events[sources[index]].1.batch_id();
     let mut parks = Vec::new();
     for k in lo..hi {
         let why = if k == index {
@@ -731,7 +724,7 @@ pub(crate) fn take_rejected(
             i = end;
             continue;
         };
-        let id = txn::batch_id(events[sources[i]].1).unwrap_or_default();
+        let id = events[sources[i]].1.batch_id().unwrap_or_default();
         for k in i..end {
             let (why, behind) = match parked_before(blocked, &changes[k]) {
                 Some(first) => (
@@ -763,10 +756,10 @@ pub(crate) fn take_rejected(
 /// The range of `changes` indexes (through `sources`) of the transaction containing change
 /// `at`, or just `at` outside a transaction.
 fn group_around(sources: &[usize], events: &[(u64, &Delivery)], at: usize) -> (usize, usize) {
-    let Some(id) = txn::batch_id(events[sources[at]].1) else {
+    let Some(id) = events[sources[at]].1.batch_id() else {
         return (at, at + 1);
     };
-    let same = |k: usize| txn::batch_id(events[sources[k]].1) == Some(id);
+    let same = |k: usize| events[sources[k]].1.batch_id() == Some(id);
     let mut lo = at;
     while lo > 0 && same(lo - 1) {
         lo -= 1;
@@ -790,12 +783,12 @@ fn park_change(
     blocked.entry(row.clone()).or_insert(seq);
     let mut parked = record(
         message.raw(seq),
-        msg_id_of(message),
+        message.msg_id(),
         Some(row),
         why,
         held_behind,
     );
-    parked.txn = txn::batch_id(message).map(str::to_owned);
+    parked.txn = message.batch_id().map(str::to_owned);
     parked
 }
 

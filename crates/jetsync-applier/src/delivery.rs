@@ -23,7 +23,7 @@ use crate::txn::Tag;
 const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 
 /// A delivered stream message, as the apply path keeps it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Delivery {
     /// The message's subject (`<prefix>.<table>.<key-token>` for a row).
     pub(crate) subject: Subject,
@@ -78,6 +78,19 @@ impl Delivery {
     /// Its `Nats-Msg-Id`.
     pub(crate) fn msg_id(&self) -> Option<&str> {
         self.msg_id.as_deref()
+    }
+
+    /// Sends `body` to its ack subject through `client` (the final ack of a batch is an empty
+    /// body, a progress ack `+WPI`); nothing for a delivery without one (an ordered consumer's).
+    pub(crate) async fn acknowledge(
+        &self,
+        client: &async_nats::Client,
+        body: Bytes,
+    ) -> Result<(), async_nats::PublishError> {
+        match &self.reply {
+            Some(reply) => client.publish(reply.clone(), body).await,
+            None => Ok(()),
+        }
     }
 
     /// Its raw parts, at stream sequence `seq`.

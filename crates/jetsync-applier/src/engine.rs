@@ -690,10 +690,8 @@ impl Session<'_> {
         // depends on it (an ack lost in transit is covered by the next batch's AckAll, and a
         // restart reconciles the consumer with the applied sequence), and the round trip would
         // delay every batch.
-        if let Some(reply) = &last.message.reply {
-            if let Err(e) = nats.publish(reply.clone(), Bytes::new()).await {
-                tracing::debug!(error = %e, seq = last.stream_seq, "acknowledgement not sent");
-            }
+        if let Err(e) = last.message.acknowledge(nats, Bytes::new()).await {
+            tracing::debug!(error = %e, seq = last.stream_seq, "acknowledgement not sent");
         }
         state.progress.maybe_log(state.applier.applied, pending);
         Ok(true)

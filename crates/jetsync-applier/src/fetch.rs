@@ -410,7 +410,9 @@ impl Fetcher {
         check: &mut tokio::time::Interval,
     ) -> Option<String> {
         let open = txn::open_tail(&txn::tags(batch.iter().map(|p| &p.message)))?;
-        let id = txn::batch_id(&batch[open].message)
+        let id = batch[open]
+            .message
+            .batch_id()
             .unwrap_or_default()
             .to_owned();
         let first_seq = batch[open].stream_seq;
@@ -465,12 +467,12 @@ impl Fetcher {
                 Ok(p) => p,
                 Err(reason) => return Some(reason),
             };
-            if txn::batch_id(&pulled.message) != Some(id.as_str()) {
+            if pulled.message.batch_id() != Some(id.as_str()) {
                 // Complete: a later message outside it arrived; it starts the next batch.
                 *carry = Some(pulled);
                 return None;
             }
-            let commit = txn::tag(&pulled.message).is_some_and(|t| t.commit);
+            let commit = pulled.message.tag().is_some_and(|t| t.commit);
             bytes += pulled.message.payload.len();
             added += 1;
             deadline = tokio::time::Instant::now() + txn::OPEN_TIMEOUT;

@@ -342,7 +342,7 @@ impl Snapshot {
         let Some(messages) = self.messages.as_mut() else {
             return Ok(true);
         };
-        let id = txn::batch_id(&batch[open].1).unwrap_or_default().to_owned();
+        let id = batch[open].1.batch_id().unwrap_or_default().to_owned();
         let mut added = 0usize;
         loop {
             if added >= txn::MAX_STRETCH {
@@ -371,13 +371,13 @@ impl Snapshot {
             if seq <= self.last_seq {
                 continue;
             }
-            if txn::batch_id(&message) != Some(id.as_str()) {
+            if message.batch_id() != Some(id.as_str()) {
                 if !self.done {
                     self.carry = Some((seq, message, pending));
                 }
                 return Ok(true);
             }
-            let commit = txn::tag(&message).is_some_and(|t| t.commit);
+            let commit = message.tag().is_some_and(|t| t.commit);
             self.last_seq = seq;
             self.delivered += 1;
             added += 1;

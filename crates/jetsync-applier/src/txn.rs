@@ -36,17 +36,6 @@ pub(crate) struct Tag<'a> {
     pub(crate) commit: bool,
 }
 
-/// The transaction tag of a message, `None` outside a transaction (read once, when it
-/// arrived: see `delivery.rs`).
-pub(crate) fn tag(message: &Delivery) -> Option<Tag<'_>> {
-    message.tag()
-}
-
-/// The batch id of a message, `None` outside a transaction.
-pub(crate) fn batch_id(message: &Delivery) -> Option<&str> {
-    message.batch_id()
-}
-
 /// The index where the open transaction at the end of `tags` starts, `None` when the last
 /// message is outside any transaction or is its transaction's commit.
 pub(crate) fn open_tail(tags: &[Option<Tag<'_>>]) -> Option<usize> {
@@ -77,7 +66,7 @@ pub(crate) fn start_of(tags: &[Option<Tag<'_>>], at: usize) -> usize {
 
 /// The tags of a run of messages.
 pub(crate) fn tags<'a>(messages: impl Iterator<Item = &'a Delivery>) -> Vec<Option<Tag<'a>>> {
-    messages.map(tag).collect()
+    messages.map(Delivery::tag).collect()
 }
 
 #[cfg(test)]

@@ -198,6 +198,9 @@ fn create_sql(schema: &str, s: &str) -> String {
 /// of its own turns it into a delete of every row the table held).
 const TRIGGERS: [&str; 2] = ["jetsync_capture", "jetsync_capture_truncate"];
 
+/// The triggers' condition: the session is not the applier's (no echo).
+const NOT_APPLYING: &str = "current_setting('jetsync.applying', true) IS DISTINCT FROM 'on'";
+
 /// Drops both capture triggers of table `t` (schema-qualified and quoted).
 fn drop_triggers_sql(t: &str) -> String {
     TRIGGERS
@@ -269,10 +272,9 @@ pub(super) async fn install(
         tx.batch_execute(&format!(
             "{drop}\
              CREATE TRIGGER jetsync_capture AFTER INSERT OR UPDATE OR DELETE ON {t} \
-             FOR EACH ROW WHEN (current_setting('jetsync.applying', true) IS DISTINCT FROM 'on') \
-             EXECUTE FUNCTION {s}.jetsync_capture({key_literal}); \
+             FOR EACH ROW WHEN ({NOT_APPLYING}) EXECUTE FUNCTION {s}.jetsync_capture({key_literal}); \
              CREATE TRIGGER jetsync_capture_truncate BEFORE TRUNCATE ON {t} \
-             FOR EACH STATEMENT WHEN (current_setting('jetsync.applying', true) IS DISTINCT FROM 'on') \
+             FOR EACH STATEMENT WHEN ({NOT_APPLYING}) \
              EXECUTE FUNCTION {s}.jetsync_capture_truncate({key_literal})",
             drop = drop_triggers_sql(&t)
         ))
@@ -340,9 +342,8 @@ async fn triggered_tables(
         .query(
             "SELECT c.relname::text FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE n.nspname = $1 AND t.tgname IN ('jetsync_capture', 'jetsync_capture_truncate') \
-             GROUP BY 1 ORDER BY 1",
-            &[&schema],
+             WHERE n.nspname = $1 AND t.tgname = ANY($2) GROUP BY 1 ORDER BY 1",
+            &[&schema, &TRIGGERS.as_slice()],
         )
         .await
         .map_err(|e| pg_error("read the triggers", &e))?
